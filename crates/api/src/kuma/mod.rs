@@ -1,0 +1,234 @@
+//! Kuma kinds: `MeshExternalService`, `Dataplane` (universal outbounds) and `Secret`, in both the
+//! universal form (`type`/`name`/`mesh` at top level) and the `apiVersion`/`kind`/`metadata` form.
+
+mod dataplane;
+mod mesh_external_service;
+
+use base64::Engine;
+
+use crate::diag::Diagnostics;
+use crate::model::ResourceKey;
+use crate::names::is_resource_name;
+use crate::node::{At, Obj};
+use crate::resource::{Meta, Resource, SecretResource};
+
+pub use dataplane::{BackendRef, DataplaneResource, OutboundSpec};
+pub use mesh_external_service::{
+    DataSource, MesSpec, MeshExternalServiceResource, Sourced, TlsSpec,
+};
+
+pub const API_VERSION: &str = "kuma.io/v1alpha1";
+pub const MESH_LABEL: &str = "kuma.io/mesh";
+pub const DEFAULT_MESH: &str = "default";
+
+/// The kinds this module reads; anything else is an unknown kind.
+pub const KINDS: &[&str] = &["MeshExternalService", "Dataplane", "Secret"];
+
+/// Reads one document. Returns `None` when the document has errors (all of them are in `d`).
+pub fn parse(root: &At<'_>, d: &mut Diagnostics) -> Option<Resource> {
+    let mut top = root.obj(d)?;
+    let form = if top.has("kind") {
+        Form::Metadata
+    } else if top.has("type") {
+        Form::Universal
+    } else {
+        d.error(
+            "",
+            format!(
+                "missing kind: give `kind:` (with apiVersion and metadata) or universal `type:`; supported kinds are {}",
+                KINDS.join(", ")
+            ),
+        );
+        return None;
+    };
+    let kind_field = match form {
+        Form::Metadata => "kind",
+        Form::Universal => "type",
+    };
+    let kind_at = top.get(kind_field)?;
+    let kind = kind_at.text(d)?;
+    if !KINDS.contains(&kind) {
+        d.error(
+            kind_at.path(),
+            format!(
+                "unknown kind \"{kind}\"; supported kinds are {}",
+                KINDS.join(", ")
+            ),
+        );
+        return None;
+    }
+    let meta = match form {
+        Form::Metadata => metadata_form(&mut top, kind, d),
+        Form::Universal => universal_form(&mut top, d),
+    };
+    let resource = match kind {
+        "MeshExternalService" => top
+            .required("spec", d)
+            .and_then(|s| mesh_external_service::parse(&s, d))
+            .and_then(|spec| {
+                Some(Resource::MeshExternalService(Box::new(MeshExternalServiceResource {
+                    meta: meta.clone()?,
+                    spec,
+                })))
+            }),
+        "Dataplane" => {
+            let networking = match form {
+                Form::Universal => top.required("networking", d),
+                Form::Metadata => top.required("spec", d).and_then(|spec| {
+                    let mut spec = spec.obj(d)?;
+                    let n = spec.required("networking", d);
+                    spec.finish(d);
+                    n
+                }),
+            };
+            networking
+                .and_then(|n| dataplane::parse(&n, d))
+                .and_then(|outbounds| {
+                    Some(Resource::Dataplane(DataplaneResource {
+                        meta: meta.clone()?,
+                        outbounds,
+                    }))
+                })
+        }
+        _ => secret(&mut top, form, d).and_then(|data| {
+            Some(Resource::Secret(SecretResource {
+                meta: meta.clone()?,
+                data,
+            }))
+        }),
+    };
+    top.finish(d);
+    if d.has_errors() {
+        return None;
+    }
+    resource
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Form {
+    Universal,
+    Metadata,
+}
+
+fn metadata_form(top: &mut Obj<'_>, kind: &str, d: &mut Diagnostics) -> Option<Meta> {
+    let api_version = top.required("apiVersion", d).and_then(|a| {
+        let v = a.text(d)?;
+        let ok = v == API_VERSION || (kind == "Secret" && v == "v1");
+        if !ok {
+            let expected = if kind == "Secret" {
+                format!("\"v1\" or \"{API_VERSION}\"")
+            } else {
+                format!("\"{API_VERSION}\"")
+            };
+            d.error(
+                a.path(),
+                format!("must be {expected} for kind {kind}, found \"{v}\""),
+            );
+        }
+        Some(())
+    });
+    let mut metadata = top.required("metadata", d)?.obj(d)?;
+    let name = metadata.required("name", d).and_then(|n| name(&n, d));
+    let namespace = metadata
+        .get("namespace")
+        .and_then(|n| n.text(d).map(str::to_string));
+    let labels = metadata
+        .get("labels")
+        .map(|l| l.string_map(d))
+        .unwrap_or_default();
+    if let Some(a) = metadata.get("annotations") {
+        a.string_map(d);
+    }
+    metadata.finish(d);
+    let mesh = labels
+        .iter()
+        .find(|(k, _)| k == MESH_LABEL)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| DEFAULT_MESH.to_string());
+    api_version?;
+    Some(Meta {
+        key: ResourceKey { mesh, name: name? },
+        namespace,
+        labels,
+    })
+}
+
+fn universal_form(top: &mut Obj<'_>, d: &mut Diagnostics) -> Option<Meta> {
+    let name = top.required("name", d).and_then(|n| name(&n, d));
+    let mesh = match top.get("mesh") {
+        Some(m) => self::name(&m, d)?,
+        None => DEFAULT_MESH.to_string(),
+    };
+    let labels = top
+        .get("labels")
+        .map(|l| l.string_map(d))
+        .unwrap_or_default();
+    Some(Meta {
+        key: ResourceKey { mesh, name: name? },
+        namespace: None,
+        labels,
+    })
+}
+
+fn name(at: &At<'_>, d: &mut Diagnostics) -> Option<String> {
+    let n = at.text(d)?;
+    if !is_resource_name(n) {
+        d.error(
+            at.path(),
+            format!("\"{n}\" is not a valid name: use letters, digits, '-', '_' and '.', starting and ending with a letter or digit"),
+        );
+        return None;
+    }
+    Some(n.to_string())
+}
+
+/// `data` holds base64 (as Kuma writes it) or PEM text; k8s-style `data: {value: ...}` too.
+fn secret(top: &mut Obj<'_>, form: Form, d: &mut Diagnostics) -> Option<Vec<u8>> {
+    if form == Form::Metadata {
+        if let Some(t) = top.get("type") {
+            let v = t.text(d)?;
+            if v != "system.kuma.io/secret" && v != "Opaque" {
+                d.error(
+                    t.path(),
+                    format!("must be \"system.kuma.io/secret\" or \"Opaque\", found \"{v}\""),
+                );
+            }
+        }
+    }
+    let data = top.required("data", d)?;
+    let (text, path) = if data.value.is_object() {
+        let mut map = data.obj(d)?;
+        let value = map.required("value", d);
+        map.finish(d);
+        let value = value?;
+        (value.text(d)?, value.path().to_string())
+    } else {
+        (data.text(d)?, data.path().to_string())
+    };
+    decode_pem_or_base64(text, &path, d)
+}
+
+pub(crate) fn decode_pem_or_base64(text: &str, path: &str, d: &mut Diagnostics) -> Option<Vec<u8>> {
+    if text.trim_start().starts_with("-----BEGIN") {
+        return Some(text.as_bytes().to_vec());
+    }
+    decode_base64(text, path, d)
+}
+
+pub(crate) fn decode_base64(text: &str, path: &str, d: &mut Diagnostics) -> Option<Vec<u8>> {
+    let compact: String = text.split_ascii_whitespace().collect();
+    match base64::engine::general_purpose::STANDARD.decode(compact) {
+        Ok(bytes) if !bytes.is_empty() => Some(bytes),
+        Ok(_) => {
+            d.error(path, "must not be empty");
+            None
+        }
+        Err(_) => {
+            d.error(
+                path,
+                "is not valid base64; give PEM text with inlineString, or base64-encode it",
+            );
+            None
+        }
+    }
+}
