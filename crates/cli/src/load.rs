@@ -1,0 +1,96 @@
+//! Reading resource files: files, directories (their `.yaml`/`.yml` files, recursively, in name
+//! order) and `-` for standard input.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use sluice_api::document::MAX_SOURCE_BYTES;
+use sluice_api::{parse_documents, Document};
+
+/// Reads every path. Problems (unreadable files, YAML syntax) are returned as lines; the
+/// documents that could be read are returned either way.
+pub fn read_documents(paths: &[PathBuf]) -> (Vec<Document>, Vec<String>) {
+    let mut documents = Vec::new();
+    let mut problems = Vec::new();
+    for (name, text) in read_sources(paths, &mut problems) {
+        match parse_documents(&name, &text) {
+            Ok(docs) => documents.extend(docs),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    (documents, problems)
+}
+
+/// The files behind `paths`, with their contents, in a stable order.
+pub fn read_sources(paths: &[PathBuf], problems: &mut Vec<String>) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for path in paths {
+        if path.as_os_str() == "-" {
+            let mut text = String::new();
+            match std::io::stdin()
+                .take(MAX_SOURCE_BYTES as u64 + 1)
+                .read_to_string(&mut text)
+            {
+                Ok(_) => out.push(("-".to_string(), text)),
+                Err(e) => problems.push(format!("-: cannot read standard input: {e}")),
+            }
+            continue;
+        }
+        let mut files = Vec::new();
+        collect(path, &mut files, problems, 0);
+        for file in files {
+            match read_file(&file) {
+                Ok(text) => out.push((file.display().to_string(), text)),
+                Err(e) => problems.push(format!("{}: cannot read: {e}", file.display())),
+            }
+        }
+    }
+    out
+}
+
+fn collect(path: &Path, files: &mut Vec<PathBuf>, problems: &mut Vec<String>, depth: usize) {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) => {
+            problems.push(format!("{}: cannot read: {e}", path.display()));
+            return;
+        }
+    };
+    if !meta.is_dir() {
+        files.push(path.to_path_buf());
+        return;
+    }
+    if depth > 16 {
+        problems.push(format!("{}: directories nested too deep", path.display()));
+        return;
+    }
+    let entries = match std::fs::read_dir(path) {
+        Ok(e) => e,
+        Err(e) => {
+            problems.push(format!("{}: cannot list: {e}", path.display()));
+            return;
+        }
+    };
+    let mut children: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    children.sort();
+    for child in children {
+        let name = child.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with('.') {
+            continue;
+        }
+        if child.is_dir() {
+            collect(&child, files, problems, depth + 1);
+        } else if name.ends_with(".yaml") || name.ends_with(".yml") {
+            files.push(child);
+        }
+    }
+}
+
+fn read_file(path: &Path) -> std::io::Result<String> {
+    let file = std::fs::File::open(path)?;
+    let mut text = String::new();
+    // One byte over the limit is enough for the parser to refuse it with a clear message.
+    file.take(MAX_SOURCE_BYTES as u64 + 1)
+        .read_to_string(&mut text)?;
+    Ok(text)
+}

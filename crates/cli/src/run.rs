@@ -1,0 +1,289 @@
+//! `sluice run`: the proxy driven by resource files, reloaded live.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use sluice_proxy::access_log::{AccessLog, Target};
+use sluice_proxy::metrics::Metrics;
+use sluice_proxy::{Proxy, Settings};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::load;
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Files or directories of YAML resources; `-` reads standard input (then not reloaded).
+    #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+    files: Vec<PathBuf>,
+    /// Admin endpoint (/ready, /metrics, /config_dump); `off` disables it.
+    #[arg(long, default_value = "127.0.0.1:9901")]
+    admin: String,
+    /// Where the JSON access log goes: a file, or `-` for standard output.
+    #[arg(long, default_value = "-")]
+    access_log: String,
+    /// How long removed listeners may keep serving open connections, e.g. `30s`, `500ms`.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// How often the files are checked for changes.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    watch_interval: Duration,
+    /// Time allowed to connect to an endpoint.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    connect_timeout: Duration,
+    /// Time allowed for an upstream response to start (504 after it).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    response_timeout: Duration,
+    /// Time an app connection has to send a complete request head.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    header_read_timeout: Duration,
+    /// Client connections open at once over all listeners.
+    #[arg(long, default_value_t = 16_384)]
+    max_connections: usize,
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("\"{s}\" is not a duration; write it like 30s, 500ms or 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("\"{s}\": unknown unit \"{unit}\"; use ms, s or m")),
+    }
+}
+
+pub fn main(args: RunArgs) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sluice: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sluice: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let access_log = match args.access_log.as_str() {
+        "-" => AccessLog::start(Target::Stdout).await,
+        path => AccessLog::start(Target::File(path.into())).await,
+    }
+    .with_context(|| format!("access log {}: cannot open", args.access_log))?;
+    let settings = Settings {
+        drain_timeout: args.drain_timeout,
+        upstream: sluice_proxy::upstream::Timeouts {
+            connect: args.connect_timeout,
+            ..Default::default()
+        },
+        http: sluice_proxy::http::HttpTimeouts {
+            response: args.response_timeout,
+            ..Default::default()
+        },
+        header_read_timeout: args.header_read_timeout,
+        max_connections: args.max_connections,
+    };
+    let metrics = Arc::new(Metrics::default());
+    let proxy = Arc::new(Proxy::new(settings, metrics, access_log).map_err(anyhow::Error::msg)?);
+
+    if args.admin != "off" {
+        let addr: SocketAddr = args.admin.parse().with_context(|| {
+            format!(
+                "--admin {}: not an address; give IP:PORT or off",
+                args.admin
+            )
+        })?;
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("admin endpoint {addr}: cannot listen; choose another with --admin")
+        })?;
+        tracing::info!(address = %listener.local_addr()?, "admin endpoint listening");
+        tokio::spawn(sluice_proxy::admin::serve(listener, proxy.clone()));
+    }
+
+    let stdin = read_stdin_once(&args.files)?;
+    let mut last = read_sources(&args.files, stdin.clone()).await;
+    let config = match compile(&last) {
+        Ok(c) => c,
+        Err(lines) => {
+            for l in &lines {
+                eprintln!("{l}");
+            }
+            bail!(
+                "{} problem(s) in the configuration; nothing started",
+                lines.len()
+            );
+        }
+    };
+    match proxy.apply(config).await {
+        Ok(bind_errors) if bind_errors.is_empty() => {}
+        Ok(errors) | Err(errors) => {
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            bail!("the configuration could not be started");
+        }
+    }
+    let listeners = proxy.current().map(|c| c.listeners.len()).unwrap_or(0);
+    tracing::info!(listeners, "sluice is running");
+
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(args.watch_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let forced = tokio::select! {
+            _ = tick.tick() => false,
+            _ = hup.recv() => true,
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        let current = read_sources(&args.files, stdin.clone()).await;
+        if !forced && current == last {
+            continue;
+        }
+        reload(&proxy, &current).await;
+        last = current;
+    }
+    tracing::info!(drain = ?args.drain_timeout, "shutting down; draining open connections");
+    proxy.shutdown().await;
+    Ok(())
+}
+
+/// The sources as read now, and what could not be read.
+type Sources = (Vec<(String, String)>, Vec<String>);
+
+fn read_stdin_once(files: &[PathBuf]) -> anyhow::Result<Option<String>> {
+    if !files.iter().any(|f| f.as_os_str() == "-") {
+        return Ok(None);
+    }
+    let mut problems = Vec::new();
+    let sources = load::read_sources(&[PathBuf::from("-")], &mut problems);
+    if let Some(p) = problems.first() {
+        bail!("{p}");
+    }
+    Ok(sources.into_iter().next().map(|(_, text)| text))
+}
+
+async fn read_sources(files: &[PathBuf], stdin: Option<String>) -> Sources {
+    let files = files.to_vec();
+    tokio::task::spawn_blocking(move || {
+        let mut problems = Vec::new();
+        let mut sources = Vec::new();
+        for f in &files {
+            if f.as_os_str() == "-" {
+                sources.push(("-".to_string(), stdin.clone().unwrap_or_default()));
+            } else {
+                sources.extend(load::read_sources(std::slice::from_ref(f), &mut problems));
+            }
+        }
+        (sources, problems)
+    })
+    .await
+    .unwrap_or_else(|e| (Vec::new(), vec![format!("reading files failed: {e}")]))
+}
+
+/// Parses, validates and compiles; the error is every problem, one line each.
+fn compile(sources: &Sources) -> Result<sluice_control::ProxyConfig, Vec<String>> {
+    let (texts, read_problems) = sources;
+    let mut problems = read_problems.clone();
+    let mut documents = Vec::new();
+    for (name, text) in texts {
+        match sluice_api::parse_documents(name, text) {
+            Ok(docs) => documents.extend(docs),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    let loaded = sluice_api::load(&documents);
+    for d in &loaded.diagnostics {
+        if d.severity == sluice_api::Severity::Warning {
+            tracing::warn!("{d}");
+        } else {
+            problems.push(d.to_string());
+        }
+    }
+    match loaded.registry {
+        Some(registry) if problems.is_empty() => Ok(sluice_control::compile(&registry)),
+        _ => Err(problems),
+    }
+}
+
+async fn reload(proxy: &Proxy, sources: &Sources) {
+    let config = match compile(sources) {
+        Ok(c) => c,
+        Err(lines) => {
+            for l in &lines {
+                tracing::error!("{l}");
+            }
+            proxy
+                .metrics()
+                .config_reloads
+                .get_or_create(&sluice_proxy::metrics::ResultLabels { result: "rejected" })
+                .inc();
+            tracing::error!(
+                problems = lines.len(),
+                "configuration not applied; still serving the previous one"
+            );
+            return;
+        }
+    };
+    match proxy.apply(config).await {
+        Ok(bind_errors) => {
+            for e in &bind_errors {
+                tracing::error!("{e}");
+            }
+            tracing::info!("configuration reloaded");
+        }
+        Err(errors) => {
+            for e in &errors {
+                tracing::error!("{e}");
+            }
+            tracing::error!("configuration not applied; still serving the previous one");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        let cases = [
+            ("30s", Some(Duration::from_secs(30))),
+            ("500ms", Some(Duration::from_millis(500))),
+            ("2m", Some(Duration::from_secs(120))),
+            ("7", Some(Duration::from_secs(7))),
+            ("1h", None),
+            ("s", None),
+            ("", None),
+        ];
+        for (text, want) in cases {
+            assert_eq!(parse_duration(text).ok(), want, "{text}");
+        }
+    }
+}

@@ -1,0 +1,606 @@
+//! HTTP outbounds: HTTP/1.1 and h2c from the app, HTTP/1.1 or HTTP/2 to the endpoint over a
+//! pooled client, Host rewritten to the external service's name, one access-log line per request.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use sluice_api::model::Endpoint;
+
+use crate::access_log::{rfc3339, AccessLog, Entry};
+use crate::metrics::{BytesLabels, Metrics, RequestLabels};
+use crate::upstream::{ConnInfo, ConnectError, Connector, FailureKind, HttpConnector};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+#[derive(Debug, Clone, Copy)]
+pub struct HttpTimeouts {
+    /// From request sent to response headers received.
+    pub response: Duration,
+    /// How long an unused upstream connection stays in the pool.
+    pub pool_idle: Duration,
+}
+
+impl Default for HttpTimeouts {
+    fn default() -> Self {
+        Self {
+            response: Duration::from_secs(60),
+            pool_idle: Duration::from_secs(90),
+        }
+    }
+}
+
+/// The pooled client for one external service and how requests to it are rewritten.
+pub struct HttpUpstream {
+    client: Client<HttpConnector, CountedBody>,
+    scheme: Scheme,
+    /// What Host and `:authority` become; `None` keeps the app's (unix socket without serverName).
+    authority: Option<Authority>,
+    timeouts: HttpTimeouts,
+    metrics: ServiceMetrics,
+}
+
+/// Metric handles resolved once per service rather than per request.
+#[derive(Clone)]
+struct ServiceMetrics {
+    label: String,
+    duration: Histogram,
+    bytes_up: Counter,
+    bytes_down: Counter,
+    all: Arc<Metrics>,
+}
+
+impl HttpUpstream {
+    pub fn new(connector: Arc<Connector>, timeouts: HttpTimeouts, metrics: Arc<Metrics>) -> Self {
+        let service = &connector.service;
+        let tls = service.tls.is_some();
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_idle_timeout(timeouts.pool_idle)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .http2_only(service.protocol.requires_h2())
+            .http2_adaptive_window(true);
+        let authority = rewritten_authority(service, tls);
+        let label = connector.label.clone();
+        let duration = metrics
+            .http_request_duration
+            .get_or_create(&Metrics::service(&label))
+            .clone();
+        let bytes = |direction| {
+            metrics
+                .bytes
+                .get_or_create(&BytesLabels {
+                    service: label.clone(),
+                    direction,
+                })
+                .clone()
+        };
+        let (bytes_up, bytes_down) = (bytes("upstream"), bytes("downstream"));
+        let metrics = ServiceMetrics {
+            duration,
+            bytes_up,
+            bytes_down,
+            label,
+            all: metrics,
+        };
+        Self {
+            client: builder.build(HttpConnector(connector)),
+            scheme: if tls { Scheme::HTTPS } else { Scheme::HTTP },
+            authority,
+            timeouts,
+            metrics,
+        }
+    }
+}
+
+/// `serverName` when set, else the first endpoint's host; the port is shown unless it is the
+/// scheme's default.
+fn rewritten_authority(
+    service: &sluice_api::model::ExternalService,
+    tls: bool,
+) -> Option<Authority> {
+    let server_name = service.tls.as_ref().and_then(|t| t.server_name.clone());
+    let first = service.endpoints.first()?;
+    let (host, port) = match first {
+        Endpoint::Ip { ip, port } => (
+            server_name.unwrap_or_else(|| match ip {
+                std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+                v4 => v4.to_string(),
+            }),
+            Some(*port),
+        ),
+        Endpoint::Dns { host, port } => (server_name.unwrap_or_else(|| host.clone()), Some(*port)),
+        Endpoint::Unix { .. } => (server_name?, None),
+    };
+    let default_port = if tls { 443 } else { 80 };
+    let text = match port {
+        Some(p) if p != default_port => format!("{host}:{p}"),
+        _ => host,
+    };
+    text.parse().ok()
+}
+
+/// Per-connection facts every request on it shares.
+pub struct RequestContext {
+    pub listener: Arc<str>,
+    pub peer: SocketAddr,
+    pub upstream: Arc<HttpUpstream>,
+    pub access_log: AccessLog,
+}
+
+pub async fn handle(
+    req: Request<Incoming>,
+    ctx: Arc<RequestContext>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let started = Instant::now();
+    let time = SystemTime::now();
+    let up = &ctx.upstream;
+    let authority = req.uri().authority().map(|a| a.to_string()).or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+    });
+    let method = req.method().to_string();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let pending = Pending {
+        entry: Entry {
+            time: rfc3339(time),
+            kind: "http",
+            listener: ctx.listener.to_string(),
+            source: ctx.peer.to_string(),
+            service: up.metrics.label.clone(),
+            method: Some(method),
+            authority: authority.clone(),
+            path: Some(path.clone()),
+            protocol: Some(match req.version() {
+                Version::HTTP_2 => "HTTP/2",
+                Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            }),
+            ..Entry::default()
+        },
+        started,
+        bytes_in: Arc::new(AtomicU64::new(0)),
+        metrics: up.metrics.clone(),
+        access_log: ctx.access_log.clone(),
+    };
+
+    let outbound = match rewrite_request(req, up, authority.as_deref(), &path, &pending) {
+        Ok(r) => r,
+        Err(msg) => return Ok(pending.respond_error(StatusCode::BAD_REQUEST, msg)),
+    };
+    let sent = tokio::time::timeout(up.timeouts.response, up.client.request(outbound)).await;
+    let response = match sent {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            let (status, msg) = classify(&e);
+            return Ok(pending.respond_error(status, msg));
+        }
+        Err(_) => {
+            let msg = format!(
+                "no response from {} within {:?}",
+                up.metrics.label, up.timeouts.response
+            );
+            return Ok(pending.respond_error(StatusCode::GATEWAY_TIMEOUT, msg));
+        }
+    };
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let info = parts.extensions.remove::<ConnInfo>();
+    let mut pending = pending;
+    pending.entry.status = Some(parts.status.as_u16());
+    if let Some(info) = info {
+        pending.entry.upstream = Some(info.address);
+        pending.entry.tls_version = info.tls_version;
+    }
+    parts.version = Version::HTTP_11;
+    let body = LogBody::new(body, pending);
+    Ok(Response::from_parts(parts, body.boxed()))
+}
+
+fn rewrite_request(
+    req: Request<Incoming>,
+    up: &HttpUpstream,
+    app_authority: Option<&str>,
+    path: &str,
+    pending: &Pending,
+) -> Result<Request<CountedBody>, String> {
+    let (mut parts, body) = req.into_parts();
+    let authority = match &up.authority {
+        Some(a) => a.clone(),
+        None => app_authority
+            .and_then(|a| a.parse::<Authority>().ok())
+            .ok_or_else(|| "request has no Host header".to_string())?,
+    };
+    parts.uri = Uri::builder()
+        .scheme(up.scheme.clone())
+        .authority(authority.clone())
+        .path_and_query(path)
+        .build()
+        .map_err(|e| format!("request target cannot be forwarded: {e}"))?;
+    strip_hop_by_hop(&mut parts.headers);
+    let host = HeaderValue::from_str(authority.as_str())
+        .map_err(|_| "external service name is not a valid Host".to_string())?;
+    parts.headers.insert(header::HOST, host);
+    parts.version = Version::HTTP_11;
+    let body = CountedBody {
+        inner: body,
+        counter: pending.bytes_in.clone(),
+        metric: up.metrics.bytes_up.clone(),
+    };
+    Ok(Request::from_parts(parts, body))
+}
+
+/// Headers that describe one hop, not the message (RFC 9110 §7.6.1). `te: trailers` stays:
+/// gRPC needs it end to end.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        if name != header::TE {
+            headers.remove(&name);
+        }
+    }
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+    ] {
+        headers.remove(name);
+    }
+    let te_trailers = headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Maps a client error to the status the app sees and a one-line reason.
+fn classify(e: &hyper_util::client::legacy::Error) -> (StatusCode, String) {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(c) = err.downcast_ref::<ConnectError>() {
+            let status = match c.kind {
+                FailureKind::Unreachable => StatusCode::SERVICE_UNAVAILABLE,
+                FailureKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+                FailureKind::Tls => StatusCode::BAD_GATEWAY,
+            };
+            return (status, c.message.clone());
+        }
+        source = err.source();
+    }
+    let mut detail = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        detail.push_str(": ");
+        detail.push_str(&err.to_string());
+        source = err.source();
+    }
+    (
+        StatusCode::BAD_GATEWAY,
+        format!("upstream failed before a full response: {detail}"),
+    )
+}
+
+/// The access-log line of one request, written when its response ends.
+struct Pending {
+    entry: Entry,
+    started: Instant,
+    bytes_in: Arc<AtomicU64>,
+    metrics: ServiceMetrics,
+    access_log: AccessLog,
+}
+
+impl Pending {
+    fn respond_error(mut self, status: StatusCode, message: String) -> Response<ProxyBody> {
+        tracing::debug!(service = %self.metrics.label, %status, %message, "request failed");
+        self.entry.status = Some(status.as_u16());
+        self.entry.error = Some(message.clone());
+        let body = Bytes::from(format!("sluice: {message}\n"));
+        let len = body.len();
+        let mut response = Response::new(
+            LogBody::new(
+                Full::new(body).map_err(|never: Infallible| -> BoxError { match never {} }),
+                self,
+            )
+            .boxed(),
+        );
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        response
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        response
+    }
+
+    fn finish(mut self, error: Option<String>) {
+        let elapsed = self.started.elapsed();
+        self.entry.bytes_in = self.bytes_in.load(Ordering::Relaxed);
+        self.entry.duration_ms = elapsed.as_micros() as f64 / 1000.0;
+        if self.entry.error.is_none() {
+            self.entry.error = error;
+        }
+        let m = &self.metrics;
+        m.duration.observe(elapsed.as_secs_f64());
+        m.all
+            .http_requests
+            .get_or_create(&RequestLabels {
+                service: m.label.clone(),
+                code: self.entry.status.unwrap_or(0),
+            })
+            .inc();
+        self.access_log.log(self.entry);
+    }
+}
+
+struct LogOnDrop(Option<Pending>);
+
+impl Drop for LogOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            // Dropped before the end: the app went away mid-response.
+            p.finish(Some("downstream closed before the response ended".into()));
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Counts response bytes and logs the request when the body ends.
+    struct LogBody<B> {
+        #[pin]
+        inner: B,
+        log: LogOnDrop,
+    }
+}
+
+impl<B: Body> LogBody<B> {
+    fn new(inner: B, pending: Pending) -> Self {
+        // An empty body (204, HEAD) may never be polled at all.
+        let log = if inner.is_end_stream() {
+            pending.finish(None);
+            LogOnDrop(None)
+        } else {
+            LogOnDrop(Some(pending))
+        };
+        Self { inner, log }
+    }
+}
+
+impl<B> Body for LogBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError> + std::fmt::Display,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(p)) = (frame.data_ref(), &mut this.log.0) {
+                    p.entry.bytes_out += data.len() as u64;
+                    p.metrics.bytes_down.inc_by(data.len() as u64);
+                }
+                // A sized body may never be polled to its end: it is done when this says so.
+                if this.inner.is_end_stream() {
+                    if let Some(p) = this.log.0.take() {
+                        p.finish(None);
+                    }
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(p) = this.log.0.take() {
+                    p.finish(None);
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(p) = this.log.0.take() {
+                    p.finish(Some(format!("upstream body failed: {e}")));
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled.map(|o| o.map(|r| r.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The app's request body on its way upstream, counted.
+    pub struct CountedBody {
+        #[pin]
+        inner: Incoming,
+        counter: Arc<AtomicU64>,
+        metric: Counter,
+    }
+}
+
+impl Body for CountedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                this.counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+                this.metric.inc_by(data.len() as u64);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_api::model::{
+        ExternalService, Protocol, ResourceKey, TlsOrigination, VerificationMode,
+    };
+
+    fn service(endpoints: Vec<Endpoint>, server_name: Option<&str>, tls: bool) -> ExternalService {
+        ExternalService {
+            key: ResourceKey {
+                mesh: "default".into(),
+                name: "s".into(),
+            },
+            port: 80,
+            protocol: Protocol::Http,
+            endpoints,
+            tls: tls.then(|| TlsOrigination {
+                min_version: None,
+                max_version: None,
+                allow_renegotiation: false,
+                mode: VerificationMode::Secured,
+                server_name: server_name.map(str::to_string),
+                subject_alt_names: vec![],
+                ca_cert: None,
+                client_cert: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn authority_rewrite() {
+        let dns = |h: &str, p| Endpoint::Dns {
+            host: h.into(),
+            port: p,
+        };
+        let ip = |s: &str, p| Endpoint::Ip {
+            ip: s.parse().unwrap(),
+            port: p,
+        };
+        let unix = Endpoint::Unix {
+            path: "/s.sock".into(),
+        };
+        let cases: Vec<(ExternalService, Option<&str>)> = vec![
+            (
+                service(vec![dns("httpbin.org", 443)], None, true),
+                Some("httpbin.org"),
+            ),
+            (
+                service(vec![dns("httpbin.org", 80)], None, false),
+                Some("httpbin.org"),
+            ),
+            (
+                service(vec![dns("httpbin.org", 443)], None, false),
+                Some("httpbin.org:443"),
+            ),
+            (
+                service(vec![dns("a.example.com", 8443)], None, true),
+                Some("a.example.com:8443"),
+            ),
+            (
+                service(
+                    vec![ip("203.0.113.10", 443), dns("b.example.com", 443)],
+                    Some("api.example.com"),
+                    true,
+                ),
+                Some("api.example.com"),
+            ),
+            (
+                service(vec![ip("::1", 8080)], None, false),
+                Some("[::1]:8080"),
+            ),
+            (service(vec![unix.clone()], None, false), None),
+            (
+                service(vec![unix], Some("local.example"), true),
+                Some("local.example"),
+            ),
+        ];
+        for (s, want) in cases {
+            let tls = s.tls.is_some();
+            assert_eq!(
+                rewritten_authority(&s, tls)
+                    .map(|a| a.to_string())
+                    .as_deref(),
+                want,
+                "{:?}",
+                s.endpoints
+            );
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h);
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
+        names.sort();
+        assert_eq!(names, ["te", "x-kept"]);
+        assert_eq!(h[header::TE], "trailers");
+    }
+}

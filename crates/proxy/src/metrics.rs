@@ -1,0 +1,146 @@
+//! Prometheus metrics, labelled by external service.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub service: String,
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub service: String,
+    /// `upstream` (app to external service) or `downstream` (back to the app).
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub service: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: Family<RequestLabels, Counter>,
+    pub http_request_duration: Family<ServiceLabels, Histogram>,
+    pub tcp_connections: Family<ServiceLabels, Counter>,
+    pub active_connections: Family<ServiceLabels, Gauge>,
+    pub bytes: Family<BytesLabels, Counter>,
+    pub upstream_connections: Family<ServiceLabels, Counter>,
+    pub upstream_connect_failures: Family<ReasonLabels, Counter>,
+    pub upstream_tls_failures: Family<ReasonLabels, Counter>,
+    pub config_reloads: Family<ResultLabels, Counter>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs to ~30 s.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0001, 2.5, 14,
+    ))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("sluice");
+        let http_requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests carried, by external service and response status",
+            http_requests.clone(),
+        );
+        let http_request_duration = Family::<ServiceLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "Time from request received to response completed",
+            http_request_duration.clone(),
+        );
+        let tcp_connections = Family::<ServiceLabels, Counter>::default();
+        registry.register(
+            "tcp_connections",
+            "TCP connections accepted on tcp-protocol outbounds",
+            tcp_connections.clone(),
+        );
+        let active_connections = Family::<ServiceLabels, Gauge>::default();
+        registry.register(
+            "active_connections",
+            "Client connections currently open",
+            active_connections.clone(),
+        );
+        let bytes = Family::<BytesLabels, Counter>::default();
+        registry.register(
+            "bytes",
+            "Payload bytes carried, by direction",
+            bytes.clone(),
+        );
+        let upstream_connections = Family::<ServiceLabels, Counter>::default();
+        registry.register(
+            "upstream_connections",
+            "Connections opened to external endpoints (with their TLS handshake when originating TLS)",
+            upstream_connections.clone(),
+        );
+        let upstream_connect_failures = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "upstream_connect_failures",
+            "Failed attempts to reach an endpoint, by reason",
+            upstream_connect_failures.clone(),
+        );
+        let upstream_tls_failures = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "upstream_tls_failures",
+            "Failed TLS handshakes with external endpoints, by reason",
+            upstream_tls_failures.clone(),
+        );
+        let config_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Configuration loads, applied or rejected",
+            config_reloads.clone(),
+        );
+        Self {
+            registry,
+            http_requests,
+            http_request_duration,
+            tcp_connections,
+            active_connections,
+            bytes,
+            upstream_connections,
+            upstream_connect_failures,
+            upstream_tls_failures,
+            config_reloads,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn service(service: &str) -> ServiceLabels {
+        ServiceLabels {
+            service: service.to_string(),
+        }
+    }
+}

@@ -1,0 +1,417 @@
+//! The running proxy: listeners bound from the current `ProxyConfig`, swapped live.
+//!
+//! A listener's route is read once per accepted connection, so a connection keeps the route it
+//! started with while new connections follow a new config at once. Upstreams (and their pools)
+//! are kept across reloads for every service whose settings did not change.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_resolver::TokioResolver;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use sluice_api::model::ExternalService;
+use sluice_control::{service_label, ProxyConfig};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Mutex, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::access_log::AccessLog;
+use crate::http::{HttpTimeouts, HttpUpstream, RequestContext};
+use crate::metrics::{Metrics, ResultLabels};
+use crate::tcp;
+use crate::upstream::{Connector, Timeouts};
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How long a removed listener's connections may go on before they are closed.
+    pub drain_timeout: Duration,
+    pub upstream: Timeouts,
+    pub http: HttpTimeouts,
+    /// An app connection must send a complete request head within this time.
+    pub header_read_timeout: Duration,
+    /// Client connections open at once, over all listeners.
+    pub max_connections: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            drain_timeout: Duration::from_secs(30),
+            upstream: Timeouts::default(),
+            http: HttpTimeouts::default(),
+            header_read_timeout: Duration::from_secs(30),
+            max_connections: 16_384,
+        }
+    }
+}
+
+/// What a problem with applying a config was about, for one clear line each.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("external service {service}: {reason}")]
+    Service { service: String, reason: String },
+    #[error("listener {name} on {address}: cannot listen: {reason}; free the port or change the outbound's port")]
+    Bind {
+        name: String,
+        address: SocketAddr,
+        reason: String,
+    },
+}
+
+enum Upstream {
+    Tcp(Arc<Connector>),
+    Http(Arc<HttpUpstream>),
+}
+
+struct Route {
+    listener: Arc<str>,
+    upstream: Arc<Upstream>,
+}
+
+struct ListenerHandle {
+    route: watch::Sender<Arc<Route>>,
+    service: Arc<ExternalService>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+    kill: CancellationToken,
+}
+
+struct Shared {
+    metrics: Arc<Metrics>,
+    access_log: AccessLog,
+    settings: Settings,
+    connections: Arc<Semaphore>,
+}
+
+struct State {
+    listeners: HashMap<SocketAddr, ListenerHandle>,
+    upstreams: HashMap<String, (Arc<ExternalService>, Arc<Upstream>)>,
+}
+
+pub struct Proxy {
+    shared: Arc<Shared>,
+    resolver: Arc<TokioResolver>,
+    state: Mutex<State>,
+    config: watch::Sender<Option<Arc<ProxyConfig>>>,
+}
+
+impl Proxy {
+    pub fn new(
+        settings: Settings,
+        metrics: Arc<Metrics>,
+        access_log: AccessLog,
+    ) -> Result<Self, String> {
+        let resolver = match TokioResolver::builder_tokio() {
+            Ok(b) => b.build(),
+            Err(e) => return Err(format!("cannot read the system DNS configuration: {e}")),
+        }
+        .map_err(|e| format!("cannot start the DNS resolver: {e}"))?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                connections: Arc::new(Semaphore::new(settings.max_connections)),
+                metrics,
+                access_log,
+                settings,
+            }),
+            resolver: Arc::new(resolver),
+            state: Mutex::new(State {
+                listeners: HashMap::new(),
+                upstreams: HashMap::new(),
+            }),
+            config: watch::Sender::new(None),
+        })
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
+    }
+
+    /// The config last applied, if any.
+    pub fn current(&self) -> Option<Arc<ProxyConfig>> {
+        self.config.borrow().clone()
+    }
+
+    /// Applies a new config. Service errors reject it whole and change nothing; a listener that
+    /// cannot bind is reported while everything else is applied.
+    pub async fn apply(&self, config: ProxyConfig) -> Result<Vec<ApplyError>, Vec<ApplyError>> {
+        let mut state = self.state.lock().await;
+
+        let mut upstreams = HashMap::new();
+        let mut errors = Vec::new();
+        for (label, service) in &config.services {
+            match state.upstreams.get(label) {
+                Some((old, upstream)) if **old == **service => {
+                    upstreams.insert(label.clone(), (service.clone(), upstream.clone()));
+                }
+                _ => match self.build_upstream(label, service) {
+                    Ok(u) => {
+                        upstreams.insert(label.clone(), (service.clone(), Arc::new(u)));
+                    }
+                    Err(reason) => errors.push(ApplyError::Service {
+                        service: label.clone(),
+                        reason,
+                    }),
+                },
+            }
+        }
+        if !errors.is_empty() {
+            self.count_reload("rejected");
+            return Err(errors);
+        }
+
+        let mut bind_errors = Vec::new();
+        let mut keep = HashMap::new();
+        for l in &config.listeners {
+            let label = service_label(&l.service.key);
+            let Some((_, upstream)) = upstreams.get(&label) else {
+                continue;
+            };
+            let route = Arc::new(Route {
+                listener: Arc::from(l.name.as_str()),
+                upstream: upstream.clone(),
+            });
+            if let Some(mut existing) = state.listeners.remove(&l.address) {
+                let unchanged = Arc::ptr_eq(&existing.route.borrow().upstream, upstream)
+                    && *existing.route.borrow().listener == *l.name;
+                if !unchanged {
+                    existing.route.send_replace(route);
+                    existing.service = l.service.clone();
+                }
+                keep.insert(l.address, existing);
+                continue;
+            }
+            match TcpListener::bind(l.address).await {
+                Ok(listener) => {
+                    tracing::info!(listener = %l.name, address = %l.address, service = %label, "listening");
+                    keep.insert(
+                        l.address,
+                        self.spawn_listener(listener, route, l.service.clone()),
+                    );
+                }
+                Err(e) => bind_errors.push(ApplyError::Bind {
+                    name: l.name.clone(),
+                    address: l.address,
+                    reason: e.to_string(),
+                }),
+            }
+        }
+        for (address, removed) in state.listeners.drain() {
+            tracing::info!(%address, drain = ?self.shared.settings.drain_timeout, "listener removed; draining");
+            drain(removed, self.shared.settings.drain_timeout);
+        }
+        state.listeners = keep;
+        state.upstreams = upstreams;
+        self.config.send_replace(Some(Arc::new(config)));
+        self.count_reload("applied");
+        Ok(bind_errors)
+    }
+
+    /// Stops accepting everywhere and waits (up to the drain timeout) for open connections.
+    pub async fn shutdown(&self) {
+        let mut state = self.state.lock().await;
+        let mut waits = Vec::new();
+        for (_, l) in state.listeners.drain() {
+            l.stop.cancel();
+            l.tracker.close();
+            waits.push((l.tracker, l.kill));
+        }
+        let deadline = tokio::time::Instant::now() + self.shared.settings.drain_timeout;
+        for (tracker, kill) in waits {
+            let _ = tokio::time::timeout_at(deadline, tracker.wait()).await;
+            kill.cancel();
+        }
+    }
+
+    fn count_reload(&self, result: &'static str) {
+        self.shared
+            .metrics
+            .config_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    fn build_upstream(
+        &self,
+        label: &str,
+        service: &Arc<ExternalService>,
+    ) -> Result<Upstream, String> {
+        let alpn: &[&[u8]] = match service.protocol {
+            p if p.requires_h2() => &[b"h2"],
+            p if p.is_http() => &[b"h2", b"http/1.1"],
+            _ => &[],
+        };
+        let connector = Connector::new(
+            service.clone(),
+            label.to_string(),
+            alpn,
+            self.resolver.clone(),
+            self.shared.settings.upstream,
+            self.shared.metrics.clone(),
+        )
+        .map_err(|e| e.to_string())?;
+        let connector = Arc::new(connector);
+        Ok(if service.protocol.is_http() {
+            Upstream::Http(Arc::new(HttpUpstream::new(
+                connector,
+                self.shared.settings.http,
+                self.shared.metrics.clone(),
+            )))
+        } else {
+            Upstream::Tcp(connector)
+        })
+    }
+
+    fn spawn_listener(
+        &self,
+        listener: TcpListener,
+        route: Arc<Route>,
+        service: Arc<ExternalService>,
+    ) -> ListenerHandle {
+        let (tx, rx) = watch::channel(route);
+        let handle = ListenerHandle {
+            route: tx,
+            service,
+            stop: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            kill: CancellationToken::new(),
+        };
+        tokio::spawn(accept_loop(
+            listener,
+            rx,
+            self.shared.clone(),
+            handle.stop.clone(),
+            handle.tracker.clone(),
+            handle.kill.clone(),
+        ));
+        handle
+    }
+}
+
+fn drain(l: ListenerHandle, deadline: Duration) {
+    l.stop.cancel();
+    l.tracker.close();
+    tokio::spawn(async move {
+        if tokio::time::timeout(deadline, l.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = l.tracker.len(),
+                "drain deadline reached; closing remaining connections"
+            );
+        }
+        l.kill.cancel();
+    });
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    route: watch::Receiver<Arc<Route>>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+    kill: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, limit = shared.settings.max_connections, "connection limit reached; closing new connection");
+            continue;
+        };
+        let route = route.borrow().clone();
+        let shared = shared.clone();
+        let (stop, kill) = (stop.clone(), kill.clone());
+        tracker.spawn(async move {
+            let _permit = permit;
+            serve_connection(stream, peer, route, shared, stop, kill).await;
+        });
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    route: Arc<Route>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    kill: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    match &*route.upstream {
+        Upstream::Tcp(connector) => {
+            let gauge = shared
+                .metrics
+                .active_connections
+                .get_or_create(&Metrics::service(&connector.label))
+                .clone();
+            gauge.inc();
+            tcp::serve(
+                stream,
+                peer,
+                &route.listener,
+                connector.clone(),
+                &shared.metrics,
+                &shared.access_log,
+                kill,
+            )
+            .await;
+            gauge.dec();
+        }
+        Upstream::Http(upstream) => {
+            let ctx = Arc::new(RequestContext {
+                listener: route.listener.clone(),
+                peer,
+                upstream: upstream.clone(),
+                access_log: shared.access_log.clone(),
+            });
+            let service = service_fn(move |req| crate::http::handle(req, ctx.clone()));
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(shared.settings.header_read_timeout)
+                .max_buf_size(64 * 1024);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(256)
+                .max_header_list_size(64 * 1024);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let finished = tokio::select! {
+                r = conn.as_mut() => Some(r),
+                _ = stop.cancelled() => None,
+                _ = kill.cancelled() => return,
+            };
+            let result = match finished {
+                Some(r) => r,
+                None => {
+                    conn.as_mut().graceful_shutdown();
+                    tokio::select! {
+                        r = conn.as_mut() => r,
+                        _ = kill.cancelled() => return,
+                    }
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "client connection ended with an error");
+            }
+        }
+    }
+}
