@@ -1,0 +1,363 @@
+//! Running the `sluice` binary under test.
+//!
+//! [`Sluice`] writes the given YAML files into a fresh temp directory, runs
+//! `sluice run -f <dir> --admin 127.0.0.1:<port> --access-log <file>` plus
+//! extra arguments, sends stdout/stderr to files, and waits until
+//! `GET /ready` on the admin address answers 200. The child is killed on drop.
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use super::client::{H1Client, HttpResponse};
+use super::{BoxError, TempDir, DEFAULT_TIMEOUT, POLL_INTERVAL};
+
+/// The file name [`Sluice::start`] and [`Sluice::rewrite_config`] use.
+pub const CONFIG_FILE: &str = "sluice.yaml";
+
+/// A loopback TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+/// Options for starting [`Sluice`].
+#[derive(Clone, Debug)]
+pub struct SluiceBuilder {
+    files: Vec<(String, String)>,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+    ready_timeout: Duration,
+}
+
+impl Default for SluiceBuilder {
+    fn default() -> Self {
+        SluiceBuilder {
+            files: Vec::new(),
+            args: Vec::new(),
+            envs: Vec::new(),
+            ready_timeout: DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+impl SluiceBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds the config file [`CONFIG_FILE`].
+    pub fn config(self, yaml: &str) -> Self {
+        self.file(CONFIG_FILE, yaml)
+    }
+
+    /// Adds a config file `name` (in the directory passed with `-f`).
+    pub fn file(mut self, name: &str, yaml: &str) -> Self {
+        self.files.push((name.to_owned(), yaml.to_owned()));
+        self
+    }
+
+    /// Adds an extra command-line argument (after the standard ones).
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets an environment variable for the child (e.g. `RUST_LOG`).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// How long [`SluiceBuilder::start`] waits for readiness (default 10 s).
+    pub fn ready_timeout(mut self, timeout: Duration) -> Self {
+        self.ready_timeout = timeout;
+        self
+    }
+
+    /// Spawns the process without waiting for readiness (for tests that
+    /// expect it to fail at startup).
+    pub fn spawn(self) -> Sluice {
+        let dir = TempDir::new("sluice-test");
+        let config_dir = dir.join("config");
+        std::fs::create_dir_all(&config_dir).expect("create config dir");
+        for (name, yaml) in &self.files {
+            std::fs::write(config_dir.join(name), yaml)
+                .unwrap_or_else(|e| panic!("writing config file {name}: {e}"));
+        }
+        let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let access_log = dir.join("access.log");
+        let stderr_path = dir.join("stderr.log");
+        let stdout_path = dir.join("stdout.log");
+        let stderr = File::create(&stderr_path).expect("create stderr file");
+        let stdout = File::create(&stdout_path).expect("create stdout file");
+
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        cmd.arg("run")
+            .arg("-f")
+            .arg(&config_dir)
+            .arg("--admin")
+            .arg(admin.to_string())
+            .arg("--access-log")
+            .arg(&access_log)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr);
+        for (k, v) in &self.envs {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", env!("CARGO_BIN_EXE_sluice")));
+        Sluice {
+            child,
+            config_dir,
+            admin,
+            access_log,
+            stderr_path,
+            stdout_path,
+            ready_timeout: self.ready_timeout,
+            dir,
+        }
+    }
+
+    /// Spawns and waits until `/ready` answers 200. On failure the child is
+    /// killed and the error carries its stderr.
+    pub async fn try_start(self) -> Result<Sluice, String> {
+        let mut sluice = self.spawn();
+        let timeout = sluice.ready_timeout;
+        sluice.wait_ready(timeout).await?;
+        Ok(sluice)
+    }
+
+    /// Like [`SluiceBuilder::try_start`], panicking on failure.
+    pub async fn start(self) -> Sluice {
+        match self.try_start().await {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// A running `sluice run` process. Killed on drop; when the test is
+/// panicking its stderr is printed and its temp dir kept.
+#[derive(Debug)]
+pub struct Sluice {
+    child: Child,
+    config_dir: PathBuf,
+    admin: SocketAddr,
+    access_log: PathBuf,
+    stderr_path: PathBuf,
+    stdout_path: PathBuf,
+    ready_timeout: Duration,
+    // Last, so the directory outlives everything else in drop order.
+    dir: TempDir,
+}
+
+impl Sluice {
+    pub fn builder() -> SluiceBuilder {
+        SluiceBuilder::new()
+    }
+
+    /// Starts with one config file and no extra arguments; panics unless
+    /// ready within 10 s.
+    pub async fn start(yaml: &str) -> Sluice {
+        SluiceBuilder::new().config(yaml).start().await
+    }
+
+    /// Starts with one config file and extra arguments.
+    pub async fn start_with_args(yaml: &str, args: &[&str]) -> Sluice {
+        SluiceBuilder::new()
+            .config(yaml)
+            .args(args.iter().copied())
+            .start()
+            .await
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+    }
+
+    pub fn config_dir(&self) -> &Path {
+        &self.config_dir
+    }
+
+    pub fn access_log_path(&self) -> &Path {
+        &self.access_log
+    }
+
+    /// The temp dir holding config, logs and captured output.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Polls `GET /ready` until it answers 200, the process exits, or
+    /// `timeout` passes.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exit_status() {
+                return Err(format!(
+                    "sluice exited ({status}) before becoming ready; stderr:\n{}",
+                    self.stderr()
+                ));
+            }
+            let probe = tokio::time::timeout(Duration::from_secs(1), self.admin_get("/ready"));
+            let last = match probe.await {
+                Ok(Ok(resp)) if resp.status == 200 => return Ok(()),
+                Ok(Ok(resp)) => format!("/ready answered {}: {}", resp.status, resp.text()),
+                Ok(Err(e)) => format!("/ready failed: {e}"),
+                Err(_) => "/ready timed out".to_owned(),
+            };
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "sluice not ready after {timeout:?} (last: {last}); stderr:\n{}",
+                    self.stderr()
+                ));
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// `GET path` on the admin address (fresh connection).
+    pub async fn admin_get(&self, path: &str) -> Result<HttpResponse, BoxError> {
+        let mut client = H1Client::connect(self.admin).await?;
+        client.get(path).await
+    }
+
+    /// The access log's complete lines, each parsed as JSON (an unfinished
+    /// last line is left out; a complete line that is not JSON panics).
+    /// Empty while the file does not exist.
+    pub fn access_log_lines(&self) -> Vec<serde_json::Value> {
+        let text = match std::fs::read_to_string(&self.access_log) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+            Err(e) => panic!("reading access log: {e}"),
+        };
+        let complete = match text.rfind('\n') {
+            Some(i) => &text[..i],
+            None => return Vec::new(),
+        };
+        complete
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("access log line is not JSON ({e}): {l}"))
+            })
+            .collect()
+    }
+
+    /// Atomically replaces the contents of [`CONFIG_FILE`].
+    pub fn rewrite_config(&self, yaml: &str) {
+        self.write_config_file(CONFIG_FILE, yaml);
+    }
+
+    /// Atomically writes config file `name` (written beside the config dir,
+    /// then renamed into it, so a reader never sees half a file).
+    pub fn write_config_file(&self, name: &str, yaml: &str) {
+        let staging = self.dir.join(&format!(".staging-{name}"));
+        std::fs::write(&staging, yaml).unwrap_or_else(|e| panic!("writing {name}: {e}"));
+        std::fs::rename(&staging, self.config_dir.join(name))
+            .unwrap_or_else(|e| panic!("renaming {name} into place: {e}"));
+    }
+
+    /// Removes config file `name`.
+    pub fn remove_config_file(&self, name: &str) {
+        std::fs::remove_file(self.config_dir.join(name))
+            .unwrap_or_else(|e| panic!("removing {name}: {e}"));
+    }
+
+    /// Sends SIGHUP (`kill -HUP <pid>`).
+    pub fn sighup(&self) {
+        let status = Command::new("kill")
+            .arg("-HUP")
+            .arg(self.pid().to_string())
+            .status()
+            .expect("running kill");
+        assert!(
+            status.success(),
+            "kill -HUP {} failed: {status}",
+            self.pid()
+        );
+    }
+
+    /// Everything the process wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        read_lossy(&self.stderr_path)
+    }
+
+    /// Everything the process wrote to stdout so far.
+    pub fn stdout(&self) -> String {
+        read_lossy(&self.stdout_path)
+    }
+
+    /// The exit status if the process has exited.
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exit_status() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// Kills the process (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        if self.exit_status().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn read_lossy(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+impl Drop for Sluice {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let stderr = self.stderr();
+            let start = stderr.len().saturating_sub(20_000);
+            let start = (start..=stderr.len())
+                .find(|i| stderr.is_char_boundary(*i))
+                .unwrap_or(stderr.len());
+            eprintln!(
+                "---- sluice stderr (pid {}) ----\n{}\n---- end of sluice stderr ----",
+                self.child.id(),
+                &stderr[start..]
+            );
+        }
+    }
+}
