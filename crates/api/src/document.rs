@@ -31,8 +31,8 @@ pub fn parse_documents(source: &str, text: &str) -> Result<Vec<Document>, Diagno
             text.len()
         )));
     }
-    let values: Vec<Value> = serde_saphyr::from_multiple(text)
-        .map_err(|e| whole_file(format!("not valid YAML: {}", one_line(&e.to_string()))))?;
+    let values: Vec<Value> =
+        serde_saphyr::from_multiple(text).map_err(|e| whole_file(yaml_error(&e)))?;
     let source: Arc<str> = Arc::from(source);
     Ok(values
         .into_iter()
@@ -46,6 +46,19 @@ pub fn parse_documents(source: &str, text: &str) -> Result<Vec<Document>, Diagno
             value,
         })
         .collect())
+}
+
+/// The parser's message for users, without the source snippet (several lines) and with the
+/// line and column, as one line.
+fn yaml_error(e: &serde_saphyr::Error) -> String {
+    let mut options = serde_saphyr::RenderOptions::new(&serde_saphyr::UserMessageFormatter);
+    options.snippets = serde_saphyr::SnippetMode::Off;
+    let message = one_line(&e.render_with_options(options));
+    let fix = match e.without_snippet() {
+        serde_saphyr::Error::DuplicateMappingKey { .. } => "; keep only one of them",
+        _ => "",
+    };
+    format!("not valid YAML: {message}{fix}")
 }
 
 fn one_line(s: &str) -> String {
@@ -74,7 +87,17 @@ mod tests {
         let err = parse_documents("bad.yaml", "a: [1, 2\nb: }\n").unwrap_err();
         let text = err.to_string();
         assert!(text.starts_with("bad.yaml: not valid YAML"), "{text}");
+        assert!(text.contains("line 2"), "{text}");
         assert!(!text.contains('\n'), "{text}");
+    }
+
+    #[test]
+    fn duplicate_key_is_refused() {
+        let err = parse_documents("dup.yaml", "a: 1\nb:\n  c: 1\n  c: 2\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "dup.yaml: not valid YAML: duplicate mapping key `c` is not allowed here at line 4, column 3; keep only one of them"
+        );
     }
 
     #[test]

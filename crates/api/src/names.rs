@@ -1,10 +1,10 @@
 //! Rules for names and addresses that appear in resources.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
-/// A DNS host name as RFC 1123 allows it, without a trailing dot. A name whose last label is
-/// all digits is refused, so numeric spellings of addresses (`127.1`, `2130706433`) never pass
-/// as names.
+/// A DNS host name as RFC 1123 allows it, with an optional trailing dot. A name whose last
+/// label is all digits or starts with `0x` is refused: resolvers read such names as numeric
+/// addresses (`127.1`, `2130706433`, `0x7f.1`), so they would pass as names yet reach an IP.
 pub fn is_dns_name(name: &str) -> bool {
     let name = name.strip_suffix('.').unwrap_or(name);
     if name.is_empty() || name.len() > 253 {
@@ -18,19 +18,21 @@ pub fn is_dns_name(name: &str) -> bool {
             && !l.starts_with('-')
             && !l.ends_with('-')
     };
-    labels.iter().all(label_ok)
-        && labels
-            .last()
-            .is_some_and(|tld| !tld.bytes().all(|b| b.is_ascii_digit()) && !tld.starts_with("0x"))
+    labels.iter().all(label_ok) && labels.last().is_some_and(|last| !looks_numeric(last))
 }
 
-/// An IP literal, with or without the brackets IPv6 takes in URLs.
+/// `inet_aton` and URL parsers read a last label like these as part of an address.
+fn looks_numeric(label: &str) -> bool {
+    label.bytes().all(|b| b.is_ascii_digit())
+        || label.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("0x"))
+}
+
+/// An IP literal; IPv6 may be written in the brackets it takes in URLs, IPv4 may not.
 pub fn parse_ip(s: &str) -> Option<IpAddr> {
-    let s = s
-        .strip_prefix('[')
-        .and_then(|r| r.strip_suffix(']'))
-        .unwrap_or(s);
-    s.parse().ok()
+    match s.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+        Some(inner) => inner.parse::<Ipv6Addr>().ok().map(IpAddr::V6),
+        None => s.parse().ok(),
+    }
 }
 
 /// Resource names: what Kuma accepts in universal mode, letters, digits, `-`, `_` and `.`,
@@ -57,49 +59,90 @@ mod tests {
 
     #[test]
     fn dns_names() {
-        for ok in [
-            "httpbin.org",
-            "a",
-            "api-1.example.com",
-            "example.com.",
-            "xn--bcher-kva.de",
+        for (name, ok) in [
+            ("httpbin.org", true),
+            ("a", true),
+            ("localhost", true),
+            ("api-1.example.com", true),
+            ("example.com.", true),
+            ("xn--bcher-kva.de", true),
+            ("1password.com", true),
+            ("123.example", true),
+            ("Upper.Example.COM", true),
+            ("", false),
+            (".", false),
+            ("-a.com", false),
+            ("a-.com", false),
+            ("a..b", false),
+            (".a.com", false),
+            ("127.1", false),
+            ("127.0.0.1", false),
+            ("127.0.0.1.", false),
+            ("2130706433", false),
+            ("0x7f.1", false),
+            ("0x7f000001", false),
+            ("0X7F000001", false),
+            ("a.0X1", false),
+            ("0177.0.0.1", false),
+            ("a.0x1", false),
+            ("a b", false),
+            ("under_score.com", false),
+            ("http://x", false),
+            ("host:80", false),
+            ("[::1]", false),
+            ("bücher.de", false),
         ] {
-            assert!(is_dns_name(ok), "{ok}");
+            assert_eq!(is_dns_name(name), ok, "{name:?}");
         }
-        for bad in [
-            "",
-            "-a.com",
-            "a-.com",
-            "a..b",
-            "127.1",
-            "2130706433",
-            "0x7f.1",
-            "0177.0.0.1",
-            "a b",
-            "under_score.com",
-            "http://x",
-            "a.0x1",
-        ] {
-            assert!(!is_dns_name(bad), "{bad}");
-        }
+        let label63 = "a".repeat(63);
+        let label64 = "a".repeat(64);
+        assert!(is_dns_name(&format!("{label63}.com")));
+        assert!(!is_dns_name(&format!("{label64}.com")));
+        let long = vec!["abcdefghi"; 26].join(".");
+        assert_eq!(long.len(), 259);
+        assert!(!is_dns_name(&long));
     }
 
     #[test]
     fn ips() {
-        assert_eq!(parse_ip("[::1]"), Some("::1".parse().unwrap()));
-        assert_eq!(
-            parse_ip("203.0.113.10"),
-            Some("203.0.113.10".parse().unwrap())
-        );
-        assert_eq!(parse_ip("127.1"), None);
+        for (text, want) in [
+            ("203.0.113.10", Some("203.0.113.10")),
+            ("::1", Some("::1")),
+            ("[::1]", Some("::1")),
+            ("[2001:db8::1]", Some("2001:db8::1")),
+            ("127.1", None),
+            ("0x7f.0.0.1", None),
+            ("[127.0.0.1]", None),
+            ("[::1", None),
+            ("::1]", None),
+            ("fe80::1%eth0", None),
+            ("[::1]:80", None),
+            ("", None),
+        ] {
+            let want: Option<IpAddr> = want.map(|w| w.parse().unwrap());
+            assert_eq!(parse_ip(text), want, "{text:?}");
+        }
     }
 
     #[test]
     fn resource_names() {
-        assert!(is_resource_name("httpbin-tls"));
-        assert!(is_resource_name("a_b.c"));
-        assert!(!is_resource_name("-x"));
-        assert!(!is_resource_name("a/b"));
-        assert!(!is_resource_name(""));
+        for (name, ok) in [
+            ("httpbin-tls", true),
+            ("a_b.c", true),
+            ("a", true),
+            ("Db1", true),
+            ("-x", false),
+            ("x-", false),
+            ("x.", false),
+            ("_x", false),
+            ("a/b", false),
+            ("a b", false),
+            ("", false),
+            ("ä", false),
+        ] {
+            assert_eq!(is_resource_name(name), ok, "{name:?}");
+        }
+        assert!(is_resource_name(&"a".repeat(253)));
+        assert!(!is_resource_name(&"a".repeat(254)));
     }
 }

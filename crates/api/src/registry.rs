@@ -1,11 +1,11 @@
-//! Checks between resources (references, duplicates, port clashes) and resolution into the model.
+//! Checks between resources (references, duplicates) and resolution into the model.
 
 use std::collections::{BTreeMap, HashMap};
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::diag::{Diagnostic, Diagnostics, DocRef};
+use crate::diag::{Diagnostic, Diagnostics, DocRef, Severity};
 use crate::document::Document;
 use crate::kuma::{self, DataSource, MeshExternalServiceResource, Sourced};
 use crate::model::{
@@ -26,8 +26,9 @@ pub struct Registry {
 #[derive(Debug, Default)]
 pub struct Loaded {
     pub registry: Option<Registry>,
+    /// In the order of the documents given, and for each document in the order found.
     pub diagnostics: Vec<Diagnostic>,
-    /// How many resources of each kind were read.
+    /// How many valid resources of each kind were read.
     pub counts: BTreeMap<&'static str, usize>,
 }
 
@@ -35,7 +36,7 @@ impl Loaded {
     pub fn errors(&self) -> impl Iterator<Item = &Diagnostic> {
         self.diagnostics
             .iter()
-            .filter(|d| d.severity == crate::diag::Severity::Error)
+            .filter(|d| d.severity == Severity::Error)
     }
 }
 
@@ -49,38 +50,99 @@ pub fn load(documents: &[Document]) -> Loaded {
             located.push(Located {
                 doc: document.doc.clone(),
                 resource,
+                valid: !d.has_errors(),
             });
         }
         diagnostics.extend(d.into_vec());
     }
     let mut counts = BTreeMap::new();
-    for l in &located {
+    for l in located.iter().filter(|l| l.valid) {
         *counts.entry(l.resource.kind()).or_insert(0) += 1;
     }
     let registry = resolve(&located, &mut diagnostics);
-    let has_errors = diagnostics
+    // Problems found between resources belong with the other problems of their document.
+    let position: HashMap<&DocRef, usize> = documents
         .iter()
-        .any(|d| d.severity == crate::diag::Severity::Error);
+        .enumerate()
+        .map(|(i, document)| (&document.doc, i))
+        .collect();
+    diagnostics.sort_by_key(|d| {
+        d.doc
+            .as_ref()
+            .and_then(|doc| position.get(doc).copied())
+            .unwrap_or(usize::MAX)
+    });
+    let has_errors = diagnostics.iter().any(|d| d.severity == Severity::Error);
     Loaded {
-        registry: registry.filter(|_| !has_errors),
+        registry: (!has_errors).then_some(registry),
         diagnostics,
         counts,
     }
 }
 
-fn resolve(located: &[Located], out: &mut Vec<Diagnostic>) -> Option<Registry> {
+/// Resources of one kind by mesh and name, to resolve references and explain misses. A
+/// resource whose document has errors is present with `None`: references to it are not
+/// checked further, as its own errors already say what to fix.
+struct Index<'a, T> {
+    kind: &'static str,
+    by_key: HashMap<&'a ResourceKey, Option<T>>,
+}
+
+impl<'a, T> Index<'a, T> {
+    fn new(kind: &'static str) -> Self {
+        Self {
+            kind,
+            by_key: HashMap::new(),
+        }
+    }
+
+    /// `Ok(None)` for a target with its own errors; `Err` with the message for a miss.
+    fn find(&self, mesh: &str, name: &str, from: &str) -> Result<Option<&T>, String> {
+        let key = ResourceKey {
+            mesh: mesh.to_string(),
+            name: name.to_string(),
+        };
+        if let Some(t) = self.by_key.get(&key) {
+            return Ok(t.as_ref());
+        }
+        let kind = self.kind;
+        let mut elsewhere: Vec<&str> = self
+            .by_key
+            .keys()
+            .filter(|k| k.name == name)
+            .map(|k| k.mesh.as_str())
+            .collect();
+        elsewhere.sort_unstable();
+        Err(match elsewhere.as_slice() {
+            [] => format!("no {kind} named {name:?} in mesh {mesh:?}; define it or fix the name"),
+            meshes => format!(
+                "no {kind} named {name:?} in mesh {mesh:?} (there is one in mesh {}, but a {from} only refers to its own mesh); define it in mesh {mesh:?} or fix the name",
+                meshes
+                    .iter()
+                    .map(|m| format!("{m:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        })
+    }
+}
+
+fn resolve(located: &[Located], out: &mut Vec<Diagnostic>) -> Registry {
     let mut seen: HashMap<(&'static str, &ResourceKey), &DocRef> = HashMap::new();
-    let mut secrets: HashMap<&ResourceKey, &[u8]> = HashMap::new();
-    let mut services: Vec<(&DocRef, &MeshExternalServiceResource)> = Vec::new();
+    let mut secrets: Index<&[u8]> = Index::new("Secret");
+    // A valid MeshExternalService always has its match.port.
+    let mut services: Index<u16> = Index::new("MeshExternalService");
+    let mut mes: Vec<(&DocRef, &MeshExternalServiceResource, bool)> = Vec::new();
     let mut dataplanes = Vec::new();
     for l in located {
         let key = &l.resource.meta().key;
-        if let Some(first) = seen.insert((l.resource.kind(), key), &l.doc) {
+        if let Some(first) = seen.get(&(l.resource.kind(), key)) {
+            // The first definition stands; a later one is reported and otherwise ignored.
             let mut d = Diagnostics::for_doc(l.doc.clone());
             d.error(
                 "",
                 format!(
-                    "{} \"{}\" in mesh \"{}\" is already defined at {first}; rename one of them",
+                    "{} {:?} in mesh {:?} is already defined at {first}; rename one of them or remove this one",
                     l.resource.kind(),
                     key.name,
                     key.mesh
@@ -89,20 +151,26 @@ fn resolve(located: &[Located], out: &mut Vec<Diagnostic>) -> Option<Registry> {
             out.extend(d.into_vec());
             continue;
         }
+        seen.insert((l.resource.kind(), key), &l.doc);
         match &l.resource {
             Resource::Secret(s) => {
-                secrets.insert(key, &s.data);
+                let value = l.valid.then_some(s.data.as_slice());
+                secrets.by_key.insert(key, value);
             }
-            Resource::MeshExternalService(m) => services.push((&l.doc, m)),
+            Resource::MeshExternalService(m) => {
+                let value = m.spec.port.filter(|_| l.valid);
+                services.by_key.insert(key, value);
+                mes.push((&l.doc, m, l.valid));
+            }
             Resource::Dataplane(dp) => dataplanes.push((&l.doc, dp)),
         }
     }
 
     let mut registry = Registry::default();
-    for (doc, mes) in services {
+    for (doc, m, valid) in mes {
         let mut d = Diagnostics::for_doc(doc.clone());
-        let tls = mes.spec.tls.as_ref().map(|t| {
-            let mesh = &mes.meta.key.mesh;
+        let tls = m.spec.tls.as_ref().map(|t| {
+            let mesh = &m.meta.key.mesh;
             let mut material = |s: &Option<Sourced>, want: Pem| {
                 s.as_ref()
                     .and_then(|s| resolve_material(s, mesh, &secrets, want, &mut d))
@@ -124,68 +192,52 @@ fn resolve(located: &[Located], out: &mut Vec<Diagnostic>) -> Option<Registry> {
             }
         });
         out.extend(d.into_vec());
-        registry.services.insert(
-            mes.meta.key.clone(),
-            ExternalService {
-                key: mes.meta.key.clone(),
-                port: mes.spec.port,
-                protocol: mes.spec.protocol,
-                endpoints: mes.spec.endpoints.clone(),
-                tls,
-            },
-        );
+        if let (true, Some(port)) = (valid, m.spec.port) {
+            registry.services.insert(
+                m.meta.key.clone(),
+                ExternalService {
+                    key: m.meta.key.clone(),
+                    port,
+                    protocol: m.spec.protocol,
+                    endpoints: m.spec.endpoints.clone(),
+                    tls,
+                },
+            );
+        }
     }
 
-    let mut listening: HashMap<(std::net::IpAddr, u16), (String, &DocRef)> = HashMap::new();
     for (doc, dp) in dataplanes {
         let mut d = Diagnostics::for_doc(doc.clone());
+        let mesh = &dp.meta.key.mesh;
         for o in &dp.outbounds {
-            let service = ResourceKey {
-                mesh: dp.meta.key.mesh.clone(),
-                name: o.backend.name.clone(),
-            };
-            match registry.services.get(&service) {
-                None => d.error(
-                    &format!("{}.backendRef.name", o.path),
-                    format!(
-                        "no MeshExternalService named \"{}\" in mesh \"{}\"; define it or fix the name",
-                        service.name, service.mesh
-                    ),
-                ),
-                Some(s) => {
-                    if let Some(p) = o.backend.port.filter(|p| *p != s.port) {
+            let name = &o.backend.name;
+            match services.find(mesh, name, "Dataplane") {
+                Err(message) => d.error(&format!("{}.backendRef.name", o.path), message),
+                Ok(Some(port)) => {
+                    if let Some(p) = o.backend.port.filter(|p| p != port) {
                         d.error(
                             &format!("{}.backendRef.port", o.path),
                             format!(
-                                "{p} is not the port of MeshExternalService \"{}\" (match.port is {}); remove it or use {}",
-                                service.name, s.port, s.port
+                                "{p} is not the port of MeshExternalService {name:?} (its match.port is {port}); use {port} or remove backendRef.port"
                             ),
                         );
                     }
                 }
-            }
-            let here = format!("{} of Dataplane \"{}\"", o.path, dp.meta.key.name);
-            if let Some((other, other_doc)) = listening.get(&(o.address, o.port)) {
-                d.error(
-                    &format!("{}.port", o.path),
-                    format!(
-                        "{}:{} is already used by {other} ({other_doc}); give each outbound its own port",
-                        o.address, o.port
-                    ),
-                );
-            } else {
-                listening.insert((o.address, o.port), (here, doc));
+                Ok(_) => {}
             }
             registry.outbounds.push(Outbound {
                 dataplane: dp.meta.key.clone(),
                 address: o.address,
                 port: o.port,
-                service,
+                service: ResourceKey {
+                    mesh: mesh.clone(),
+                    name: name.clone(),
+                },
             });
         }
         out.extend(d.into_vec());
     }
-    Some(registry)
+    registry
 }
 
 #[derive(Clone, Copy)]
@@ -197,53 +249,92 @@ enum Pem {
 fn resolve_material(
     s: &Sourced,
     mesh: &str,
-    secrets: &HashMap<&ResourceKey, &[u8]>,
+    secrets: &Index<&[u8]>,
     want: Pem,
     d: &mut Diagnostics,
 ) -> Option<Material> {
-    let (origin, bytes) = match &s.source {
-        DataSource::Inline(b) => ("inline".to_string(), b.clone()),
-        DataSource::InlineString(text) => ("inlineString".to_string(), text.as_bytes().to_vec()),
-        DataSource::Secret(name) => {
-            let key = ResourceKey {
-                mesh: mesh.to_string(),
-                name: name.clone(),
-            };
-            let Some(data) = secrets.get(&key) else {
-                d.error(
-                    &format!("{}.secret", s.path),
-                    format!(
-                        "no Secret named \"{name}\" in mesh \"{mesh}\"; define it or fix the name"
-                    ),
-                );
+    // `holder` starts the message; the path already names an inline field.
+    let (origin, holder, bytes) = match &s.source {
+        DataSource::Inline(b) => ("inline".to_string(), "decodes to".to_string(), b.clone()),
+        DataSource::InlineString(text) => (
+            "inlineString".to_string(),
+            "holds".to_string(),
+            text.as_bytes().to_vec(),
+        ),
+        DataSource::Secret(name) => match secrets.find(mesh, name, "MeshExternalService") {
+            Err(message) => {
+                d.error(&s.path, message);
                 return None;
-            };
-            (format!("secret {name}"), data.to_vec())
-        }
+            }
+            // The Secret's own errors are reported at its document.
+            Ok(None) => return None,
+            Ok(Some(data)) => (
+                format!("secret {name}"),
+                format!("Secret {name:?} holds"),
+                data.to_vec(),
+            ),
+        },
     };
-    match want {
-        Pem::Certificates => {
-            let certs = CertificateDer::pem_slice_iter(&bytes).collect::<Result<Vec<_>, _>>();
-            match certs {
-                Ok(c) if !c.is_empty() => {}
-                _ => {
-                    d.error(
-                        &s.path,
-                        format!("{origin} holds no readable PEM certificate (expected -----BEGIN CERTIFICATE-----)"),
-                    );
-                    return None;
-                }
+    let readable = match want {
+        Pem::Certificates => CertificateDer::pem_slice_iter(&bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .is_ok_and(|certs| !certs.is_empty()),
+        Pem::PrivateKey => PrivateKeyDer::from_pem_slice(&bytes).is_ok(),
+    };
+    if !readable {
+        let expected = match want {
+            Pem::Certificates => {
+                "no readable PEM certificate; it must hold -----BEGIN CERTIFICATE----- blocks"
             }
-        }
-        Pem::PrivateKey => {
-            if PrivateKeyDer::from_pem_slice(&bytes).is_err() {
-                d.error(
-                    &s.path,
-                    format!("{origin} holds no readable PEM private key (expected -----BEGIN PRIVATE KEY----- or an RSA/EC key)"),
-                );
-                return None;
+            Pem::PrivateKey => {
+                "no readable PEM private key; it must hold a -----BEGIN PRIVATE KEY----- (or RSA/EC PRIVATE KEY) block"
             }
-        }
+        };
+        d.error(&s.path, format!("{holder} {expected}"));
+        return None;
     }
     Some(Material { origin, pem: bytes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::document::parse_documents;
+
+    const MES: &str = "type: MeshExternalService\nname: api\nspec:\n  match: {port: 80}\n  endpoints: [{address: api.example.com, port: 80}]\n";
+
+    #[test]
+    fn diagnostics_follow_the_order_of_the_documents_given() {
+        let mut docs = parse_documents(
+            "z.yaml",
+            "type: Dataplane\nname: dp\nnetworking:\n  outbound: [{port: 1, backendRef: {kind: MeshExternalService, name: nothing}}]\n",
+        )
+        .unwrap();
+        docs.extend(parse_documents("a.yaml", "type: Secret\nname: s\n").unwrap());
+        let loaded = load(&docs);
+        let text: Vec<String> = loaded.diagnostics.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            text,
+            [
+                "z.yaml[0] networking.outbound[0].backendRef.name: no MeshExternalService named \"nothing\" in mesh \"default\"; define it or fix the name",
+                "a.yaml[0] data: is required",
+            ]
+        );
+        assert!(loaded.registry.is_none());
+    }
+
+    #[test]
+    fn counts_only_valid_resources_and_registry_only_without_errors() {
+        let text =
+            format!("{MES}---\ntype: Secret\nname: s\n---\ntype: Secret\nname: t\ndata: aGk=\n");
+        let loaded = load(&parse_documents("c.yaml", &text).unwrap());
+        assert_eq!(loaded.counts.get("MeshExternalService"), Some(&1));
+        assert_eq!(loaded.counts.get("Secret"), Some(&1));
+        assert!(loaded.registry.is_none());
+
+        let loaded = load(&parse_documents("ok.yaml", MES).unwrap());
+        let registry = loaded.registry.unwrap();
+        assert_eq!(registry.services.len(), 1);
+        assert!(loaded.diagnostics.is_empty());
+    }
 }

@@ -60,4 +60,7 @@ impl std::fmt::Debug for SecretResource {
 pub struct Located {
     pub doc: DocRef,
     pub resource: Resource,
+    /// False when its document has errors: the resource holds only the parts that could be
+    /// read. It still counts as defined, so references to it are not reported as missing.
+    pub valid: bool,
 }

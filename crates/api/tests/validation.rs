@@ -1,9 +1,13 @@
 //! Validation cases as input/expected-output pairs: `cases/NAME.yaml` is loaded as one
-//! configuration and every diagnostic it produces must equal, line for line, `cases/NAME.out`
-//! (empty for a valid input). Set `SLUICE_BLESS=1` to write the `.out` files from the current output.
+//! configuration and its output must equal, line for line, `cases/NAME.out`. The output is
+//! every diagnostic, then, when the input is valid, one `registry:` line per service and
+//! outbound it resolved to, so defaults and translations are pinned too. Set `SLUICE_BLESS=1`
+//! to write the `.out` files from the current output, then read every one you wrote.
 
 use std::fs;
 use std::path::Path;
+
+use sluice_api::model::{ExternalService, Material, SanMatch, TlsOrigination, TlsVersion};
 
 #[test]
 fn validation_cases() {
@@ -20,22 +24,14 @@ fn validation_cases() {
     for input in &inputs {
         let name = input.file_name().unwrap().to_string_lossy().to_string();
         let text = fs::read_to_string(input).unwrap();
-        let actual = match sluice_api::parse_documents(&name, &text) {
-            Err(e) => format!("{e}\n"),
-            Ok(docs) => sluice_api::load(&docs)
-                .diagnostics
-                .iter()
-                .map(|d| format!("{d}\n"))
-                .collect::<String>(),
-        };
+        let actual = run(&name, &text);
         let expected_path = input.with_extension("out");
         if bless {
             fs::write(&expected_path, &actual).unwrap();
             continue;
         }
-        let expected = fs::read_to_string(&expected_path).unwrap_or_else(|_| {
-            panic!("{} has no {}", name, expected_path.display())
-        });
+        let expected = fs::read_to_string(&expected_path)
+            .unwrap_or_else(|_| panic!("{} has no {}", name, expected_path.display()));
         if expected != actual {
             failures.push(format!(
                 "{name}\n--- expected\n{expected}--- actual\n{actual}"
@@ -49,4 +45,88 @@ fn validation_cases() {
         inputs.len(),
         failures.join("\n")
     );
+}
+
+fn run(name: &str, text: &str) -> String {
+    let docs = match sluice_api::parse_documents(name, text) {
+        Err(e) => return format!("{e}\n"),
+        Ok(docs) => docs,
+    };
+    let loaded = sluice_api::load(&docs);
+    let mut out = String::new();
+    for d in &loaded.diagnostics {
+        out.push_str(&format!("{d}\n"));
+    }
+    let has_errors = loaded.errors().next().is_some();
+    assert_eq!(
+        loaded.registry.is_some(),
+        !has_errors,
+        "{name}: a registry must be built exactly when there is no error"
+    );
+    if let Some(registry) = &loaded.registry {
+        for service in registry.services.values() {
+            out.push_str(&format!("registry: {}\n", describe(service)));
+        }
+        for o in &registry.outbounds {
+            let address = match o.address {
+                std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+                ip => ip.to_string(),
+            };
+            out.push_str(&format!(
+                "registry: outbound {} {address}:{} -> {}
+",
+                o.dataplane, o.port, o.service
+            ));
+        }
+    }
+    out
+}
+
+fn describe(s: &ExternalService) -> String {
+    let endpoints: Vec<String> = s.endpoints.iter().map(ToString::to_string).collect();
+    let tls = match &s.tls {
+        None => "off".to_string(),
+        Some(t) => describe_tls(t),
+    };
+    format!(
+        "service {} {} port {}; endpoints {}; tls {tls}",
+        s.key,
+        s.protocol.as_str(),
+        s.port,
+        endpoints.join(", ")
+    )
+}
+
+fn describe_tls(t: &TlsOrigination) -> String {
+    let version = |v: Option<TlsVersion>| match v {
+        None => "auto",
+        Some(TlsVersion::Tls12) => "TLS12",
+        Some(TlsVersion::Tls13) => "TLS13",
+    };
+    let material = |m: &Material| format!("{} ({} bytes)", m.origin, m.pem.len());
+    let sans: Vec<String> = t
+        .subject_alt_names
+        .iter()
+        .map(|s| match s {
+            SanMatch::Exact(v) => format!("exact {v}"),
+            SanMatch::Prefix(v) => format!("prefix {v}"),
+        })
+        .collect();
+    format!(
+        "min {} max {} mode {:?} renegotiation {} serverName {} sans [{}] ca {} client {}",
+        version(t.min_version),
+        version(t.max_version),
+        t.mode,
+        t.allow_renegotiation,
+        t.server_name.as_deref().unwrap_or("-"),
+        sans.join(", "),
+        t.ca_cert.as_ref().map_or("system".to_string(), material),
+        t.client_cert
+            .as_ref()
+            .map_or("none".to_string(), |c| format!(
+                "{} + {}",
+                material(&c.cert),
+                material(&c.key)
+            )),
+    )
 }

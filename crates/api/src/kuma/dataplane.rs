@@ -1,6 +1,6 @@
 //! `Dataplane.networking`: the explicit outbounds of Kuma's universal mode without transparent proxy.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use crate::diag::Diagnostics;
 use crate::names::{is_dns_name, parse_ip};
@@ -10,6 +10,7 @@ use crate::resource::Meta;
 #[derive(Debug, Clone)]
 pub struct DataplaneResource {
     pub meta: Meta,
+    /// The outbounds that could be read; when the document has errors, some may be missing.
     pub outbounds: Vec<OutboundSpec>,
 }
 
@@ -34,45 +35,62 @@ pub const DEFAULT_OUTBOUND_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 pub fn parse(networking: &At<'_>, d: &mut Diagnostics) -> Option<Vec<OutboundSpec>> {
     let mut n = networking.obj(d)?;
     for key in ["address", "advertisedAddress"] {
-        let at = if key == "address" {
-            n.get("address")
-        } else {
-            n.get("advertisedAddress")
-        };
-        if let Some(a) = at {
-            if let Some(text) = a.text(d) {
-                if parse_ip(text).is_none() && !is_dns_name(text) {
-                    d.error(
-                        a.path(),
-                        format!("\"{text}\" is not an IP address or DNS name"),
-                    );
-                }
+        let Some(a) = n.get(key) else { continue };
+        if let Some(text) = a.text(d) {
+            if parse_ip(text).is_none() && !is_dns_name(text) {
+                d.error(
+                    a.path(),
+                    format!("{text:?} is not an IP address or DNS name"),
+                );
             }
         }
     }
+    // Kuma requires inbounds; Sluice carries outbound traffic only, so they are checked and
+    // otherwise unused (a warning on every Dataplane would only be noise).
     if let Some(inbound) = n.get("inbound") {
-        let items = inbound.list(d);
-        for item in &items {
+        for item in &inbound.list(d) {
             parse_inbound(item, d);
         }
-        if !items.is_empty() {
-            d.warn(
-                inbound.path(),
-                "accepted for compatibility and not used: Sluice carries outbound traffic only",
-            );
+    }
+    let mut outbounds: Vec<OutboundSpec> = Vec::new();
+    if let Some(list) = n.get("outbound") {
+        for item in list.list(d) {
+            let Some(o) = parse_outbound(&item, d) else {
+                continue;
+            };
+            if let Some(other) = outbounds.iter().find(|p| overlaps(p, &o)) {
+                let here = SocketAddr::new(o.address, o.port);
+                let there = SocketAddr::new(other.address, other.port);
+                let message = if here == there {
+                    format!(
+                        "{here} is already used by {}; give each outbound its own port",
+                        other.path
+                    )
+                } else {
+                    format!(
+                        "{here} overlaps {} on {there}: a wildcard address listens on every address; give each outbound its own port",
+                        other.path
+                    )
+                };
+                d.error(&format!("{}.port", o.path), message);
+                continue;
+            }
+            outbounds.push(o);
         }
     }
-    let outbounds = n
-        .get("outbound")
-        .map(|o| {
-            o.list(d)
-                .iter()
-                .filter_map(|item| parse_outbound(item, d))
-                .collect()
-        })
-        .unwrap_or_default();
     n.finish(d);
     Some(outbounds)
+}
+
+/// Two listeners of one proxy that cannot both bind: the same port on the same address, or
+/// on a wildcard address that covers the other (`::` also covers IPv4, as on a dual-stack host).
+fn overlaps(a: &OutboundSpec, b: &OutboundSpec) -> bool {
+    let covers = |wild: IpAddr, other: IpAddr| match wild {
+        IpAddr::V4(w) => w.is_unspecified() && other.is_ipv4(),
+        IpAddr::V6(w) => w.is_unspecified(),
+    };
+    a.port == b.port
+        && (a.address == b.address || covers(a.address, b.address) || covers(b.address, a.address))
 }
 
 fn parse_inbound(item: &At<'_>, d: &mut Diagnostics) {
@@ -81,41 +99,33 @@ fn parse_inbound(item: &At<'_>, d: &mut Diagnostics) {
     if let Some(p) = i.get("servicePort") {
         p.port(d);
     }
-    for key in ["address", "serviceAddress"] {
-        let at = if key == "address" {
-            i.get("address")
-        } else {
-            i.get("serviceAddress")
-        };
-        if let Some(a) = at {
+    for key in ["address", "serviceAddress", "name"] {
+        if let Some(a) = i.get(key) {
             a.text(d);
         }
     }
     if let Some(t) = i.get("tags") {
         t.string_map(d);
     }
-    if let Some(name) = i.get("name") {
-        name.text(d);
-    }
     i.finish(d);
 }
 
 fn parse_outbound(item: &At<'_>, d: &mut Diagnostics) -> Option<OutboundSpec> {
     let mut o = item.obj(d)?;
-    let port = o.required("port", d).and_then(|p| p.port(d));
     let address = match o.get("address") {
         Some(a) => a.text(d).and_then(|text| {
             let ip = parse_ip(text);
             if ip.is_none() {
                 d.error(
                     a.path(),
-                    format!("\"{text}\" must be an IP address to listen on, like 127.0.0.1"),
+                    format!("{text:?} must be an IP address to listen on, like 127.0.0.1"),
                 );
             }
             ip
         }),
         None => Some(DEFAULT_OUTBOUND_ADDRESS),
     };
+    let port = o.required("port", d).and_then(|p| p.port(d));
     if let Some(tags) = o.get("tags") {
         tags.string_map(d);
         d.error(
@@ -142,15 +152,13 @@ fn parse_backend_ref(b: &At<'_>, d: &mut Diagnostics) -> Option<BackendRef> {
         if v != "MeshExternalService" {
             d.error(
                 k.path(),
-                format!("must be MeshExternalService, found \"{v}\"; Sluice routes outbounds to external services only"),
+                format!("must be MeshExternalService, found {v:?}; Sluice routes outbounds to external services only"),
             );
             return None;
         }
         Some(())
     });
-    let name = b
-        .required("name", d)
-        .and_then(|n| n.text(d).map(str::to_string));
+    let name = b.required("name", d).and_then(|n| super::name(&n, d));
     if let Some(ns) = b.get("namespace") {
         ns.text(d);
     }
@@ -158,4 +166,43 @@ fn parse_backend_ref(b: &At<'_>, d: &mut Diagnostics) -> Option<BackendRef> {
     b.finish(d);
     kind_ok?;
     Some(BackendRef { name: name?, port })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outbound(address: &str, port: u16) -> OutboundSpec {
+        OutboundSpec {
+            path: String::new(),
+            address: address.parse().unwrap(),
+            port,
+            backend: BackendRef {
+                name: "x".into(),
+                port: None,
+            },
+        }
+    }
+
+    #[test]
+    fn listener_overlaps() {
+        for (a, b, want) in [
+            (("127.0.0.1", 80), ("127.0.0.1", 80), true),
+            (("127.0.0.1", 80), ("127.0.0.1", 81), false),
+            (("127.0.0.1", 80), ("127.0.0.2", 80), false),
+            (("0.0.0.0", 80), ("127.0.0.1", 80), true),
+            (("127.0.0.1", 80), ("0.0.0.0", 80), true),
+            (("0.0.0.0", 80), ("::1", 80), false),
+            (("::", 80), ("127.0.0.1", 80), true),
+            (("::1", 80), ("::", 80), true),
+            (("::1", 80), ("127.0.0.1", 80), false),
+            (("::", 80), ("::", 81), false),
+        ] {
+            assert_eq!(
+                overlaps(&outbound(a.0, a.1), &outbound(b.0, b.1)),
+                want,
+                "{a:?} {b:?}"
+            );
+        }
+    }
 }

@@ -14,12 +14,25 @@ pub struct MeshExternalServiceResource {
     pub spec: MesSpec,
 }
 
+/// What could be read of a spec; when its document has errors, some parts may be missing.
 #[derive(Debug, Clone)]
 pub struct MesSpec {
-    pub port: u16,
+    /// `match.port`; `None` only when it is missing or invalid (an error was reported).
+    pub port: Option<u16>,
     pub protocol: Protocol,
     pub endpoints: Vec<Endpoint>,
     pub tls: Option<TlsSpec>,
+}
+
+impl Default for MesSpec {
+    fn default() -> Self {
+        Self {
+            port: None,
+            protocol: Protocol::Tcp,
+            endpoints: Vec::new(),
+            tls: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -35,7 +48,8 @@ pub struct TlsSpec {
     pub client_key: Option<Sourced>,
 }
 
-/// A data source and the path it was written at, for errors found when resolving it.
+/// A data source and the path of the field that gave it (`...caCert.secret`), for errors
+/// found when resolving it.
 #[derive(Debug, Clone)]
 pub struct Sourced {
     pub path: String,
@@ -59,42 +73,55 @@ impl std::fmt::Debug for DataSource {
     }
 }
 
-pub fn parse(spec: &At<'_>, d: &mut Diagnostics) -> Option<MesSpec> {
-    let mut spec = spec.obj(d)?;
-    let (port, protocol) = match spec.required("match", d) {
-        Some(m) => parse_match(&m, d),
-        None => (None, Protocol::Tcp),
+/// The longest path a unix socket address can hold (`sun_path` is 108 bytes with the NUL).
+const MAX_UNIX_PATH: usize = 107;
+
+pub fn parse(spec: &At<'_>, d: &mut Diagnostics) -> MesSpec {
+    let mut out = MesSpec::default();
+    let Some(mut spec) = spec.obj(d) else {
+        return out;
     };
+    if let Some(m) = spec.required("match", d) {
+        (out.port, out.protocol) = parse_match(&m, d);
+    }
     let extension = spec.get("extension");
     if let Some(ext) = &extension {
         parse_extension(ext, d);
     }
-    let endpoints = match spec.get("endpoints") {
+    match spec.get("endpoints") {
         Some(list) => {
-            let items = list.list(d);
-            if items.is_empty() && extension.is_none() {
-                d.error(list.path(), "must list at least one endpoint");
-            }
-            items.iter().filter_map(|e| parse_endpoint(e, d)).collect()
-        }
-        None => {
-            if extension.is_none() {
+            // With an extension the one error about it says what to do instead.
+            if list.value.as_array().is_some_and(Vec::is_empty) && extension.is_none() {
                 d.error(
-                    &format!("{}.endpoints", spec.path()),
-                    "is required: list at least one endpoint (address and port)",
+                    list.path(),
+                    "must list at least one endpoint (address and port)",
                 );
             }
-            Vec::new()
+            out.endpoints = list
+                .list(d)
+                .iter()
+                .filter_map(|e| parse_endpoint(e, d))
+                .collect();
         }
-    };
-    let tls = spec.get("tls").and_then(|t| parse_tls(&t, d));
+        None if extension.is_none() => d.error(
+            &spec.child_path("endpoints"),
+            "is required: list at least one endpoint (address and port)",
+        ),
+        None => {}
+    }
+    out.tls = spec.get("tls").and_then(|t| parse_tls(&t, d));
+    if let Some(tls) = &out.tls {
+        // The proxy sends the endpoint's host as SNI and checks the certificate against it;
+        // a socket has none.
+        if tls.server_name.is_none() && out.endpoints.iter().any(|e| e.host().is_none()) {
+            d.error(
+                &format!("{}.verification.serverName", spec.child_path("tls")),
+                "is required when TLS is originated to a unix socket endpoint: a socket has no host name to send as SNI and to verify; set the name the server's certificate carries",
+            );
+        }
+    }
     spec.finish(d);
-    Some(MesSpec {
-        port: port?,
-        protocol,
-        endpoints,
-        tls,
-    })
+    out
 }
 
 fn parse_match(m: &At<'_>, d: &mut Diagnostics) -> (Option<u16>, Protocol) {
@@ -106,7 +133,7 @@ fn parse_match(m: &At<'_>, d: &mut Diagnostics) -> (Option<u16>, Protocol) {
             if v != "HostnameGenerator" {
                 d.error(
                     t.path(),
-                    format!("must be \"HostnameGenerator\" (the only match type), found \"{v}\""),
+                    format!("must be \"HostnameGenerator\" (the only match type), found {v:?}"),
                 );
             }
         }
@@ -124,7 +151,7 @@ fn parse_match(m: &At<'_>, d: &mut Diagnostics) -> (Option<u16>, Protocol) {
                 _ => {
                     d.error(
                         p.path(),
-                        format!("must be one of tcp, http, http2, grpc; found \"{v}\""),
+                        format!("must be one of tcp, http, http2, grpc; found {v:?}"),
                     );
                     return None;
                 }
@@ -136,88 +163,119 @@ fn parse_match(m: &At<'_>, d: &mut Diagnostics) -> (Option<u16>, Protocol) {
     (port, protocol)
 }
 
+/// Sluice runs no extension, so any `extension` is one error, whatever it holds.
 fn parse_extension(ext: &At<'_>, d: &mut Diagnostics) {
     let Some(mut e) = ext.obj(d) else { return };
-    let ty = e.required("type", d).and_then(|t| t.text(d));
+    let ty = e.get("type").and_then(|t| t.text(d));
     e.allow("config");
     e.finish(d);
-    if let Some(ty) = ty {
-        d.error(
-            ext.path(),
-            format!("extension type \"{ty}\" is not supported by Sluice; remove spec.extension and list spec.endpoints instead"),
-        );
-    }
+    let what = match ty {
+        Some(ty) => format!("extension type {ty:?} is not supported"),
+        None => "extensions are not supported".to_string(),
+    };
+    d.error(
+        ext.path(),
+        format!("{what}: Sluice runs no extension; remove spec.extension and list spec.endpoints instead"),
+    );
 }
 
 fn parse_endpoint(e: &At<'_>, d: &mut Diagnostics) -> Option<Endpoint> {
     let mut e = e.obj(d)?;
     let address_at = e.required("address", d);
     let port_at = e.get("port");
-    let port = port_at.as_ref().and_then(|p| p.port(d));
-    e.finish(d);
-    let address_at = address_at?;
-    let address = address_at.text(d)?;
-    if let Some(rest) = address.strip_prefix("unix://") {
-        if let Some(p) = &port_at {
-            d.error(p.path(), "must not be set for a unix socket address");
-            return None;
+    let address = address_at.as_ref().and_then(|a| a.text(d));
+    let endpoint = match (address_at.as_ref(), address) {
+        (Some(at), Some(address)) if address.starts_with("unix:") => {
+            if let Some(p) = &port_at {
+                d.error(
+                    p.path(),
+                    "must not be set for a unix socket address; remove it",
+                );
+            }
+            let path = unix_path(address, at.path(), d);
+            path.filter(|_| port_at.is_none())
+                .map(|path| Endpoint::Unix { path })
         }
-        if !rest.starts_with('/') || rest.len() < 2 {
-            d.error(
-                address_at.path(),
-                format!("\"{address}\" must name an absolute socket path, like unix:///var/run/service.sock"),
-            );
-            return None;
+        (address_at, address) => {
+            let host = address_at.zip(address).and_then(|(at, address)| {
+                if let Some(ip) = parse_ip(address) {
+                    Some(Host::Ip(ip))
+                } else if is_dns_name(address) {
+                    Some(Host::Dns(
+                        address.trim_end_matches('.').to_ascii_lowercase(),
+                    ))
+                } else {
+                    d.error(
+                        at.path(),
+                        format!("{address:?} is not an IP address, a DNS name or unix:///path"),
+                    );
+                    None
+                }
+            });
+            let port = match &port_at {
+                Some(p) => p.port(d),
+                None => {
+                    // Without an address it might have been meant as a socket.
+                    if address.is_some() {
+                        d.error(
+                            &e.child_path("port"),
+                            "is required for an IP or DNS address",
+                        );
+                    }
+                    None
+                }
+            };
+            match (host?, port?) {
+                (Host::Ip(ip), port) => Some(Endpoint::Ip { ip, port }),
+                (Host::Dns(host), port) => Some(Endpoint::Dns { host, port }),
+            }
         }
-        return Some(Endpoint::Unix {
-            path: PathBuf::from(rest),
-        });
-    }
-    let host = if let Some(ip) = parse_ip(address) {
-        Some(Endpoint::Ip { ip, port: 0 })
-    } else if is_dns_name(address) {
-        Some(Endpoint::Dns {
-            host: address.trim_end_matches('.').to_ascii_lowercase(),
-            port: 0,
-        })
-    } else {
-        d.error(
-            address_at.path(),
-            format!("\"{address}\" is not an IP address, a DNS name or unix:///path"),
-        );
-        None
     };
-    if port_at.is_none() {
+    e.finish(d);
+    endpoint
+}
+
+enum Host {
+    Ip(std::net::IpAddr),
+    Dns(String),
+}
+
+/// `unix:///absolute/path` -> `/absolute/path`.
+fn unix_path(address: &str, path: &str, d: &mut Diagnostics) -> Option<PathBuf> {
+    let socket = address
+        .strip_prefix("unix://")
+        .filter(|p| p.starts_with('/') && p.len() > 1 && !p.contains('\0'));
+    let Some(socket) = socket else {
         d.error(
-            &format!("{}.port", e_path(address_at.path())),
-            "is required for an IP or DNS address",
+            path,
+            format!("{address:?} must be unix:// followed by an absolute socket path, like unix:///var/run/service.sock"),
+        );
+        return None;
+    };
+    if socket.len() > MAX_UNIX_PATH {
+        d.error(
+            path,
+            format!(
+                "socket path is {} bytes, more than the {MAX_UNIX_PATH} a unix socket address holds; use a shorter path",
+                socket.len()
+            ),
         );
         return None;
     }
-    let port = port?;
-    match host? {
-        Endpoint::Ip { ip, .. } => Some(Endpoint::Ip { ip, port }),
-        Endpoint::Dns { host, .. } => Some(Endpoint::Dns { host, port }),
-        unix => Some(unix),
-    }
+    Some(PathBuf::from(socket))
 }
 
-/// `spec.endpoints[0].address` -> `spec.endpoints[0]`.
-fn e_path(address_path: &str) -> &str {
-    address_path
-        .strip_suffix(".address")
-        .unwrap_or(address_path)
-}
-
-fn parse_tls(t: &At<'_>, d: &mut Diagnostics) -> Option<TlsSpec> {
-    let mut t = t.obj(d)?;
-    let enabled = t.get("enabled").and_then(|e| e.bool(d)).unwrap_or(false);
+fn parse_tls(at: &At<'_>, d: &mut Diagnostics) -> Option<TlsSpec> {
+    let mut t = at.obj(d)?;
+    // `None`: not given; `Some(None)`: given but invalid (already reported).
+    let enabled = t.get("enabled").map(|e| e.bool(d));
     let (min, max) = match t.get("version") {
         Some(v) => parse_versions(&v, d),
         None => (None, None),
     };
-    let allow_renegotiation = t
-        .get("allowRenegotiation")
+    let renegotiation = t.get("allowRenegotiation");
+    let allow_renegotiation = renegotiation
+        .as_ref()
         .and_then(|a| a.bool(d))
         .unwrap_or(false);
     let verification = t.get("verification");
@@ -235,14 +293,64 @@ fn parse_tls(t: &At<'_>, d: &mut Diagnostics) -> Option<TlsSpec> {
     if let Some(v) = &verification {
         parse_verification(v, &mut spec, d);
     }
-    if !enabled && (verification.is_some() || t.has("version")) {
-        d.warn(
+    let settings = ["version", "verification", "allowRenegotiation"]
+        .into_iter()
+        .any(|k| t.has(k));
+    match enabled {
+        Some(Some(true)) => {
+            if let Some(r) = renegotiation.filter(|_| allow_renegotiation) {
+                d.warn(
+                    r.path(),
+                    "has no effect: Sluice never renegotiates TLS and declines a server's request to; remove it",
+                );
+            }
+            let v = t.child_path("verification");
+            ignored_checks(&spec, &v, verification.as_ref(), d);
+        }
+        Some(Some(false)) if settings => d.warn(
             t.path(),
-            "tls.enabled is false, so no TLS is originated and these settings have no effect; set enabled: true to use them",
-        );
+            "enabled is false, so no TLS is originated and version, verification and allowRenegotiation have no effect; set enabled: true to use them",
+        ),
+        None if settings => d.warn(
+            t.path(),
+            "enabled is not set (it defaults to false), so no TLS is originated and version, verification and allowRenegotiation have no effect; set enabled: true to use them",
+        ),
+        _ => {}
     }
     t.finish(d);
-    enabled.then_some(spec)
+    (enabled == Some(Some(true))).then_some(spec)
+}
+
+/// Warns about checks that the verification mode turns off, and about the modes that leave
+/// the endpoint unauthenticated.
+fn ignored_checks(spec: &TlsSpec, path: &str, v: Option<&At<'_>>, d: &mut Diagnostics) {
+    let mode = spec.mode;
+    let mode_name = format!("{mode:?}");
+    if !spec.subject_alt_names.is_empty() && !mode.checks_names() {
+        d.warn(
+            &format!("{path}.subjectAltNames"),
+            format!("has no effect with mode {mode_name}, which does not check names; remove it or use mode Secured"),
+        );
+    }
+    if spec.ca_cert.is_some() && !mode.checks_chain() {
+        d.warn(
+            &format!("{path}.caCert"),
+            format!("has no effect with mode {mode_name}, which does not check the certificate chain; remove it or use mode Secured"),
+        );
+    }
+    let unauthenticated = match mode {
+        VerificationMode::SkipAll => "checks neither the certificate chain nor its names",
+        VerificationMode::SkipCA => {
+            "does not check the certificate chain, so a self-signed certificate with the right name is accepted"
+        }
+        VerificationMode::Secured | VerificationMode::SkipSAN => return,
+    };
+    if let Some(v) = v {
+        d.warn(
+            &format!("{}.mode", v.path()),
+            format!("{mode_name} {unauthenticated}: anyone on the network path can impersonate the endpoint; use it only for testing"),
+        );
+    }
 }
 
 fn parse_versions(v: &At<'_>, d: &mut Diagnostics) -> (Option<TlsVersion>, Option<TlsVersion>) {
@@ -270,7 +378,7 @@ fn parse_versions(v: &At<'_>, d: &mut Diagnostics) -> (Option<TlsVersion>, Optio
             other => {
                 d.error(
                     at.path(),
-                    format!("must be one of TLSAuto, TLS12, TLS13; found \"{other}\""),
+                    format!("must be one of TLSAuto, TLS12, TLS13; found {other:?}"),
                 );
                 (None, false)
             }
@@ -282,12 +390,23 @@ fn parse_versions(v: &At<'_>, d: &mut Diagnostics) -> (Option<TlsVersion>, Optio
         if lo > hi && min_ok && max_ok {
             d.error(
                 v.path(),
-                "min is above max: no TLS version is left; lower min or raise max",
+                format!(
+                    "min {} is above max {}, which leaves no TLS version; lower min or raise max",
+                    version_name(lo),
+                    version_name(hi)
+                ),
             );
         }
     }
     v.finish(d);
     (min, max)
+}
+
+fn version_name(v: TlsVersion) -> &'static str {
+    match v {
+        TlsVersion::Tls12 => "TLS12",
+        TlsVersion::Tls13 => "TLS13",
+    }
 }
 
 fn parse_verification(v: &At<'_>, spec: &mut TlsSpec, d: &mut Diagnostics) {
@@ -303,7 +422,7 @@ fn parse_verification(v: &At<'_>, spec: &mut TlsSpec, d: &mut Diagnostics) {
                     d.error(
                         m.path(),
                         format!(
-                            "must be one of Secured, SkipSAN, SkipCA, SkipAll; found \"{other}\""
+                            "must be one of Secured, SkipSAN, SkipCA, SkipAll; found {other:?}"
                         ),
                     );
                     VerificationMode::Secured
@@ -313,14 +432,14 @@ fn parse_verification(v: &At<'_>, spec: &mut TlsSpec, d: &mut Diagnostics) {
     }
     if let Some(s) = v.get("serverName") {
         if let Some(name) = s.text(d) {
-            if is_dns_name(name) {
-                spec.server_name = Some(name.trim_end_matches('.').to_ascii_lowercase());
-            } else if let Some(ip) = parse_ip(name) {
+            if let Some(ip) = parse_ip(name) {
                 spec.server_name = Some(ip.to_string());
+            } else if is_dns_name(name) {
+                spec.server_name = Some(name.trim_end_matches('.').to_ascii_lowercase());
             } else {
                 d.error(
                     s.path(),
-                    format!("\"{name}\" is not a valid DNS name or IP address"),
+                    format!("{name:?} is not a valid DNS name or IP address; give the name the server's certificate carries"),
                 );
             }
         }
@@ -336,7 +455,7 @@ fn parse_verification(v: &At<'_>, spec: &mut TlsSpec, d: &mut Diagnostics) {
                     Some(other) => {
                         d.error(
                             t.path(),
-                            format!("must be Exact or Prefix, found \"{other}\""),
+                            format!("must be Exact or Prefix, found {other:?}"),
                         );
                         None
                     }
@@ -361,11 +480,11 @@ fn parse_verification(v: &At<'_>, spec: &mut TlsSpec, d: &mut Diagnostics) {
     let key = v.get("clientKey");
     match (&cert, &key) {
         (Some(_), None) => d.error(
-            &format!("{}.clientKey", v.path()),
+            &v.child_path("clientKey"),
             "is required when clientCert is set: mTLS needs both the certificate and its key",
         ),
         (None, Some(_)) => d.error(
-            &format!("{}.clientCert", v.path()),
+            &v.child_path("clientCert"),
             "is required when clientKey is set: mTLS needs both the certificate and its key",
         ),
         _ => {}
@@ -375,55 +494,154 @@ fn parse_verification(v: &At<'_>, spec: &mut TlsSpec, d: &mut Diagnostics) {
     v.finish(d);
 }
 
+const HOST_SOURCE: &str = "is not a supported data source: Sluice reads certificates and keys only from resources; put the PEM in a Secret and reference it with secret: NAME, or use inlineString";
+
 /// Exactly one of `inline` (base64), `inlineString` (text) or `secret` (a Secret's name).
 fn parse_data_source(at: &At<'_>, d: &mut Diagnostics) -> Option<Sourced> {
     let mut o = at.obj(d)?;
-    let mut found = Vec::new();
-    if let Some(i) = o.get("inline") {
-        if let Some(text) = i.text(d) {
-            found.extend(super::decode_base64(text, i.path(), d).map(DataSource::Inline));
-        }
+    let mut refused = false;
+    for key in ["file", "env", "envVar"] {
+        refused |= o.refuse(key, HOST_SOURCE, d);
     }
-    if let Some(i) = o.get("inlineString") {
-        found.extend(i.text(d).map(|s| DataSource::InlineString(s.to_string())));
-    }
-    if let Some(i) = o.get("secret") {
-        found.extend(i.text(d).map(|s| DataSource::Secret(s.to_string())));
-    }
-    for refused in ["file", "env", "envVar"] {
-        if o.has(refused) {
-            d.error(
-                &format!("{}.{refused}", at.path()),
-                "is not a supported data source: Sluice reads certificates and keys only from resources; put the PEM in a Secret and reference it with secret: NAME, or use inlineString",
-            );
-        }
-    }
-    o.allow("file");
-    o.allow("env");
-    o.allow("envVar");
-    let count = ["inline", "inlineString", "secret"]
-        .iter()
-        .filter(|k| o.has(k))
-        .count();
+    let given: Vec<(&str, At<'_>)> = ["inline", "inlineString", "secret"]
+        .into_iter()
+        .filter_map(|k| o.get(k).map(|at| (k, at)))
+        .collect();
     o.finish(d);
-    if count == 0
-        && !["file", "env", "envVar"]
-            .iter()
-            .any(|k| at.value.get(k).is_some())
-    {
-        d.error(at.path(), "must set one of inline, inlineString or secret");
+    let [(key, one)] = given.as_slice() else {
+        if given.len() > 1 {
+            let names: Vec<&str> = given.iter().map(|(k, _)| *k).collect();
+            d.error(
+                at.path(),
+                format!(
+                    "sets {}; set only one of inline, inlineString or secret",
+                    names.join(" and ")
+                ),
+            );
+        } else if !refused {
+            d.error(at.path(), "must set one of inline, inlineString or secret");
+        }
         return None;
-    }
-    if count > 1 {
-        d.error(
-            at.path(),
-            "must set only one of inline, inlineString or secret",
-        );
-        return None;
-    }
-    let source = found.pop()?;
+    };
+    let source = match *key {
+        "inlineString" => DataSource::InlineString(one.text(d)?.to_string()),
+        "inline" => {
+            let text = one.text(d)?;
+            let invalid = if text.trim_start().starts_with("-----BEGIN") {
+                "holds PEM text, not base64; move it to inlineString, or base64-encode it"
+            } else {
+                "is not valid base64; give PEM text with inlineString, or base64-encode it"
+            };
+            DataSource::Inline(super::decode_base64(text, one.path(), invalid, d)?)
+        }
+        _ => DataSource::Secret(super::name(one, d)?),
+    };
     Some(Sourced {
-        path: at.path().to_string(),
+        path: one.path().to_string(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unix_paths() {
+        let longest = format!("/{}", "s".repeat(MAX_UNIX_PATH - 1));
+        let too_long = format!("/{}", "s".repeat(MAX_UNIX_PATH));
+        for (address, want) in [
+            (
+                "unix:///var/run/service.sock",
+                Some("/var/run/service.sock"),
+            ),
+            ("unix:///a", Some("/a")),
+            (&format!("unix://{longest}"), Some(longest.as_str())),
+            (&format!("unix://{too_long}"), None),
+            ("unix://", None),
+            ("unix:///", None),
+            ("unix://var/run/service.sock", None),
+            ("unix:/var/run/service.sock", None),
+            ("unix:///var/run/\0.sock", None),
+        ] {
+            let mut d = Diagnostics::default();
+            let got = unix_path(address, "a", &mut d);
+            assert_eq!(got, want.map(PathBuf::from), "{address:?}");
+            assert_eq!(d.has_errors(), want.is_none(), "{address:?}");
+        }
+    }
+
+    fn parse_yaml(yaml: &str) -> (MesSpec, Vec<String>) {
+        let value: serde_json::Value = serde_saphyr::from_str(yaml).unwrap();
+        let mut d = Diagnostics::default();
+        let at = At {
+            value: &value,
+            path: "spec".into(),
+        };
+        let spec = parse(&at, &mut d);
+        let messages = d.into_vec().iter().map(ToString::to_string).collect();
+        (spec, messages)
+    }
+
+    #[test]
+    fn endpoints() {
+        for (address, port, want) in [
+            ("httpbin.org", Some(80), Ok("httpbin.org:80")),
+            ("HTTPBIN.org.", Some(80), Ok("httpbin.org:80")),
+            ("203.0.113.10", Some(443), Ok("203.0.113.10:443")),
+            ("[2001:db8::1]", Some(443), Ok("[2001:db8::1]:443")),
+            ("2001:db8::1", Some(443), Ok("[2001:db8::1]:443")),
+            ("unix:///run/s.sock", None, Ok("unix:///run/s.sock")),
+            ("unix:///run/s.sock", Some(80), Err("spec.endpoints[0].port: must not be set for a unix socket address; remove it")),
+            ("httpbin.org", None, Err("spec.endpoints[0].port: is required for an IP or DNS address")),
+            ("127.1", Some(80), Err("spec.endpoints[0].address: \"127.1\" is not an IP address, a DNS name or unix:///path")),
+            ("[127.0.0.1]", Some(80), Err("spec.endpoints[0].address: \"[127.0.0.1]\" is not an IP address, a DNS name or unix:///path")),
+            ("a\nb", Some(80), Err("spec.endpoints[0].address: \"a\\nb\" is not an IP address, a DNS name or unix:///path")),
+        ] {
+            let port = port.map(|p| format!(", port: {p}")).unwrap_or_default();
+            let yaml = format!(
+                "{{match: {{port: 80}}, endpoints: [{{address: {}{port}}}]}}",
+                serde_json::Value::String(address.into())
+            );
+            let (spec, messages) = parse_yaml(&yaml);
+            match want {
+                Ok(endpoint) => {
+                    assert_eq!(messages, Vec::<String>::new(), "{address:?}");
+                    assert_eq!(spec.endpoints.len(), 1, "{address:?}");
+                    assert_eq!(spec.endpoints[0].to_string(), endpoint, "{address:?}");
+                }
+                Err(message) => {
+                    assert_eq!(messages, vec![message.to_string()], "{address:?}");
+                    assert!(spec.endpoints.is_empty(), "{address:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tls_versions() {
+        for (min, max, want) in [
+            ("TLSAuto", "TLSAuto", Ok((None, None))),
+            ("TLS12", "TLS13", Ok((Some(TlsVersion::Tls12), Some(TlsVersion::Tls13)))),
+            ("TLS13", "TLS13", Ok((Some(TlsVersion::Tls13), Some(TlsVersion::Tls13)))),
+            ("TLSAuto", "TLS12", Ok((None, Some(TlsVersion::Tls12)))),
+            ("TLS13", "TLS12", Err("spec.tls.version: min TLS13 is above max TLS12, which leaves no TLS version; lower min or raise max")),
+            ("TLS10", "TLS12", Err("spec.tls.version.min: TLS10 is not supported: Sluice speaks only TLS 1.2 and 1.3; use TLS12, TLS13 or TLSAuto")),
+            ("TLS12", "TLS11", Err("spec.tls.version.max: TLS11 is not supported: Sluice speaks only TLS 1.2 and 1.3; use TLS12, TLS13 or TLSAuto")),
+            ("SSLv3", "TLS13", Err("spec.tls.version.min: must be one of TLSAuto, TLS12, TLS13; found \"SSLv3\"")),
+        ] {
+            let yaml = format!(
+                "{{match: {{port: 443}}, endpoints: [{{address: a.example, port: 443}}], tls: {{enabled: true, version: {{min: {min}, max: {max}}}}}}}"
+            );
+            let (spec, messages) = parse_yaml(&yaml);
+            match want {
+                Ok(bounds) => {
+                    assert_eq!(messages, Vec::<String>::new(), "{min} {max}");
+                    let tls = spec.tls.unwrap();
+                    assert_eq!((tls.min, tls.max), bounds, "{min} {max}");
+                }
+                Err(message) => assert_eq!(messages, vec![message.to_string()], "{min} {max}"),
+            }
+        }
+    }
 }

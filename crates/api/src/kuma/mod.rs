@@ -9,7 +9,7 @@ use base64::Engine;
 use crate::diag::Diagnostics;
 use crate::model::ResourceKey;
 use crate::names::is_resource_name;
-use crate::node::{At, Obj};
+use crate::node::{kind_of, At, Obj};
 use crate::resource::{Meta, Resource, SecretResource};
 
 pub use dataplane::{BackendRef, DataplaneResource, OutboundSpec};
@@ -24,8 +24,23 @@ pub const DEFAULT_MESH: &str = "default";
 /// The kinds this module reads; anything else is an unknown kind.
 pub const KINDS: &[&str] = &["MeshExternalService", "Dataplane", "Secret"];
 
-/// Reads one document. Returns `None` when the document has errors (all of them are in `d`).
+/// Reads one document, reporting every problem in `d`.
+///
+/// Returns the resource whenever its kind, name and mesh can be read, even if other fields
+/// have errors: the caller then knows it only partly (see [`crate::resource::Located`]), but
+/// references to it are not reported as missing, and the references it makes are still
+/// checked, so all errors of the document are reported at once.
 pub fn parse(root: &At<'_>, d: &mut Diagnostics) -> Option<Resource> {
+    if !root.value.is_object() {
+        d.error(
+            "",
+            format!(
+                "a resource must be a mapping with `kind:` or universal `type:`, found {}",
+                kind_of(root.value)
+            ),
+        );
+        return None;
+    }
     let mut top = root.obj(d)?;
     let form = if top.has("kind") {
         Form::Metadata
@@ -51,7 +66,7 @@ pub fn parse(root: &At<'_>, d: &mut Diagnostics) -> Option<Resource> {
         d.error(
             kind_at.path(),
             format!(
-                "unknown kind \"{kind}\"; supported kinds are {}",
+                "unknown kind {kind:?}; supported kinds are {}",
                 KINDS.join(", ")
             ),
         );
@@ -62,15 +77,21 @@ pub fn parse(root: &At<'_>, d: &mut Diagnostics) -> Option<Resource> {
         Form::Universal => universal_form(&mut top, d),
     };
     let resource = match kind {
-        "MeshExternalService" => top
-            .required("spec", d)
-            .and_then(|s| mesh_external_service::parse(&s, d))
-            .and_then(|spec| {
-                Some(Resource::MeshExternalService(Box::new(MeshExternalServiceResource {
-                    meta: meta.clone()?,
-                    spec,
-                })))
-            }),
+        "MeshExternalService" => {
+            let spec = top
+                .required("spec", d)
+                .map(|s| mesh_external_service::parse(&s, d))
+                .unwrap_or_default();
+            if let Some(status) = top.get("status") {
+                d.warn(
+                    status.path(),
+                    "is written by the control plane and ignored here; remove it",
+                );
+            }
+            meta.map(|meta| {
+                Resource::MeshExternalService(Box::new(MeshExternalServiceResource { meta, spec }))
+            })
+        }
         "Dataplane" => {
             let networking = match form {
                 Form::Universal => top.required("networking", d),
@@ -81,26 +102,17 @@ pub fn parse(root: &At<'_>, d: &mut Diagnostics) -> Option<Resource> {
                     n
                 }),
             };
-            networking
+            let outbounds = networking
                 .and_then(|n| dataplane::parse(&n, d))
-                .and_then(|outbounds| {
-                    Some(Resource::Dataplane(DataplaneResource {
-                        meta: meta.clone()?,
-                        outbounds,
-                    }))
-                })
+                .unwrap_or_default();
+            meta.map(|meta| Resource::Dataplane(DataplaneResource { meta, outbounds }))
         }
-        _ => secret(&mut top, form, d).and_then(|data| {
-            Some(Resource::Secret(SecretResource {
-                meta: meta.clone()?,
-                data,
-            }))
-        }),
+        _ => {
+            let data = secret(&mut top, form, d).unwrap_or_default();
+            meta.map(|meta| Resource::Secret(SecretResource { meta, data }))
+        }
     };
     top.finish(d);
-    if d.has_errors() {
-        return None;
-    }
     resource
 }
 
@@ -122,11 +134,18 @@ fn metadata_form(top: &mut Obj<'_>, kind: &str, d: &mut Diagnostics) -> Option<M
             };
             d.error(
                 a.path(),
-                format!("must be {expected} for kind {kind}, found \"{v}\""),
+                format!("must be {expected} for kind {kind}, found {v:?}"),
             );
+            return None;
         }
         Some(())
     });
+    // Kuma writes a Kubernetes Dataplane's mesh at the top level, not as a label.
+    let top_mesh = if kind == "Dataplane" {
+        top.get("mesh").map(|m| (name(&m, d), m.path().to_string()))
+    } else {
+        None
+    };
     let mut metadata = top.required("metadata", d)?.obj(d)?;
     let name = metadata.required("name", d).and_then(|n| name(&n, d));
     let namespace = metadata
@@ -139,59 +158,87 @@ fn metadata_form(top: &mut Obj<'_>, kind: &str, d: &mut Diagnostics) -> Option<M
     if let Some(a) = metadata.get("annotations") {
         a.string_map(d);
     }
+    let label_mesh = labels.iter().find(|(k, _)| k == MESH_LABEL).map(|(_, v)| {
+        let path = crate::node::child_path(&format!("{}.labels", metadata.path()), MESH_LABEL);
+        (mesh_label(v, &path, d), path)
+    });
     metadata.finish(d);
-    let mesh = labels
-        .iter()
-        .find(|(k, _)| k == MESH_LABEL)
-        .map(|(_, v)| v.clone())
-        .unwrap_or_else(|| DEFAULT_MESH.to_string());
+    let mesh = match (top_mesh, label_mesh) {
+        (Some((Some(top), top_path)), Some((Some(label), label_path))) if top != label => {
+            d.error(
+                &top_path,
+                format!("{top:?} disagrees with {label_path} {label:?}; give the mesh once"),
+            );
+            None
+        }
+        (Some((mesh, _)), _) | (None, Some((mesh, _))) => mesh,
+        (None, None) => Some(DEFAULT_MESH.to_string()),
+    };
     api_version?;
     Some(Meta {
-        key: ResourceKey { mesh, name: name? },
+        key: ResourceKey {
+            mesh: mesh?,
+            name: name?,
+        },
         namespace,
         labels,
     })
 }
 
+fn mesh_label(value: &str, path: &str, d: &mut Diagnostics) -> Option<String> {
+    if is_resource_name(value) {
+        Some(value.to_string())
+    } else {
+        d.error(path, invalid_name(value));
+        None
+    }
+}
+
 fn universal_form(top: &mut Obj<'_>, d: &mut Diagnostics) -> Option<Meta> {
     let name = top.required("name", d).and_then(|n| name(&n, d));
     let mesh = match top.get("mesh") {
-        Some(m) => self::name(&m, d)?,
-        None => DEFAULT_MESH.to_string(),
+        Some(m) => self::name(&m, d),
+        None => Some(DEFAULT_MESH.to_string()),
     };
     let labels = top
         .get("labels")
         .map(|l| l.string_map(d))
         .unwrap_or_default();
     Some(Meta {
-        key: ResourceKey { mesh, name: name? },
+        key: ResourceKey {
+            mesh: mesh?,
+            name: name?,
+        },
         namespace: None,
         labels,
     })
 }
 
-fn name(at: &At<'_>, d: &mut Diagnostics) -> Option<String> {
+/// A resource name (or a reference to one).
+pub(crate) fn name(at: &At<'_>, d: &mut Diagnostics) -> Option<String> {
     let n = at.text(d)?;
     if !is_resource_name(n) {
-        d.error(
-            at.path(),
-            format!("\"{n}\" is not a valid name: use letters, digits, '-', '_' and '.', starting and ending with a letter or digit"),
-        );
+        d.error(at.path(), invalid_name(n));
         return None;
     }
     Some(n.to_string())
+}
+
+fn invalid_name(n: &str) -> String {
+    format!("{n:?} is not a valid name: use letters, digits, '-', '_' and '.', starting and ending with a letter or digit")
 }
 
 /// `data` holds base64 (as Kuma writes it) or PEM text; k8s-style `data: {value: ...}` too.
 fn secret(top: &mut Obj<'_>, form: Form, d: &mut Diagnostics) -> Option<Vec<u8>> {
     if form == Form::Metadata {
         if let Some(t) = top.get("type") {
-            let v = t.text(d)?;
-            if v != "system.kuma.io/secret" && v != "Opaque" {
-                d.error(
-                    t.path(),
-                    format!("must be \"system.kuma.io/secret\" or \"Opaque\", found \"{v}\""),
-                );
+            if let Some(v) = t.text(d) {
+                if v != "system.kuma.io/secret" && v != "Opaque" {
+                    d.error(
+                        t.path(),
+                        format!("must be \"system.kuma.io/secret\" or \"Opaque\", found {v:?}"),
+                    );
+                }
             }
         }
     }
@@ -208,14 +255,27 @@ fn secret(top: &mut Obj<'_>, form: Form, d: &mut Diagnostics) -> Option<Vec<u8>>
     decode_pem_or_base64(text, &path, d)
 }
 
-pub(crate) fn decode_pem_or_base64(text: &str, path: &str, d: &mut Diagnostics) -> Option<Vec<u8>> {
+/// A Secret's data: PEM text as it is, or base64 (of PEM) as Kuma stores it.
+fn decode_pem_or_base64(text: &str, path: &str, d: &mut Diagnostics) -> Option<Vec<u8>> {
     if text.trim_start().starts_with("-----BEGIN") {
         return Some(text.as_bytes().to_vec());
     }
-    decode_base64(text, path, d)
+    decode_base64(
+        text,
+        path,
+        "is neither PEM text nor valid base64; give the PEM as it is, or base64-encode it",
+        d,
+    )
 }
 
-pub(crate) fn decode_base64(text: &str, path: &str, d: &mut Diagnostics) -> Option<Vec<u8>> {
+/// Base64 as Kubernetes and Kuma write bytes (standard alphabet, padded); line breaks and
+/// spaces are ignored. `invalid` is the message when the text is not base64.
+pub(crate) fn decode_base64(
+    text: &str,
+    path: &str,
+    invalid: &str,
+    d: &mut Diagnostics,
+) -> Option<Vec<u8>> {
     let compact: String = text.split_ascii_whitespace().collect();
     match base64::engine::general_purpose::STANDARD.decode(compact) {
         Ok(bytes) if !bytes.is_empty() => Some(bytes),
@@ -224,10 +284,7 @@ pub(crate) fn decode_base64(text: &str, path: &str, d: &mut Diagnostics) -> Opti
             None
         }
         Err(_) => {
-            d.error(
-                path,
-                "is not valid base64; give PEM text with inlineString, or base64-encode it",
-            );
+            d.error(path, invalid);
             None
         }
     }
