@@ -25,6 +25,11 @@ use crate::metrics::{Metrics, ResultLabels};
 use crate::tcp;
 use crate::upstream::{Connector, Timeouts};
 
+/// Bounds on how long a DNS answer about an endpoint is reused.
+pub const DNS_MIN_TTL: Duration = Duration::from_secs(1);
+pub const DNS_MAX_TTL: Duration = Duration::from_secs(60);
+pub const DNS_NEGATIVE_MAX_TTL: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// How long a removed listener's connections may go on before they are closed.
@@ -105,11 +110,18 @@ impl Proxy {
         metrics: Arc<Metrics>,
         access_log: AccessLog,
     ) -> Result<Self, String> {
-        let resolver = match TokioResolver::builder_tokio() {
-            Ok(b) => b.build(),
-            Err(e) => return Err(format!("cannot read the system DNS configuration: {e}")),
-        }
-        .map_err(|e| format!("cannot start the DNS resolver: {e}"))?;
+        let mut builder = TokioResolver::builder_tokio()
+            .map_err(|e| format!("cannot read the system DNS configuration: {e}"))?;
+        let opts = builder.options_mut();
+        // Answers are reused for their TTL, within bounds: a zero TTL does not mean a lookup per
+        // connection, and a day-long TTL does not pin an endpoint that has moved.
+        opts.positive_min_ttl = Some(DNS_MIN_TTL);
+        opts.positive_max_ttl = Some(DNS_MAX_TTL);
+        opts.negative_min_ttl = Some(DNS_MIN_TTL);
+        opts.negative_max_ttl = Some(DNS_NEGATIVE_MAX_TTL);
+        let resolver = builder
+            .build()
+            .map_err(|e| format!("cannot start the DNS resolver: {e}"))?;
         Ok(Self {
             shared: Arc::new(Shared {
                 connections: Arc::new(Semaphore::new(settings.max_connections)),

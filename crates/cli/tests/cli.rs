@@ -1,0 +1,214 @@
+//! The `sluice` command line: `validate` over files, directories, multi-document YAML and stdin,
+//! the shipped examples, and `run` refusing what it cannot serve.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use http::StatusCode;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn sluice(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
+}
+
+const BAD: &str = "type: MeshExternalService
+name: api
+spec:
+  match:
+    port: 80
+    protocol: http
+  endpoints:
+    - address: api1.example.com
+      port: 443
+    - address: api2.example.com
+      port: 70000
+";
+
+#[test]
+fn every_example_is_valid() {
+    let out = sluice(&["validate", "-f", examples().to_str().unwrap()], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("valid: "),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
+fn validate_reports_every_error_with_file_index_and_path() {
+    let dir = TempDir::new("validate");
+    let good = "type: MeshExternalService\nname: ok\nspec:\n  match: {port: 80}\n  endpoints: [{address: example.com, port: 80}]\n";
+    std::fs::write(dir.join("a-good.yaml"), good).unwrap();
+    std::fs::write(dir.join("b-bad.yaml"), format!("{good}---\n{BAD}")).unwrap();
+    std::fs::write(dir.join("notes.txt"), "not yaml: [").unwrap();
+    let bad_path = dir.join("b-bad.yaml").display().to_string();
+    let out = sluice(&["validate", "-f", dir.path().to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{bad_path}[1] spec.endpoints[1].port: must be between 1 and 65535"
+        )),
+        "{err}"
+    );
+    // The same name in two files is a duplicate, named with the first place.
+    assert!(err.contains("already defined"), "{err}");
+    assert!(err.lines().last().unwrap().contains("error(s)"), "{err}");
+}
+
+#[test]
+fn validate_reads_stdin_and_counts_resources() {
+    let out = sluice(&["validate", "-f", "-"], Some(BAD));
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr).lines().next().unwrap(),
+        "-[0] spec.endpoints[1].port: must be between 1 and 65535"
+    );
+    let fixed = BAD.replace("70000", "443");
+    let out = sluice(&["validate", "-f", "-"], Some(&fixed));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "valid: 1 MeshExternalService\n");
+}
+
+#[test]
+fn validate_names_unreadable_files_and_yaml_syntax() {
+    let dir = TempDir::new("validate");
+    std::fs::write(dir.join("broken.yaml"), "a: [1, 2\nb: }\n").unwrap();
+    let missing = dir.join("missing.yaml");
+    let out = sluice(
+        &[
+            "validate",
+            "-f",
+            dir.join("broken.yaml").to_str().unwrap(),
+            missing.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("broken.yaml: not valid YAML"), "{err}");
+    assert!(
+        err.contains(&format!("{}: cannot read", missing.display())),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_refuses_an_invalid_config_and_a_busy_port() {
+    let mut bad = Sluice::builder().config(BAD).spawn();
+    let status = bad.wait_exit(DEFAULT_TIMEOUT).await.expect("must exit");
+    assert!(!status.success());
+    assert!(bad
+        .stderr()
+        .contains("spec.endpoints[1].port: must be between 1 and 65535"));
+    assert!(bad.stderr().contains("nothing started"), "{}", bad.stderr());
+
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let yaml = std::fs::read_to_string(examples().join("local/httpbin-local.yaml"))
+        .unwrap()
+        .replace("port: 10080", &format!("port: {port}"));
+    let mut clash = Sluice::builder().config(&yaml).spawn();
+    let status = clash.wait_exit(DEFAULT_TIMEOUT).await.expect("must exit");
+    assert!(!status.success());
+    assert!(
+        clash
+            .stderr()
+            .contains(&format!("127.0.0.1:{port}: cannot listen")),
+        "{}",
+        clash.stderr()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_example_runs_against_a_local_origin() {
+    let origin = start_plain_origin("local").await;
+    let port = free_port();
+    let yaml = std::fs::read_to_string(examples().join("local/httpbin-local.yaml"))
+        .unwrap()
+        .replace("port: 18080", &format!("port: {}", origin.port()))
+        .replace("port: 10080", &format!("port: {port}"));
+    let sluice = Sluice::start(&yaml).await;
+    let mut app = H1Client::connect(([127, 0, 0, 1], port).into())
+        .await
+        .unwrap();
+    let r = app.get("/get").await.unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.text(), "origin:local");
+    assert_eq!(
+        origin.last_request().unwrap().host.as_deref(),
+        Some(&*format!("127.0.0.1:{}", origin.port()))
+    );
+    let ready = sluice.admin_get("/ready").await.unwrap();
+    assert_eq!(ready.status, StatusCode::OK);
+    let dump = sluice.admin_get("/config_dump").await.unwrap().json();
+    assert_eq!(dump["listeners"][0]["service"], "httpbin-local");
+    assert_eq!(dump["listeners"][0]["address"], format!("127.0.0.1:{port}"));
+}
+
+/// A client that trickles its request head is cut off at the header read timeout, and an
+/// oversized head is refused; neither holds the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_oversized_request_heads_are_bounded() {
+    let origin = start_plain_origin("o").await;
+    let port = free_port();
+    let yaml = std::fs::read_to_string(examples().join("local/httpbin-local.yaml"))
+        .unwrap()
+        .replace("port: 18080", &format!("port: {}", origin.port()))
+        .replace("port: 10080", &format!("port: {port}"));
+    let _sluice = Sluice::start_with_args(&yaml, &["--header-read-timeout", "300ms"]).await;
+
+    let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "a slow client must be disconnected");
+
+    let mut big = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let head = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(200_000)
+    );
+    let _ = big.write_all(head.as_bytes()).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), big.read_to_end(&mut buf))
+        .await
+        .expect("an oversized head must be answered or closed");
+    let answer = String::from_utf8_lossy(&buf);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{answer}"
+    );
+    assert_eq!(origin.request_count(), 0);
+}
