@@ -924,3 +924,69 @@ async fn open_tcp_tunnel_survives_a_reload_that_changes_its_service() {
     );
     assert_eq!(other.echoes().len(), before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_then_exits() {
+    let origin = start_plain_origin("o").await;
+    let port = free_port();
+    let mut sluice = Sluice::start(&config(
+        &[mes("o", "http", &[ep(origin.addr())], None)],
+        &[(port, "o")],
+    ))
+    .await;
+    let mut long = H1Client::connect(local(port)).await.unwrap();
+    let req = long
+        .request(Method::GET, "/slow?ms=800&chunks=8")
+        .body(empty())
+        .unwrap();
+    let head = long.send_streaming(req).await.unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &sluice.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let refused = wait_until_async(DEFAULT_TIMEOUT, || async {
+        tokio::net::TcpStream::connect(local(port)).await.is_err()
+    })
+    .await;
+    assert!(refused, "a draining proxy must stop accepting");
+    let body = collect_response(head).await.unwrap().text();
+    assert_eq!(body.lines().count(), 8, "{body}");
+    let exit = sluice
+        .wait_exit(DEFAULT_TIMEOUT)
+        .await
+        .expect("must exit after draining");
+    assert!(exit.success(), "{exit:?}: {}", sluice.stderr());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limit_closes_connections_beyond_it() {
+    let echo = start_tcp_echo().await;
+    let port = free_port();
+    let sluice = Sluice::start_with_args(
+        &config(
+            &[mes("echo", "tcp", &[ep(echo.addr())], None)],
+            &[(port, "echo")],
+        ),
+        &["--max-connections", "1"],
+    )
+    .await;
+    let mut first = tokio::net::TcpStream::connect(local(port)).await.unwrap();
+    first.write_all(b"one").await.unwrap();
+    let mut buf = [0u8; 3];
+    first.read_exact(&mut buf).await.unwrap();
+    let mut second = tokio::net::TcpStream::connect(local(port)).await.unwrap();
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(DEFAULT_TIMEOUT, second.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "the connection over the limit must be closed"
+    );
+    assert!(sluice.stderr().contains("connection limit reached"));
+    let back = half_close_roundtrip(&mut first, b"still here")
+        .await
+        .unwrap();
+    assert_eq!(back, b"still here");
+}
