@@ -990,3 +990,48 @@ async fn connection_limit_closes_connections_beyond_it() {
         .unwrap();
     assert_eq!(back, b"still here");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_abandoned_before_the_response_is_still_logged_and_counted() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let port = free_port();
+    let sluice = Sluice::start(&config(
+        &[mes("silent", "http", &[ep(silent_addr)], None)],
+        &[(port, "silent")],
+    ))
+    .await;
+    let mut app = tokio::net::TcpStream::connect(local(port)).await.unwrap();
+    app.write_all(b"GET /stall HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let arrived = wait_until_async(DEFAULT_TIMEOUT, || async {
+        metric(&sluice, "sluice_upstream_connections_total", "silent").await >= 1.0
+    })
+    .await;
+    assert!(arrived);
+    drop(app);
+    let log = wait_for_log(&sluice, 1).await;
+    assert_eq!(log[0]["path"], "/stall");
+    assert!(log[0]["status"].is_null());
+    assert_eq!(
+        log[0]["error"],
+        "downstream closed before the response started"
+    );
+    assert_eq!(
+        metric(
+            &sluice,
+            "sluice_http_requests_total{service=\"silent\",code=\"0\"}",
+            "silent"
+        )
+        .await,
+        1.0
+    );
+    hold.abort();
+}

@@ -165,7 +165,9 @@ pub async fn handle(
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".into());
-    let pending = Pending {
+    let bytes_in = Arc::new(AtomicU64::new(0));
+    // Logged however the exchange ends, including when the app goes away before any response.
+    let mut log = LogOnDrop(Some(Pending {
         entry: Entry {
             time: rfc3339(time),
             kind: "http",
@@ -183,40 +185,45 @@ pub async fn handle(
             ..Entry::default()
         },
         started,
-        bytes_in: Arc::new(AtomicU64::new(0)),
+        bytes_in: bytes_in.clone(),
         metrics: up.metrics.clone(),
         access_log: ctx.access_log.clone(),
-    };
+    }));
 
-    let outbound = match rewrite_request(req, up, authority.as_deref(), &path, &pending) {
+    let outbound = match rewrite_request(req, up, authority.as_deref(), &path, bytes_in) {
         Ok(r) => r,
-        Err(msg) => return Ok(pending.respond_error(StatusCode::BAD_REQUEST, msg)),
+        Err(msg) => return Ok(log.respond_error(StatusCode::BAD_REQUEST, msg)),
     };
     let sent = tokio::time::timeout(up.timeouts.response, up.client.request(outbound)).await;
     let response = match sent {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             let (status, msg) = classify(&e);
-            return Ok(pending.respond_error(status, msg));
+            return Ok(log.respond_error(status, msg));
         }
         Err(_) => {
             let msg = format!(
                 "no response from {} within {:?}",
                 up.metrics.label, up.timeouts.response
             );
-            return Ok(pending.respond_error(StatusCode::GATEWAY_TIMEOUT, msg));
+            return Ok(log.respond_error(StatusCode::GATEWAY_TIMEOUT, msg));
         }
     };
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let info = parts.extensions.remove::<ConnInfo>();
-    let mut pending = pending;
+    parts.version = Version::HTTP_11;
+    let Some(mut pending) = log.0.take() else {
+        return Ok(Response::from_parts(
+            parts,
+            body.map_err(Into::into).boxed(),
+        ));
+    };
     pending.entry.status = Some(parts.status.as_u16());
     if let Some(info) = info {
         pending.entry.upstream = Some(info.address);
         pending.entry.tls_version = info.tls_version;
     }
-    parts.version = Version::HTTP_11;
     let body = LogBody::new(body, pending);
     Ok(Response::from_parts(parts, body.boxed()))
 }
@@ -226,7 +233,7 @@ fn rewrite_request(
     up: &HttpUpstream,
     app_authority: Option<&str>,
     path: &str,
-    pending: &Pending,
+    bytes_in: Arc<AtomicU64>,
 ) -> Result<Request<CountedBody>, String> {
     let (mut parts, body) = req.into_parts();
     let authority = match &up.authority {
@@ -248,7 +255,7 @@ fn rewrite_request(
     parts.version = Version::HTTP_11;
     let body = CountedBody {
         inner: body,
-        counter: pending.bytes_in.clone(),
+        counter: bytes_in,
         metric: up.metrics.bytes_up.clone(),
     };
     Ok(Request::from_parts(parts, body))
@@ -375,11 +382,32 @@ impl Pending {
 
 struct LogOnDrop(Option<Pending>);
 
+impl LogOnDrop {
+    fn respond_error(&mut self, status: StatusCode, message: String) -> Response<ProxyBody> {
+        match self.0.take() {
+            Some(p) => p.respond_error(status, message),
+            None => {
+                let mut r = Response::new(
+                    Full::new(Bytes::from(message))
+                        .map_err(|never: Infallible| -> BoxError { match never {} })
+                        .boxed(),
+                );
+                *r.status_mut() = status;
+                r
+            }
+        }
+    }
+}
+
 impl Drop for LogOnDrop {
     fn drop(&mut self) {
         if let Some(p) = self.0.take() {
-            // Dropped before the end: the app went away mid-response.
-            p.finish(Some("downstream closed before the response ended".into()));
+            let when = if p.entry.status.is_some() {
+                "before the response ended"
+            } else {
+                "before the response started"
+            };
+            p.finish(Some(format!("downstream closed {when}")));
         }
     }
 }
