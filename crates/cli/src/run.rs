@@ -91,8 +91,8 @@ pub fn main(args: RunArgs) -> ExitCode {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let access_log = match args.access_log.as_str() {
-        "-" => AccessLog::start(Target::Stdout).await,
-        path => AccessLog::start(Target::File(path.into())).await,
+        "-" => AccessLog::start(Target::Stdout),
+        path => AccessLog::start(Target::File(path.into())),
     }
     .with_context(|| format!("access log {}: cannot open", args.access_log))?;
     let settings = Settings {
