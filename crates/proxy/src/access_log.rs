@@ -6,6 +6,7 @@
 //! the rest of the proxy's work.
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,15 +21,21 @@ const QUEUE: usize = 64 * 1024;
 /// How long a line may wait before it is written.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
 
-#[derive(Debug, Serialize, Default)]
+/// One access-log line. Built on the request path, so its fields are cheap to fill: shared
+/// names, the raw time and address; formatting happens on the writer thread.
+#[derive(Debug, Serialize)]
 pub struct Entry {
-    pub time: String,
+    #[serde(serialize_with = "serialize_time")]
+    pub time: SystemTime,
     pub kind: &'static str,
-    pub listener: String,
-    pub source: String,
-    pub service: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub method: Option<String>,
+    pub listener: Arc<str>,
+    pub source: SocketAddr,
+    pub service: Arc<str>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_method"
+    )]
+    pub method: Option<http::Method>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub authority: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -37,12 +44,54 @@ pub struct Entry {
     pub protocol: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
-    pub upstream: Option<String>,
+    pub upstream: Option<Arc<str>>,
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub duration_ms: f64,
     pub tls_version: Option<&'static str>,
     pub error: Option<String>,
+}
+
+impl Entry {
+    pub fn new(
+        kind: &'static str,
+        listener: Arc<str>,
+        source: SocketAddr,
+        service: Arc<str>,
+    ) -> Self {
+        Self {
+            time: SystemTime::now(),
+            kind,
+            listener,
+            source,
+            service,
+            method: None,
+            authority: None,
+            path: None,
+            protocol: None,
+            status: None,
+            upstream: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            duration_ms: 0.0,
+            tls_version: None,
+            error: None,
+        }
+    }
+}
+
+fn serialize_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&rfc3339(*t))
+}
+
+fn serialize_method<S: serde::Serializer>(
+    m: &Option<http::Method>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match m {
+        Some(m) => s.serialize_str(m.as_str()),
+        None => s.serialize_none(),
+    }
 }
 
 #[derive(Clone)]

@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -23,7 +23,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use sluice_api::model::Endpoint;
 
-use crate::access_log::{rfc3339, AccessLog, Entry};
+use crate::access_log::{AccessLog, Entry};
 use crate::metrics::{BytesLabels, Metrics, RequestLabels};
 use crate::upstream::{ConnInfo, ConnectError, Connector, FailureKind, HttpConnector};
 
@@ -61,10 +61,35 @@ pub struct HttpUpstream {
 #[derive(Clone)]
 struct ServiceMetrics {
     label: String,
+    log_label: Arc<str>,
     duration: Histogram,
     bytes_up: Counter,
     bytes_down: Counter,
+    /// Request counters by status, found by a short scan instead of hashing a label set.
+    by_status: Arc<std::sync::Mutex<Vec<(u16, Counter)>>>,
     all: Arc<Metrics>,
+}
+
+impl ServiceMetrics {
+    fn count_request(&self, status: u16) {
+        let Ok(mut known) = self.by_status.lock() else {
+            return;
+        };
+        if let Some((_, c)) = known.iter().find(|(s, _)| *s == status) {
+            c.inc();
+            return;
+        }
+        let counter = self
+            .all
+            .http_requests
+            .get_or_create(&RequestLabels {
+                service: self.label.clone(),
+                code: status,
+            })
+            .clone();
+        counter.inc();
+        known.push((status, counter));
+    }
 }
 
 impl HttpUpstream {
@@ -95,6 +120,8 @@ impl HttpUpstream {
         };
         let (bytes_up, bytes_down) = (bytes("upstream"), bytes("downstream"));
         let metrics = ServiceMetrics {
+            log_label: connector.log_label.clone(),
+            by_status: Arc::default(),
             duration,
             bytes_up,
             bytes_down,
@@ -151,7 +178,6 @@ pub async fn handle(
     ctx: Arc<RequestContext>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
-    let time = SystemTime::now();
     let up = &ctx.upstream;
     let authority = req.uri().authority().map(|a| a.to_string()).or_else(|| {
         req.headers()
@@ -159,7 +185,12 @@ pub async fn handle(
             .and_then(|h| h.to_str().ok())
             .map(str::to_string)
     });
-    let method = req.method().to_string();
+    let method = req.method().clone();
+    let protocol = match req.version() {
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    };
     let path = req
         .uri()
         .path_and_query()
@@ -169,20 +200,16 @@ pub async fn handle(
     // Logged however the exchange ends, including when the app goes away before any response.
     let mut log = LogOnDrop(Some(Pending {
         entry: Entry {
-            time: rfc3339(time),
-            kind: "http",
-            listener: ctx.listener.to_string(),
-            source: ctx.peer.to_string(),
-            service: up.metrics.label.clone(),
             method: Some(method),
             authority: authority.clone(),
             path: Some(path.clone()),
-            protocol: Some(match req.version() {
-                Version::HTTP_2 => "HTTP/2",
-                Version::HTTP_10 => "HTTP/1.0",
-                _ => "HTTP/1.1",
-            }),
-            ..Entry::default()
+            protocol: Some(protocol),
+            ..Entry::new(
+                "http",
+                ctx.listener.clone(),
+                ctx.peer,
+                up.metrics.log_label.clone(),
+            )
         },
         started,
         bytes_in: bytes_in.clone(),
@@ -369,13 +396,7 @@ impl Pending {
         }
         let m = &self.metrics;
         m.duration.observe(elapsed.as_secs_f64());
-        m.all
-            .http_requests
-            .get_or_create(&RequestLabels {
-                service: m.label.clone(),
-                code: self.entry.status.unwrap_or(0),
-            })
-            .inc();
+        m.count_request(self.entry.status.unwrap_or(0));
         self.access_log.log(self.entry);
     }
 }

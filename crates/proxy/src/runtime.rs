@@ -376,7 +376,7 @@ async fn serve_connection(
             tcp::serve(
                 stream,
                 peer,
-                &route.listener,
+                route.listener.clone(),
                 connector.clone(),
                 &shared.metrics,
                 &shared.access_log,

@@ -2,33 +2,26 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::access_log::{rfc3339, AccessLog, Entry};
+use crate::access_log::{AccessLog, Entry};
 use crate::metrics::{BytesLabels, Metrics};
 use crate::upstream::Connector;
 
 pub async fn serve(
     mut client: TcpStream,
     peer: SocketAddr,
-    listener: &str,
+    listener: Arc<str>,
     connector: Arc<Connector>,
     metrics: &Metrics,
     access_log: &AccessLog,
     kill: CancellationToken,
 ) {
     let started = Instant::now();
-    let mut entry = Entry {
-        time: rfc3339(SystemTime::now()),
-        kind: "tcp",
-        listener: listener.to_string(),
-        source: peer.to_string(),
-        service: connector.label.clone(),
-        ..Entry::default()
-    };
+    let mut entry = Entry::new("tcp", listener, peer, connector.log_label.clone());
     metrics
         .tcp_connections
         .get_or_create(&Metrics::service(&connector.label))

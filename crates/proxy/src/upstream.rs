@@ -47,7 +47,7 @@ impl Default for Timeouts {
 /// What is known about an upstream connection; attached to every response it carries.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
-    pub address: String,
+    pub address: Arc<str>,
     pub tls_version: Option<&'static str>,
     pub h2: bool,
 }
@@ -83,6 +83,8 @@ struct Target {
 pub struct Connector {
     pub service: Arc<ExternalService>,
     pub label: String,
+    /// The same, shared by every access-log line.
+    pub log_label: Arc<str>,
     targets: Vec<Target>,
     tls: Option<TlsConnector>,
     next: AtomicUsize,
@@ -134,6 +136,7 @@ impl Connector {
         Ok(Self {
             tls: tls_config.map(TlsConnector::from),
             service,
+            log_label: Arc::from(label.as_str()),
             label,
             targets,
             next: AtomicUsize::new(0),
@@ -259,7 +262,7 @@ impl Connector {
             return Ok(Upstream {
                 io,
                 info: ConnInfo {
-                    address,
+                    address: Arc::from(address),
                     tls_version: None,
                     h2: false,
                 },
@@ -303,7 +306,7 @@ impl Connector {
         };
         let (_, conn) = stream.get_ref();
         let info = ConnInfo {
-            address,
+            address: Arc::from(address),
             tls_version: conn.protocol_version().map(|v| match v {
                 rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3",
                 rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2",
