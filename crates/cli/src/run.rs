@@ -44,6 +44,9 @@ pub struct RunArgs {
     /// Client connections open at once over all listeners.
     #[arg(long, default_value_t = 16_384)]
     max_connections: usize,
+    /// A TCP outbound connection with no bytes moving either way for this long is closed.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    tcp_idle_timeout: Duration,
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -58,7 +61,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("\"{s}\": unknown unit \"{unit}\"; use ms, s or m")),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!(
+            "\"{s}\": unknown unit \"{unit}\"; use ms, s, m or h"
+        )),
     }
 }
 
@@ -107,6 +113,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         header_read_timeout: args.header_read_timeout,
         max_connections: args.max_connections,
+        tcp_idle_timeout: args.tcp_idle_timeout,
     };
     let metrics = Arc::new(Metrics::default());
     let proxy = Arc::new(Proxy::new(settings, metrics, access_log).map_err(anyhow::Error::msg)?);
@@ -278,7 +285,8 @@ mod tests {
             ("500ms", Some(Duration::from_millis(500))),
             ("2m", Some(Duration::from_secs(120))),
             ("7", Some(Duration::from_secs(7))),
-            ("1h", None),
+            ("1h", Some(Duration::from_secs(3600))),
+            ("1d", None),
             ("s", None),
             ("", None),
         ];

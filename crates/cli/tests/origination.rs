@@ -1035,3 +1035,48 @@ async fn a_request_abandoned_before_the_response_is_still_logged_and_counted() {
     );
     hold.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tcp_connection_is_closed_and_a_busy_one_is_not() {
+    let echo = start_tcp_echo().await;
+    let port = free_port();
+    let sluice = Sluice::start_with_args(
+        &config(
+            &[mes("echo", "tcp", &[ep(echo.addr())], None)],
+            &[(port, "echo")],
+        ),
+        &["--tcp-idle-timeout", "400ms"],
+    )
+    .await;
+    let mut idle = tokio::net::TcpStream::connect(local(port)).await.unwrap();
+    let mut busy = tokio::net::TcpStream::connect(local(port)).await.unwrap();
+    idle.write_all(b"hi").await.unwrap();
+    let mut two = [0u8; 2];
+    idle.read_exact(&mut two).await.unwrap();
+    // Keep one connection talking well past the idle timeout.
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_millis(900) {
+        busy.write_all(b"x").await.unwrap();
+        let mut one = [0u8; 1];
+        busy.read_exact(&mut one).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(DEFAULT_TIMEOUT, idle.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    assert!(
+        matches!(n, Ok(0)),
+        "the idle connection must be closed: {n:?}"
+    );
+    let back = half_close_roundtrip(&mut busy, b"still open")
+        .await
+        .unwrap();
+    assert_eq!(back, b"still open");
+    let log = wait_for_log(&sluice, 2).await;
+    assert!(
+        log.iter()
+            .any(|l| l["error"] == "closed after 400ms without traffic"),
+        "{log:?}"
+    );
+}

@@ -40,6 +40,8 @@ pub struct Settings {
     pub header_read_timeout: Duration,
     /// Client connections open at once, over all listeners.
     pub max_connections: usize,
+    /// A TCP connection with no bytes moving either way for this long is closed.
+    pub tcp_idle_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -50,6 +52,7 @@ impl Default for Settings {
             http: HttpTimeouts::default(),
             header_read_timeout: Duration::from_secs(30),
             max_connections: 16_384,
+            tcp_idle_timeout: Duration::from_secs(3600),
         }
     }
 }
@@ -380,6 +383,7 @@ async fn serve_connection(
                 connector.clone(),
                 &shared.metrics,
                 &shared.access_log,
+                shared.settings.tcp_idle_timeout,
                 kill,
             )
             .await;

@@ -1,9 +1,14 @@
-//! TCP outbounds: bytes both ways, each direction closed on its own (half-close respected).
+//! TCP outbounds: bytes both ways, each direction closed on its own (half-close respected),
+//! closed when neither side has sent anything for the idle timeout.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -18,6 +23,7 @@ pub async fn serve(
     connector: Arc<Connector>,
     metrics: &Metrics,
     access_log: &AccessLog,
+    idle_timeout: Duration,
     kill: CancellationToken,
 ) {
     let started = Instant::now();
@@ -38,17 +44,27 @@ pub async fn serve(
         Ok(mut upstream) => {
             entry.upstream = Some(upstream.info.address.clone());
             entry.tls_version = upstream.info.tls_version;
+            let activity = Activity::new();
+            let mut client = Tracked {
+                inner: &mut client,
+                activity: &activity,
+            };
+            let mut server = Tracked {
+                inner: &mut upstream.io,
+                activity: &activity,
+            };
             let copied = tokio::select! {
-                r = tokio::io::copy_bidirectional(&mut client, &mut upstream.io) => Some(r),
-                _ = kill.cancelled() => None,
+                r = tokio::io::copy_bidirectional(&mut client, &mut server) => Ok(r),
+                _ = kill.cancelled() => Err("closed at the end of the drain deadline".to_string()),
+                idle = activity.idle_for(idle_timeout) => Err(format!("closed after {idle:?} without traffic")),
             };
             match copied {
-                Some(Ok((up, down))) => {
+                Ok(Ok((up, down))) => {
                     entry.bytes_in = up;
                     entry.bytes_out = down;
                 }
-                Some(Err(e)) => entry.error = Some(format!("connection ended with an error: {e}")),
-                None => entry.error = Some("closed at the end of the drain deadline".into()),
+                Ok(Err(e)) => entry.error = Some(format!("connection ended with an error: {e}")),
+                Err(reason) => entry.error = Some(reason),
             }
         }
     }
@@ -66,4 +82,75 @@ pub async fn serve(
     }
     entry.duration_ms = started.elapsed().as_micros() as f64 / 1000.0;
     access_log.log(entry);
+}
+
+/// When bytes last moved in either direction, as milliseconds since `start`.
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing has moved for `limit`; returns how long that was.
+    async fn idle_for(&self, limit: Duration) -> Duration {
+        loop {
+            let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let deadline = last + limit;
+            if Instant::now() >= deadline {
+                return limit;
+            }
+            tokio::time::sleep_until(deadline.into()).await;
+        }
+    }
+}
+
+/// A stream that records activity on every read.
+struct Tracked<'a, S> {
+    inner: &'a mut S,
+    activity: &'a Activity,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
 }
