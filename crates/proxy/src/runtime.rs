@@ -378,12 +378,14 @@ async fn serve_connection(
             gauge.inc();
             tcp::serve(
                 stream,
-                peer,
-                route.listener.clone(),
                 connector.clone(),
-                &shared.metrics,
-                &shared.access_log,
-                shared.settings.tcp_idle_timeout,
+                tcp::ConnContext {
+                    peer,
+                    listener: route.listener.clone(),
+                    metrics: &shared.metrics,
+                    access_log: &shared.access_log,
+                    idle_timeout: shared.settings.tcp_idle_timeout,
+                },
                 kill,
             )
             .await;

@@ -16,16 +16,28 @@ use crate::access_log::{AccessLog, Entry};
 use crate::metrics::{BytesLabels, Metrics};
 use crate::upstream::Connector;
 
+/// Where a TCP connection came in and where its record goes.
+pub struct ConnContext<'a> {
+    pub peer: SocketAddr,
+    pub listener: Arc<str>,
+    pub metrics: &'a Metrics,
+    pub access_log: &'a AccessLog,
+    pub idle_timeout: Duration,
+}
+
 pub async fn serve(
     mut client: TcpStream,
-    peer: SocketAddr,
-    listener: Arc<str>,
     connector: Arc<Connector>,
-    metrics: &Metrics,
-    access_log: &AccessLog,
-    idle_timeout: Duration,
+    ctx: ConnContext<'_>,
     kill: CancellationToken,
 ) {
+    let ConnContext {
+        peer,
+        listener,
+        metrics,
+        access_log,
+        idle_timeout,
+    } = ctx;
     let started = Instant::now();
     let mut entry = Entry::new("tcp", listener, peer, connector.log_label.clone());
     metrics
