@@ -94,6 +94,43 @@ async fn metric(sluice: &Sluice, name: &str, service: &str) -> f64 {
         .sum()
 }
 
+/// A listener that accepts connections and never sends a byte, and the task holding them.
+async fn silent_listener() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    (addr, hold)
+}
+
+/// A TCP echo origin behind one `tcp` outbound, with extra `sluice run` arguments.
+async fn echo_behind_sluice(args: &[&str]) -> (Origin, Sluice, u16) {
+    let echo = start_tcp_echo().await;
+    let port = free_port();
+    let yaml = config(
+        &[mes("echo", "tcp", &[ep(echo.addr())], None)],
+        &[(port, "echo")],
+    );
+    let sluice = Sluice::start_with_args(&yaml, args).await;
+    (echo, sluice, port)
+}
+
+/// Reads until the proxy closes the connection; fails if it stays open.
+async fn assert_closed_by_proxy(stream: &mut tokio::net::TcpStream) {
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(DEFAULT_TIMEOUT, stream.read_to_end(&mut rest))
+        .await
+        .expect("the proxy must close the connection");
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "connection still delivering data: {n:?}"
+    );
+}
+
 async fn wait_for_log(sluice: &Sluice, n: usize) -> Vec<serde_json::Value> {
     let ok = wait_until(DEFAULT_TIMEOUT, || sluice.access_log_lines().len() >= n).await;
     assert!(
@@ -718,14 +755,7 @@ async fn upstream_failures_are_answered_never_hung() {
     // Nothing listens on 127.0.0.2 (everything here binds 127.0.0.1): connections are refused.
     let refused: SocketAddr = ([127, 0, 0, 2], free_port()).into();
     // Accepts TCP and never answers: the response timeout must end the wait.
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let silent_addr = silent.local_addr().unwrap();
-    let hold = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = silent.accept().await {
-            held.push(s);
-        }
-    });
+    let (silent_addr, hold) = silent_listener().await;
     let (p1, p2, p3) = (free_port(), free_port(), free_port());
     let sluice = Sluice::start_with_args(
         &config(
@@ -961,29 +991,13 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_limit_closes_connections_beyond_it() {
-    let echo = start_tcp_echo().await;
-    let port = free_port();
-    let sluice = Sluice::start_with_args(
-        &config(
-            &[mes("echo", "tcp", &[ep(echo.addr())], None)],
-            &[(port, "echo")],
-        ),
-        &["--max-connections", "1"],
-    )
-    .await;
+    let (_echo, sluice, port) = echo_behind_sluice(&["--max-connections", "1"]).await;
     let mut first = tokio::net::TcpStream::connect(local(port)).await.unwrap();
     first.write_all(b"one").await.unwrap();
     let mut buf = [0u8; 3];
     first.read_exact(&mut buf).await.unwrap();
     let mut second = tokio::net::TcpStream::connect(local(port)).await.unwrap();
-    let mut rest = Vec::new();
-    let n = tokio::time::timeout(DEFAULT_TIMEOUT, second.read_to_end(&mut rest))
-        .await
-        .unwrap();
-    assert!(
-        matches!(n, Ok(0) | Err(_)),
-        "the connection over the limit must be closed"
-    );
+    assert_closed_by_proxy(&mut second).await;
     assert!(sluice.stderr().contains("connection limit reached"));
     let back = half_close_roundtrip(&mut first, b"still here")
         .await
@@ -993,14 +1007,7 @@ async fn connection_limit_closes_connections_beyond_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_abandoned_before_the_response_is_still_logged_and_counted() {
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let silent_addr = silent.local_addr().unwrap();
-    let hold = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = silent.accept().await {
-            held.push(s);
-        }
-    });
+    let (silent_addr, hold) = silent_listener().await;
     let port = free_port();
     let sluice = Sluice::start(&config(
         &[mes("silent", "http", &[ep(silent_addr)], None)],
@@ -1038,16 +1045,7 @@ async fn a_request_abandoned_before_the_response_is_still_logged_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_tcp_connection_is_closed_and_a_busy_one_is_not() {
-    let echo = start_tcp_echo().await;
-    let port = free_port();
-    let sluice = Sluice::start_with_args(
-        &config(
-            &[mes("echo", "tcp", &[ep(echo.addr())], None)],
-            &[(port, "echo")],
-        ),
-        &["--tcp-idle-timeout", "400ms"],
-    )
-    .await;
+    let (_echo, sluice, port) = echo_behind_sluice(&["--tcp-idle-timeout", "400ms"]).await;
     let mut idle = tokio::net::TcpStream::connect(local(port)).await.unwrap();
     let mut busy = tokio::net::TcpStream::connect(local(port)).await.unwrap();
     idle.write_all(b"hi").await.unwrap();
@@ -1061,14 +1059,7 @@ async fn an_idle_tcp_connection_is_closed_and_a_busy_one_is_not() {
         busy.read_exact(&mut one).await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let mut rest = Vec::new();
-    let n = tokio::time::timeout(DEFAULT_TIMEOUT, idle.read_to_end(&mut rest))
-        .await
-        .unwrap();
-    assert!(
-        matches!(n, Ok(0)),
-        "the idle connection must be closed: {n:?}"
-    );
+    assert_closed_by_proxy(&mut idle).await;
     let back = half_close_roundtrip(&mut busy, b"still open")
         .await
         .unwrap();
