@@ -8,7 +8,8 @@
 #
 # Sluice runs on CPU 0; the nginx origin (one worker) and wrk (one thread) share CPU 1.
 # A second nginx, configured as a TLS-originating reverse proxy and also pinned to CPU 0, is
-# measured afterwards as a reference for what any proxy costs in this layout. See BENCHMARKS.md.
+# measured afterwards as a reference for what any proxy costs in this layout, and one run with
+# nothing pinned shows the latency Sluice adds when no request must wake an idle CPU. See BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -16,7 +17,7 @@ ROOT=$PWD
 DURATION=10
 WARMUP=3
 KEEP=0
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) DURATION=3; WARMUP=2 ;;
@@ -315,9 +316,10 @@ SLUICE_REQUESTS=2
 # wrk on CPU 1, output in $TMP/NAME.wrk. With SAMPLE=1, the handshake counter is read one second
 # into the run (HS_EARLY), so that handshakes that refill the pool at the start of a run can be told
 # from handshakes at steady concurrency.
+WRK_CPUS=1
 run_wrk() { # NAME URL CONNECTIONS SECONDS [SAMPLE]
   local name=$1 url=$2 conns=$3 secs=$4 sample=${5:-0} rc=0
-  timeout --kill-after=5 $((secs + 30)) taskset -c 1 wrk -t1 -c"$conns" -d"${secs}s" --latency "$url" \
+  timeout --kill-after=5 $((secs + 30)) taskset -c "$WRK_CPUS" wrk -t1 -c"$conns" -d"${secs}s" --latency "$url" \
     >"$TMP/$name.wrk" 2>&1 &
   WRK_PID=$!
   if [ "$sample" = 1 ]; then
@@ -441,6 +443,28 @@ d_p50=${D_P50["/ 1"]}
 CONTEXT+=("| sluice on CPU 1 with nginx and wrk, 1 KiB | 1 | $RPS | $(fmt_us "$P50") | $(fmt_us "$P99") | $(fmt_signed_us $((P50 - d_p50))) | $(ratio "$RPS" "$d_rps") | $(ratio "$P50" "$d_p50") | |")
 SAME_CPU_HS=$((hs1 - hs0))
 
+# Without pinning, as a sidecar usually runs: every process may use both CPUs and the scheduler
+# places them. At one connection this shows the latency Sluice adds when no request has to wake an
+# idle CPU that a pinned layout forces it to.
+log "1 KiB, 1 connection, nothing pinned: direct TLS, then through sluice (${DURATION} s each)"
+ORIGIN_WORKER=$(cat "/proc/$ORIGIN_PID/task/$ORIGIN_PID/children" 2>/dev/null | awk '{print $1}')
+for pid in "$SLUICE_PID" "$ORIGIN_PID" $ORIGIN_WORKER; do taskset -a -p -c 0,1 "$pid" >/dev/null; done
+WRK_CPUS=0,1
+run_wrk direct-unpinned "$DIRECT/" 1 "$DURATION"
+parse_wrk direct-unpinned
+u_rps=$RPS
+u_p50=$P50
+TOTAL_ERRS=$((TOTAL_ERRS + ERRS))
+CONTEXT+=("| direct TLS, nothing pinned, 1 KiB | 1 | $RPS | $(fmt_us "$P50") | $(fmt_us "$P99") | | | | |")
+run_wrk sluice-unpinned "$PROXIED/" 1 "$DURATION"
+parse_wrk sluice-unpinned
+SLUICE_REQUESTS=$((SLUICE_REQUESTS + REQS))
+TOTAL_ERRS=$((TOTAL_ERRS + ERRS))
+CONTEXT+=("| sluice, nothing pinned, 1 KiB | 1 | $RPS | $(fmt_us "$P50") | $(fmt_us "$P99") | $(fmt_signed_us $((P50 - u_p50))) | $(ratio "$RPS" "$u_rps") | $(ratio "$P50" "$u_p50") | |")
+WRK_CPUS=1
+taskset -a -p -c 0 "$SLUICE_PID" >/dev/null
+for pid in "$ORIGIN_PID" $ORIGIN_WORKER; do taskset -a -p -c 1 "$pid" >/dev/null; done
+
 PEAK_RSS_KB=$(awk '/^VmHWM:/ {print $2}' "/proc/$SLUICE_PID/status")
 NOW_RSS_KB=$(awk '/^VmRSS:/ {print $2}' "/proc/$SLUICE_PID/status")
 
@@ -484,7 +508,7 @@ EOF
 printf '%s\n' "${ROWS[@]}"
 cat <<EOF
 
-Context, after the runs above (added p50 and ratios against the direct TLS run at the same load):
+Context, after the runs above (added p50 and ratios against the direct TLS run at the same load; the unpinned sluice row against the unpinned direct row):
 
 | scenario | connections | requests/s | p50 | p99 | added p50 (− direct) | req/s ratio | p50 ratio | proxy CPU per request |
 | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
