@@ -44,20 +44,19 @@ pub fn service_label(key: &ResourceKey) -> String {
     }
 }
 
-/// Every outbound of every Dataplane becomes a listener. Services no outbound uses are left out:
-/// a proxy carries only what it can route.
+/// Every outbound of every Dataplane becomes a listener; every service is in the config, since
+/// the forward proxy may reach any registered service without an outbound.
 pub fn compile(registry: &Registry) -> ProxyConfig {
-    let mut services: BTreeMap<String, Arc<ExternalService>> = BTreeMap::new();
+    let services: BTreeMap<String, Arc<ExternalService>> = registry
+        .services
+        .values()
+        .map(|s| (service_label(&s.key), Arc::new(s.clone())))
+        .collect();
     let mut listeners = Vec::with_capacity(registry.outbounds.len());
     for outbound in &registry.outbounds {
-        let Some(service) = registry.services.get(&outbound.service) else {
+        let Some(service) = services.get(&service_label(&outbound.service)).cloned() else {
             continue;
         };
-        let label = service_label(&service.key);
-        let service = services
-            .entry(label)
-            .or_insert_with(|| Arc::new(service.clone()))
-            .clone();
         listeners.push(ListenerConfig {
             name: format!(
                 "{}/outbound/{}",
@@ -87,7 +86,7 @@ mod tests {
     }
 
     #[test]
-    fn outbounds_become_listeners_and_unused_services_are_left_out() {
+    fn outbounds_become_listeners_and_every_service_is_kept() {
         let registry = load(
             r#"
 type: MeshExternalService
@@ -120,7 +119,10 @@ networking:
             config.listeners[1].address,
             "127.0.0.2:10081".parse().unwrap()
         );
-        assert_eq!(config.services.keys().collect::<Vec<_>>(), ["httpbin"]);
+        assert_eq!(
+            config.services.keys().collect::<Vec<_>>(),
+            ["httpbin", "unused"]
+        );
         assert!(Arc::ptr_eq(
             &config.listeners[0].service,
             &config.listeners[1].service

@@ -4,8 +4,10 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod guard;
 pub mod http;
 pub mod metrics;
+pub mod policy;
 pub mod runtime;
 pub mod tcp;
 pub mod tls;

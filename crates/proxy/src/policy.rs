@@ -1,0 +1,404 @@
+//! The outbound traffic policy for traffic whose destination the app chooses (forward proxy):
+//! which `(host, port)` pairs the registry opens, and which addresses bytes may go to. Pure
+//! functions over a table built from the config, so each rule has a row in a table test.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use sluice_api::model::{Endpoint, ExternalService};
+use sluice_api::names::is_dns_name;
+use sluice_control::{service_label, ProxyConfig};
+
+use crate::guard;
+
+/// Mesh-wide: `allowed` passes unregistered destinations through (logged and counted), so users
+/// can see what to register; `restricted` passes only what the registry opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Allowed,
+    Restricted,
+}
+
+impl Mode {
+    /// The names Istio users know the modes by.
+    pub fn istio_name(self) -> &'static str {
+        match self {
+            Mode::Allowed => "ALLOW_ANY",
+            Mode::Restricted => "REGISTRY_ONLY",
+        }
+    }
+}
+
+/// A destination the app asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Host {
+    Name(String),
+    Ip(IpAddr),
+}
+
+impl std::fmt::Display for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Host::Name(n) => f.write_str(n),
+            Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]"),
+            Host::Ip(ip) => write!(f, "{ip}"),
+        }
+    }
+}
+
+/// Reads the host of a request target. Names are folded to lower case without a trailing dot;
+/// numeric spellings other than a dotted quad or a bracketed IPv6 literal (`2130706433`,
+/// `0x7f.1`, `0177.0.0.1`, `127.1`) are refused rather than guessed at.
+pub fn parse_host(text: &str) -> Result<Host, String> {
+    if let Some(inner) = text.strip_prefix('[').and_then(|t| t.strip_suffix(']')) {
+        return inner
+            .parse::<std::net::Ipv6Addr>()
+            .map(|ip| Host::Ip(IpAddr::V6(ip)))
+            .map_err(|_| format!("\"{text}\" is not an IPv6 address"));
+    }
+    if let Ok(v4) = text.parse::<std::net::Ipv4Addr>() {
+        return Ok(Host::Ip(IpAddr::V4(v4)));
+    }
+    let name = text.strip_suffix('.').unwrap_or(text);
+    if is_dns_name(name) {
+        return Ok(Host::Name(name.to_ascii_lowercase()));
+    }
+    Err(format!(
+        "\"{text}\" is not a host name or IP address (numeric spellings other than a.b.c.d are refused)"
+    ))
+}
+
+/// How the registry opens a `(host, port)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Opening {
+    /// The endpoint itself: tunnel (CONNECT) or plain HTTP straight to it. `raw_tcp` when the
+    /// service says its traffic is not TLS, so a tunnel need not start with a ClientHello.
+    Endpoint { service: Arc<str>, raw_tcp: bool },
+    /// The service's own port with TLS origination: plain HTTP from the app, HTTPS to the
+    /// service's endpoints through its pool.
+    Originate { service: Arc<str> },
+}
+
+impl Opening {
+    pub fn service(&self) -> &Arc<str> {
+        match self {
+            Opening::Endpoint { service, .. } | Opening::Originate { service } => service,
+        }
+    }
+}
+
+/// Why a destination is refused; `Display` is the reason the app and the log see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denied {
+    NotRegistered { host: String, port: u16 },
+    Address { ip: IpAddr, class: guard::Refused },
+    Proxy { addr: SocketAddr },
+    BadTarget(String),
+}
+
+impl Denied {
+    /// A short, stable label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Denied::NotRegistered { .. } => "not_registered",
+            Denied::Address { .. } => "address_refused",
+            Denied::Proxy { .. } => "proxy_itself",
+            Denied::BadTarget(_) => "bad_target",
+        }
+    }
+}
+
+impl std::fmt::Display for Denied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Denied::NotRegistered { host, port } => write!(
+                f,
+                "{host}:{port} is not a registered external service and the outbound traffic policy is restricted; register it with a MeshExternalService whose endpoints include {host}:{port}"
+            ),
+            Denied::Address { ip, class } => write!(
+                f,
+                "{ip} is a {} address, which is refused unless an external service names that address and port as an endpoint",
+                class.as_str()
+            ),
+            Denied::Proxy { addr } => write!(f, "{addr} is this proxy itself"),
+            Denied::BadTarget(why) => f.write_str(why),
+        }
+    }
+}
+
+/// What the registry opens, built once per config.
+#[derive(Debug, Default)]
+pub struct Table {
+    names: HashMap<(String, u16), Opening>,
+    ips: HashMap<(IpAddr, u16), Opening>,
+    /// Addresses the proxy listens on: never a destination.
+    own: HashSet<SocketAddr>,
+}
+
+impl Table {
+    pub fn new(config: &ProxyConfig, own: impl IntoIterator<Item = SocketAddr>) -> Self {
+        let mut table = Table {
+            own: own.into_iter().collect(),
+            ..Table::default()
+        };
+        for service in config.services.values() {
+            table.add(service);
+        }
+        table
+    }
+
+    fn add(&mut self, service: &ExternalService) {
+        let label: Arc<str> = Arc::from(service_label(&service.key));
+        let raw_tcp = !service.protocol.is_http() && service.tls.is_none();
+        let endpoint = || Opening::Endpoint {
+            service: label.clone(),
+            raw_tcp,
+        };
+        let mut names = Vec::new();
+        for e in &service.endpoints {
+            match e {
+                Endpoint::Dns { host, port } => {
+                    self.names
+                        .entry((host.clone(), *port))
+                        .or_insert_with(endpoint);
+                    names.push(host.clone());
+                }
+                Endpoint::Ip { ip, port } => {
+                    self.ips.entry((*ip, *port)).or_insert_with(endpoint);
+                }
+                Endpoint::Unix { .. } => {}
+            }
+        }
+        if let Some(tls) = &service.tls {
+            if service.protocol.is_http() {
+                names.extend(tls.server_name.clone());
+                for host in names {
+                    // The endpoint's own port stays a tunnel; the service's port originates TLS.
+                    self.names
+                        .entry((host, service.port))
+                        .or_insert_with(|| Opening::Originate {
+                            service: label.clone(),
+                        });
+                }
+            }
+        }
+    }
+
+    /// The registry's answer for a destination, before any address is known.
+    pub fn lookup(&self, host: &Host, port: u16) -> Option<&Opening> {
+        match host {
+            Host::Name(n) => self.names.get(&(n.clone(), port)),
+            Host::Ip(ip) => self.ips.get(&(canonical(*ip), port)),
+        }
+    }
+
+    /// Whether bytes may go to `addr`: never to the proxy itself; to a refused class only when an
+    /// external service names exactly that address and port.
+    pub fn check_address(&self, addr: SocketAddr) -> Result<(), Denied> {
+        let ip = canonical(addr.ip());
+        if self.own.contains(&addr) || self.own.contains(&SocketAddr::new(ip, addr.port())) {
+            return Err(Denied::Proxy { addr });
+        }
+        if let Some(class) = guard::refused(addr.ip()) {
+            if !self.ips.contains_key(&(ip, addr.port())) {
+                return Err(Denied::Address {
+                    ip: addr.ip(),
+                    class,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `::ffff:a.b.c.d` is the IPv4 address it maps.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+/// The decision for a destination the app named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Registered(Opening),
+    Passthrough,
+    Deny(Denied),
+}
+
+pub fn decide(mode: Mode, table: &Table, host: &Host, port: u16) -> Decision {
+    match (table.lookup(host, port), mode) {
+        (Some(opening), _) => Decision::Registered(opening.clone()),
+        (None, Mode::Allowed) => Decision::Passthrough,
+        (None, Mode::Restricted) => Decision::Deny(Denied::NotRegistered {
+            host: host.to_string(),
+            port,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(yaml: &str) -> Table {
+        let docs = sluice_api::parse_documents("t.yaml", yaml).unwrap();
+        let loaded = sluice_api::load(&docs);
+        assert!(loaded.errors().next().is_none(), "{:?}", loaded.diagnostics);
+        let config = sluice_control::compile(&loaded.registry.unwrap());
+        Table::new(&config, ["127.0.0.1:3128".parse().unwrap()])
+    }
+
+    const REGISTRY: &str = r#"
+type: MeshExternalService
+name: httpbin-tls
+spec:
+  match: {port: 80, protocol: http}
+  endpoints: [{address: httpbin.org, port: 443}]
+  tls: {enabled: true, verification: {serverName: httpbin.org}}
+---
+type: MeshExternalService
+name: db
+spec:
+  match: {port: 5432}
+  endpoints: [{address: 10.1.2.3, port: 5432}]
+---
+type: MeshExternalService
+name: api
+spec:
+  match: {port: 443, protocol: http}
+  endpoints: [{address: API.example.com, port: 443}]
+"#;
+
+    #[test]
+    fn host_parsing() {
+        let ok = |t: &str, h: Host| assert_eq!(parse_host(t), Ok(h), "{t}");
+        ok("HttpBin.org.", Host::Name("httpbin.org".into()));
+        ok("10.1.2.3", Host::Ip("10.1.2.3".parse().unwrap()));
+        ok("[::1]", Host::Ip("::1".parse().unwrap()));
+        ok(
+            "[::ffff:127.0.0.1]",
+            Host::Ip("::ffff:127.0.0.1".parse().unwrap()),
+        );
+        for bad in [
+            "2130706433",
+            "0x7f.1",
+            "0177.0.0.1",
+            "127.1",
+            "0x7f000001",
+            "::1",
+            "a b",
+            "",
+            "[1.2.3.4]",
+        ] {
+            assert!(parse_host(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn decisions() {
+        let t = table(REGISTRY);
+        let name = |n: &str| Host::Name(n.into());
+        let ip = |s: &str| Host::Ip(s.parse().unwrap());
+        let endpoint = |s: &str, raw| {
+            Decision::Registered(Opening::Endpoint {
+                service: Arc::from(s),
+                raw_tcp: raw,
+            })
+        };
+        let cases: Vec<(Mode, Host, u16, Decision)> = vec![
+            (
+                Mode::Restricted,
+                name("httpbin.org"),
+                443,
+                endpoint("httpbin-tls", false),
+            ),
+            (
+                Mode::Restricted,
+                name("httpbin.org"),
+                80,
+                Decision::Registered(Opening::Originate {
+                    service: Arc::from("httpbin-tls"),
+                }),
+            ),
+            // An allowed host is not open on every port.
+            (
+                Mode::Restricted,
+                name("httpbin.org"),
+                8443,
+                Decision::Deny(Denied::NotRegistered {
+                    host: "httpbin.org".into(),
+                    port: 8443,
+                }),
+            ),
+            (
+                Mode::Allowed,
+                name("httpbin.org"),
+                8443,
+                Decision::Passthrough,
+            ),
+            (
+                Mode::Restricted,
+                name("api.example.com"),
+                443,
+                endpoint("api", false),
+            ),
+            (Mode::Restricted, ip("10.1.2.3"), 5432, endpoint("db", true)),
+            (
+                Mode::Restricted,
+                ip("::ffff:10.1.2.3"),
+                5432,
+                endpoint("db", true),
+            ),
+            (
+                Mode::Restricted,
+                ip("10.1.2.3"),
+                22,
+                Decision::Deny(Denied::NotRegistered {
+                    host: "10.1.2.3".into(),
+                    port: 22,
+                }),
+            ),
+            (
+                Mode::Allowed,
+                name("example.net"),
+                443,
+                Decision::Passthrough,
+            ),
+        ];
+        for (mode, host, port, want) in cases {
+            assert_eq!(
+                decide(mode, &t, &host, port),
+                want,
+                "{mode:?} {host}:{port}"
+            );
+        }
+    }
+
+    #[test]
+    fn addresses() {
+        let t = table(REGISTRY);
+        let check = |a: &str| t.check_address(a.parse().unwrap()).map_err(|d| d.reason());
+        let cases = [
+            ("93.184.215.14:443", Ok(())),
+            ("10.1.2.3:5432", Ok(())),
+            ("[::ffff:10.1.2.3]:5432", Ok(())),
+            ("10.1.2.3:22", Err("address_refused")),
+            ("10.1.2.4:5432", Err("address_refused")),
+            ("169.254.169.254:80", Err("address_refused")),
+            ("[64:ff9b::a9fe:a9fe]:80", Err("address_refused")),
+            ("127.0.0.1:3128", Err("proxy_itself")),
+            ("[::ffff:127.0.0.1]:3128", Err("proxy_itself")),
+            ("127.0.0.1:80", Err("address_refused")),
+        ];
+        for (addr, want) in cases {
+            assert_eq!(check(addr), want, "{addr}");
+        }
+    }
+}
