@@ -24,6 +24,16 @@ struct Cli {
 enum Command {
     /// Load resources from files and run the proxy, reloading when the files change or on SIGHUP.
     Run(run::RunArgs),
+    /// Set the mesh-wide outbound traffic policy of a running `sluice run`, live.
+    OutboundTrafficPolicy {
+        /// `allowed` (unregistered destinations pass through, logged) or `restricted`
+        /// (registered destinations only).
+        #[arg(value_parser = run::parse_mode)]
+        mode: sluice_proxy::policy::Mode,
+        /// The admin endpoint of the running proxy.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: String,
+    },
     /// Check resources and print every problem; exits non-zero if any is an error.
     Validate {
         /// Files or directories of YAML resources; `-` reads standard input.
@@ -37,6 +47,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Validate { files } => validate(&files),
         Command::Run(args) => run::main(args),
+        Command::OutboundTrafficPolicy { mode, admin } => set_policy(mode, &admin),
     }
 }
 
@@ -69,4 +80,45 @@ fn validate(files: &[PathBuf]) -> ExitCode {
         }
     );
     ExitCode::SUCCESS
+}
+
+/// Asks the running proxy's admin endpoint to change the policy; prints its one-line answer.
+fn set_policy(mode: sluice_proxy::policy::Mode, admin: &str) -> ExitCode {
+    use std::io::{Read, Write};
+    let body = match mode {
+        sluice_proxy::policy::Mode::Allowed => "allowed",
+        sluice_proxy::policy::Mode::Restricted => "restricted",
+    };
+    let result = (|| -> std::io::Result<String> {
+        let addr: std::net::SocketAddr = admin.parse().map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "not an IP:PORT address")
+        })?;
+        let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        write!(
+            s,
+            "PUT /outbound-traffic-policy HTTP/1.1\r\nHost: {admin}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )?;
+        let mut answer = String::new();
+        s.take(64 * 1024).read_to_string(&mut answer)?;
+        Ok(answer)
+    })();
+    match result {
+        Ok(answer) => {
+            let ok = answer.starts_with("HTTP/1.1 200");
+            let text = answer.split("\r\n\r\n").nth(1).unwrap_or("").trim();
+            if ok {
+                println!("{text}");
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("sluice: the proxy at {admin} refused: {text}");
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("sluice: cannot reach the admin endpoint at {admin}: {e}; is sluice run running there (--admin)?");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use sluice_proxy::access_log::{AccessLog, Target};
 use sluice_proxy::metrics::Metrics;
+use sluice_proxy::policy::Mode;
 use sluice_proxy::{Proxy, Settings};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -44,9 +45,26 @@ pub struct RunArgs {
     /// Client connections open at once over all listeners.
     #[arg(long, default_value_t = 16_384)]
     max_connections: usize,
+    /// The forward proxy for apps that use HTTP_PROXY/HTTPS_PROXY; `off` disables it.
+    #[arg(long, default_value = "127.0.0.1:3128")]
+    http_proxy: String,
+    /// Outbound traffic policy for the forward proxy: `allowed` passes unregistered destinations
+    /// through (logged), `restricted` only registered ones.
+    #[arg(long, default_value = "allowed", value_parser = parse_mode)]
+    outbound_traffic_policy: Mode,
     /// A TCP outbound connection with no bytes moving either way for this long is closed.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     tcp_idle_timeout: Duration,
+}
+
+pub fn parse_mode(s: &str) -> Result<Mode, String> {
+    match s {
+        "allowed" | "ALLOW_ANY" => Ok(Mode::Allowed),
+        "restricted" | "REGISTRY_ONLY" => Ok(Mode::Restricted),
+        _ => Err(format!(
+            "\"{s}\" is not a policy; use allowed or restricted"
+        )),
+    }
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -114,6 +132,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         header_read_timeout: args.header_read_timeout,
         max_connections: args.max_connections,
         tcp_idle_timeout: args.tcp_idle_timeout,
+        outbound_traffic_policy: args.outbound_traffic_policy,
     };
     let metrics = Arc::new(Metrics::default());
     let proxy = Arc::new(Proxy::new(settings, metrics, access_log).map_err(anyhow::Error::msg)?);
@@ -128,7 +147,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
             format!("admin endpoint {addr}: cannot listen; choose another with --admin")
         })?;
-        tracing::info!(address = %listener.local_addr()?, "admin endpoint listening");
+        let bound = listener.local_addr()?;
+        tracing::info!(address = %bound, "admin endpoint listening");
+        proxy.add_own_address(bound).await;
         tokio::spawn(sluice_proxy::admin::serve(listener, proxy.clone()));
     }
 
@@ -154,6 +175,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             bail!("the configuration could not be started");
         }
+    }
+    if args.http_proxy != "off" {
+        let addr: SocketAddr = args.http_proxy.parse().with_context(|| {
+            format!(
+                "--http-proxy {}: not an address; give IP:PORT or off",
+                args.http_proxy
+            )
+        })?;
+        proxy.start_forward_proxy(addr).await.with_context(|| {
+            format!("forward proxy {addr}: cannot listen; choose another with --http-proxy or turn it off")
+        })?;
     }
     let listeners = proxy.current().map(|c| c.listeners.len()).unwrap_or(0);
     tracing::info!(listeners, "sluice is running");

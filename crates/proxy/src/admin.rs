@@ -5,12 +5,13 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+use crate::policy::Mode;
 use crate::runtime::Proxy;
 
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
@@ -22,7 +23,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(route(&req, &proxy)) }
+                async move { Ok::<_, Infallible>(route(req, &proxy).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -33,7 +34,10 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
     }
 }
 
-fn route(req: &Request<Incoming>, proxy: &Proxy) -> Response<Full<Bytes>> {
+async fn route(req: Request<Incoming>, proxy: &Proxy) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/outbound-traffic-policy" {
+        return outbound_traffic_policy(req, proxy).await;
+    }
     if req.method() != Method::GET {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -72,6 +76,45 @@ fn route(req: &Request<Incoming>, proxy: &Proxy) -> Response<Full<Bytes>> {
             StatusCode::NOT_FOUND,
             "not found; try /ready, /metrics or /config_dump\n".into(),
         ),
+    }
+}
+
+/// GET shows the mode; PUT with `allowed` or `restricted` (or Istio's names) changes it live.
+async fn outbound_traffic_policy(req: Request<Incoming>, proxy: &Proxy) -> Response<Full<Bytes>> {
+    let answer = |mode: Mode| {
+        text(
+            StatusCode::OK,
+            format!(
+                "mesh wide outbound traffic policy is set to '{}'\n",
+                mode.istio_name()
+            ),
+        )
+    };
+    match *req.method() {
+        Method::GET => answer(proxy.outbound_traffic_policy().await),
+        Method::PUT => {
+            let body = match http_body_util::Limited::new(req.into_body(), 64)
+                .collect()
+                .await
+            {
+                Ok(b) => b.to_bytes(),
+                Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "body too large\n".into()),
+            };
+            let mode = match String::from_utf8_lossy(&body).trim() {
+                "allowed" | "ALLOW_ANY" => Mode::Allowed,
+                "restricted" | "REGISTRY_ONLY" => Mode::Restricted,
+                other => {
+                    return text(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        format!("\"{other}\" is not a policy; send allowed or restricted\n"),
+                    )
+                }
+            };
+            proxy.set_outbound_traffic_policy(mode).await;
+            tracing::info!(mode = mode.istio_name(), "outbound traffic policy changed");
+            answer(mode)
+        }
+        _ => text(StatusCode::METHOD_NOT_ALLOWED, "use GET or PUT\n".into()),
     }
 }
 

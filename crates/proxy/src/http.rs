@@ -290,7 +290,7 @@ fn rewrite_request(
 
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1). `te: trailers` stays:
 /// gRPC needs it end to end.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

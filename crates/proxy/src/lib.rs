@@ -4,6 +4,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod forward;
 pub mod guard;
 pub mod http;
 pub mod metrics;

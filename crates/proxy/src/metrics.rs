@@ -32,6 +32,13 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// `allowed` (registered), `passthrough` (unregistered, allowed mode) or `denied`.
+    pub decision: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -47,6 +54,7 @@ pub struct Metrics {
     pub upstream_connect_failures: Family<ReasonLabels, Counter>,
     pub upstream_tls_failures: Family<ReasonLabels, Counter>,
     pub config_reloads: Family<ResultLabels, Counter>,
+    pub forward_decisions: Family<DecisionLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -115,7 +123,14 @@ impl Default for Metrics {
             "Configuration loads, applied or rejected",
             config_reloads.clone(),
         );
+        let forward_decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "forward_proxy_decisions",
+            "Forward-proxy requests and tunnels by policy decision and reason",
+            forward_decisions.clone(),
+        );
         Self {
+            forward_decisions,
             registry,
             http_requests,
             http_request_duration,

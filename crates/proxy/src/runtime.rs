@@ -20,8 +20,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access_log::AccessLog;
+use crate::forward;
 use crate::http::{HttpTimeouts, HttpUpstream, RequestContext};
 use crate::metrics::{Metrics, ResultLabels};
+use crate::policy::{Mode, Table};
 use crate::tcp;
 use crate::upstream::{Connector, Timeouts};
 
@@ -42,6 +44,8 @@ pub struct Settings {
     pub max_connections: usize,
     /// A TCP connection with no bytes moving either way for this long is closed.
     pub tcp_idle_timeout: Duration,
+    /// The outbound traffic policy for the forward proxy until changed live.
+    pub outbound_traffic_policy: Mode,
 }
 
 impl Default for Settings {
@@ -53,6 +57,7 @@ impl Default for Settings {
             header_read_timeout: Duration::from_secs(30),
             max_connections: 16_384,
             tcp_idle_timeout: Duration::from_secs(3600),
+            outbound_traffic_policy: Mode::Allowed,
         }
     }
 }
@@ -98,6 +103,9 @@ struct Shared {
 struct State {
     listeners: HashMap<SocketAddr, ListenerHandle>,
     upstreams: HashMap<String, (Arc<ExternalService>, Arc<Upstream>)>,
+    mode: Mode,
+    /// Addresses this process listens on besides the outbounds (admin, forward proxy).
+    own: Vec<SocketAddr>,
 }
 
 pub struct Proxy {
@@ -105,6 +113,7 @@ pub struct Proxy {
     resolver: Arc<TokioResolver>,
     state: Mutex<State>,
     config: watch::Sender<Option<Arc<ProxyConfig>>>,
+    forward: watch::Sender<Arc<forward::State>>,
 }
 
 impl Proxy {
@@ -125,6 +134,7 @@ impl Proxy {
         let resolver = builder
             .build()
             .map_err(|e| format!("cannot start the DNS resolver: {e}"))?;
+        let settings_mode = settings.outbound_traffic_policy;
         Ok(Self {
             shared: Arc::new(Shared {
                 connections: Arc::new(Semaphore::new(settings.max_connections)),
@@ -136,8 +146,15 @@ impl Proxy {
             state: Mutex::new(State {
                 listeners: HashMap::new(),
                 upstreams: HashMap::new(),
+                mode: settings_mode,
+                own: Vec::new(),
             }),
             config: watch::Sender::new(None),
+            forward: watch::Sender::new(Arc::new(forward::State {
+                mode: settings_mode,
+                table: Table::default(),
+                upstreams: HashMap::new(),
+            })),
         })
     }
 
@@ -220,9 +237,105 @@ impl Proxy {
         }
         state.listeners = keep;
         state.upstreams = upstreams;
-        self.config.send_replace(Some(Arc::new(config)));
+        let config = Arc::new(config);
+        self.config.send_replace(Some(config.clone()));
+        self.publish_forward_state(&state, &config);
         self.count_reload("applied");
         Ok(bind_errors)
+    }
+
+    /// What the forward proxy enforces, rebuilt from the applied config and the current mode.
+    fn publish_forward_state(&self, state: &State, config: &ProxyConfig) {
+        let own = state
+            .listeners
+            .keys()
+            .copied()
+            .chain(state.own.iter().copied());
+        let upstreams = state
+            .upstreams
+            .iter()
+            .filter_map(|(label, (_, u))| match &**u {
+                Upstream::Http(h) => Some((Arc::from(label.as_str()), h.clone())),
+                Upstream::Tcp(_) => None,
+            })
+            .collect();
+        self.forward.send_replace(Arc::new(forward::State {
+            mode: state.mode,
+            table: Table::new(config, own),
+            upstreams,
+        }));
+    }
+
+    /// Changes the outbound traffic policy live: open tunnels go on, the next request or tunnel
+    /// follows the new mode.
+    pub async fn set_outbound_traffic_policy(&self, mode: Mode) {
+        let mut state = self.state.lock().await;
+        state.mode = mode;
+        let config = self.current().unwrap_or_default();
+        self.publish_forward_state(&state, &config);
+    }
+
+    pub async fn outbound_traffic_policy(&self) -> Mode {
+        self.state.lock().await.mode
+    }
+
+    /// Marks an address this process listens on, so no request is sent back into it.
+    pub async fn add_own_address(&self, addr: SocketAddr) {
+        let mut state = self.state.lock().await;
+        state.own.push(addr);
+        let config = self.current().unwrap_or_default();
+        self.publish_forward_state(&state, &config);
+    }
+
+    /// Starts the forward proxy (`HTTP_PROXY`/`HTTPS_PROXY`) on `addr`.
+    pub async fn start_forward_proxy(&self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+        let listener = TcpListener::bind(addr).await?;
+        let bound = listener.local_addr()?;
+        self.add_own_address(bound).await;
+        let shared = Arc::new(forward::Shared {
+            state: self.forward.subscribe(),
+            resolver: self.resolver.clone(),
+            metrics: self.shared.metrics.clone(),
+            access_log: self.shared.access_log.clone(),
+            connect_timeout: self.shared.settings.upstream.connect,
+            hello_timeout: self.shared.settings.header_read_timeout,
+            listener: Arc::from("forward-proxy"),
+        });
+        let limits = self.shared.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, peer) = match listener.accept().await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "forward proxy accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = limits.connections.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, "connection limit reached; closing new forward-proxy connection");
+                    continue;
+                };
+                let shared = shared.clone();
+                let header_timeout = limits.settings.header_read_timeout;
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let _ = stream.set_nodelay(true);
+                    let service = service_fn(move |req| forward::handle(req, peer, shared.clone()));
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(header_timeout)
+                        .max_buf_size(64 * 1024)
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades();
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "forward proxy connection ended with an error");
+                    }
+                });
+            }
+        });
+        tracing::info!(address = %bound, "forward proxy listening");
+        Ok(bound)
     }
 
     /// Stops accepting everywhere and waits (up to the drain timeout) for open connections.

@@ -99,6 +99,9 @@ impl SluiceBuilder {
                 .unwrap_or_else(|e| panic!("writing config file {name}: {e}"));
         }
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        // Each process gets its own forward-proxy port unless the test chose one.
+        let http_proxy: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let own_proxy_arg = !self.args.iter().any(|a| a == "--http-proxy");
         let access_log = dir.join("access.log");
         let stderr_path = dir.join("stderr.log");
         let stdout_path = dir.join("stdout.log");
@@ -113,6 +116,11 @@ impl SluiceBuilder {
             .arg(admin.to_string())
             .arg("--access-log")
             .arg(&access_log)
+            .args(if own_proxy_arg {
+                vec!["--http-proxy".to_string(), http_proxy.to_string()]
+            } else {
+                Vec::new()
+            })
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(stdout)
@@ -127,6 +135,7 @@ impl SluiceBuilder {
             child,
             config_dir,
             admin,
+            http_proxy,
             access_log,
             stderr_path,
             stdout_path,
@@ -160,6 +169,7 @@ pub struct Sluice {
     child: Child,
     config_dir: PathBuf,
     admin: SocketAddr,
+    http_proxy: SocketAddr,
     access_log: PathBuf,
     stderr_path: PathBuf,
     stdout_path: PathBuf,
@@ -190,6 +200,11 @@ impl Sluice {
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin
+    }
+
+    /// The forward proxy's address (meaningless when the test passed its own `--http-proxy`).
+    pub fn http_proxy_addr(&self) -> SocketAddr {
+        self.http_proxy
     }
 
     pub fn config_dir(&self) -> &Path {

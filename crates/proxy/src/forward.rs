@@ -1,0 +1,524 @@
+//! The forward proxy (`HTTP_PROXY`/`HTTPS_PROXY`): `CONNECT host:port` tunnels whose TLS
+//! ClientHello must name the host that was checked, and absolute-form HTTP requests, each one
+//! checked against the outbound traffic policy. A name is resolved once and the proxy dials the
+//! address it checked.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hickory_resolver::TokioResolver;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::access_log::{AccessLog, Entry};
+use crate::http::{BoxError, HttpUpstream, ProxyBody, RequestContext};
+use crate::metrics::{DecisionLabels, Metrics};
+use crate::policy::{self, Decision, Denied, Host, Mode, Opening, Table};
+
+/// A ClientHello larger than this is not waited for.
+const MAX_CLIENT_HELLO: usize = 16 * 1024;
+
+/// What the forward proxy enforces, swapped whole when the config or the mode changes.
+pub struct State {
+    pub mode: Mode,
+    pub table: Table,
+    /// Pools of services that originate TLS, by service label.
+    pub upstreams: std::collections::HashMap<Arc<str>, Arc<HttpUpstream>>,
+}
+
+/// Shared by every forward-proxy connection.
+pub struct Shared {
+    pub state: tokio::sync::watch::Receiver<Arc<State>>,
+    pub resolver: Arc<TokioResolver>,
+    pub metrics: Arc<Metrics>,
+    pub access_log: AccessLog,
+    pub connect_timeout: Duration,
+    pub hello_timeout: Duration,
+    pub listener: Arc<str>,
+}
+
+pub async fn handle(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let state = shared.state.borrow().clone();
+    let response = if req.method() == Method::CONNECT {
+        connect(req, peer, &shared, &state).await
+    } else {
+        absolute(req, peer, &shared, &state).await
+    };
+    Ok(response.unwrap_or_else(|refusal| refusal.respond(&shared, peer)))
+}
+
+/// A request the proxy answers itself, logged and counted.
+struct Refusal {
+    status: StatusCode,
+    message: String,
+    reason: &'static str,
+    method: Method,
+    target: String,
+}
+
+impl Refusal {
+    fn bad(req: &Request<Incoming>, message: impl Into<String>) -> Self {
+        Refusal {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            reason: "bad_request",
+            method: req.method().clone(),
+            target: req.uri().to_string(),
+        }
+    }
+
+    fn denied(req: &Request<Incoming>, denied: &Denied) -> Self {
+        Refusal {
+            status: StatusCode::FORBIDDEN,
+            message: format!("blocked by the outbound traffic policy: {denied}"),
+            reason: denied.reason(),
+            method: req.method().clone(),
+            target: req.uri().to_string(),
+        }
+    }
+
+    fn upstream(req: &Request<Incoming>, status: StatusCode, message: String) -> Self {
+        Refusal {
+            status,
+            message,
+            reason: "upstream_failed",
+            method: req.method().clone(),
+            target: req.uri().to_string(),
+        }
+    }
+
+    fn respond(self, shared: &Shared, peer: SocketAddr) -> Response<ProxyBody> {
+        if self.status == StatusCode::FORBIDDEN {
+            count(shared, "denied", self.reason);
+        }
+        tracing::info!(%peer, target = %self.target, status = %self.status, reason = %self.message, "forward proxy refused a request");
+        let mut entry = Entry::new("forward", shared.listener.clone(), peer, Arc::from("-"));
+        entry.method = Some(self.method);
+        entry.authority = Some(self.target);
+        entry.status = Some(self.status.as_u16());
+        entry.error = Some(self.message.clone());
+        shared.access_log.log(entry);
+        let body = format!("sluice: {}\n", self.message);
+        let mut r = Response::new(full(body));
+        *r.status_mut() = self.status;
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if self.status == StatusCode::BAD_REQUEST {
+            // The framing of what follows cannot be trusted.
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        r
+    }
+}
+
+fn full(body: impl Into<Bytes>) -> ProxyBody {
+    Full::new(body.into())
+        .map_err(|never: Infallible| -> BoxError { match never {} })
+        .boxed()
+}
+
+fn count(shared: &Shared, decision: &'static str, reason: &'static str) {
+    shared
+        .metrics
+        .forward_decisions
+        .get_or_create(&DecisionLabels { decision, reason })
+        .inc();
+}
+
+/// Refuses request framing that two parsers could read differently (request smuggling).
+fn check_framing(req: &Request<Incoming>) -> Result<(), String> {
+    let h = req.headers();
+    if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+        return Err("both Transfer-Encoding and Content-Length are set".into());
+    }
+    if h.get_all(header::CONTENT_LENGTH).iter().count() > 1 {
+        return Err("Content-Length is given more than once".into());
+    }
+    Ok(())
+}
+
+/// Host and port of a request target, with userinfo refused.
+fn target_of(uri: &Uri, default_port: Option<u16>) -> Result<(Host, u16), String> {
+    let authority = uri
+        .authority()
+        .ok_or_else(|| "the request target has no host".to_string())?;
+    if authority.as_str().contains('@') {
+        return Err("userinfo in the request target is refused".into());
+    }
+    let host = policy::parse_host(authority.host())?;
+    let port = authority
+        .port_u16()
+        .or(default_port)
+        .ok_or_else(|| "the request target has no port".to_string())?;
+    Ok((host, port))
+}
+
+/// Resolves once and returns the first address the policy lets bytes go to.
+async fn checked_address(
+    shared: &Shared,
+    state: &State,
+    host: &Host,
+    port: u16,
+) -> Result<SocketAddr, Result<Denied, String>> {
+    let ips: Vec<IpAddr> = match host {
+        Host::Ip(ip) => vec![*ip],
+        Host::Name(name) => {
+            let lookup = tokio::time::timeout(
+                shared.connect_timeout,
+                shared.resolver.lookup_ip(format!("{name}.")),
+            )
+            .await;
+            match lookup {
+                Ok(Ok(l)) => l.iter().collect(),
+                Ok(Err(e)) => return Err(Err(format!("{name}: name not resolved: {e}"))),
+                Err(_) => return Err(Err(format!("{name}: name resolution timed out"))),
+            }
+        }
+    };
+    let mut first_denial = None;
+    for ip in ips {
+        let addr = SocketAddr::new(ip, port);
+        match state.table.check_address(addr) {
+            Ok(()) => return Ok(addr),
+            Err(d) => {
+                first_denial.get_or_insert(d);
+            }
+        }
+    }
+    Err(first_denial
+        .map(Ok)
+        .unwrap_or_else(|| Err(format!("{host}: no address"))))
+}
+
+async fn dial(shared: &Shared, addr: SocketAddr) -> Result<TcpStream, (StatusCode, String)> {
+    match tokio::time::timeout(shared.connect_timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) => Err((StatusCode::BAD_GATEWAY, format!("{addr}: {e}"))),
+        Err(_) => Err((
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "{addr}: connect timed out after {:?}",
+                shared.connect_timeout
+            ),
+        )),
+    }
+}
+
+async fn connect(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    state: &State,
+) -> Result<Response<ProxyBody>, Refusal> {
+    let (host, port) = target_of(req.uri(), None).map_err(|e| Refusal::bad(&req, e))?;
+    let decision = policy::decide(state.mode, &state.table, &host, port);
+    let (service, raw_tcp) = match &decision {
+        Decision::Deny(d) => return Err(Refusal::denied(&req, d)),
+        Decision::Registered(Opening::Endpoint { service, raw_tcp }) => (service.clone(), *raw_tcp),
+        // The service's own port originates TLS for plain HTTP; a tunnel there goes to the endpoint port.
+        Decision::Registered(Opening::Originate { service }) => (service.clone(), false),
+        Decision::Passthrough => (Arc::from("passthrough"), true),
+    };
+    let addr = match checked_address(shared, state, &host, port).await {
+        Ok(a) => a,
+        Err(Ok(denied)) => return Err(Refusal::denied(&req, &denied)),
+        Err(Err(msg)) => {
+            return Err(Refusal::upstream(&req, StatusCode::BAD_GATEWAY, msg));
+        }
+    };
+    let upstream = dial(shared, addr)
+        .await
+        .map_err(|(s, m)| Refusal::upstream(&req, s, m))?;
+    let passthrough = matches!(decision, Decision::Passthrough);
+    count(
+        shared,
+        if passthrough {
+            "passthrough"
+        } else {
+            "allowed"
+        },
+        "tunnel",
+    );
+    let shared = shared.clone();
+    let authority = format!("{host}:{port}");
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let mut entry = Entry::new("tunnel", shared.listener.clone(), peer, service);
+        entry.method = Some(Method::CONNECT);
+        entry.authority = Some(authority);
+        entry.upstream = Some(Arc::from(addr.to_string()));
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => {
+                let result = tunnel(
+                    TokioIo::new(upgraded),
+                    upstream,
+                    &host,
+                    raw_tcp,
+                    shared.hello_timeout,
+                )
+                .await;
+                match result {
+                    Ok((up, down, sni)) => {
+                        entry.bytes_in = up;
+                        entry.bytes_out = down;
+                        entry.path = sni.map(|s| format!("sni:{s}"));
+                    }
+                    Err(e) => {
+                        tracing::info!(%peer, host = %host, error = %e, "tunnel closed");
+                        if e.starts_with("refused:") {
+                            count(&shared, "denied", "sni_mismatch");
+                        }
+                        entry.error = Some(e);
+                    }
+                }
+            }
+            Err(e) => entry.error = Some(format!("upgrade failed: {e}")),
+        }
+        entry.duration_ms = started.elapsed().as_micros() as f64 / 1000.0;
+        shared.access_log.log(entry);
+    });
+    let mut ok = Response::new(full(Bytes::new()));
+    *ok.status_mut() = StatusCode::OK;
+    Ok(ok)
+}
+
+/// Reads the app's first bytes; a TLS ClientHello must name `host`. Then bytes both ways.
+async fn tunnel(
+    mut app: TokioIo<hyper::upgrade::Upgraded>,
+    mut upstream: TcpStream,
+    host: &Host,
+    raw_allowed: bool,
+    hello_timeout: Duration,
+) -> Result<(u64, u64, Option<String>), String> {
+    let mut buf = Vec::with_capacity(1024);
+    let sni = tokio::time::timeout(hello_timeout, read_client_hello(&mut app, &mut buf))
+        .await
+        .map_err(|_| "refused: no TLS ClientHello within the deadline".to_string())??;
+    match (&sni, host) {
+        (Hello::NotTls, _) if raw_allowed => {}
+        (Hello::NotTls, _) => {
+            return Err("refused: the app sent non-TLS bytes to a TLS destination".into())
+        }
+        (Hello::Tls(None), Host::Ip(_)) => {}
+        (Hello::Tls(None), Host::Name(n)) => {
+            return Err(format!(
+                "refused: the ClientHello has no SNI; it must be {n}"
+            ))
+        }
+        (Hello::Tls(Some(s)), Host::Name(n)) if fold(s) == *n => {}
+        (Hello::Tls(Some(s)), _) => {
+            return Err(format!(
+                "refused: the ClientHello names {s} but the tunnel was opened to {host}"
+            ))
+        }
+    }
+    upstream
+        .write_all(&buf)
+        .await
+        .map_err(|e| format!("upstream write failed: {e}"))?;
+    let (up, down) = tokio::io::copy_bidirectional(&mut app, &mut upstream)
+        .await
+        .map_err(|e| format!("tunnel ended with an error: {e}"))?;
+    let sni = match sni {
+        Hello::Tls(s) => s,
+        Hello::NotTls => None,
+    };
+    Ok((up + buf.len() as u64, down, sni))
+}
+
+fn fold(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+enum Hello {
+    NotTls,
+    Tls(Option<String>),
+}
+
+/// Reads until a whole ClientHello is buffered (without answering it) and returns its SNI.
+async fn read_client_hello<R: tokio::io::AsyncRead + Unpin>(
+    app: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<Hello, String> {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut fed = 0;
+    loop {
+        let mut chunk = [0u8; 4096];
+        let n = app
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("reading the app's first bytes failed: {e}"))?;
+        if n == 0 {
+            return Err("the app closed the tunnel before sending anything".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        // A TLS record starts with type 22 (handshake) and major version 3.
+        if buf.len() >= 2 && (buf[0] != 0x16 || buf[1] != 0x03) {
+            return Ok(Hello::NotTls);
+        }
+        let mut reader = &buf[fed..];
+        fed += acceptor
+            .read_tls(&mut reader)
+            .map_err(|e| format!("refused: unreadable TLS record: {e}"))?;
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                return Ok(Hello::Tls(
+                    accepted.client_hello().server_name().map(str::to_string),
+                ))
+            }
+            Ok(None) => {}
+            Err((e, _)) => return Err(format!("refused: not a valid ClientHello: {e}")),
+        }
+        if buf.len() > MAX_CLIENT_HELLO {
+            return Err("refused: ClientHello too large".into());
+        }
+    }
+}
+
+async fn absolute(
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    state: &State,
+) -> Result<Response<ProxyBody>, Refusal> {
+    check_framing(&req).map_err(|e| Refusal::bad(&req, e))?;
+    match req.uri().scheme_str() {
+        Some("http") => {}
+        Some(other) => {
+            return Err(Refusal::bad(
+                &req,
+                format!("{other}:// targets go through CONNECT; this proxy forwards http:// requests"),
+            ))
+        }
+        None => {
+            return Err(Refusal::bad(
+                &req,
+                "this is a forward proxy: send absolute-form requests (GET http://host/path) or CONNECT",
+            ))
+        }
+    }
+    let (host, port) = target_of(req.uri(), Some(80)).map_err(|e| Refusal::bad(&req, e))?;
+    if let Some(h) = req.headers().get(header::HOST) {
+        let agrees = h
+            .to_str()
+            .ok()
+            .and_then(|h| {
+                let uri: Uri = format!("http://{h}/").parse().ok()?;
+                target_of(&uri, Some(80)).ok()
+            })
+            .is_some_and(|(h_host, h_port)| h_host == host && h_port == port);
+        if !agrees {
+            return Err(Refusal::bad(
+                &req,
+                format!("the Host header does not agree with the request target {host}:{port}"),
+            ));
+        }
+    }
+    match policy::decide(state.mode, &state.table, &host, port) {
+        Decision::Deny(d) => Err(Refusal::denied(&req, &d)),
+        Decision::Registered(Opening::Originate { service }) => {
+            let Some(upstream) = state.upstreams.get(&service).cloned() else {
+                return Err(Refusal::upstream(
+                    &req,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("external service {service} is not ready"),
+                ));
+            };
+            count(shared, "allowed", "originate");
+            let ctx = Arc::new(RequestContext {
+                listener: shared.listener.clone(),
+                peer,
+                upstream,
+                access_log: shared.access_log.clone(),
+            });
+            Ok(crate::http::handle(req, ctx)
+                .await
+                .unwrap_or_else(|n| match n {}))
+        }
+        decision => {
+            let (service, label): (Arc<str>, &'static str) = match &decision {
+                Decision::Registered(o) => (o.service().clone(), "allowed"),
+                _ => (Arc::from("passthrough"), "passthrough"),
+            };
+            let addr = match checked_address(shared, state, &host, port).await {
+                Ok(a) => a,
+                Err(Ok(d)) => return Err(Refusal::denied(&req, &d)),
+                Err(Err(m)) => return Err(Refusal::upstream(&req, StatusCode::BAD_GATEWAY, m)),
+            };
+            count(shared, label, "http");
+            let stream = dial(shared, addr)
+                .await
+                .map_err(|(s, m)| Refusal::upstream(&req, s, m))?;
+            let started = Instant::now();
+            let mut entry = Entry::new("forward", shared.listener.clone(), peer, service);
+            entry.method = Some(req.method().clone());
+            entry.authority = Some(format!("{host}:{port}"));
+            entry.path = req.uri().path_and_query().map(|p| p.to_string());
+            entry.upstream = Some(Arc::from(addr.to_string()));
+            // Origin-form to the server, as a direct client would send.
+            let path = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_else(|| "/".into());
+            *req.uri_mut() = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
+            crate::http::strip_hop_by_hop(req.headers_mut());
+            let result = send_once(stream, req).await;
+            entry.duration_ms = started.elapsed().as_micros() as f64 / 1000.0;
+            match result {
+                Ok(mut response) => {
+                    entry.status = Some(response.status().as_u16());
+                    shared.access_log.log(entry);
+                    crate::http::strip_hop_by_hop(response.headers_mut());
+                    Ok(response.map(|b| b.map_err(Into::into).boxed()))
+                }
+                Err(e) => {
+                    entry.error = Some(e.clone());
+                    shared.access_log.log(entry);
+                    Err(Refusal {
+                        status: StatusCode::BAD_GATEWAY,
+                        message: e,
+                        reason: "upstream_failed",
+                        method: Method::GET,
+                        target: format!("{host}:{port}"),
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// One request on a fresh connection to the address that was checked.
+async fn send_once(
+    stream: TcpStream,
+    req: Request<Incoming>,
+) -> Result<Response<Incoming>, String> {
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("upstream handshake failed: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("upstream failed before a full response: {e}"))
+}
