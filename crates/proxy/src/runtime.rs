@@ -131,6 +131,8 @@ impl Proxy {
         opts.positive_max_ttl = Some(DNS_MAX_TTL);
         opts.negative_min_ttl = Some(DNS_MIN_TTL);
         opts.negative_max_ttl = Some(DNS_NEGATIVE_MAX_TTL);
+        // Both families, IPv4 first: every address a name has is checked and tried in turn.
+        opts.ip_strategy = hickory_resolver::config::LookupIpStrategy::Ipv4AndIpv6;
         let resolver = builder
             .build()
             .map_err(|e| format!("cannot start the DNS resolver: {e}"))?;

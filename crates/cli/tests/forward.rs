@@ -1,0 +1,484 @@
+//! The forward proxy and its outbound traffic policy, attacked the ways egress controls are
+//! known to be bypassed. Every row runs against a real proxy process on loopback; origins are
+//! declared explicitly, since loopback is refused unless an external service names it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::Command;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// A TLS origin reachable by name (`localhost`) and by its IP, and a plain origin, registered;
+/// the second plain origin is registered under no service.
+struct World {
+    tls: Origin,
+    plain: Origin,
+    unregistered: Origin,
+    sluice: Sluice,
+}
+
+fn registry(tls: &Origin, plain: &Origin) -> String {
+    let ca: String = pki()
+        .ca_pem()
+        .lines()
+        .map(|l| format!("          {l}\n"))
+        .collect();
+    format!(
+        "type: MeshExternalService
+name: tls-origin
+spec:
+  match: {{port: {tp}, protocol: tcp}}
+  endpoints:
+    - {{address: localhost, port: {tp}}}
+    - {{address: 127.0.0.1, port: {tp}}}
+---
+type: MeshExternalService
+name: plain-origin
+spec:
+  match: {{port: {pp}, protocol: http}}
+  endpoints:
+    - {{address: localhost, port: {pp}}}
+    - {{address: 127.0.0.1, port: {pp}}}
+---
+type: MeshExternalService
+name: originate
+spec:
+  match: {{port: 80, protocol: http}}
+  endpoints:
+    - {{address: localhost, port: {tp}}}
+    - {{address: 127.0.0.1, port: {tp}}}
+  tls:
+    enabled: true
+    verification:
+      serverName: origin.test
+      caCert:
+        inlineString: |
+{ca}",
+        tp = tls.port(),
+        pp = plain.port(),
+    )
+}
+
+async fn world(mode: &str) -> World {
+    let tls = start_tls_origin("tls").await;
+    let plain = start_plain_origin("plain").await;
+    let unregistered = start_plain_origin("unregistered").await;
+    let sluice = Sluice::start_with_args(
+        &registry(&tls, &plain),
+        &["--outbound-traffic-policy", mode],
+    )
+    .await;
+    World {
+        tls,
+        plain,
+        unregistered,
+        sluice,
+    }
+}
+
+/// Sends `CONNECT target` and returns the status code and the stream after the response head.
+async fn connect(proxy: SocketAddr, target: &str) -> (u16, String, TcpStream) {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let (status, body) = read_head(&mut s).await;
+    (status, body, s)
+}
+
+/// Reads a response head (and, for non-2xx, the short body that follows) byte by byte.
+async fn read_head(s: &mut TcpStream) -> (u16, String) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(DEFAULT_TIMEOUT, s.read(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before a response head: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let status: u16 = head[9..12].parse().unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    if len > 0 {
+        s.read_exact(&mut body).await.unwrap();
+    }
+    (status, String::from_utf8_lossy(&body).to_string())
+}
+
+/// A raw request line sent to the proxy; returns status and body.
+async fn raw(proxy: SocketAddr, request: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    read_head(&mut s).await
+}
+
+/// TLS through an open tunnel; `sni` is a DNS name or an IP (no SNI).
+async fn tls_through(
+    stream: TcpStream,
+    sni: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+    let config = ClientTls::default().build();
+    tokio::time::timeout(
+        DEFAULT_TIMEOUT,
+        TlsConnector::from(config).connect(name, stream),
+    )
+    .await
+    .unwrap()
+}
+
+async fn get_over(mut tls: tokio_rustls::client::TlsStream<TcpStream>, host: &str) -> String {
+    tls.write_all(
+        format!("GET /x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(DEFAULT_TIMEOUT, tls.read_to_end(&mut out))
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&out).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_tunnels_only_what_was_checked() {
+    let w = world("restricted").await;
+    let proxy = w.sluice.http_proxy_addr();
+    let tp = w.tls.port();
+
+    // Registered name, matching SNI: the app's own TLS goes through untouched.
+    let (status, _, s) = connect(proxy, &format!("localhost:{tp}")).await;
+    assert_eq!(status, 200);
+    let answer = get_over(tls_through(s, "localhost").await.unwrap(), "localhost").await;
+    assert!(answer.contains("origin:tls"), "{answer}");
+    assert_eq!(w.tls.last_tls().unwrap().sni.as_deref(), Some("localhost"));
+
+    // Domain fronting: the ClientHello names another host than the CONNECT target.
+    let before = w.tls.accepted();
+    let (status, _, s) = connect(proxy, &format!("localhost:{tp}")).await;
+    assert_eq!(status, 200);
+    assert!(
+        tls_through(s, "origin.test").await.is_err(),
+        "a fronted SNI must close the tunnel"
+    );
+    // No SNI at all.
+    let (status, _, s) = connect(proxy, &format!("localhost:{tp}")).await;
+    assert_eq!(status, 200);
+    assert!(
+        tls_through(s, "127.0.0.1").await.is_err(),
+        "a missing SNI must close the tunnel"
+    );
+    // Plain bytes where TLS is expected.
+    let (status, _, mut s) = connect(proxy, &format!("localhost:{}", w.plain.port())).await;
+    assert_eq!(status, 200);
+    s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(DEFAULT_TIMEOUT, s.read_to_end(&mut out))
+        .await
+        .unwrap();
+    assert!(
+        out.is_empty(),
+        "non-TLS bytes to an http service must not pass: {}",
+        String::from_utf8_lossy(&out)
+    );
+    // The refused tunnels never reached an origin with a handshake.
+    assert_eq!(w.tls.handshakes(), 1, "before: {before}");
+    assert_eq!(w.plain.request_count(), 0);
+
+    // An IP the registry names, no SNI: allowed.
+    let (status, _, s) = connect(proxy, &format!("127.0.0.1:{tp}")).await;
+    assert_eq!(status, 200);
+    assert!(
+        get_over(tls_through(s, "127.0.0.1").await.unwrap(), "127.0.0.1")
+            .await
+            .contains("origin:tls")
+    );
+
+    let text = w.sluice.admin_get("/metrics").await.unwrap().text();
+    assert!(
+        text.contains(
+            "sluice_forward_proxy_decisions_total{decision=\"denied\",reason=\"sni_mismatch\"} 3"
+        ),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bypass_catalogue_is_refused() {
+    let w = world("restricted").await;
+    let proxy = w.sluice.http_proxy_addr();
+    let tp = w.tls.port();
+    let up = w.unregistered.port();
+    // (what is tried, request, expected status, text the answer must contain)
+    let rows: Vec<(&str, String, u16, &str)> = vec![
+        ("allowed host, another port", format!("CONNECT localhost:{up} HTTP/1.1\r\nHost: x\r\n\r\n"), 403, "not a registered external service"),
+        ("IP literal not named", format!("CONNECT 127.0.0.2:{tp} HTTP/1.1\r\nHost: x\r\n\r\n"), 403, "not a registered"),
+        ("decimal spelling", format!("CONNECT 2130706433:{tp} HTTP/1.1\r\nHost: x\r\n\r\n"), 400, "numeric spellings"),
+        ("hex spelling", format!("CONNECT 0x7f.1:{tp} HTTP/1.1\r\nHost: x\r\n\r\n"), 400, "numeric spellings"),
+        ("octal spelling", format!("CONNECT 0177.0.0.1:{tp} HTTP/1.1\r\nHost: x\r\n\r\n"), 400, "numeric spellings"),
+        ("short spelling", format!("CONNECT 127.1:{tp} HTTP/1.1\r\nHost: x\r\n\r\n"), 400, "numeric spellings"),
+        ("unregistered http", format!("GET http://localhost:{up}/ HTTP/1.1\r\nHost: localhost:{up}\r\n\r\n"), 403, "restricted"),
+        ("Host disagrees with target", format!("GET http://localhost:{}/ HTTP/1.1\r\nHost: localhost:{up}\r\n\r\n", w.plain.port()), 400, "does not agree"),
+        ("userinfo", format!("GET http://user:pw@localhost:{}/ HTTP/1.1\r\nHost: localhost:{}\r\n\r\n", w.plain.port(), w.plain.port()), 400, "userinfo"),
+        ("origin-form to the proxy", "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n".to_string(), 400, "absolute-form"),
+        ("duplicate CL", format!("POST http://localhost:{p}/echo HTTP/1.1\r\nHost: localhost:{p}\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", p = w.plain.port()), 400, ""),
+        ("obs-fold", format!("GET http://localhost:{p}/ HTTP/1.1\r\nHost: localhost:{p}\r\nX-A: a\r\n folded\r\n\r\n", p = w.plain.port()), 400, ""),
+    ];
+    for (what, request, status, text) in rows {
+        let (got, body) = raw(proxy, &request).await;
+        assert_eq!(got, status, "{what}: {body}");
+        assert!(body.contains(text), "{what}: {body}");
+    }
+    assert_eq!(w.unregistered.request_count(), 0);
+    assert_eq!(w.plain.request_count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hidden_loopback_and_the_proxy_itself_are_refused_even_when_allowed() {
+    let w = world("allowed").await;
+    let proxy = w.sluice.http_proxy_addr();
+    let up = w.unregistered.port();
+    let rows = [
+        format!("[::ffff:127.0.0.1]:{up}"),
+        format!("[64:ff9b::7f00:1]:{up}"),
+        format!("[2002:7f00:1::]:{up}"),
+        format!("[2001:0:808:808:0:0:80ff:fffe]:{up}"),
+        format!("localhost:{up}"),
+        format!("127.0.0.1:{up}"),
+    ];
+    for target in rows {
+        let (status, body, _) = connect(proxy, &target).await;
+        assert_eq!(status, 403, "{target}: {body}");
+        assert!(body.contains("loopback address"), "{target}: {body}");
+    }
+    let (status, body, _) = connect(proxy, &format!("localhost:{}", proxy.port())).await;
+    assert_eq!(status, 403);
+    assert!(body.contains("this proxy itself"), "{body}");
+    assert_eq!(w.unregistered.accepted(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_on_a_connection_is_checked_and_tls_is_originated_for_plain_http() {
+    let w = world("restricted").await;
+    let proxy = w.sluice.http_proxy_addr();
+    let pp = w.plain.port();
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(
+        format!("GET http://localhost:{pp}/headers HTTP/1.1\r\nHost: localhost:{pp}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (status, body) = read_head(&mut s).await;
+    assert_eq!(status, 200, "{body}");
+    // Same connection, another authority.
+    let up = w.unregistered.port();
+    s.write_all(
+        format!("GET http://localhost:{up}/ HTTP/1.1\r\nHost: localhost:{up}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (status, body) = read_head(&mut s).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(w.unregistered.request_count(), 0);
+
+    // The blog's pattern: plain http://...:80 from the app, HTTPS to the service's endpoint.
+    let (status, body) = raw(
+        proxy,
+        "GET http://localhost/headers?q=1 HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let seen = w.tls.last_request().unwrap();
+    assert_eq!(seen.path, "/headers");
+    assert_eq!(
+        w.tls.last_tls().unwrap().sni.as_deref(),
+        Some("origin.test")
+    );
+    let log = w.sluice.access_log_lines();
+    let _ = log;
+    let found = wait_until(DEFAULT_TIMEOUT, || {
+        w.sluice.access_log_lines().iter().any(|l| {
+            l["path"] == "/headers?q=1" && l["status"] == 200 && l["tls_version"] == "TLSv1.3"
+        })
+    })
+    .await;
+    assert!(found, "{:?}", w.sluice.access_log_lines());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_switch_keeps_open_tunnels_and_applies_to_the_next() {
+    let w = world("allowed").await;
+    let proxy = w.sluice.http_proxy_addr();
+    let tp = w.tls.port();
+    let (status, _, s) = connect(proxy, &format!("localhost:{tp}")).await;
+    assert_eq!(status, 200);
+    let mut open = tls_through(s, "localhost").await.unwrap();
+
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "outbound-traffic-policy",
+            "restricted",
+            "--admin",
+            &w.sluice.admin_addr().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "mesh wide outbound traffic policy is set to 'REGISTRY_ONLY'\n"
+    );
+    // The open tunnel is not cut.
+    open.write_all(b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    open.read_to_end(&mut answer).await.unwrap();
+    assert!(String::from_utf8_lossy(&answer).contains("origin:tls"));
+    // The next one follows the new mode.
+    let (status, body, _) = connect(proxy, &format!("localhost:{}", w.unregistered.port())).await;
+    assert_eq!(status, 403);
+    assert!(body.contains("restricted"), "{body}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "outbound-traffic-policy",
+            "allowed",
+            "--admin",
+            &w.sluice.admin_addr().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "mesh wide outbound traffic policy is set to 'ALLOW_ANY'\n"
+    );
+}
+
+/// curl and Python's standard library pointed at the proxy as users do. curl never uses the
+/// proxy environment variables for `localhost`, so it is given the same proxy with `--proxy`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_and_python_through_the_proxy() {
+    let w = world("restricted").await;
+    let proxy = format!("http://{}", w.sluice.http_proxy_addr());
+    let dir = TempDir::new("clients");
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, pki().ca_pem()).unwrap();
+    let tp = w.tls.port();
+    let pp = w.plain.port();
+    let up = w.unregistered.port();
+    let curl = |url: String| {
+        let proxy = proxy.clone();
+        let ca = ca.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                Command::new("curl")
+                    .args([
+                        "-sS",
+                        "--max-time",
+                        "10",
+                        "--proxy",
+                        &proxy,
+                        "--cacert",
+                        ca.to_str().unwrap(),
+                        "-w",
+                        "\n%{http_code}",
+                        &url,
+                    ])
+                    .env("HTTPS_PROXY", &proxy)
+                    .env("HTTP_PROXY", &proxy)
+                    .env("NO_PROXY", "")
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let out = curl(format!("https://localhost:{tp}/x")).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("origin:tls") && text.ends_with("200"),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = curl(format!("http://localhost:{pp}/x")).await;
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with("200"));
+    let out = curl(format!("http://localhost:{up}/x")).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.ends_with("403"),
+        "{text} {} {:?}",
+        String::from_utf8_lossy(&out.stderr),
+        w.sluice.access_log_lines()
+    );
+    let out = curl(format!("https://localhost:{up}/x")).await;
+    assert!(
+        !out.status.success(),
+        "a refused CONNECT must fail the request"
+    );
+
+    let script = format!(
+        "import ssl, urllib.request, urllib.error\n\
+         ctx = ssl.create_default_context(cafile={ca:?})\n\
+         print(urllib.request.urlopen('https://localhost:{tp}/x', context=ctx, timeout=10).read().decode())\n\
+         print(urllib.request.urlopen('http://localhost:{pp}/x', timeout=10).read().decode())\n\
+         try:\n    urllib.request.urlopen('http://localhost:{up}/x', timeout=10)\nexcept urllib.error.HTTPError as e:\n    print(e.code)\n",
+        ca = ca.to_str().unwrap(),
+    );
+    let proxy2 = proxy.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .args(["-c", &script])
+            .env("HTTPS_PROXY", &proxy2)
+            .env("HTTP_PROXY", &proxy2)
+            .env("https_proxy", &proxy2)
+            .env("http_proxy", &proxy2)
+            .env("NO_PROXY", "")
+            .env("no_proxy", "")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "origin:tls\norigin:plain\n403\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every one of those went through the proxy.
+    let seen = wait_until(DEFAULT_TIMEOUT, || {
+        let log = w.sluice.access_log_lines();
+        log.iter().filter(|l| l["kind"] == "tunnel").count() >= 2
+            && log.iter().filter(|l| l["status"] == 403).count() >= 3
+    })
+    .await;
+    assert!(seen, "{:?}", w.sluice.access_log_lines());
+}
