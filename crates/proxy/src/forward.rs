@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::access_log::{AccessLog, Entry};
 use crate::http::{BoxError, HttpUpstream, ProxyBody, RequestContext};
@@ -42,6 +43,8 @@ pub struct Shared {
     pub access_log: AccessLog,
     pub connect_timeout: Duration,
     pub hello_timeout: Duration,
+    /// A tunnel with nothing moving either way for this long is closed.
+    pub idle_timeout: Duration,
     pub listener: Arc<str>,
 }
 
@@ -273,6 +276,7 @@ async fn connect(
                     &host,
                     raw_tcp,
                     shared.hello_timeout,
+                    shared.idle_timeout,
                 )
                 .await;
                 match result {
@@ -307,6 +311,7 @@ async fn tunnel(
     host: &Host,
     raw_allowed: bool,
     hello_timeout: Duration,
+    idle_timeout: Duration,
 ) -> Result<(u64, u64, Option<String>), String> {
     let mut buf = Vec::with_capacity(1024);
     let sni = tokio::time::timeout(hello_timeout, read_client_hello(&mut app, &mut buf))
@@ -334,9 +339,13 @@ async fn tunnel(
         .write_all(&buf)
         .await
         .map_err(|e| format!("upstream write failed: {e}"))?;
-    let (up, down) = tokio::io::copy_bidirectional(&mut app, &mut upstream)
-        .await
-        .map_err(|e| format!("tunnel ended with an error: {e}"))?;
+    let (up, down) = crate::tcp::relay(
+        &mut app,
+        &mut upstream,
+        idle_timeout,
+        &CancellationToken::new(),
+    )
+    .await?;
     let sni = match sni {
         Hello::Tls(s) => s,
         Hello::NotTls => None,

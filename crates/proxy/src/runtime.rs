@@ -301,6 +301,7 @@ impl Proxy {
             access_log: self.shared.access_log.clone(),
             connect_timeout: self.shared.settings.upstream.connect,
             hello_timeout: self.shared.settings.header_read_timeout,
+            idle_timeout: self.shared.settings.tcp_idle_timeout,
             listener: Arc::from("forward-proxy"),
         });
         let limits = self.shared.clone();

@@ -56,26 +56,11 @@ pub async fn serve(
         Ok(mut upstream) => {
             entry.upstream = Some(upstream.info.address.clone());
             entry.tls_version = upstream.info.tls_version;
-            let activity = Activity::new();
-            let mut client = Tracked {
-                inner: &mut client,
-                activity: &activity,
-            };
-            let mut server = Tracked {
-                inner: &mut upstream.io,
-                activity: &activity,
-            };
-            let copied = tokio::select! {
-                r = tokio::io::copy_bidirectional(&mut client, &mut server) => Ok(r),
-                _ = kill.cancelled() => Err("closed at the end of the drain deadline".to_string()),
-                idle = activity.idle_for(idle_timeout) => Err(format!("closed after {idle:?} without traffic")),
-            };
-            match copied {
-                Ok(Ok((up, down))) => {
+            match relay(&mut client, &mut upstream.io, idle_timeout, &kill).await {
+                Ok((up, down)) => {
                     entry.bytes_in = up;
                     entry.bytes_out = down;
                 }
-                Ok(Err(e)) => entry.error = Some(format!("connection ended with an error: {e}")),
                 Err(reason) => entry.error = Some(reason),
             }
         }
@@ -94,6 +79,36 @@ pub async fn serve(
     }
     entry.duration_ms = started.elapsed().as_micros() as f64 / 1000.0;
     access_log.log(entry);
+}
+
+/// Bytes both ways until both sides are done, nothing moves for `idle_timeout`, or `kill`
+/// fires; returns the bytes sent each way, or why it stopped early.
+pub async fn relay<A, B>(
+    a: &mut A,
+    b: &mut B,
+    idle_timeout: Duration,
+    kill: &CancellationToken,
+) -> Result<(u64, u64), String>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let activity = Activity::new();
+    let mut a = Tracked {
+        inner: a,
+        activity: &activity,
+    };
+    let mut b = Tracked {
+        inner: b,
+        activity: &activity,
+    };
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut a, &mut b) => {
+            r.map_err(|e| format!("connection ended with an error: {e}"))
+        }
+        _ = kill.cancelled() => Err("closed at the end of the drain deadline".to_string()),
+        idle = activity.idle_for(idle_timeout) => Err(format!("closed after {idle:?} without traffic")),
+    }
 }
 
 /// When bytes last moved in either direction, as milliseconds since `start`.
