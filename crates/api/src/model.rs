@@ -194,3 +194,22 @@ pub struct Outbound {
     pub port: u16,
     pub service: ResourceKey,
 }
+
+/// Mesh-wide: `Allowed` passes unregistered destinations through (logged and counted) so users
+/// can see what to register; `Restricted` passes only what the registry opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutboundTrafficPolicy {
+    Allowed,
+    Restricted,
+}
+
+impl OutboundTrafficPolicy {
+    /// The names Istio users know the modes by.
+    pub fn istio_name(self) -> &'static str {
+        match self {
+            OutboundTrafficPolicy::Allowed => "ALLOW_ANY",
+            OutboundTrafficPolicy::Restricted => "REGISTRY_ONLY",
+        }
+    }
+}

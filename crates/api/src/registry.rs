@@ -9,7 +9,8 @@ use crate::diag::{Diagnostic, Diagnostics, DocRef, Severity};
 use crate::document::Document;
 use crate::kuma::{self, DataSource, MeshExternalServiceResource, Sourced};
 use crate::model::{
-    ClientIdentity, ExternalService, Material, Outbound, ResourceKey, TlsOrigination,
+    ClientIdentity, ExternalService, Material, Outbound, OutboundTrafficPolicy, ResourceKey,
+    TlsOrigination,
 };
 use crate::node::At;
 use crate::resource::{Located, Resource};
@@ -19,6 +20,9 @@ use crate::resource::{Located, Resource};
 pub struct Registry {
     pub services: BTreeMap<ResourceKey, ExternalService>,
     pub outbounds: Vec<Outbound>,
+    /// Set by a Kuma Mesh's `networking.outbound.passthrough`; with several meshes the strictest
+    /// wins, since one proxy enforces it for all of them.
+    pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
 }
 
 /// The outcome of loading a set of documents: the registry if they are all valid, and every
@@ -128,6 +132,7 @@ impl<'a, T> Index<'a, T> {
 }
 
 fn resolve(located: &[Located], out: &mut Vec<Diagnostic>) -> Registry {
+    let mut policy: Option<OutboundTrafficPolicy> = None;
     let mut seen: HashMap<(&'static str, &ResourceKey), &DocRef> = HashMap::new();
     let mut secrets: Index<&[u8]> = Index::new("Secret");
     // A valid MeshExternalService always has its match.port.
@@ -163,10 +168,29 @@ fn resolve(located: &[Located], out: &mut Vec<Diagnostic>) -> Registry {
                 mes.push((&l.doc, m, l.valid));
             }
             Resource::Dataplane(dp) => dataplanes.push((&l.doc, dp)),
+            Resource::Mesh(m) => {
+                if let Some(p) = m.passthrough {
+                    let mode = if p {
+                        OutboundTrafficPolicy::Allowed
+                    } else {
+                        OutboundTrafficPolicy::Restricted
+                    };
+                    policy = Some(policy.map_or(mode, |current: OutboundTrafficPolicy| {
+                        if current == OutboundTrafficPolicy::Restricted {
+                            current
+                        } else {
+                            mode
+                        }
+                    }));
+                }
+            }
         }
     }
 
-    let mut registry = Registry::default();
+    let mut registry = Registry {
+        outbound_traffic_policy: policy,
+        ..Registry::default()
+    };
     for (doc, m, valid) in mes {
         let mut d = Diagnostics::for_doc(doc.clone());
         let tls = m.spec.tls.as_ref().map(|t| {

@@ -16,6 +16,15 @@ pub enum Resource {
     MeshExternalService(Box<MeshExternalServiceResource>),
     Dataplane(DataplaneResource),
     Secret(SecretResource),
+    Mesh(MeshResource),
+}
+
+/// A Kuma Mesh: its name is the mesh it defines.
+#[derive(Debug, Clone)]
+pub struct MeshResource {
+    pub meta: Meta,
+    /// `networking.outbound.passthrough`: `false` restricts outbound traffic to the registry.
+    pub passthrough: Option<bool>,
 }
 
 impl Resource {
@@ -24,6 +33,7 @@ impl Resource {
             Resource::MeshExternalService(_) => "MeshExternalService",
             Resource::Dataplane(_) => "Dataplane",
             Resource::Secret(_) => "Secret",
+            Resource::Mesh(_) => "Mesh",
         }
     }
 
@@ -32,6 +42,7 @@ impl Resource {
             Resource::MeshExternalService(r) => &r.meta,
             Resource::Dataplane(r) => &r.meta,
             Resource::Secret(r) => &r.meta,
+            Resource::Mesh(r) => &r.meta,
         }
     }
 }

@@ -78,6 +78,9 @@ fn run(name: &str, text: &str) -> String {
                 o.dataplane, o.port, o.service
             ));
         }
+        if let Some(policy) = registry.outbound_traffic_policy {
+            out.push_str(&format!("registry: outbound traffic policy {policy:?}\n"));
+        }
     }
     out
 }

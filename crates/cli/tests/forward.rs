@@ -482,3 +482,33 @@ async fn curl_and_python_through_the_proxy() {
     .await;
     assert!(seen, "{:?}", w.sluice.access_log_lines());
 }
+
+/// A Kuma Mesh with `passthrough: false` restricts outbound traffic whatever the flag says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_without_passthrough_restricts() {
+    let tls = start_tls_origin("tls").await;
+    let plain = start_plain_origin("plain").await;
+    let unregistered = start_plain_origin("unregistered").await;
+    let yaml = format!(
+        "{}---\ntype: Mesh\nname: default\nnetworking:\n  outbound:\n    passthrough: false\n",
+        registry(&tls, &plain)
+    );
+    let sluice = Sluice::start_with_args(&yaml, &["--outbound-traffic-policy", "allowed"]).await;
+    let policy = sluice
+        .admin_get("/outbound-traffic-policy")
+        .await
+        .unwrap()
+        .text();
+    assert_eq!(
+        policy,
+        "mesh wide outbound traffic policy is set to 'REGISTRY_ONLY'\n"
+    );
+    let up = unregistered.port();
+    let (status, body) = raw(
+        sluice.http_proxy_addr(),
+        &format!("GET http://localhost:{up}/ HTTP/1.1\r\nHost: localhost:{up}\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(status, 403);
+    assert!(body.contains("policy is restricted"), "{body}");
+}

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use serde::Serialize;
-use sluice_api::model::{ExternalService, ResourceKey};
+use sluice_api::model::{ExternalService, OutboundTrafficPolicy, ResourceKey};
 use sluice_api::Registry;
 
 /// Everything a proxy enforces, as one immutable snapshot. `Serialize` is the `/config_dump`
@@ -15,6 +15,8 @@ use sluice_api::Registry;
 pub struct ProxyConfig {
     pub listeners: Vec<ListenerConfig>,
     pub services: BTreeMap<String, Arc<ExternalService>>,
+    /// Set when a resource (a Kuma Mesh) decides it; otherwise the proxy keeps its own setting.
+    pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
 }
 
 /// A plaintext listener for the app, bound to one external service.
@@ -71,6 +73,7 @@ pub fn compile(registry: &Registry) -> ProxyConfig {
     ProxyConfig {
         listeners,
         services,
+        outbound_traffic_policy: registry.outbound_traffic_policy,
     }
 }
 

@@ -12,24 +12,7 @@ use sluice_control::{service_label, ProxyConfig};
 
 use crate::guard;
 
-/// Mesh-wide: `allowed` passes unregistered destinations through (logged and counted), so users
-/// can see what to register; `restricted` passes only what the registry opens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    Allowed,
-    Restricted,
-}
-
-impl Mode {
-    /// The names Istio users know the modes by.
-    pub fn istio_name(self) -> &'static str {
-        match self {
-            Mode::Allowed => "ALLOW_ANY",
-            Mode::Restricted => "REGISTRY_ONLY",
-        }
-    }
-}
+pub use sluice_api::model::OutboundTrafficPolicy as Mode;
 
 /// A destination the app asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -239,6 +239,9 @@ impl Proxy {
         }
         state.listeners = keep;
         state.upstreams = upstreams;
+        if let Some(mode) = config.outbound_traffic_policy {
+            state.mode = mode;
+        }
         let config = Arc::new(config);
         self.config.send_replace(Some(config.clone()));
         self.publish_forward_state(&state, &config);

@@ -2,6 +2,7 @@
 //! universal form (`type`/`name`/`mesh` at top level) and the `apiVersion`/`kind`/`metadata` form.
 
 mod dataplane;
+mod mesh;
 mod mesh_external_service;
 
 use base64::Engine;
@@ -10,7 +11,7 @@ use crate::diag::Diagnostics;
 use crate::model::ResourceKey;
 use crate::names::is_resource_name;
 use crate::node::{kind_of, At, Obj};
-use crate::resource::{Meta, Resource, SecretResource};
+use crate::resource::{MeshResource, Meta, Resource, SecretResource};
 
 pub use dataplane::{BackendRef, DataplaneResource, OutboundSpec};
 pub use mesh_external_service::{
@@ -22,7 +23,7 @@ pub const MESH_LABEL: &str = "kuma.io/mesh";
 pub const DEFAULT_MESH: &str = "default";
 
 /// The kinds this module reads; anything else is an unknown kind.
-pub const KINDS: &[&str] = &["MeshExternalService", "Dataplane", "Secret"];
+pub const KINDS: &[&str] = &["MeshExternalService", "Dataplane", "Secret", "Mesh"];
 
 /// Reads one document, reporting every problem in `d`.
 ///
@@ -106,6 +107,18 @@ pub fn parse(root: &At<'_>, d: &mut Diagnostics) -> Option<Resource> {
                 .and_then(|n| dataplane::parse(&n, d))
                 .unwrap_or_default();
             meta.map(|meta| Resource::Dataplane(DataplaneResource { meta, outbounds }))
+        }
+        "Mesh" => {
+            let passthrough = match form {
+                Form::Universal => mesh::parse(&mut top, d),
+                Form::Metadata => top.get("spec").and_then(|spec| {
+                    let mut spec = spec.obj(d)?;
+                    let p = mesh::parse(&mut spec, d);
+                    spec.finish(d);
+                    p
+                }),
+            };
+            meta.map(|meta| Resource::Mesh(MeshResource { meta, passthrough }))
         }
         _ => {
             let data = secret(&mut top, form, d).unwrap_or_default();
