@@ -53,7 +53,7 @@ pub fn parse(body: &mut Obj<'_>, d: &mut Diagnostics) -> Option<bool> {
         }
     }
     for key in NOT_USED {
-        body.allow(*key);
+        body.allow(key);
     }
     passthrough
 }
