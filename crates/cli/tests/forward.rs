@@ -242,6 +242,7 @@ async fn bypass_catalogue_is_refused() {
         ("Host disagrees with target", format!("GET http://localhost:{}/ HTTP/1.1\r\nHost: localhost:{up}\r\n\r\n", w.plain.port()), 400, "does not agree"),
         ("userinfo", format!("GET http://user:pw@localhost:{}/ HTTP/1.1\r\nHost: localhost:{}\r\n\r\n", w.plain.port(), w.plain.port()), 400, "userinfo"),
         ("origin-form to the proxy", "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n".to_string(), 400, "absolute-form"),
+        ("CL and TE", format!("POST http://localhost:{p}/echo HTTP/1.1\r\nHost: localhost:{p}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", p = w.plain.port()), 400, "Transfer-Encoding and Content-Length"),
         ("duplicate CL", format!("POST http://localhost:{p}/echo HTTP/1.1\r\nHost: localhost:{p}\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", p = w.plain.port()), 400, ""),
         ("obs-fold", format!("GET http://localhost:{p}/ HTTP/1.1\r\nHost: localhost:{p}\r\nX-A: a\r\n folded\r\n\r\n", p = w.plain.port()), 400, ""),
     ];

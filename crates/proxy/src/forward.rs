@@ -531,3 +531,55 @@ async fn send_once(
         .await
         .map_err(|e| format!("upstream failed before a full response: {e}"))
 }
+
+/// Looks at the first request head on a new connection before the HTTP parser does, and finds
+/// framing two parsers could read two ways: both `Content-Length` and `Transfer-Encoding`
+/// (the parser would keep one silently). Later requests on the connection are left to the
+/// parser, which closes the connection after such a request.
+pub async fn ambiguous_first_head(stream: &TcpStream, deadline: Duration) -> Option<String> {
+    let mut buf = vec![0u8; 16 * 1024];
+    let read = async {
+        loop {
+            if stream.readable().await.is_err() {
+                return None;
+            }
+            let n = match stream.peek(&mut buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => n,
+            };
+            let seen = &buf[..n];
+            if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                return Some(seen[..end].to_vec());
+            }
+            if n == buf.len() {
+                return None;
+            }
+            // Part of the head is still in flight: wait for more before looking again.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    let head = tokio::time::timeout(deadline, read).await.ok()??;
+    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let has = |name: &str| text.split("\r\n").skip(1).any(|l| l.starts_with(name));
+    if has("content-length:") && has("transfer-encoding:") {
+        return Some("both Transfer-Encoding and Content-Length are set".into());
+    }
+    None
+}
+
+/// Answers a request whose framing is ambiguous with 400 and closes the connection, without
+/// reading its body.
+pub async fn refuse_framing(mut stream: TcpStream, peer: SocketAddr, shared: &Shared, why: String) {
+    count(shared, "denied", "ambiguous_framing");
+    let mut entry = Entry::new("forward", shared.listener.clone(), peer, Arc::from("-"));
+    entry.status = Some(400);
+    entry.error = Some(why.clone());
+    shared.access_log.log(entry);
+    let body = format!("sluice: request refused: {why}\n");
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(answer.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}

@@ -327,6 +327,11 @@ impl Proxy {
                 tokio::spawn(async move {
                     let _permit = permit;
                     let _ = stream.set_nodelay(true);
+                    if let Some(why) = forward::ambiguous_first_head(&stream, header_timeout).await
+                    {
+                        forward::refuse_framing(stream, peer, &shared, why).await;
+                        return;
+                    }
                     let service = service_fn(move |req| forward::handle(req, peer, shared.clone()));
                     let conn = hyper::server::conn::http1::Builder::new()
                         .timer(TokioTimer::new())
