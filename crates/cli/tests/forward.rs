@@ -304,6 +304,21 @@ async fn each_request_on_a_connection_is_checked_and_tls_is_originated_for_plain
     assert_eq!(status, 403, "{body}");
     assert_eq!(w.unregistered.request_count(), 0);
 
+    // A redirect to the metadata address is handed back, never followed.
+    let (status, _) = raw(
+        proxy,
+        &format!("GET http://localhost:{pp}/redirect-to-metadata HTTP/1.1\r\nHost: localhost:{pp}\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(status, 302);
+    let served = w
+        .plain
+        .requests()
+        .iter()
+        .map(|r| r.path.clone())
+        .collect::<Vec<_>>();
+    assert_eq!(served, ["/headers", "/redirect-to-metadata"]);
+
     // The blog's pattern: plain http://...:80 from the app, HTTPS to the service's endpoint.
     let (status, body) = raw(
         proxy,

@@ -17,6 +17,7 @@
 //! * `/slow?ms=N[&chunks=K]`: K (default 10) chunks `slow-chunk-<i>\n`, the
 //!   first at once, the last about N ms (default 1000) later.
 //! * `/big?bytes=N`: N bytes of [`super::big_body`] content.
+//! * `/redirect-to-metadata`: 302 to the cloud metadata address.
 //! * anything else: `origin:<name>`.
 //!
 //! Every response carries `x-origin: <name>`.
@@ -754,6 +755,15 @@ async fn route_inner(req: Request<Incoming>, ctx: &HttpCtx) -> Response<Body> {
             let _ = req.into_body().collect().await;
             let bytes = query_num(&query, "bytes", 1024 * 1024) as usize;
             response(StatusCode::OK, BodyExt::boxed(PatternBody::new(bytes)))
+        }
+        "/redirect-to-metadata" => {
+            let _ = req.into_body().collect().await;
+            let mut resp = response(StatusCode::FOUND, super::body::empty());
+            resp.headers_mut().insert(
+                http::header::LOCATION,
+                HeaderValue::from_static("http://169.254.169.254/latest/meta-data/"),
+            );
+            resp
         }
         p if p.starts_with("/status/") => {
             let _ = req.into_body().collect().await;
