@@ -52,6 +52,10 @@ pub struct RunArgs {
     /// through (logged), `restricted` only registered ones.
     #[arg(long, default_value = "allowed", value_parser = parse_mode)]
     outbound_traffic_policy: Mode,
+    /// A DNS server (IP:PORT) to resolve endpoint and forward-proxy names with, instead of the
+    /// system's resolver configuration.
+    #[arg(long)]
+    dns_server: Option<SocketAddr>,
     /// A TCP outbound connection with no bytes moving either way for this long is closed.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     tcp_idle_timeout: Duration,
@@ -133,6 +137,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         max_connections: args.max_connections,
         tcp_idle_timeout: args.tcp_idle_timeout,
         outbound_traffic_policy: args.outbound_traffic_policy,
+        dns_server: args.dns_server,
     };
     let metrics = Arc::new(Metrics::default());
     let proxy = Arc::new(Proxy::new(settings, metrics, access_log).map_err(anyhow::Error::msg)?);

@@ -8,6 +8,9 @@ mod support;
 use std::net::SocketAddr;
 use std::process::Command;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -527,4 +530,89 @@ async fn a_mesh_without_passthrough_restricts() {
     .await;
     assert_eq!(status, 403);
     assert!(body.contains("policy is restricted"), "{body}");
+}
+
+/// A DNS server for one test: A queries for any name get `first` the first time and `later`
+/// after that; AAAA queries get no answer. Counts the A queries it answered.
+async fn rebinding_dns(
+    first: std::net::Ipv4Addr,
+    later: std::net::Ipv4Addr,
+) -> (SocketAddr, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let counter = count.clone();
+    let task = tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let q = &buf[..n];
+            // Header (12 bytes), then one question: labels, a zero byte, type and class.
+            let Some(end) = q[12..].iter().position(|b| *b == 0).map(|p| 12 + p + 5) else {
+                continue;
+            };
+            if end > n {
+                continue;
+            }
+            let qtype = u16::from_be_bytes([q[end - 4], q[end - 3]]);
+            let mut answer = Vec::with_capacity(end + 16);
+            answer.extend_from_slice(&q[..2]);
+            answer.extend_from_slice(&[0x81, 0x80, 0, 1]);
+            let is_a = qtype == 1;
+            answer.extend_from_slice(&[0, u8::from(is_a), 0, 0, 0, 0]);
+            answer.extend_from_slice(&q[12..end]);
+            if is_a {
+                let ip = if counter.fetch_add(1, Ordering::SeqCst) == 0 {
+                    first
+                } else {
+                    later
+                };
+                answer.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 0, 0, 4]);
+                answer.extend_from_slice(&ip.octets());
+            }
+            let _ = socket.send_to(&answer, from).await;
+        }
+    });
+    (addr, count, task)
+}
+
+/// The proxy resolves once and dials the address it checked: a name that answers an allowed
+/// address first and a refused one next never reaches the refused one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebinding_name_reaches_only_the_address_that_was_checked() {
+    let plain = start_plain_origin("plain").await;
+    let pp = plain.port();
+    // Something listening where the second answer points, to see whether anything arrives.
+    let trap = tokio::net::TcpListener::bind(("127.0.0.3", pp))
+        .await
+        .unwrap();
+    let (dns, queries, dns_task) =
+        rebinding_dns([127, 0, 0, 1].into(), [127, 0, 0, 3].into()).await;
+    let yaml = format!(
+        "type: MeshExternalService\nname: rebind\nspec:\n  match: {{port: {pp}, protocol: http}}\n  endpoints:\n    - {{address: rebind.test, port: {pp}}}\n    - {{address: 127.0.0.1, port: {pp}}}\n"
+    );
+    let sluice = Sluice::start_with_args(
+        &yaml,
+        &[
+            "--outbound-traffic-policy",
+            "restricted",
+            "--dns-server",
+            &dns.to_string(),
+        ],
+    )
+    .await;
+    let (status, body) = raw(
+        sluice.http_proxy_addr(),
+        &format!("GET http://rebind.test:{pp}/x HTTP/1.1\r\nHost: rebind.test:{pp}\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, "origin:plain");
+    assert_eq!(queries.load(Ordering::SeqCst), 1, "one lookup per request");
+    assert_eq!(
+        plain.last_request().unwrap().host.as_deref(),
+        Some(&*format!("rebind.test:{pp}"))
+    );
+    let nothing = tokio::time::timeout(std::time::Duration::from_millis(200), trap.accept()).await;
+    assert!(nothing.is_err(), "nothing may reach the rebound address");
+    dns_task.abort();
 }

@@ -46,6 +46,8 @@ pub struct Settings {
     pub tcp_idle_timeout: Duration,
     /// The outbound traffic policy for the forward proxy until changed live.
     pub outbound_traffic_policy: Mode,
+    /// A DNS server to ask instead of the system's resolver configuration.
+    pub dns_server: Option<SocketAddr>,
 }
 
 impl Default for Settings {
@@ -58,6 +60,7 @@ impl Default for Settings {
             max_connections: 16_384,
             tcp_idle_timeout: Duration::from_secs(3600),
             outbound_traffic_policy: Mode::Allowed,
+            dns_server: None,
         }
     }
 }
@@ -122,8 +125,25 @@ impl Proxy {
         metrics: Arc<Metrics>,
         access_log: AccessLog,
     ) -> Result<Self, String> {
-        let mut builder = TokioResolver::builder_tokio()
-            .map_err(|e| format!("cannot read the system DNS configuration: {e}"))?;
+        let mut builder = match settings.dns_server {
+            // One name server, UDP then TCP, instead of the system's configuration.
+            Some(addr) => {
+                use hickory_resolver::config::{
+                    ConnectionConfig, NameServerConfig, ResolverConfig,
+                };
+                let mut udp = ConnectionConfig::udp();
+                udp.port = addr.port();
+                let mut tcp = ConnectionConfig::tcp();
+                tcp.port = addr.port();
+                let server = NameServerConfig::new(addr.ip(), true, vec![udp, tcp]);
+                TokioResolver::builder_with_config(
+                    ResolverConfig::from_parts(None, Vec::new(), vec![server]),
+                    hickory_resolver::net::runtime::TokioRuntimeProvider::default(),
+                )
+            }
+            None => TokioResolver::builder_tokio()
+                .map_err(|e| format!("cannot read the system DNS configuration: {e}"))?,
+        };
         let opts = builder.options_mut();
         // Answers are reused for their TTL, within bounds: a zero TTL does not mean a lookup per
         // connection, and a day-long TTL does not pin an endpoint that has moved.
