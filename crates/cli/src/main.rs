@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load resources from files and run the proxy, reloading when the files change or on SIGHUP.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Set the mesh-wide outbound traffic policy of a running `sluice run`, live.
     OutboundTrafficPolicy {
         /// `allowed` (unregistered destinations pass through, logged) or `restricted`
@@ -46,7 +46,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { files } => validate(&files),
-        Command::Run(args) => run::main(args),
+        Command::Run(args) => run::main(*args),
         Command::OutboundTrafficPolicy { mode, admin } => set_policy(mode, &admin),
     }
 }
