@@ -81,6 +81,9 @@ pub async fn serve(
     access_log.log(entry);
 }
 
+/// Per direction: large enough that a bulk transfer moves in few system calls.
+const RELAY_BUFFER: usize = 64 * 1024;
+
 /// Bytes both ways until both sides are done, nothing moves for `idle_timeout`, or `kill`
 /// fires; returns the bytes sent each way, or why it stopped early.
 pub async fn relay<A, B>(
@@ -103,7 +106,7 @@ where
         activity: &activity,
     };
     tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut a, &mut b) => {
+        r = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, RELAY_BUFFER, RELAY_BUFFER) => {
             r.map_err(|e| format!("connection ended with an error: {e}"))
         }
         _ = kill.cancelled() => Err("closed at the end of the drain deadline".to_string()),
