@@ -21,8 +21,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access_log::{AccessLog, Entry};
 use crate::http::{BoxError, HttpUpstream, ProxyBody, RequestContext};
-use crate::metrics::{DecisionLabels, Metrics};
+use crate::metrics::{DecisionLabels, DestinationLabels, Metrics};
 use crate::policy::{self, Decision, Denied, Host, Mode, Opening, Table};
+
+/// Distinct passthrough destinations counted by name; later ones are counted as `other`, so a
+/// client cannot grow the metrics without bound.
+const MAX_PASSTHROUGH_DESTINATIONS: usize = 1000;
 
 /// A ClientHello larger than this is not waited for.
 const MAX_CLIENT_HELLO: usize = 16 * 1024;
@@ -46,6 +50,8 @@ pub struct Shared {
     /// A tunnel with nothing moving either way for this long is closed.
     pub idle_timeout: Duration,
     pub listener: Arc<str>,
+    /// Passthrough destinations already given their own counter.
+    pub passthrough_seen: std::sync::Mutex<std::collections::HashSet<(String, u16)>>,
 }
 
 pub async fn handle(
@@ -133,6 +139,37 @@ fn full(body: impl Into<Bytes>) -> ProxyBody {
     Full::new(body.into())
         .map_err(|never: Infallible| -> BoxError { match never {} })
         .boxed()
+}
+
+/// Counts a passthrough by destination, so `allowed` mode shows what to register.
+fn count_passthrough(shared: &Shared, host: &Host, port: u16) {
+    let Ok(mut seen) = shared.passthrough_seen.lock() else {
+        return;
+    };
+    let labels = passthrough_labels(&mut seen, host.to_string(), port);
+    drop(seen);
+    shared.metrics.passthrough.get_or_create(&labels).inc();
+}
+
+/// The labels for a passthrough destination: its own, or `other` once the cap is reached.
+fn passthrough_labels(
+    seen: &mut std::collections::HashSet<(String, u16)>,
+    host: String,
+    port: u16,
+) -> DestinationLabels {
+    let key = (host, port);
+    if seen.contains(&key) || seen.len() < MAX_PASSTHROUGH_DESTINATIONS {
+        seen.insert(key.clone());
+        DestinationLabels {
+            host: key.0,
+            port: key.1,
+        }
+    } else {
+        DestinationLabels {
+            host: "other".into(),
+            port: 0,
+        }
+    }
 }
 
 fn count(shared: &Shared, decision: &'static str, reason: &'static str) {
@@ -251,6 +288,9 @@ async fn connect(
         .await
         .map_err(|(s, m)| Refusal::upstream(&req, s, m))?;
     let passthrough = matches!(decision, Decision::Passthrough);
+    if passthrough {
+        count_passthrough(shared, &host, port);
+    }
     count(
         shared,
         if passthrough {
@@ -473,6 +513,9 @@ async fn absolute(
                 Err(Err(m)) => return Err(Refusal::upstream(&req, StatusCode::BAD_GATEWAY, m)),
             };
             count(shared, label, "http");
+            if matches!(decision, Decision::Passthrough) {
+                count_passthrough(shared, &host, port);
+            }
             let stream = dial(shared, addr)
                 .await
                 .map_err(|(s, m)| Refusal::upstream(&req, s, m))?;
@@ -582,4 +625,59 @@ pub async fn refuse_framing(mut stream: TcpStream, peer: SocketAddr, shared: &Sh
     );
     let _ = stream.write_all(answer.as_bytes()).await;
     let _ = stream.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passthrough_destinations_are_capped() {
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..MAX_PASSTHROUGH_DESTINATIONS {
+            let l = passthrough_labels(&mut seen, format!("h{i}.example"), 443);
+            assert_eq!(l.host, format!("h{i}.example"));
+        }
+        let over = passthrough_labels(&mut seen, "new.example".into(), 443);
+        assert_eq!((over.host.as_str(), over.port), ("other", 0));
+        let again = passthrough_labels(&mut seen, "h1.example".into(), 443);
+        assert_eq!((again.host.as_str(), again.port), ("h1.example", 443));
+    }
+
+    #[tokio::test]
+    async fn client_hello_sni_is_read_without_answering() {
+        // A real ClientHello from rustls, fed in small pieces.
+        let config = Arc::new(
+            rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+        );
+        let name = rustls::pki_types::ServerName::try_from("API.Example.com").unwrap();
+        let mut conn = rustls::ClientConnection::new(config, name).unwrap();
+        let mut hello = Vec::new();
+        conn.write_tls(&mut hello).unwrap();
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let writer = tokio::spawn(async move {
+            for chunk in hello.chunks(50) {
+                client.write_all(chunk).await.unwrap();
+            }
+            client
+        });
+        let mut buf = Vec::new();
+        match read_client_hello(&mut server, &mut buf).await.unwrap() {
+            Hello::Tls(Some(sni)) => assert_eq!(fold(&sni), "api.example.com"),
+            _ => panic!("expected a ClientHello with SNI"),
+        }
+        let _client = writer.await.unwrap();
+
+        let (mut client, mut server) = tokio::io::duplex(64);
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let mut buf = Vec::new();
+        assert!(matches!(
+            read_client_hello(&mut server, &mut buf).await.unwrap(),
+            Hello::NotTls
+        ));
+    }
 }

@@ -39,6 +39,12 @@ pub struct DecisionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DestinationLabels {
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -55,6 +61,7 @@ pub struct Metrics {
     pub upstream_tls_failures: Family<ReasonLabels, Counter>,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub forward_decisions: Family<DecisionLabels, Counter>,
+    pub passthrough: Family<DestinationLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -129,7 +136,14 @@ impl Default for Metrics {
             "Forward-proxy requests and tunnels by policy decision and reason",
             forward_decisions.clone(),
         );
+        let passthrough = Family::<DestinationLabels, Counter>::default();
+        registry.register(
+            "passthrough",
+            "Unregistered destinations passed through in allowed mode, by host and port (what to register before restricting)",
+            passthrough.clone(),
+        );
         Self {
+            passthrough,
             forward_decisions,
             registry,
             http_requests,

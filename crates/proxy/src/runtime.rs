@@ -326,6 +326,7 @@ impl Proxy {
             hello_timeout: self.shared.settings.header_read_timeout,
             idle_timeout: self.shared.settings.tcp_idle_timeout,
             listener: Arc::from("forward-proxy"),
+            passthrough_seen: Default::default(),
         });
         let limits = self.shared.clone();
         tokio::spawn(async move {
