@@ -76,6 +76,23 @@ fn verification(mode: &str, server_name: Option<&str>, extra: &str) -> String {
     y
 }
 
+/// One service in front of `origin`, verified as origin.test against the test CA.
+fn secured(name: &str, protocol: &str, origin: &Origin) -> String {
+    mes(
+        name,
+        protocol,
+        &[ep(origin.addr())],
+        Some(&verification("Secured", Some("origin.test"), "")),
+    )
+}
+
+/// Runs sluice with `services` and one outbound to `name`; returns it and the outbound port.
+async fn serve_one(services: &[String], name: &str, args: &[&str]) -> (Sluice, u16) {
+    let port = free_port();
+    let sluice = Sluice::start_with_args(&config(services, &[(port, name)]), args).await;
+    (sluice, port)
+}
+
 fn config(services: &[String], outbounds: &[(u16, &str)]) -> String {
     let mut docs: Vec<String> = services.to_vec();
     docs.push(dataplane(outbounds));
@@ -210,14 +227,7 @@ async fn http1_only_origin_gets_http11_and_app_h2c_works() {
         .http1_only()
         .start()
         .await;
-    let port = free_port();
-    let svc = mes(
-        "h1",
-        "http",
-        &[ep(origin.addr())],
-        Some(&verification("Secured", Some("origin.test"), "")),
-    );
-    let _sluice = Sluice::start(&config(&[svc], &[(port, "h1")])).await;
+    let (_sluice, port) = serve_one(&[secured("h1", "http", &origin)], "h1", &[]).await;
     let app = H2Client::connect(local(port)).await.unwrap();
     let r = app.get("/headers").await.unwrap();
     assert_eq!(r.status, StatusCode::OK);
@@ -265,14 +275,7 @@ async fn plaintext_origin_gets_rewritten_host_and_hop_headers_are_dropped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_trailers_cross_end_to_end_over_h2() {
     let origin = start_grpc_origin().await;
-    let port = free_port();
-    let svc = mes(
-        "grpc",
-        "grpc",
-        &[ep(origin.addr())],
-        Some(&verification("Secured", Some("origin.test"), "")),
-    );
-    let _sluice = Sluice::start(&config(&[svc], &[(port, "grpc")])).await;
+    let (_sluice, port) = serve_one(&[secured("grpc", "grpc", &origin)], "grpc", &[]).await;
     let app = H2Client::connect(local(port)).await.unwrap();
     let payload = b"\x00\x00\x00\x00\x05hello".to_vec();
     for _ in 0..3 {
@@ -292,9 +295,12 @@ async fn grpc_trailers_cross_end_to_end_over_h2() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_protocol_speaks_h2c_to_a_plaintext_endpoint() {
     let origin = start_h2c_grpc_origin().await;
-    let port = free_port();
-    let svc = mes("h2c", "http2", &[ep(origin.addr())], None);
-    let _sluice = Sluice::start(&config(&[svc], &[(port, "h2c")])).await;
+    let (_sluice, port) = serve_one(
+        &[mes("h2c", "http2", &[ep(origin.addr())], None)],
+        "h2c",
+        &[],
+    )
+    .await;
     let mut app = H1Client::connect(local(port)).await.unwrap();
     let r = app.get("/anything").await.unwrap();
     assert_eq!(r.status, StatusCode::OK);
@@ -308,14 +314,7 @@ async fn http2_protocol_speaks_h2c_to_a_plaintext_endpoint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_with_tls_origination_echoes_and_respects_half_close() {
     let origin = start_tls_echo().await;
-    let port = free_port();
-    let svc = mes(
-        "echo",
-        "tcp",
-        &[ep(origin.addr())],
-        Some(&verification("Secured", Some("origin.test"), "")),
-    );
-    let sluice = Sluice::start(&config(&[svc], &[(port, "echo")])).await;
+    let (sluice, port) = serve_one(&[secured("echo", "tcp", &origin)], "echo", &[]).await;
     let data = big_body(300_000);
     let mut app = tokio::net::TcpStream::connect(local(port)).await.unwrap();
     let back = tokio::time::timeout(DEFAULT_TIMEOUT, half_close_roundtrip(&mut app, &data))
