@@ -236,6 +236,7 @@ async fn bypass_catalogue_is_refused() {
     // (what is tried, request, expected status, text the answer must contain)
     let rows: Vec<(&str, String, u16, &str)> = vec![
         ("allowed host, another port", format!("CONNECT localhost:{up} HTTP/1.1\r\nHost: x\r\n\r\n"), 403, "not a registered external service"),
+        ("CONNECT to a port that originates TLS", "CONNECT localhost:80 HTTP/1.1\r\nHost: x\r\n\r\n".to_string(), 403, "plain-HTTP port"),
         ("IP literal not named", format!("CONNECT 127.0.0.2:{tp} HTTP/1.1\r\nHost: x\r\n\r\n"), 403, "not a registered"),
         ("decimal spelling", format!("CONNECT 2130706433:{tp} HTTP/1.1\r\nHost: x\r\n\r\n"), 400, "numeric spellings"),
         ("hex spelling", format!("CONNECT 0x7f.1:{tp} HTTP/1.1\r\nHost: x\r\n\r\n"), 400, "numeric spellings"),

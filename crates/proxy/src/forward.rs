@@ -273,8 +273,16 @@ async fn connect(
     let (service, raw_tcp) = match &decision {
         Decision::Deny(d) => return Err(Refusal::denied(&req, d)),
         Decision::Registered(Opening::Endpoint { service, raw_tcp }) => (service.clone(), *raw_tcp),
-        // The service's own port originates TLS for plain HTTP; a tunnel there goes to the endpoint port.
-        Decision::Registered(Opening::Originate { service }) => (service.clone(), false),
+        // That port is opened for plain HTTP that the proxy sends on as HTTPS; a tunnel there
+        // would reach a port of the host that no service opens.
+        Decision::Registered(Opening::Originate { service }) => {
+            return Err(Refusal::denied(
+                &req,
+                &Denied::BadTarget(format!(
+                    "{host}:{port} is the plain-HTTP port of external service {service}, which originates TLS itself: send http:// requests there, or CONNECT to one of its endpoints"
+                )),
+            ))
+        }
         Decision::Passthrough => (Arc::from("passthrough"), true),
     };
     let addr = match checked_address(shared, state, &host, port).await {
