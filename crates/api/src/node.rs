@@ -217,6 +217,17 @@ impl<'a> Obj<'a> {
         present
     }
 
+    /// Reports every field that was not read as a warning: for formats whose other fields are
+    /// legitimate but mean nothing to Sluice.
+    pub fn warn_rest(self, message: &str, d: &mut Diagnostics) {
+        for key in self.map.keys() {
+            let key = key.as_str();
+            if !self.seen.contains(&key) && !self.handled.contains(&key) {
+                d.warn(&self.child_path(key), message);
+            }
+        }
+    }
+
     /// Reports every field that was not read.
     pub fn finish(self, d: &mut Diagnostics) {
         let mut known: Vec<&str> = self.seen.clone();

@@ -50,7 +50,13 @@ pub fn load(documents: &[Document]) -> Loaded {
     let mut located = Vec::new();
     for document in documents {
         let mut d = Diagnostics::for_doc(document.doc.clone());
-        if let Some(resource) = kuma::parse(&At::root(&document.value), &mut d) {
+        let root = At::root(&document.value);
+        let parsed = if crate::istio::claims(&document.value) {
+            crate::istio::parse(&root, &mut d)
+        } else {
+            kuma::parse(&root, &mut d)
+        };
+        if let Some(resource) = parsed {
             located.push(Located {
                 doc: document.doc.clone(),
                 resource,
@@ -169,20 +175,12 @@ fn resolve(located: &[Located], out: &mut Vec<Diagnostic>) -> Registry {
             }
             Resource::Dataplane(dp) => dataplanes.push((&l.doc, dp)),
             Resource::Mesh(m) => {
-                if let Some(p) = m.passthrough {
-                    let mode = if p {
-                        OutboundTrafficPolicy::Allowed
-                    } else {
-                        OutboundTrafficPolicy::Restricted
-                    };
-                    policy = Some(policy.map_or(mode, |current: OutboundTrafficPolicy| {
-                        if current == OutboundTrafficPolicy::Restricted {
-                            current
-                        } else {
-                            mode
-                        }
-                    }));
-                }
+                // One proxy enforces it for every mesh: the strictest setting wins.
+                policy = match (policy, m.outbound_traffic_policy) {
+                    (Some(OutboundTrafficPolicy::Restricted), _) => policy,
+                    (_, Some(p)) => Some(p),
+                    (current, None) => current,
+                };
             }
         }
     }

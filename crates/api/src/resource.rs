@@ -2,7 +2,7 @@
 
 use crate::diag::DocRef;
 use crate::kuma::{DataplaneResource, MeshExternalServiceResource};
-use crate::model::ResourceKey;
+use crate::model::{OutboundTrafficPolicy, ResourceKey};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Meta {
@@ -19,12 +19,13 @@ pub enum Resource {
     Mesh(MeshResource),
 }
 
-/// A Kuma Mesh: its name is the mesh it defines.
+/// Mesh-wide settings: a Kuma Mesh, an IstioOperator or the istio mesh ConfigMap.
 #[derive(Debug, Clone)]
 pub struct MeshResource {
     pub meta: Meta,
-    /// `networking.outbound.passthrough`: `false` restricts outbound traffic to the registry.
-    pub passthrough: Option<bool>,
+    pub kind: &'static str,
+    /// Kuma's `networking.outbound.passthrough`, Istio's `outboundTrafficPolicy.mode`.
+    pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
 }
 
 impl Resource {
@@ -33,7 +34,7 @@ impl Resource {
             Resource::MeshExternalService(_) => "MeshExternalService",
             Resource::Dataplane(_) => "Dataplane",
             Resource::Secret(_) => "Secret",
-            Resource::Mesh(_) => "Mesh",
+            Resource::Mesh(m) => m.kind,
         }
     }
 

@@ -8,7 +8,7 @@ mod mesh_external_service;
 use base64::Engine;
 
 use crate::diag::Diagnostics;
-use crate::model::ResourceKey;
+use crate::model::{OutboundTrafficPolicy, ResourceKey};
 use crate::names::is_resource_name;
 use crate::node::{kind_of, At, Obj};
 use crate::resource::{MeshResource, Meta, Resource, SecretResource};
@@ -52,7 +52,7 @@ pub fn parse(root: &At<'_>, d: &mut Diagnostics) -> Option<Resource> {
             "",
             format!(
                 "missing kind: give `kind:` (with apiVersion and metadata) or universal `type:`; supported kinds are {}",
-                KINDS.join(", ")
+                KINDS.join(", ") + ", IstioOperator and the istio mesh ConfigMap"
             ),
         );
         return None;
@@ -68,7 +68,7 @@ pub fn parse(root: &At<'_>, d: &mut Diagnostics) -> Option<Resource> {
             kind_at.path(),
             format!(
                 "unknown kind {kind:?}; supported kinds are {}",
-                KINDS.join(", ")
+                KINDS.join(", ") + ", IstioOperator and the istio mesh ConfigMap"
             ),
         );
         return None;
@@ -118,7 +118,19 @@ pub fn parse(root: &At<'_>, d: &mut Diagnostics) -> Option<Resource> {
                     p
                 }),
             };
-            meta.map(|meta| Resource::Mesh(MeshResource { meta, passthrough }))
+            meta.map(|meta| {
+                Resource::Mesh(MeshResource {
+                    meta,
+                    kind: "Mesh",
+                    outbound_traffic_policy: passthrough.map(|p| {
+                        if p {
+                            OutboundTrafficPolicy::Allowed
+                        } else {
+                            OutboundTrafficPolicy::Restricted
+                        }
+                    }),
+                })
+            })
         }
         _ => {
             let data = secret(&mut top, form, d).unwrap_or_default();

@@ -1,0 +1,158 @@
+//! Istio's mesh-wide outbound traffic policy, as users already write it: in an `IstioOperator`
+//! (`spec.meshConfig.outboundTrafficPolicy.mode`) or in the `istio` ConfigMap's `mesh` document.
+//! Istio's other install and mesh settings configure Istio itself and are accepted with a warning.
+
+use serde_json::Value;
+
+use crate::diag::Diagnostics;
+use crate::model::{OutboundTrafficPolicy, ResourceKey};
+use crate::node::{At, Obj};
+
+const ISTIO_ONLY: &str = "configures Istio itself and has no effect in Sluice";
+use crate::resource::{MeshResource, Meta, Resource};
+
+/// Whether a document belongs to this module (by apiVersion and kind).
+pub fn claims(value: &Value) -> bool {
+    let api = value
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let kind = value.get("kind").and_then(Value::as_str).unwrap_or("");
+    api.starts_with("install.istio.io/") || (api == "v1" && kind == "ConfigMap")
+}
+
+pub fn parse(root: &At<'_>, d: &mut Diagnostics) -> Option<Resource> {
+    let mut top = root.obj(d)?;
+    top.required("apiVersion", d);
+    let kind = top.required("kind", d).and_then(|k| k.text(d))?;
+    let meta = metadata(&mut top, d);
+    let policy = match kind {
+        "IstioOperator" => {
+            let policy = top.required("spec", d).and_then(|spec| {
+                let mut spec = spec.obj(d)?;
+                let policy = spec.get("meshConfig").and_then(|m| {
+                    let mut m = m.obj(d)?;
+                    let p = m.get("outboundTrafficPolicy").and_then(|o| mode(&o, d));
+                    m.warn_rest(ISTIO_ONLY, d);
+                    p
+                });
+                spec.warn_rest(ISTIO_ONLY, d);
+                policy
+            });
+            top.finish(d);
+            policy
+        }
+        "ConfigMap" => {
+            let policy = top.required("data", d).and_then(|data| {
+                let mut data = data.obj(d)?;
+                let mesh = data.required("mesh", d)?;
+                let text = mesh.str(d)?;
+                let path = mesh.path().to_string();
+                data.finish(d);
+                mesh_document(text, &path, d)
+            });
+            top.finish(d);
+            policy
+        }
+        other => {
+            d.error(
+                "kind",
+                format!("unknown kind {other:?} for this apiVersion; Sluice reads IstioOperator and the istio mesh ConfigMap"),
+            );
+            return None;
+        }
+    };
+    Some(Resource::Mesh(MeshResource {
+        meta: meta?,
+        kind: if kind == "IstioOperator" {
+            "IstioOperator"
+        } else {
+            "ConfigMap"
+        },
+        outbound_traffic_policy: policy,
+    }))
+}
+
+fn metadata(top: &mut Obj<'_>, d: &mut Diagnostics) -> Option<Meta> {
+    let mut m = top.required("metadata", d)?.obj(d)?;
+    let name = m
+        .required("name", d)
+        .and_then(|n| n.text(d).map(str::to_string));
+    let namespace = m
+        .get("namespace")
+        .and_then(|n| n.text(d).map(str::to_string));
+    let labels = m.get("labels").map(|l| l.string_map(d)).unwrap_or_default();
+    if let Some(a) = m.get("annotations") {
+        a.string_map(d);
+    }
+    m.finish(d);
+    Some(Meta {
+        key: ResourceKey {
+            mesh: namespace.clone().unwrap_or_else(|| "istio-system".into()),
+            name: name?,
+        },
+        namespace,
+        labels,
+    })
+}
+
+/// `outboundTrafficPolicy: {mode: ALLOW_ANY | REGISTRY_ONLY}`.
+fn mode(at: &At<'_>, d: &mut Diagnostics) -> Option<OutboundTrafficPolicy> {
+    let mut o = at.obj(d)?;
+    let mode = o.get("mode").and_then(|m| {
+        let text = m.text(d)?;
+        match text {
+            "ALLOW_ANY" => Some(OutboundTrafficPolicy::Allowed),
+            "REGISTRY_ONLY" => Some(OutboundTrafficPolicy::Restricted),
+            other => {
+                d.error(
+                    m.path(),
+                    format!("must be ALLOW_ANY or REGISTRY_ONLY, found {other:?}"),
+                );
+                None
+            }
+        }
+    });
+    if let Some(egress) = o.get("egressProxy") {
+        d.warn(
+            egress.path(),
+            "is not used by Sluice: send traffic to an egress gateway with a ServiceEntry instead",
+        );
+    }
+    o.finish(d);
+    mode
+}
+
+/// The `mesh` key of the istio ConfigMap holds a YAML document of its own.
+fn mesh_document(text: &str, path: &str, d: &mut Diagnostics) -> Option<OutboundTrafficPolicy> {
+    let value: Value = match serde_saphyr::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            let first = e.to_string();
+            let first = first.lines().next().unwrap_or("").trim().to_string();
+            d.error(path, format!("is not valid YAML: {first}"));
+            return None;
+        }
+    };
+    let Value::Object(map) = &value else {
+        d.error(path, "must hold a YAML mapping of mesh settings");
+        return None;
+    };
+    let mut policy = None;
+    for (key, v) in map {
+        if key == "outboundTrafficPolicy" {
+            let at = At {
+                value: v,
+                path: format!("{path}.outboundTrafficPolicy"),
+            };
+            policy = mode(&at, d);
+        }
+    }
+    if map.keys().any(|k| k != "outboundTrafficPolicy") {
+        d.warn(
+            path,
+            "mesh settings other than outboundTrafficPolicy configure Istio itself and have no effect in Sluice",
+        );
+    }
+    policy
+}
