@@ -617,3 +617,136 @@ async fn a_rebinding_name_reaches_only_the_address_that_was_checked() {
     assert!(nothing.is_err(), "nothing may reach the rebound address");
     dns_task.abort();
 }
+
+/// Runs a program and returns its stdout, or `None` (with a message) when the tool is missing.
+async fn run_client(
+    program: &str,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+) -> Option<String> {
+    let name = program.to_string();
+    let out =
+        tokio::task::spawn_blocking(move || Command::new(&name).args(&args).envs(env).output())
+            .await
+            .unwrap();
+    match out {
+        Err(_) => {
+            eprintln!("skipped: {program} is not installed");
+            None
+        }
+        Ok(out) => {
+            assert!(
+                out.status.success() || !out.stdout.is_empty(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Some(String::from_utf8_lossy(&out.stdout).to_string())
+        }
+    }
+}
+
+/// Node and Java, each taking the proxy from HTTPS_PROXY the way their proxy agents do:
+/// Node by a CONNECT request and TLS over the tunnel, Java through its proxy properties.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_and_java_through_the_proxy() {
+    let w = world("restricted").await;
+    let proxy = format!("http://{}", w.sluice.http_proxy_addr());
+    let dir = TempDir::new("clients");
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, pki().ca_pem()).unwrap();
+    let tp = w.tls.port();
+    let up = w.unregistered.port();
+
+    let node = format!(
+        r#"
+const http = require('http'), tls = require('tls'), fs = require('fs');
+const proxy = new URL(process.env.HTTPS_PROXY);
+function get(port) {{
+  return new Promise((resolve) => {{
+    const req = http.request({{host: proxy.hostname, port: proxy.port, method: 'CONNECT', path: `localhost:${{port}}`}});
+    req.on('connect', (res, socket) => {{
+      if (res.statusCode !== 200) {{ resolve(String(res.statusCode)); socket.destroy(); return; }}
+      const s = tls.connect({{socket, servername: 'localhost', ca: fs.readFileSync({ca:?})}}, () => {{
+        s.write('GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n');
+      }});
+      let body = '';
+      s.on('data', (d) => body += d);
+      s.on('end', () => resolve(body.split('\r\n\r\n')[1]));
+      s.on('error', (e) => resolve('error ' + e.message));
+    }});
+    req.end();
+  }});
+}}
+(async () => {{ console.log(await get({tp})); console.log(await get({up})); }})();
+"#,
+        ca = ca.to_str().unwrap()
+    );
+    let env = vec![("HTTPS_PROXY".to_string(), proxy.clone())];
+    if let Some(out) = run_client("node", vec!["-e".into(), node], env.clone()).await {
+        assert_eq!(out, "origin:tls\n403\n");
+    }
+
+    let store = dir.join("trust.p12");
+    let imported = Command::new("keytool")
+        .args([
+            "-importcert",
+            "-noprompt",
+            "-alias",
+            "test-ca",
+            "-storetype",
+            "PKCS12",
+            "-storepass",
+            "changeit",
+        ])
+        .args([
+            "-file",
+            ca.to_str().unwrap(),
+            "-keystore",
+            store.to_str().unwrap(),
+        ])
+        .output();
+    if imported.is_err() {
+        eprintln!("skipped: keytool is not installed");
+        return;
+    }
+    let java = dir.join("Get.java");
+    std::fs::write(
+        &java,
+        r#"
+import java.net.*; import java.net.http.*;
+public class Get {
+  public static void main(String[] a) throws Exception {
+    URI p = URI.create(System.getenv("HTTPS_PROXY"));
+    HttpClient c = HttpClient.newBuilder()
+        .proxy(ProxySelector.of(new InetSocketAddress(p.getHost(), p.getPort()))).build();
+    for (String url : a) {
+      try {
+        HttpResponse<String> r = c.send(HttpRequest.newBuilder(URI.create(url)).build(),
+            HttpResponse.BodyHandlers.ofString());
+        System.out.println(r.statusCode() + " " + r.body());
+      } catch (java.io.IOException e) {
+        System.out.println("refused " + e.getMessage());
+      }
+    }
+  }
+}
+"#,
+    )
+    .unwrap();
+    let args = vec![
+        format!("-Djavax.net.ssl.trustStore={}", store.display()),
+        "-Djavax.net.ssl.trustStorePassword=changeit".into(),
+        "-Djdk.internal.httpclient.disableHostnameVerification=false".into(),
+        java.to_str().unwrap().to_string(),
+        format!("https://localhost:{tp}/x"),
+        format!("http://localhost:{}/x", w.plain.port()),
+        format!("http://localhost:{up}/x"),
+    ];
+    if let Some(out) = run_client("java", args, env).await {
+        let lines: Vec<&str> = out.lines().filter(|l| !l.is_empty()).collect();
+        assert_eq!(lines.len(), 3, "{out}");
+        assert_eq!(lines[0], "200 origin:tls");
+        assert_eq!(lines[1], "200 origin:plain");
+        assert!(lines[2].starts_with("403 "), "{out}");
+    }
+}
