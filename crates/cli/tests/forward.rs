@@ -750,3 +750,76 @@ public class Get {
         assert!(lines[2].starts_with("403 "), "{out}");
     }
 }
+
+/// Go's net/http with the proxy from HTTPS_PROXY. Go never proxies loopback names on its own,
+/// so the transport is given the same URL explicitly, as users do for tests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_through_the_proxy() {
+    let w = world("restricted").await;
+    let proxy = format!("http://{}", w.sluice.http_proxy_addr());
+    let dir = TempDir::new("go-client");
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, pki().ca_pem()).unwrap();
+    let program = dir.join("main.go");
+    std::fs::write(
+        &program,
+        r#"package main
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+)
+
+func main() {
+	proxy, _ := url.Parse(os.Getenv("HTTPS_PROXY"))
+	pem, _ := os.ReadFile(os.Args[1])
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(pem)
+	client := &http.Client{Transport: &http.Transport{
+		Proxy:           http.ProxyURL(proxy),
+		TLSClientConfig: &tls.Config{RootCAs: roots},
+	}}
+	for _, u := range os.Args[2:] {
+		r, err := client.Get(u)
+		if err != nil {
+			fmt.Println("refused")
+			continue
+		}
+		body, _ := io.ReadAll(r.Body)
+		r.Body.Close()
+		fmt.Printf("%d %s\n", r.StatusCode, body)
+	}
+}
+"#,
+    )
+    .unwrap();
+    let cache = dir.join("cache");
+    let env = vec![
+        ("HTTPS_PROXY".to_string(), proxy),
+        ("GOCACHE".to_string(), cache.to_str().unwrap().to_string()),
+        ("HOME".to_string(), dir.path().to_str().unwrap().to_string()),
+        ("GO111MODULE".to_string(), "off".to_string()),
+    ];
+    let args = vec![
+        "run".to_string(),
+        program.to_str().unwrap().to_string(),
+        ca.to_str().unwrap().to_string(),
+        format!("https://localhost:{}/x", w.tls.port()),
+        format!("http://localhost:{}/x", w.plain.port()),
+        format!("http://localhost:{}/x", w.unregistered.port()),
+        format!("https://localhost:{}/x", w.unregistered.port()),
+    ];
+    if let Some(out) = run_client("go", args, env).await {
+        let lines: Vec<&str> = out.lines().filter(|l| !l.is_empty()).collect();
+        assert_eq!(lines.len(), 4, "{out}");
+        assert_eq!(lines[0], "200 origin:tls");
+        assert_eq!(lines[1], "200 origin:plain");
+        assert!(lines[2].starts_with("403 "), "{out}");
+        assert_eq!(lines[3], "refused");
+    }
+}
