@@ -319,7 +319,7 @@ async fn connect(
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
                 let result = tunnel(
-                    TokioIo::new(upgraded),
+                    upgraded,
                     upstream,
                     &host,
                     raw_tcp,
@@ -354,14 +354,20 @@ async fn connect(
 
 /// Reads the app's first bytes; a TLS ClientHello must name `host`. Then bytes both ways.
 async fn tunnel(
-    mut app: TokioIo<hyper::upgrade::Upgraded>,
+    upgraded: hyper::upgrade::Upgraded,
     mut upstream: TcpStream,
     host: &Host,
     raw_allowed: bool,
     hello_timeout: Duration,
     idle_timeout: Duration,
 ) -> Result<(u64, u64, Option<String>), String> {
-    let mut buf = Vec::with_capacity(1024);
+    // The app's own socket when hyper hands it back, so the relay moves bytes between two
+    // sockets without hyper's upgrade layer in between; bytes hyper already read come first.
+    let (mut app, mut buf): (Box<dyn crate::upstream::Io>, Vec<u8>) =
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => (Box::new(parts.io.into_inner()), parts.read_buf.to_vec()),
+            Err(upgraded) => (Box::new(TokioIo::new(upgraded)), Vec::new()),
+        };
     let sni = tokio::time::timeout(hello_timeout, read_client_hello(&mut app, &mut buf))
         .await
         .map_err(|_| "refused: no TLS ClientHello within the deadline".to_string())??;
@@ -418,6 +424,34 @@ async fn read_client_hello<R: tokio::io::AsyncRead + Unpin>(
     let mut acceptor = rustls::server::Acceptor::default();
     let mut fed = 0;
     loop {
+        // A TLS record starts with type 22 (handshake) and major version 3.
+        if buf.len() >= 2 && (buf[0] != 0x16 || buf[1] != 0x03) {
+            return Ok(Hello::NotTls);
+        }
+        // What is buffered is looked at before reading more: the app waits for an answer
+        // once its ClientHello is out.
+        while fed < buf.len() {
+            let mut reader = &buf[fed..];
+            let n = acceptor
+                .read_tls(&mut reader)
+                .map_err(|e| format!("refused: unreadable TLS record: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            fed += n;
+            match acceptor.accept() {
+                Ok(Some(accepted)) => {
+                    return Ok(Hello::Tls(
+                        accepted.client_hello().server_name().map(str::to_string),
+                    ))
+                }
+                Ok(None) => {}
+                Err((e, _)) => return Err(format!("refused: not a valid ClientHello: {e}")),
+            }
+        }
+        if buf.len() > MAX_CLIENT_HELLO {
+            return Err("refused: ClientHello too large".into());
+        }
         let mut chunk = [0u8; 4096];
         let n = app
             .read(&mut chunk)
@@ -427,26 +461,6 @@ async fn read_client_hello<R: tokio::io::AsyncRead + Unpin>(
             return Err("the app closed the tunnel before sending anything".into());
         }
         buf.extend_from_slice(&chunk[..n]);
-        // A TLS record starts with type 22 (handshake) and major version 3.
-        if buf.len() >= 2 && (buf[0] != 0x16 || buf[1] != 0x03) {
-            return Ok(Hello::NotTls);
-        }
-        let mut reader = &buf[fed..];
-        fed += acceptor
-            .read_tls(&mut reader)
-            .map_err(|e| format!("refused: unreadable TLS record: {e}"))?;
-        match acceptor.accept() {
-            Ok(Some(accepted)) => {
-                return Ok(Hello::Tls(
-                    accepted.client_hello().server_name().map(str::to_string),
-                ))
-            }
-            Ok(None) => {}
-            Err((e, _)) => return Err(format!("refused: not a valid ClientHello: {e}")),
-        }
-        if buf.len() > MAX_CLIENT_HELLO {
-            return Err("refused: ClientHello too large".into());
-        }
     }
 }
 
@@ -666,6 +680,17 @@ mod tests {
         let mut conn = rustls::ClientConnection::new(config, name).unwrap();
         let mut hello = Vec::new();
         conn.write_tls(&mut hello).unwrap();
+
+        // Already buffered whole (read by the HTTP layer): answered without waiting for more.
+        let (_quiet, mut nothing_more) = tokio::io::duplex(64);
+        let mut buffered = hello.clone();
+        match read_client_hello(&mut nothing_more, &mut buffered)
+            .await
+            .unwrap()
+        {
+            Hello::Tls(Some(sni)) => assert_eq!(fold(&sni), "api.example.com"),
+            _ => panic!("expected a ClientHello with SNI"),
+        }
         let (mut client, mut server) = tokio::io::duplex(64);
         let writer = tokio::spawn(async move {
             for chunk in hello.chunks(50) {
