@@ -244,6 +244,8 @@ async fn bypass_catalogue_is_refused() {
         ("short spelling", format!("CONNECT 127.1:{tp} HTTP/1.1\r\nHost: x\r\n\r\n"), 400, "numeric spellings"),
         ("unregistered http", format!("GET http://localhost:{up}/ HTTP/1.1\r\nHost: localhost:{up}\r\n\r\n"), 403, "restricted"),
         ("Host disagrees with target", format!("GET http://localhost:{}/ HTTP/1.1\r\nHost: localhost:{up}\r\n\r\n", w.plain.port()), 400, "does not agree"),
+        ("two Host headers", format!("GET http://localhost:{p}/ HTTP/1.1\r\nHost: localhost:{p}\r\nHost: evil.example\r\n\r\n", p = w.plain.port()), 400, "more than once"),
+        ("port above 65535", "GET http://localhost:70000/ HTTP/1.1\r\nHost: localhost:70000\r\n\r\n".to_string(), 400, "port is not a number"),
         ("userinfo", format!("GET http://user:pw@localhost:{}/ HTTP/1.1\r\nHost: localhost:{}\r\n\r\n", w.plain.port(), w.plain.port()), 400, "userinfo"),
         ("origin-form to the proxy", "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n".to_string(), 400, "absolute-form"),
         ("CL and TE", format!("POST http://localhost:{p}/echo HTTP/1.1\r\nHost: localhost:{p}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", p = w.plain.port()), 400, "Transfer-Encoding and Content-Length"),
@@ -822,4 +824,62 @@ func main() {
         assert!(lines[2].starts_with("403 "), "{out}");
         assert_eq!(lines[3], "refused");
     }
+}
+
+/// Open tunnels hold their place under --max-connections until they end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_count_against_the_connection_limit() {
+    let tls = start_tls_origin("tls").await;
+    let plain = start_plain_origin("plain").await;
+    let sluice = Sluice::start_with_args(
+        &registry(&tls, &plain),
+        &[
+            "--outbound-traffic-policy",
+            "restricted",
+            "--max-connections",
+            "2",
+        ],
+    )
+    .await;
+    let proxy = sluice.http_proxy_addr();
+    let target = format!("localhost:{}", tls.port());
+    let (s1, _, t1) = connect(proxy, &target).await;
+    let (s2, _, t2) = connect(proxy, &target).await;
+    assert_eq!((s1, s2), (200, 200));
+    let _open = (
+        tls_through(t1, "localhost").await.unwrap(),
+        tls_through(t2, "localhost").await.unwrap(),
+    );
+    // A third connection is over the limit while both tunnels are open.
+    let mut third = TcpStream::connect(proxy).await.unwrap();
+    third
+        .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(DEFAULT_TIMEOUT, third.read_to_end(&mut out))
+        .await
+        .unwrap();
+    assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
+    assert!(sluice.stderr().contains("connection limit reached"));
+}
+
+/// A request head that never completes is dropped at the header read timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfinished_head_is_dropped_at_the_header_timeout() {
+    let tls = start_tls_origin("tls").await;
+    let plain = start_plain_origin("plain").await;
+    let sluice =
+        Sluice::start_with_args(&registry(&tls, &plain), &["--header-read-timeout", "300ms"]).await;
+    let mut s = TcpStream::connect(sluice.http_proxy_addr()).await.unwrap();
+    s.write_all(b"GET http://localhost/ HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(DEFAULT_TIMEOUT, s.read_to_end(&mut out))
+        .await
+        .unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(plain.request_count(), 0);
 }

@@ -49,19 +49,25 @@ pub struct Shared {
     pub hello_timeout: Duration,
     /// A tunnel with nothing moving either way for this long is closed.
     pub idle_timeout: Duration,
+    /// From request sent to response headers, on the plain HTTP path.
+    pub response_timeout: Duration,
     pub listener: Arc<str>,
     /// Passthrough destinations already given their own counter.
     pub passthrough_seen: std::sync::Mutex<std::collections::HashSet<(String, u16)>>,
 }
 
+/// The connection's place under `--max-connections`; a tunnel keeps it until it ends.
+pub type Slot = Arc<tokio::sync::OwnedSemaphorePermit>;
+
 pub async fn handle(
     req: Request<Incoming>,
     peer: SocketAddr,
     shared: Arc<Shared>,
+    slot: Slot,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let state = shared.state.borrow().clone();
     let response = if req.method() == Method::CONNECT {
-        connect(req, peer, &shared, &state).await
+        connect(req, peer, &shared, &state, slot).await
     } else {
         absolute(req, peer, &shared, &state).await
     };
@@ -201,6 +207,14 @@ fn target_of(uri: &Uri, default_port: Option<u16>) -> Result<(Host, u16), String
         return Err("userinfo in the request target is refused".into());
     }
     let host = policy::parse_host(authority.host())?;
+    // `http::uri::Authority` reads a port it cannot parse as no port at all.
+    let text = authority.as_str();
+    let after_host = text.rfind(']').map_or(text, |b| &text[b..]);
+    if after_host.contains(':') && authority.port_u16().is_none_or(|p| p == 0) {
+        return Err(format!(
+            "{authority}: the port is not a number from 1 to 65535"
+        ));
+    }
     let port = authority
         .port_u16()
         .or(default_port)
@@ -267,6 +281,7 @@ async fn connect(
     peer: SocketAddr,
     shared: &Arc<Shared>,
     state: &State,
+    slot: Slot,
 ) -> Result<Response<ProxyBody>, Refusal> {
     let (host, port) = target_of(req.uri(), None).map_err(|e| Refusal::bad(&req, e))?;
     let decision = policy::decide(state.mode, &state.table, &host, port);
@@ -311,6 +326,7 @@ async fn connect(
     let shared = shared.clone();
     let authority = format!("{host}:{port}");
     tokio::spawn(async move {
+        let _slot = slot;
         let started = Instant::now();
         let mut entry = Entry::new("tunnel", shared.listener.clone(), peer, service);
         entry.method = Some(Method::CONNECT);
@@ -487,6 +503,12 @@ async fn absolute(
         }
     }
     let (host, port) = target_of(req.uri(), Some(80)).map_err(|e| Refusal::bad(&req, e))?;
+    if req.headers().get_all(header::HOST).iter().count() > 1 {
+        return Err(Refusal::bad(
+            &req,
+            "the Host header is given more than once",
+        ));
+    }
     if let Some(h) = req.headers().get(header::HOST) {
         let agrees = h
             .to_str()
@@ -555,7 +577,23 @@ async fn absolute(
                 .unwrap_or_else(|| "/".into());
             *req.uri_mut() = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
             crate::http::strip_hop_by_hop(req.headers_mut());
-            let result = send_once(stream, req).await;
+            // The server sees the host that was checked, whatever the app wrote.
+            let checked = if port == 80 {
+                host.to_string()
+            } else {
+                format!("{host}:{port}")
+            };
+            if let Ok(v) = HeaderValue::from_str(&checked) {
+                req.headers_mut().insert(header::HOST, v);
+            }
+            let result =
+                match tokio::time::timeout(shared.response_timeout, send_once(stream, req)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(format!(
+                        "no response from {host}:{port} within {:?}",
+                        shared.response_timeout
+                    )),
+                };
             entry.duration_ms = started.elapsed().as_micros() as f64 / 1000.0;
             match result {
                 Ok(mut response) => {
@@ -597,39 +635,77 @@ async fn send_once(
         .map_err(|e| format!("upstream failed before a full response: {e}"))
 }
 
+/// What the first request head of a connection showed.
+pub enum FirstHead {
+    /// Nothing wrong found: the HTTP parser reads it.
+    Fine,
+    /// Framing two parsers could read two ways.
+    Ambiguous(String),
+    /// No complete head within the header read timeout.
+    TimedOut,
+}
+
 /// Looks at the first request head on a new connection before the HTTP parser does, and finds
 /// framing two parsers could read two ways: both `Content-Length` and `Transfer-Encoding`
 /// (the parser would keep one silently). Later requests on the connection are left to the
 /// parser, which closes the connection after such a request.
-pub async fn ambiguous_first_head(stream: &TcpStream, deadline: Duration) -> Option<String> {
-    let mut buf = vec![0u8; 16 * 1024];
-    let read = async {
+pub async fn first_head(stream: &TcpStream, deadline: Duration) -> FirstHead {
+    // As much as the parser accepts; a longer head is the parser's to refuse.
+    let mut buf = vec![0u8; 64 * 1024];
+    let look = async {
+        let mut seen = 0;
         loop {
             if stream.readable().await.is_err() {
-                return None;
+                return FirstHead::Fine;
             }
             let n = match stream.peek(&mut buf).await {
-                Ok(0) | Err(_) => return None,
+                Ok(0) | Err(_) => return FirstHead::Fine,
                 Ok(n) => n,
             };
-            let seen = &buf[..n];
-            if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                return Some(seen[..end].to_vec());
+            if let Some(end) = head_end(&buf[..n]) {
+                return check_head(&buf[..end]);
             }
             if n == buf.len() {
-                return None;
+                return FirstHead::Fine;
             }
-            // Part of the head is still in flight: wait for more before looking again.
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            if n == seen {
+                // Nothing new since the last look: peeking leaves the socket readable, so mark it
+                // not ready and wait for more bytes instead of looking again at once.
+                let _ = stream.try_io(tokio::io::Interest::READABLE, || {
+                    Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+                });
+            }
+            seen = n;
         }
     };
-    let head = tokio::time::timeout(deadline, read).await.ok()??;
-    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
-    let has = |name: &str| text.split("\r\n").skip(1).any(|l| l.starts_with(name));
-    if has("content-length:") && has("transfer-encoding:") {
-        return Some("both Transfer-Encoding and Content-Length are set".into());
+    tokio::time::timeout(deadline, look)
+        .await
+        .unwrap_or(FirstHead::TimedOut)
+}
+
+/// Where a request head ends: after an empty line, with or without carriage returns.
+fn head_end(bytes: &[u8]) -> Option<usize> {
+    let crlf = bytes.windows(4).position(|w| w == b"\r\n\r\n");
+    let lf = bytes.windows(2).position(|w| w == b"\n\n");
+    match (crlf, lf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
-    None
+}
+
+fn check_head(head: &[u8]) -> FirstHead {
+    let text = String::from_utf8_lossy(head).to_ascii_lowercase();
+    let fields: Vec<&str> = text
+        .split('\n')
+        .skip(1)
+        .map(|l| l.trim_end_matches('\r'))
+        .collect();
+    let has = |name: &str| fields.iter().any(|l| l.starts_with(name));
+    if has("content-length:") && has("transfer-encoding:") {
+        FirstHead::Ambiguous("both Transfer-Encoding and Content-Length are set".into())
+    } else {
+        FirstHead::Fine
+    }
 }
 
 /// Answers a request whose framing is ambiguous with 400 and closes the connection, without

@@ -45,7 +45,8 @@ pub fn embedded_v4(ip: Ipv6Addr) -> Vec<Ipv4Addr> {
         [0, 0, 0, 0, 0, 0, hi, _] if hi != 0 => vec![tail],
         // 64:ff9b::/96 (NAT64 well-known prefix) and 64:ff9b:1::/48 (local-use NAT64)
         [0x64, 0xff9b, 0, 0, 0, 0, _, _] => vec![tail],
-        [0x64, 0xff9b, 1, ..] => vec![tail],
+        // ::ffff:0:a.b.c.d (SIIT, RFC 6052 / 7915)
+        [0, 0, 0, 0, 0xffff, 0, _, _] => vec![tail],
         // 2002:AABB:CCDD::/48 (6to4)
         [0x2002, hi, lo, ..] => vec![Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo))],
         // 2001:0000::/32 (Teredo): server in bits 32..64, client inverted in the last 32 bits
@@ -96,6 +97,10 @@ fn refused_v6(ip: Ipv6Addr) -> Option<Refused> {
         [a, ..] if a & 0xff00 == 0xff00 => Refused::Multicast,
         // fec0::/10, the withdrawn site-local range.
         [a, ..] if a & 0xffc0 == 0xfec0 => Refused::Private,
+        // 64:ff9b:1::/48, local-use NAT64: the embedded IPv4 address may sit anywhere in it.
+        [0x64, 0xff9b, 1, ..] => Refused::Private,
+        // 2001:db8::/32 (documentation) and 100::/64 (discard-only).
+        [0x2001, 0xdb8, ..] | [0x100, 0, 0, 0, ..] => Refused::Reserved,
         _ => return None,
     })
 }
@@ -139,6 +144,11 @@ mod tests {
             ("64:ff9b::7f00:1", Some(Refused::Loopback)),
             ("64:ff9b::a9fe:a9fe", Some(Refused::LinkLocal)),
             ("64:ff9b:1::a00:1", Some(Refused::Private)),
+            ("64:ff9b:1:7f00:0:100:808:808", Some(Refused::Private)),
+            ("::ffff:0:7f00:1", Some(Refused::Loopback)),
+            ("::ffff:0:808:808", None),
+            ("2001:db8::1", Some(Refused::Reserved)),
+            ("100::1", Some(Refused::Reserved)),
             ("64:ff9b::808:808", None),
             ("2002:7f00:1::", Some(Refused::Loopback)),
             ("2002:a9fe:a9fe::1", Some(Refused::LinkLocal)),

@@ -149,21 +149,32 @@ impl Table {
                     names.push(host.clone());
                 }
                 Endpoint::Ip { ip, port } => {
-                    self.ips.entry((*ip, *port)).or_insert_with(endpoint);
+                    self.ips
+                        .entry((canonical(*ip), *port))
+                        .or_insert_with(endpoint);
                 }
                 Endpoint::Unix { .. } => {}
             }
         }
         if let Some(tls) = &service.tls {
             if service.protocol.is_http() {
-                names.extend(tls.server_name.clone());
+                let originate = || Opening::Originate {
+                    service: label.clone(),
+                };
+                // The endpoint's own port stays a tunnel; the service's port originates TLS.
+                match tls.server_name.as_deref().map(|n| n.parse::<IpAddr>()) {
+                    Some(Ok(ip)) => {
+                        self.ips
+                            .entry((canonical(ip), service.port))
+                            .or_insert_with(originate);
+                    }
+                    Some(Err(_)) => names.extend(tls.server_name.clone()),
+                    None => {}
+                }
                 for host in names {
-                    // The endpoint's own port stays a tunnel; the service's port originates TLS.
                     self.names
                         .entry((host, service.port))
-                        .or_insert_with(|| Opening::Originate {
-                            service: label.clone(),
-                        });
+                        .or_insert_with(originate);
                 }
             }
         }

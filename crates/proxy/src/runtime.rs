@@ -325,6 +325,7 @@ impl Proxy {
             connect_timeout: self.shared.settings.upstream.connect,
             hello_timeout: self.shared.settings.header_read_timeout,
             idle_timeout: self.shared.settings.tcp_idle_timeout,
+            response_timeout: self.shared.settings.http.response,
             listener: Arc::from("forward-proxy"),
             passthrough_seen: Default::default(),
         });
@@ -346,14 +347,19 @@ impl Proxy {
                 let shared = shared.clone();
                 let header_timeout = limits.settings.header_read_timeout;
                 tokio::spawn(async move {
-                    let _permit = permit;
+                    let slot: forward::Slot = Arc::new(permit);
                     let _ = stream.set_nodelay(true);
-                    if let Some(why) = forward::ambiguous_first_head(&stream, header_timeout).await
-                    {
-                        forward::refuse_framing(stream, peer, &shared, why).await;
-                        return;
+                    match forward::first_head(&stream, header_timeout).await {
+                        forward::FirstHead::Fine => {}
+                        forward::FirstHead::Ambiguous(why) => {
+                            forward::refuse_framing(stream, peer, &shared, why).await;
+                            return;
+                        }
+                        forward::FirstHead::TimedOut => return,
                     }
-                    let service = service_fn(move |req| forward::handle(req, peer, shared.clone()));
+                    let service = service_fn(move |req| {
+                        forward::handle(req, peer, shared.clone(), slot.clone())
+                    });
                     let conn = hyper::server::conn::http1::Builder::new()
                         .timer(TokioTimer::new())
                         .header_read_timeout(header_timeout)
