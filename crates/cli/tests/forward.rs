@@ -883,3 +883,28 @@ async fn an_unfinished_head_is_dropped_at_the_header_timeout() {
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
     assert_eq!(plain.request_count(), 0);
 }
+
+/// Bound to every address, the proxy is still never its own destination, even where a service
+/// names that address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_bound_everywhere_refuses_itself() {
+    let port = free_port();
+    let yaml = format!(
+        "type: MeshExternalService\nname: itself\nspec:\n  match: {{port: {port}, protocol: tcp}}\n  endpoints: [{{address: 127.0.0.1, port: {port}}}]\n"
+    );
+    let sluice = Sluice::start_with_args(
+        &yaml,
+        &[
+            "--http-proxy",
+            &format!("0.0.0.0:{port}"),
+            "--outbound-traffic-policy",
+            "restricted",
+        ],
+    )
+    .await;
+    let (status, body, _) =
+        connect(([127, 0, 0, 1], port).into(), &format!("127.0.0.1:{port}")).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("this proxy itself"), "{body}");
+    drop(sluice);
+}

@@ -247,7 +247,18 @@ async fn checked_address(
     let mut first_denial = None;
     for ip in ips {
         let addr = SocketAddr::new(ip, port);
-        match state.table.check_address(addr) {
+        let checked = state.table.check_address(addr).and_then(|()| {
+            // Bound to every address: any address of this host on that port is the proxy. An
+            // address is this host's when a socket can be bound to it.
+            if state.table.listens_everywhere_on(port)
+                && (ip.is_loopback() || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok())
+            {
+                Err(Denied::Proxy { addr })
+            } else {
+                Ok(())
+            }
+        });
+        match checked {
             Ok(()) => return Ok(addr),
             Err(d) => {
                 first_denial.get_or_insert(d);
@@ -388,6 +399,12 @@ async fn tunnel(
         .await
         .map_err(|_| "refused: no TLS ClientHello within the deadline".to_string())??;
     match (&sni, host) {
+        (Hello::Hidden, _) => {
+            return Err(
+                "refused: the ClientHello is encrypted (ECH), so its server name cannot be checked"
+                    .into(),
+            )
+        }
         (Hello::NotTls, _) if raw_allowed => {}
         (Hello::NotTls, _) => {
             return Err("refused: the app sent non-TLS bytes to a TLS destination".into())
@@ -418,7 +435,7 @@ async fn tunnel(
     .await?;
     let sni = match sni {
         Hello::Tls(s) => s,
-        Hello::NotTls => None,
+        Hello::NotTls | Hello::Hidden => None,
     };
     Ok((up + buf.len() as u64, down, sni))
 }
@@ -430,6 +447,61 @@ fn fold(name: &str) -> String {
 enum Hello {
     NotTls,
     Tls(Option<String>),
+    /// Encrypted Client Hello (or the older encrypted SNI): the real name is not visible.
+    Hidden,
+}
+
+/// TLS extension types that hide the server name from anyone on the path.
+const HIDING_EXTENSIONS: [u16; 2] = [0xfe0d, 0xffce];
+
+/// The extension types of the ClientHello in `records` (TLS records as sent), if it parses.
+fn hello_extensions(records: &[u8]) -> Option<Vec<u16>> {
+    // Join the handshake bytes of the records.
+    let mut hs = Vec::new();
+    let mut rest = records;
+    while rest.len() >= 5 && rest[0] == 0x16 {
+        let len = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
+        let body = rest.get(5..5 + len)?;
+        hs.extend_from_slice(body);
+        rest = &rest[5 + len..];
+    }
+    let take = |at: &mut usize, n: usize| -> Option<std::ops::Range<usize>> {
+        let r = *at..at.checked_add(n)?;
+        if r.end > hs.len() {
+            return None;
+        }
+        *at = r.end;
+        Some(r)
+    };
+    let mut at = 0;
+    if hs.first() != Some(&1) {
+        return None;
+    }
+    take(&mut at, 4)?; // type and length
+    take(&mut at, 2 + 32)?; // legacy version and random
+    let sid = usize::from(hs[take(&mut at, 1)?.start]);
+    take(&mut at, sid)?;
+    let suites = take(&mut at, 2)?;
+    take(
+        &mut at,
+        usize::from(u16::from_be_bytes([hs[suites.start], hs[suites.start + 1]])),
+    )?;
+    let comp = usize::from(hs[take(&mut at, 1)?.start]);
+    take(&mut at, comp)?;
+    let ext_len = take(&mut at, 2)?;
+    let end = at
+        + usize::from(u16::from_be_bytes([
+            hs[ext_len.start],
+            hs[ext_len.start + 1],
+        ]));
+    let mut types = Vec::new();
+    while at + 4 <= end.min(hs.len()) {
+        let ty = u16::from_be_bytes([hs[at], hs[at + 1]]);
+        let len = usize::from(u16::from_be_bytes([hs[at + 2], hs[at + 3]]));
+        types.push(ty);
+        at += 4 + len;
+    }
+    Some(types)
 }
 
 /// Reads until a whole ClientHello is buffered (without answering it) and returns its SNI.
@@ -457,9 +529,14 @@ async fn read_client_hello<R: tokio::io::AsyncRead + Unpin>(
             fed += n;
             match acceptor.accept() {
                 Ok(Some(accepted)) => {
+                    let hidden = hello_extensions(buf)
+                        .is_some_and(|types| types.iter().any(|t| HIDING_EXTENSIONS.contains(t)));
+                    if hidden {
+                        return Ok(Hello::Hidden);
+                    }
                     return Ok(Hello::Tls(
                         accepted.client_hello().server_name().map(str::to_string),
-                    ))
+                    ));
                 }
                 Ok(None) => {}
                 Err((e, _)) => return Err(format!("refused: not a valid ClientHello: {e}")),
@@ -729,6 +806,32 @@ pub async fn refuse_framing(mut stream: TcpStream, peer: SocketAddr, shared: &Sh
 mod tests {
     use super::*;
 
+    /// Appends an empty extension of type `ty` to a one-record ClientHello, fixing the lengths.
+    fn add_extension(record: &[u8], ty: u16) -> Vec<u8> {
+        let mut out = record.to_vec();
+        out.extend_from_slice(&ty.to_be_bytes());
+        out.extend_from_slice(&[0, 0]);
+        let bump = |v: &mut Vec<u8>, at: usize, width: usize| {
+            let mut n = 0usize;
+            for b in &v[at..at + width] {
+                n = (n << 8) | usize::from(*b);
+            }
+            n += 4;
+            for i in 0..width {
+                v[at + width - 1 - i] = ((n >> (8 * i)) & 0xff) as u8;
+            }
+        };
+        bump(&mut out, 3, 2); // record length
+        bump(&mut out, 6, 3); // handshake length
+                              // The extensions length sits after the fixed fields; find it by walking them.
+        let mut at = 5 + 4 + 34;
+        at += 1 + usize::from(out[at]);
+        at += 2 + usize::from(u16::from_be_bytes([out[at], out[at + 1]]));
+        at += 1 + usize::from(out[at]);
+        bump(&mut out, at, 2);
+        out
+    }
+
     #[test]
     fn passthrough_destinations_are_capped() {
         let mut seen = std::collections::HashSet::new();
@@ -756,6 +859,20 @@ mod tests {
         let mut conn = rustls::ClientConnection::new(config, name).unwrap();
         let mut hello = Vec::new();
         conn.write_tls(&mut hello).unwrap();
+
+        // Its extensions parse, and one that hides the name is found.
+        let types = hello_extensions(&hello).unwrap();
+        assert!(types.contains(&0x0000), "server_name: {types:x?}");
+        assert!(!types.iter().any(|t| HIDING_EXTENSIONS.contains(t)));
+        let with_ech = add_extension(&hello, 0xffce);
+        assert!(hello_extensions(&with_ech).unwrap().contains(&0xffce));
+        let (mut client, mut server) = tokio::io::duplex(4096);
+        client.write_all(&with_ech).await.unwrap();
+        let mut buf = Vec::new();
+        assert!(matches!(
+            read_client_hello(&mut server, &mut buf).await.unwrap(),
+            Hello::Hidden
+        ));
 
         // Already buffered whole (read by the HTTP layer): answered without waiting for more.
         let (_quiet, mut nothing_more) = tokio::io::duplex(64);

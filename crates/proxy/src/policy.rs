@@ -188,6 +188,14 @@ impl Table {
         }
     }
 
+    /// Whether the proxy listens on every address for this port (0.0.0.0 or [::]): then any local
+    /// address with that port is the proxy itself, which only the caller can find out.
+    pub fn listens_everywhere_on(&self, port: u16) -> bool {
+        self.own
+            .iter()
+            .any(|a| a.port() == port && a.ip().is_unspecified())
+    }
+
     /// Whether bytes may go to `addr`: never to the proxy itself; to a refused class only when an
     /// external service names exactly that address and port.
     pub fn check_address(&self, addr: SocketAddr) -> Result<(), Denied> {
