@@ -1,0 +1,299 @@
+#![forbid(unsafe_code)]
+//! The registry's storage: every resource by kind, mesh and name, with a version per resource for
+//! optimistic concurrency and a store-wide revision per change, so that readers can follow every
+//! change in order. SQLite is the embedded default.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::{Row, SqlitePool};
+use tokio::sync::broadcast;
+
+/// Where a resource is: kind, mesh and name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key {
+    pub kind: String,
+    pub mesh: String,
+    pub name: String,
+}
+
+/// A stored resource: the document as applied, its version and the revision that wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub key: Key,
+    pub body: String,
+    /// Starts at 1 and grows by one with every change to this resource.
+    pub version: i64,
+    /// The store-wide revision of the last change.
+    pub revision: i64,
+}
+
+/// What a put did, in the words `kubectl apply` uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Created,
+    Configured,
+    Unchanged,
+}
+
+/// One change, in revision order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub revision: i64,
+    pub key: Key,
+    pub deleted: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "{kind} {mesh}/{name} is at version {current}, not {expected}: read it again and retry"
+    )]
+    Conflict {
+        kind: String,
+        mesh: String,
+        name: String,
+        expected: i64,
+        current: i64,
+    },
+    #[error("store: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// The schema, created on open; each statement is idempotent.
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS resources (
+        kind TEXT NOT NULL, mesh TEXT NOT NULL, name TEXT NOT NULL,
+        body TEXT NOT NULL, version INTEGER NOT NULL, revision INTEGER NOT NULL,
+        PRIMARY KEY (kind, mesh, name))",
+    "CREATE TABLE IF NOT EXISTS events (
+        revision INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL, mesh TEXT NOT NULL, name TEXT NOT NULL, deleted INTEGER NOT NULL)",
+];
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+    changes: broadcast::Sender<Event>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str("sqlite:")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(std::time::Duration::from_secs(5));
+        // One writer at a time is what SQLite allows anyway; a single connection keeps
+        // read-modify-write sequences simple and ordered.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await?;
+        for statement in SCHEMA {
+            sqlx::query(*statement).execute(&pool).await?;
+        }
+        let (changes, _) = broadcast::channel(1024);
+        Ok(Self { pool, changes })
+    }
+
+    /// Creates or replaces a resource. With `expected_version`, the write happens only if the
+    /// stored version is that one (0 meaning "must not exist yet").
+    pub async fn put(
+        &self,
+        key: &Key,
+        body: &str,
+        expected_version: Option<i64>,
+    ) -> Result<(Outcome, Stored), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let current = sqlx::query("SELECT body, version, revision FROM resources WHERE kind = ? AND mesh = ? AND name = ?")
+            .bind(&key.kind)
+            .bind(&key.mesh)
+            .bind(&key.name)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let (current_body, current_version, current_revision) = match &current {
+            Some(row) => (
+                Some(row.get::<String, _>(0)),
+                row.get::<i64, _>(1),
+                row.get::<i64, _>(2),
+            ),
+            None => (None, 0, 0),
+        };
+        if let Some(expected) = expected_version {
+            if expected != current_version {
+                return Err(StoreError::Conflict {
+                    kind: key.kind.clone(),
+                    mesh: key.mesh.clone(),
+                    name: key.name.clone(),
+                    expected,
+                    current: current_version,
+                });
+            }
+        }
+        if current_body.as_deref() == Some(body) {
+            return Ok((
+                Outcome::Unchanged,
+                Stored {
+                    key: key.clone(),
+                    body: body.to_string(),
+                    version: current_version,
+                    revision: current_revision,
+                },
+            ));
+        }
+        let revision = insert_event(&mut tx, key, false).await?;
+        let version = current_version + 1;
+        sqlx::query(
+            "INSERT INTO resources (kind, mesh, name, body, version, revision) VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (kind, mesh, name) DO UPDATE SET body = excluded.body, version = excluded.version, revision = excluded.revision",
+        )
+        .bind(&key.kind)
+        .bind(&key.mesh)
+        .bind(&key.name)
+        .bind(body)
+        .bind(version)
+        .bind(revision)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let _ = self.changes.send(Event {
+            revision,
+            key: key.clone(),
+            deleted: false,
+        });
+        let outcome = if current.is_some() {
+            Outcome::Configured
+        } else {
+            Outcome::Created
+        };
+        Ok((
+            outcome,
+            Stored {
+                key: key.clone(),
+                body: body.to_string(),
+                version,
+                revision,
+            },
+        ))
+    }
+
+    pub async fn get(&self, key: &Key) -> Result<Option<Stored>, StoreError> {
+        let row = sqlx::query("SELECT body, version, revision FROM resources WHERE kind = ? AND mesh = ? AND name = ?")
+            .bind(&key.kind)
+            .bind(&key.mesh)
+            .bind(&key.name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|row| Stored {
+            key: key.clone(),
+            body: row.get(0),
+            version: row.get(1),
+            revision: row.get(2),
+        }))
+    }
+
+    /// Every resource of `kind` (in every mesh, or one), ordered by mesh and name.
+    pub async fn list(&self, kind: &str, mesh: Option<&str>) -> Result<Vec<Stored>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT mesh, name, body, version, revision FROM resources
+             WHERE kind = ? AND (? IS NULL OR mesh = ?) ORDER BY mesh, name",
+        )
+        .bind(kind)
+        .bind(mesh)
+        .bind(mesh)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| Stored {
+                key: Key {
+                    kind: kind.to_string(),
+                    mesh: row.get(0),
+                    name: row.get(1),
+                },
+                body: row.get(2),
+                version: row.get(3),
+                revision: row.get(4),
+            })
+            .collect())
+    }
+
+    /// Removes a resource; `false` if there was none.
+    pub async fn delete(&self, key: &Key) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let gone = sqlx::query("DELETE FROM resources WHERE kind = ? AND mesh = ? AND name = ?")
+            .bind(&key.kind)
+            .bind(&key.mesh)
+            .bind(&key.name)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            > 0;
+        if !gone {
+            return Ok(false);
+        }
+        let revision = insert_event(&mut tx, key, true).await?;
+        tx.commit().await?;
+        let _ = self.changes.send(Event {
+            revision,
+            key: key.clone(),
+            deleted: true,
+        });
+        Ok(true)
+    }
+
+    /// The changes after `revision`, in order: what a watcher missed.
+    pub async fn events_since(&self, revision: i64) -> Result<Vec<Event>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT revision, kind, mesh, name, deleted FROM events WHERE revision > ? ORDER BY revision",
+        )
+        .bind(revision)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| Event {
+                revision: row.get(0),
+                key: Key {
+                    kind: row.get(1),
+                    mesh: row.get(2),
+                    name: row.get(3),
+                },
+                deleted: row.get::<i64, _>(4) != 0,
+            })
+            .collect())
+    }
+
+    /// The latest revision (0 for an empty store).
+    pub async fn revision(&self) -> Result<i64, StoreError> {
+        let row = sqlx::query("SELECT COALESCE(MAX(revision), 0) FROM events")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// Changes as they are committed by this process. A receiver that lags behind is told so
+    /// and catches up with [`SqliteStore::events_since`].
+    pub fn watch(&self) -> broadcast::Receiver<Event> {
+        self.changes.subscribe()
+    }
+}
+
+async fn insert_event(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    key: &Key,
+    deleted: bool,
+) -> Result<i64, StoreError> {
+    let row = sqlx::query(
+        "INSERT INTO events (kind, mesh, name, deleted) VALUES (?, ?, ?, ?) RETURNING revision",
+    )
+    .bind(&key.kind)
+    .bind(&key.mesh)
+    .bind(&key.name)
+    .bind(i64::from(deleted))
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(row.get(0))
+}
