@@ -1,7 +1,12 @@
 #![forbid(unsafe_code)]
 //! The registry's storage: every resource by kind, mesh and name, with a version per resource for
 //! optimistic concurrency and a store-wide revision per change, so that readers can follow every
-//! change in order. SQLite is the embedded default.
+//! change in order. SQLite is the embedded default; PostgreSQL serves several control-plane
+//! replicas.
+
+mod postgres;
+
+pub use postgres::PgStore;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -59,6 +64,81 @@ pub enum StoreError {
     },
     #[error("store: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("store {0:?}: give sqlite://PATH or postgres://USER@HOST:PORT/DATABASE")]
+    Url(String),
+}
+
+/// A store of either kind, chosen by URL.
+pub enum Store {
+    Sqlite(SqliteStore),
+    Postgres(PgStore),
+}
+
+impl Store {
+    /// `sqlite://PATH` (created if missing) or `postgres://...` / `postgresql://...`.
+    pub async fn open(url: &str) -> Result<Store, StoreError> {
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            return Ok(Store::Sqlite(SqliteStore::open(Path::new(path)).await?));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Store::Postgres(PgStore::open(url).await?));
+        }
+        Err(StoreError::Url(url.to_string()))
+    }
+
+    pub async fn put(
+        &self,
+        key: &Key,
+        body: &str,
+        expected_version: Option<i64>,
+    ) -> Result<(Outcome, Stored), StoreError> {
+        match self {
+            Store::Sqlite(s) => s.put(key, body, expected_version).await,
+            Store::Postgres(s) => s.put(key, body, expected_version).await,
+        }
+    }
+
+    pub async fn get(&self, key: &Key) -> Result<Option<Stored>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.get(key).await,
+            Store::Postgres(s) => s.get(key).await,
+        }
+    }
+
+    pub async fn list(&self, kind: &str, mesh: Option<&str>) -> Result<Vec<Stored>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.list(kind, mesh).await,
+            Store::Postgres(s) => s.list(kind, mesh).await,
+        }
+    }
+
+    pub async fn delete(&self, key: &Key) -> Result<bool, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.delete(key).await,
+            Store::Postgres(s) => s.delete(key).await,
+        }
+    }
+
+    pub async fn events_since(&self, revision: i64) -> Result<Vec<Event>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.events_since(revision).await,
+            Store::Postgres(s) => s.events_since(revision).await,
+        }
+    }
+
+    pub async fn revision(&self) -> Result<i64, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.revision().await,
+            Store::Postgres(s) => s.revision().await,
+        }
+    }
+
+    pub fn watch(&self) -> broadcast::Receiver<Event> {
+        match self {
+            Store::Sqlite(s) => s.watch(),
+            Store::Postgres(s) => s.watch(),
+        }
+    }
 }
 
 /// The schema, created on open; each statement is idempotent.

@@ -1,9 +1,13 @@
-//! The store against a real SQLite database file.
+//! One suite for both stores: a real SQLite file, and a real PostgreSQL server when the test
+//! command started one (`SLUICE_TEST_POSTGRES_URL`; otherwise the PostgreSQL half says it is
+//! skipped).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
-use sluice_store::{Key, Outcome, SqliteStore, StoreError};
+use sluice_store::{Key, Outcome, Store, StoreError};
 
 /// A database file in a fresh directory, removed at the end.
 struct Db(PathBuf);
@@ -33,6 +37,40 @@ impl Drop for Db {
     }
 }
 
+/// A fresh database on the test PostgreSQL server, or `None` when there is none.
+async fn postgres_url(name: &str) -> Option<String> {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let Ok(base) = std::env::var("SLUICE_TEST_POSTGRES_URL") else {
+        eprintln!("skipped: no SLUICE_TEST_POSTGRES_URL (scripts/test starts a PostgreSQL server)");
+        return None;
+    };
+    let db = format!(
+        "t_{name}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    );
+    let admin = sqlx::PgPool::connect(&base).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    let (prefix, _) = base.rsplit_once('/').unwrap();
+    Some(format!("{prefix}/{db}"))
+}
+
+/// Runs `check` against SQLite and, when available, PostgreSQL.
+macro_rules! on_both {
+    ($name:literal, $check:ident) => {{
+        let db = Db::new($name);
+        let url = format!("sqlite://{}", db.file().display());
+        $check(&url).await;
+        if let Some(url) = postgres_url($name).await {
+            $check(&url).await;
+        }
+    }};
+}
+
 fn key(kind: &str, mesh: &str, name: &str) -> Key {
     Key {
         kind: kind.into(),
@@ -43,8 +81,11 @@ fn key(kind: &str, mesh: &str, name: &str) -> Key {
 
 #[tokio::test]
 async fn put_reports_created_configured_unchanged() {
-    let db = Db::new("put");
-    let store = SqliteStore::open(&db.file()).await.unwrap();
+    on_both!("put", put_check);
+}
+
+async fn put_check(url: &str) {
+    let store = Store::open(url).await.unwrap();
     let k = key("MeshExternalService", "default", "httpbin");
     let (o, s) = store.put(&k, "a: 1\n", None).await.unwrap();
     assert_eq!((o, s.version, s.revision), (Outcome::Created, 1, 1));
@@ -62,8 +103,11 @@ async fn put_reports_created_configured_unchanged() {
 
 #[tokio::test]
 async fn stale_writes_are_refused() {
-    let db = Db::new("conflict");
-    let store = SqliteStore::open(&db.file()).await.unwrap();
+    on_both!("conflict", conflict_check);
+}
+
+async fn conflict_check(url: &str) {
+    let store = Store::open(url).await.unwrap();
     let k = key("Secret", "default", "ca");
     store.put(&k, "x", Some(0)).await.unwrap();
     match store.put(&k, "y", Some(0)).await {
@@ -79,8 +123,11 @@ async fn stale_writes_are_refused() {
 
 #[tokio::test]
 async fn list_delete_and_the_change_feed() {
-    let db = Db::new("feed");
-    let store = SqliteStore::open(&db.file()).await.unwrap();
+    on_both!("feed", feed_check);
+}
+
+async fn feed_check(url: &str) {
+    let store = Store::open(url).await.unwrap();
     let mut watch = store.watch();
     for (mesh, name) in [("default", "b"), ("payments", "a"), ("default", "a")] {
         store
@@ -130,15 +177,22 @@ async fn list_delete_and_the_change_feed() {
         .collect();
     assert_eq!(seen, [(4, "s", false), (5, "b", true)]);
     for want in 1..=5 {
-        assert_eq!(watch.recv().await.unwrap().revision, want);
+        let event = tokio::time::timeout(Duration::from_secs(10), watch.recv())
+            .await
+            .expect("a change must reach watchers")
+            .unwrap();
+        assert_eq!(event.revision, want);
     }
 }
 
 #[tokio::test]
 async fn data_and_revisions_survive_reopening() {
-    let db = Db::new("reopen");
+    on_both!("reopen", reopen_check);
+}
+
+async fn reopen_check(url: &str) {
     {
-        let store = SqliteStore::open(&db.file()).await.unwrap();
+        let store = Store::open(url).await.unwrap();
         store
             .put(&key("Mesh", "default", "default"), "m", None)
             .await
@@ -148,7 +202,7 @@ async fn data_and_revisions_survive_reopening() {
             .await
             .unwrap();
     }
-    let store = SqliteStore::open(&db.file()).await.unwrap();
+    let store = Store::open(url).await.unwrap();
     let s = store
         .get(&key("Mesh", "default", "default"))
         .await
@@ -160,4 +214,36 @@ async fn data_and_revisions_survive_reopening() {
         .await
         .unwrap();
     assert_eq!(s.revision, 3, "revisions continue after a restart");
+}
+
+/// Two replicas on one PostgreSQL database: a write on one reaches the other's watchers.
+#[tokio::test]
+async fn a_write_on_one_replica_reaches_the_other() {
+    let Some(url) = postgres_url("replicas").await else {
+        return;
+    };
+    let a = Store::open(&url).await.unwrap();
+    let b = Store::open(&url).await.unwrap();
+    let mut watch_b = b.watch();
+    let (_, stored) = a
+        .put(&key("MeshExternalService", "default", "api"), "x", None)
+        .await
+        .unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(10), watch_b.recv())
+        .await
+        .expect("replica B must hear of replica A's write")
+        .unwrap();
+    assert_eq!(seen.revision, stored.revision);
+    assert_eq!(seen.key.name, "api");
+    assert_eq!(b.get(&seen.key).await.unwrap().unwrap().body, "x");
+}
+
+#[tokio::test]
+async fn an_unknown_store_url_is_one_clear_error() {
+    let err = Store::open("mysql://x").await.err().unwrap();
+    assert!(
+        err.to_string()
+            .contains("give sqlite://PATH or postgres://"),
+        "{err}"
+    );
 }
