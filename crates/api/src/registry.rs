@@ -44,6 +44,18 @@ impl Loaded {
     }
 }
 
+/// The kind and key a document declares, if they can be read (its other errors aside).
+pub fn identify(document: &Document) -> Option<(&'static str, ResourceKey)> {
+    let mut d = Diagnostics::for_doc(document.doc.clone());
+    let root = At::root(&document.value);
+    let resource = if crate::istio::claims(&document.value) {
+        crate::istio::parse(&root, &mut d)
+    } else {
+        kuma::parse(&root, &mut d)
+    }?;
+    Some((resource.kind(), resource.meta().key.clone()))
+}
+
 /// Reads, checks and resolves a set of documents as one configuration.
 pub fn load(documents: &[Document]) -> Loaded {
     let mut diagnostics = Vec::new();

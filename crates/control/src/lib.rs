@@ -1,5 +1,8 @@
 #![forbid(unsafe_code)]
-//! Compiles a checked registry into the configuration one proxy runs.
+//! Compiles a checked registry into the configuration one proxy runs, and serves the registry's
+//! REST API.
+
+pub mod server;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -1,0 +1,312 @@
+//! The control plane's REST API: create or replace, get, list and delete resources, each checked
+//! exactly as `sluice validate` checks files, against everything already stored.
+//!
+//! `PUT /api/v1/{kind}/{mesh}/{name}` with the resource as YAML or JSON; `If-Match: VERSION` makes
+//! the write conditional (409 when stale). `GET` the same path for one resource (its version in
+//! the `resource-version` header), `GET /api/v1/{kind}[?mesh=M]` for a list, `DELETE` to remove.
+//! Every request needs `Authorization: Bearer TOKEN`; the read-only token may only read.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use sluice_api::{identify, parse_documents, DocRef, Severity};
+use sluice_store::{Key, Outcome, Store, StoreError};
+
+/// Request bodies larger than this get 413: no resource is anywhere near it.
+pub const MAX_BODY: usize = 1024 * 1024;
+
+/// The kinds the API stores.
+pub const KINDS: &[&str] = &["MeshExternalService", "Dataplane", "Secret", "Mesh"];
+
+pub struct Api {
+    pub store: Store,
+    pub admin_token: String,
+    pub read_token: Option<String>,
+}
+
+pub fn router(api: Arc<Api>) -> Router {
+    Router::new()
+        .route("/api/v1/{kind}", get(list))
+        .route(
+            "/api/v1/{kind}/{mesh}/{name}",
+            get(read).put(write).delete(remove),
+        )
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(api)
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body.into(),
+    )
+        .into_response()
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        value.to_string() + "\n",
+    )
+        .into_response()
+}
+
+enum Access {
+    Read,
+    Write,
+}
+
+/// 401 without a valid token (and nothing about the registry); 403 for a read-only token writing.
+/// The refusal for a request that may not go on, if any: authentication first, so nothing about
+/// the registry (not even which kinds exist) is told to a caller without a valid token.
+fn gate(api: &Api, headers: &HeaderMap, access: Access, kind: &str) -> Option<Response> {
+    authorize(api, headers, access).or_else(|| unknown_kind(kind))
+}
+
+fn authorize(api: &Api, headers: &HeaderMap, access: Access) -> Option<Response> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let is_admin = !token.is_empty() && constant_time_eq(token, &api.admin_token);
+    let is_reader = !token.is_empty()
+        && api
+            .read_token
+            .as_deref()
+            .is_some_and(|t| constant_time_eq(token, t));
+    match access {
+        _ if is_admin => None,
+        Access::Read if is_reader => None,
+        Access::Write if is_reader => Some(text(
+            StatusCode::FORBIDDEN,
+            "this token may only read; use an admin token to change resources\n",
+        )),
+        _ => Some(text(
+            StatusCode::UNAUTHORIZED,
+            "a valid token is required: Authorization: Bearer TOKEN\n",
+        )),
+    }
+}
+
+/// Token comparison that takes the same time wherever the first difference is.
+fn constant_time_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+fn unknown_kind(kind: &str) -> Option<Response> {
+    if KINDS.contains(&kind) {
+        None
+    } else {
+        Some(text(
+            StatusCode::NOT_FOUND,
+            format!("unknown kind {kind:?}; kinds are {}\n", KINDS.join(", ")),
+        ))
+    }
+}
+
+fn store_error(e: StoreError) -> Response {
+    match e {
+        conflict @ StoreError::Conflict { .. } => {
+            text(StatusCode::CONFLICT, format!("{conflict}\n"))
+        }
+        other => {
+            tracing::error!(error = %other, "store failed");
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the store is not available; try again\n",
+            )
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ListQuery {
+    mesh: Option<String>,
+}
+
+async fn list(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path(kind): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    if let Some(r) = gate(&api, &headers, Access::Read, &kind) {
+        return r;
+    }
+    match api.store.list(&kind, q.mesh.as_deref()).await {
+        Ok(items) => json(
+            StatusCode::OK,
+            serde_json::json!({
+                "kind": kind,
+                "items": items.iter().map(|s| serde_json::json!({
+                    "mesh": s.key.mesh,
+                    "name": s.key.name,
+                    "resourceVersion": s.version,
+                })).collect::<Vec<_>>(),
+            }),
+        ),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn read(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path((kind, mesh, name)): Path<(String, String, String)>,
+) -> Response {
+    if let Some(r) = gate(&api, &headers, Access::Read, &kind) {
+        return r;
+    }
+    let key = Key { kind, mesh, name };
+    match api.store.get(&key).await {
+        Ok(Some(s)) => (
+            StatusCode::OK,
+            [
+                (header::CONTENT_TYPE, "application/yaml".to_string()),
+                (
+                    header::HeaderName::from_static("resource-version"),
+                    s.version.to_string(),
+                ),
+            ],
+            s.body,
+        )
+            .into_response(),
+        Ok(None) => text(
+            StatusCode::NOT_FOUND,
+            format!("no {} {}/{}\n", key.kind, key.mesh, key.name),
+        ),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn write(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path((kind, mesh, name)): Path<(String, String, String)>,
+    body: Bytes,
+) -> Response {
+    if let Some(r) = gate(&api, &headers, Access::Write, &kind) {
+        return r;
+    }
+    let key = Key { kind, mesh, name };
+    let expected = match headers
+        .get(header::IF_MATCH)
+        .map(|v| v.to_str().map(str::parse::<i64>))
+    {
+        None => None,
+        Some(Ok(Ok(v))) => Some(v),
+        Some(_) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "If-Match must be a resource version (a number)\n",
+            )
+        }
+    };
+    let Ok(body) = std::str::from_utf8(&body) else {
+        return text(StatusCode::UNPROCESSABLE_ENTITY, "the body is not UTF-8\n");
+    };
+    if let Err(problems) = check(&api.store, &key, body).await {
+        return text(StatusCode::UNPROCESSABLE_ENTITY, problems.join("\n") + "\n");
+    }
+    match api.store.put(&key, body, expected).await {
+        Ok((outcome, stored)) => json(
+            if outcome == Outcome::Created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            },
+            serde_json::json!({
+                "result": match outcome {
+                    Outcome::Created => "created",
+                    Outcome::Configured => "configured",
+                    Outcome::Unchanged => "unchanged",
+                },
+                "resourceVersion": stored.version,
+            }),
+        ),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn remove(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path((kind, mesh, name)): Path<(String, String, String)>,
+) -> Response {
+    if let Some(r) = gate(&api, &headers, Access::Write, &kind) {
+        return r;
+    }
+    let key = Key { kind, mesh, name };
+    match api.store.delete(&key).await {
+        Ok(true) => text(StatusCode::OK, "deleted\n"),
+        Ok(false) => text(
+            StatusCode::NOT_FOUND,
+            format!("no {} {}/{}\n", key.kind, key.mesh, key.name),
+        ),
+        Err(e) => store_error(e),
+    }
+}
+
+/// Checks `body` as the resource at `key`, together with everything else stored: the same
+/// rules and messages as `sluice validate`, for this document only.
+async fn check(store: &Store, key: &Key, body: &str) -> Result<(), Vec<String>> {
+    let source = format!("{}/{}/{}", key.kind, key.mesh, key.name);
+    let mut docs = parse_documents(&source, body).map_err(|e| vec![e.to_string()])?;
+    if docs.len() != 1 {
+        return Err(vec![format!(
+            "{source}: the body must hold exactly one resource, found {}",
+            docs.len()
+        )]);
+    }
+    match identify(&docs[0]) {
+        Some((kind, declared))
+            if kind == key.kind && declared.mesh == key.mesh && declared.name == key.name => {}
+        Some((kind, declared)) => {
+            return Err(vec![format!(
+                "{source}: the body declares {kind} {}/{}; send it to /api/v1/{kind}/{}/{}",
+                declared.mesh, declared.name, declared.mesh, declared.name
+            )])
+        }
+        None => {}
+    }
+    for kind in KINDS {
+        let stored = store
+            .list(kind, None)
+            .await
+            .map_err(|e| vec![e.to_string()])?;
+        for s in stored.iter().filter(|s| s.key != *key) {
+            let name = format!("{}/{}/{}", s.key.kind, s.key.mesh, s.key.name);
+            if let Ok(more) = parse_documents(&name, &s.body) {
+                docs.extend(more);
+            }
+        }
+    }
+    let loaded = sluice_api::load(&docs);
+    let mine = |d: &&sluice_api::Diagnostic| {
+        d.doc.as_ref().map(|r: &DocRef| &*r.source) == Some(source.as_str())
+            && d.severity == Severity::Error
+    };
+    let problems: Vec<String> = loaded
+        .diagnostics
+        .iter()
+        .filter(mine)
+        .map(|d| d.to_string())
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
+}

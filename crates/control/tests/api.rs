@@ -1,0 +1,289 @@
+//! The REST API over real HTTP on loopback, with a real SQLite store.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use sluice_control::server::{router, Api, MAX_BODY};
+use sluice_store::Store;
+
+struct Server {
+    addr: SocketAddr,
+    dir: std::path::PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn start() -> Server {
+    let dir = std::env::temp_dir().join(format!(
+        "sluice-api-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let store = Store::open(&format!("sqlite://{}", dir.join("db").display()))
+        .await
+        .unwrap();
+    let api = Arc::new(Api {
+        store,
+        admin_token: "admin-secret".into(),
+        read_token: Some("reader-secret".into()),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, router(api)).await.unwrap();
+    });
+    Server { addr, dir, task }
+}
+
+struct Answer {
+    status: u16,
+    headers: http::HeaderMap,
+    body: String,
+}
+
+async fn send(
+    server: &Server,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> Answer {
+    send_bytes(server, method, path, token, body.as_bytes().to_vec(), &[]).await
+}
+
+async fn send_bytes(
+    server: &Server,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Vec<u8>,
+    extra: &[(&str, &str)],
+) -> Answer {
+    let stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "control-plane");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    let resp = sender
+        .send_request(req.body(Full::new(Bytes::from(body))).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Answer {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).to_string(),
+    }
+}
+
+const API: &str = "type: MeshExternalService
+name: api
+mesh: default
+spec:
+  match: {port: 443, protocol: http}
+  endpoints: [{address: api.example.com, port: 443}]
+";
+
+const ADMIN: Option<&str> = Some("admin-secret");
+
+#[tokio::test]
+async fn writes_report_created_configured_unchanged_and_reads_return_the_version() {
+    let s = start().await;
+    let path = "/api/v1/MeshExternalService/default/api";
+    let a = send(&s, "PUT", path, ADMIN, API).await;
+    assert_eq!(
+        (a.status, a.body.as_str()),
+        (201, "{\"resourceVersion\":1,\"result\":\"created\"}\n")
+    );
+    let a = send(&s, "PUT", path, ADMIN, API).await;
+    assert_eq!(
+        (a.status, a.body.as_str()),
+        (200, "{\"resourceVersion\":1,\"result\":\"unchanged\"}\n")
+    );
+    let changed = API.replace("port: 443}]", "port: 8443}]");
+    let a = send(&s, "PUT", path, ADMIN, &changed).await;
+    assert_eq!(
+        (a.status, a.body.as_str()),
+        (200, "{\"resourceVersion\":2,\"result\":\"configured\"}\n")
+    );
+    let a = send(&s, "GET", path, ADMIN, "").await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body, changed);
+    assert_eq!(a.headers["resource-version"], "2");
+    let a = send(&s, "GET", "/api/v1/MeshExternalService", ADMIN, "").await;
+    assert_eq!(
+        a.body,
+        "{\"items\":[{\"mesh\":\"default\",\"name\":\"api\",\"resourceVersion\":2}],\"kind\":\"MeshExternalService\"}\n"
+    );
+    let a = send(&s, "DELETE", path, ADMIN, "").await;
+    assert_eq!(a.status, 200);
+    let a = send(&s, "DELETE", path, ADMIN, "").await;
+    assert_eq!(a.status, 404);
+}
+
+#[tokio::test]
+async fn invalid_resources_get_422_with_the_validate_messages_and_nothing_is_stored() {
+    let s = start().await;
+    let bad = API.replace("port: 443}]", "port: 70000}]");
+    let a = send(
+        &s,
+        "PUT",
+        "/api/v1/MeshExternalService/default/api",
+        ADMIN,
+        &bad,
+    )
+    .await;
+    assert_eq!(a.status, 422);
+    assert_eq!(
+        a.body,
+        "MeshExternalService/default/api[0] spec.endpoints[0].port: must be between 1 and 65535\n"
+    );
+    let dp = "type: Dataplane
+name: app
+networking:
+  outbound:
+    - port: 10080
+      backendRef: {kind: MeshExternalService, name: api}
+";
+    let a = send(&s, "PUT", "/api/v1/Dataplane/default/app", ADMIN, dp).await;
+    assert_eq!(a.status, 422);
+    assert!(
+        a.body.contains("no MeshExternalService named \"api\""),
+        "{}",
+        a.body
+    );
+    assert_eq!(
+        send(&s, "GET", "/api/v1/Dataplane/default/app", ADMIN, "")
+            .await
+            .status,
+        404
+    );
+    // Checked against what is stored: once the service exists, the Dataplane is accepted.
+    assert_eq!(
+        send(
+            &s,
+            "PUT",
+            "/api/v1/MeshExternalService/default/api",
+            ADMIN,
+            API
+        )
+        .await
+        .status,
+        201
+    );
+    assert_eq!(
+        send(&s, "PUT", "/api/v1/Dataplane/default/app", ADMIN, dp)
+            .await
+            .status,
+        201
+    );
+    // The path and the body must name the same resource.
+    let a = send(
+        &s,
+        "PUT",
+        "/api/v1/MeshExternalService/default/other",
+        ADMIN,
+        API,
+    )
+    .await;
+    assert_eq!(a.status, 422);
+    assert!(
+        a.body
+            .contains("send it to /api/v1/MeshExternalService/default/api"),
+        "{}",
+        a.body
+    );
+}
+
+#[tokio::test]
+async fn stale_writes_oversized_bodies_and_unknown_kinds() {
+    let s = start().await;
+    let path = "/api/v1/MeshExternalService/default/api";
+    send(&s, "PUT", path, ADMIN, API).await;
+    let changed = API.replace("port: 443}]", "port: 8443}]");
+    let a = send_bytes(
+        &s,
+        "PUT",
+        path,
+        ADMIN,
+        changed.clone().into_bytes(),
+        &[("if-match", "7")],
+    )
+    .await;
+    assert_eq!(a.status, 409);
+    assert!(a.body.contains("is at version 1, not 7"), "{}", a.body);
+    let a = send_bytes(
+        &s,
+        "PUT",
+        path,
+        ADMIN,
+        changed.into_bytes(),
+        &[("if-match", "1")],
+    )
+    .await;
+    assert_eq!(a.status, 200);
+
+    let huge = vec![b'#'; MAX_BODY + 1];
+    let a = send_bytes(&s, "PUT", path, ADMIN, huge, &[]).await;
+    assert_eq!(a.status, 413);
+
+    let a = send(&s, "GET", "/api/v1/ServiceEntry", ADMIN, "").await;
+    assert_eq!(a.status, 404);
+    assert!(
+        a.body
+            .contains("kinds are MeshExternalService, Dataplane, Secret, Mesh"),
+        "{}",
+        a.body
+    );
+}
+
+#[tokio::test]
+async fn tokens_decide_who_may_read_and_write() {
+    let s = start().await;
+    let path = "/api/v1/MeshExternalService/default/api";
+    send(&s, "PUT", path, ADMIN, API).await;
+    for token in [None, Some("wrong"), Some("")] {
+        let a = send(&s, "GET", path, token, "").await;
+        assert_eq!(a.status, 401, "{token:?}");
+        assert!(!a.body.contains("api.example.com"));
+        let a = send(&s, "GET", "/api/v1/ServiceEntry", token, "").await;
+        assert_eq!(a.status, 401, "unknown kinds are not revealed either");
+    }
+    let reader = Some("reader-secret");
+    assert_eq!(send(&s, "GET", path, reader, "").await.status, 200);
+    assert_eq!(
+        send(&s, "GET", "/api/v1/MeshExternalService", reader, "")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(send(&s, "PUT", path, reader, API).await.status, 403);
+    assert_eq!(send(&s, "DELETE", path, reader, "").await.status, 403);
+    assert_eq!(send(&s, "GET", path, ADMIN, "").await.status, 200);
+}
