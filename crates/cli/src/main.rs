@@ -1,6 +1,7 @@
 #![forbid(unsafe_code)]
 //! `sluice`: egress control for service meshes, control plane and proxy in one binary.
 
+mod control_plane;
 mod load;
 mod run;
 
@@ -24,6 +25,8 @@ struct Cli {
 enum Command {
     /// Load resources from files and run the proxy, reloading when the files change or on SIGHUP.
     Run(Box<run::RunArgs>),
+    /// Serve the registry's REST API over a store (SQLite by default, or PostgreSQL).
+    ControlPlane(control_plane::ControlPlaneArgs),
     /// Set the mesh-wide outbound traffic policy of a running `sluice run`, live.
     OutboundTrafficPolicy {
         /// `allowed` (unregistered destinations pass through, logged) or `restricted`
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Validate { files } => validate(&files),
         Command::Run(args) => run::main(*args),
+        Command::ControlPlane(args) => control_plane::main(args),
         Command::OutboundTrafficPolicy { mode, admin } => set_policy(mode, &admin),
     }
 }

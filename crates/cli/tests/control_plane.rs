@@ -1,0 +1,90 @@
+//! `sluice control-plane` as a process: the generated admin token, the API behind it, and the
+//! store surviving a restart.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Child, Command, Stdio};
+
+use support::*;
+
+struct ControlPlane {
+    child: Child,
+    addr: std::net::SocketAddr,
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start(data_dir: &std::path::Path) -> ControlPlane {
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["control-plane", "--listen", &addr.to_string(), "--data-dir"])
+        .arg(data_dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let cp = ControlPlane { child, addr };
+    let up = wait_until_async(DEFAULT_TIMEOUT, || async {
+        tokio::net::TcpStream::connect(addr).await.is_ok()
+    })
+    .await;
+    assert!(up, "the control plane did not start listening");
+    cp
+}
+
+async fn request(
+    cp: &ControlPlane,
+    method: http::Method,
+    path: &str,
+    token: &str,
+    body: &str,
+) -> HttpResponse {
+    let mut client = H1Client::connect(cp.addr).await.unwrap();
+    let req = client
+        .request(method, path)
+        .header("authorization", format!("Bearer {token}"))
+        .body(full(body.to_string()))
+        .unwrap();
+    client.send(req).await.unwrap()
+}
+
+const API: &str = "type: MeshExternalService\nname: api\nspec:\n  match: {port: 443}\n  endpoints: [{address: api.example.com, port: 443}]\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_token_is_generated_once_and_guards_the_api() {
+    let dir = TempDir::new("control-plane");
+    let data = dir.join("data");
+    let token_path = data.join("admin-token");
+    let path = "/api/v1/MeshExternalService/default/api";
+    {
+        let cp = start(&data).await;
+        let mode = std::fs::metadata(&token_path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the token file is its owner's alone");
+        let token = std::fs::read_to_string(&token_path)
+            .unwrap()
+            .trim()
+            .to_string();
+        assert_eq!(token.len(), 64);
+        let r = request(&cp, http::Method::PUT, path, "not-the-token", API).await;
+        assert_eq!(r.status, 401);
+        let r = request(&cp, http::Method::PUT, path, &token, API).await;
+        assert_eq!(r.status, 201, "{}", r.text());
+    }
+    // A restart keeps the token and the stored resource.
+    let token = std::fs::read_to_string(&token_path)
+        .unwrap()
+        .trim()
+        .to_string();
+    let cp = start(&data).await;
+    let r = request(&cp, http::Method::GET, path, &token, "").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), API);
+    assert_eq!(std::fs::read_to_string(&token_path).unwrap().trim(), token);
+}
