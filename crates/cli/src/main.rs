@@ -1,6 +1,7 @@
 #![forbid(unsafe_code)]
 //! `sluice`: egress control for service meshes, control plane and proxy in one binary.
 
+mod client;
 mod control_plane;
 mod load;
 mod run;
@@ -27,6 +28,34 @@ enum Command {
     Run(Box<run::RunArgs>),
     /// Serve the registry's REST API over a store (SQLite by default, or PostgreSQL).
     ControlPlane(control_plane::ControlPlaneArgs),
+    /// Create or replace resources in the control plane; nothing is sent if any is invalid.
+    Apply {
+        #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        target: client::Target,
+    },
+    /// List resources of a kind, or show one.
+    Get {
+        kind: String,
+        name: Option<String>,
+        #[arg(long, default_value = "default")]
+        mesh: String,
+        /// `table` or `json` for lists; one resource is shown as stored.
+        #[arg(short = 'o', long, default_value = "table")]
+        output: String,
+        #[command(flatten)]
+        target: client::Target,
+    },
+    /// Delete a resource.
+    Delete {
+        kind: String,
+        name: String,
+        #[arg(long, default_value = "default")]
+        mesh: String,
+        #[command(flatten)]
+        target: client::Target,
+    },
     /// Set the mesh-wide outbound traffic policy of a running `sluice run`, live.
     OutboundTrafficPolicy {
         /// `allowed` (unregistered destinations pass through, logged) or `restricted`
@@ -51,6 +80,20 @@ fn main() -> ExitCode {
         Command::Validate { files } => validate(&files),
         Command::Run(args) => run::main(*args),
         Command::ControlPlane(args) => control_plane::main(args),
+        Command::Apply { files, target } => client::apply(&files, &target),
+        Command::Get {
+            kind,
+            name,
+            mesh,
+            output,
+            target,
+        } => client::get(&kind, name.as_deref(), &mesh, &output, &target),
+        Command::Delete {
+            kind,
+            name,
+            mesh,
+            target,
+        } => client::delete(&kind, &name, &mesh, &target),
         Command::OutboundTrafficPolicy { mode, admin } => set_policy(mode, &admin),
     }
 }
@@ -88,37 +131,18 @@ fn validate(files: &[PathBuf]) -> ExitCode {
 
 /// Asks the running proxy's admin endpoint to change the policy; prints its one-line answer.
 fn set_policy(mode: sluice_proxy::policy::Mode, admin: &str) -> ExitCode {
-    use std::io::{Read, Write};
     let body = match mode {
         sluice_proxy::policy::Mode::Allowed => "allowed",
         sluice_proxy::policy::Mode::Restricted => "restricted",
     };
-    let result = (|| -> std::io::Result<String> {
-        let addr: std::net::SocketAddr = admin.parse().map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, "not an IP:PORT address")
-        })?;
-        let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))?;
-        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
-        write!(
-            s,
-            "PUT /outbound-traffic-policy HTTP/1.1\r\nHost: {admin}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )?;
-        let mut answer = String::new();
-        s.take(64 * 1024).read_to_string(&mut answer)?;
-        Ok(answer)
-    })();
-    match result {
-        Ok(answer) => {
-            let ok = answer.starts_with("HTTP/1.1 200");
-            let text = answer.split("\r\n\r\n").nth(1).unwrap_or("").trim();
-            if ok {
-                println!("{text}");
-                ExitCode::SUCCESS
-            } else {
-                eprintln!("sluice: the proxy at {admin} refused: {text}");
-                ExitCode::FAILURE
-            }
+    match client::call(admin, "PUT", "/outbound-traffic-policy", None, body) {
+        Ok((200, answer)) => {
+            println!("{}", answer.trim());
+            ExitCode::SUCCESS
+        }
+        Ok((_, answer)) => {
+            eprintln!("sluice: the proxy at {admin} refused: {}", answer.trim());
+            ExitCode::FAILURE
         }
         Err(e) => {
             eprintln!("sluice: cannot reach the admin endpoint at {admin}: {e}; is sluice run running there (--admin)?");

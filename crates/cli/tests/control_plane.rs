@@ -88,3 +88,88 @@ async fn admin_token_is_generated_once_and_guards_the_api() {
     assert_eq!(r.text(), API);
     assert_eq!(std::fs::read_to_string(&token_path).unwrap().trim(), token);
 }
+
+fn sluice_cli(args: &[&str], cp: &ControlPlane, token: &str) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args)
+        .env("SLUICE_CONTROL_PLANE", format!("http://{}", cp.addr))
+        .env("SLUICE_TOKEN", token)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_get_delete_from_the_command_line() {
+    let dir = TempDir::new("cli");
+    let cp = start(&dir.join("data")).await;
+    let token = std::fs::read_to_string(dir.join("data").join("admin-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let file = dir.join("app.yaml");
+    std::fs::write(
+        &file,
+        format!("{API}---\ntype: Dataplane\nname: app\nnetworking:\n  outbound:\n    - port: 10080\n      backendRef: {{kind: MeshExternalService, name: api}}\n"),
+    )
+    .unwrap();
+    let f = file.to_str().unwrap();
+    let (ok, out, err) =
+        tokio::task::block_in_place(|| sluice_cli(&["apply", "-f", f], &cp, &token));
+    assert!(ok, "{err}");
+    assert_eq!(
+        out,
+        "meshexternalservice/api created\ndataplane/app created\n"
+    );
+    let (ok, out, _) = tokio::task::block_in_place(|| sluice_cli(&["apply", "-f", f], &cp, &token));
+    assert!(ok);
+    assert_eq!(
+        out,
+        "meshexternalservice/api unchanged\ndataplane/app unchanged\n"
+    );
+
+    // An invalid document: nothing is sent.
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        API.replace("name: api", "name: other")
+            .replace("port: 443}", "port: 0}"),
+    )
+    .unwrap();
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        sluice_cli(&["apply", "-f", bad.to_str().unwrap()], &cp, &token)
+    });
+    assert!(!ok);
+    assert!(out.is_empty());
+    assert!(
+        err.contains("spec.match.port: must be between 1 and 65535"),
+        "{err}"
+    );
+    assert!(err.contains("nothing was applied"), "{err}");
+
+    let (ok, out, _) =
+        tokio::task::block_in_place(|| sluice_cli(&["get", "MeshExternalService"], &cp, &token));
+    assert!(ok);
+    assert!(out.lines().nth(1).unwrap().starts_with("default"), "{out}");
+    assert!(out.contains(" api "), "{out}");
+    let (ok, out, _) =
+        tokio::task::block_in_place(|| sluice_cli(&["get", "Dataplane", "app"], &cp, &token));
+    assert!(ok);
+    assert!(out.contains("\"backendRef\""), "{out}");
+    let (ok, out, _) =
+        tokio::task::block_in_place(|| sluice_cli(&["delete", "Dataplane", "app"], &cp, &token));
+    assert!(ok);
+    assert_eq!(out, "dataplane/app deleted\n");
+    let (ok, _, err) =
+        tokio::task::block_in_place(|| sluice_cli(&["get", "Dataplane", "app"], &cp, &token));
+    assert!(!ok);
+    assert!(err.contains("answered 404"), "{err}");
+    let (ok, _, err) =
+        tokio::task::block_in_place(|| sluice_cli(&["get", "Dataplane"], &cp, "wrong-token-xxxx"));
+    assert!(!ok);
+    assert!(err.contains("answered 401"), "{err}");
+}
