@@ -29,8 +29,15 @@ pub struct Api {
     pub read_token: Option<String>,
 }
 
+/// The API described for clients and tools; a test holds it to what the server does.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
 pub fn router(api: Arc<Api>) -> Router {
     Router::new()
+        .route(
+            "/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+        )
         .route("/api/v1/{kind}", get(list))
         .route(
             "/api/v1/{kind}/{mesh}/{name}",

@@ -287,3 +287,89 @@ async fn tokens_decide_who_may_read_and_write() {
     assert_eq!(send(&s, "DELETE", path, reader, "").await.status, 403);
     assert_eq!(send(&s, "GET", path, ADMIN, "").await.status, 200);
 }
+
+/// Every path and method the document describes is served, every status the server gave in
+/// these tests is documented for its operation, and the document itself is served.
+#[tokio::test]
+async fn the_openapi_document_matches_the_server() {
+    let s = start().await;
+    let a = send(&s, "GET", "/openapi.json", None, "").await;
+    assert_eq!(a.status, 200);
+    let doc: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+    let paths = doc["paths"].as_object().unwrap();
+    let mut described = Vec::new();
+    for (path, item) in paths {
+        for method in ["get", "put", "delete", "post", "patch"] {
+            if item.get(method).is_some() {
+                described.push((path.clone(), method.to_uppercase()));
+            }
+        }
+    }
+    described.sort();
+    assert_eq!(
+        described,
+        [
+            ("/api/v1/{kind}".to_string(), "GET".to_string()),
+            (
+                "/api/v1/{kind}/{mesh}/{name}".to_string(),
+                "DELETE".to_string()
+            ),
+            (
+                "/api/v1/{kind}/{mesh}/{name}".to_string(),
+                "GET".to_string()
+            ),
+            (
+                "/api/v1/{kind}/{mesh}/{name}".to_string(),
+                "PUT".to_string()
+            ),
+        ]
+    );
+    let documented = |path: &str, method: &str, status: u16| {
+        paths[path][method]["responses"]
+            .get(status.to_string())
+            .is_some()
+    };
+    let one = "/api/v1/{kind}/{mesh}/{name}";
+    let p = "/api/v1/MeshExternalService/default/api";
+    let cases = [
+        (one, "put", send(&s, "PUT", p, ADMIN, API).await.status),
+        (one, "put", send(&s, "PUT", p, ADMIN, API).await.status),
+        (
+            one,
+            "put",
+            send(&s, "PUT", p, ADMIN, "not: [valid").await.status,
+        ),
+        (
+            one,
+            "put",
+            send(&s, "PUT", p, Some("reader-secret"), API).await.status,
+        ),
+        (one, "put", send(&s, "PUT", p, None, API).await.status),
+        (one, "get", send(&s, "GET", p, ADMIN, "").await.status),
+        (
+            one,
+            "get",
+            send(&s, "GET", "/api/v1/Mesh/default/none", ADMIN, "")
+                .await
+                .status,
+        ),
+        (
+            "/api/v1/{kind}",
+            "get",
+            send(&s, "GET", "/api/v1/Secret", ADMIN, "").await.status,
+        ),
+        (
+            "/api/v1/{kind}",
+            "get",
+            send(&s, "GET", "/api/v1/Nope", ADMIN, "").await.status,
+        ),
+        (one, "delete", send(&s, "DELETE", p, ADMIN, "").await.status),
+        (one, "delete", send(&s, "DELETE", p, ADMIN, "").await.status),
+    ];
+    for (path, method, status) in cases {
+        assert!(
+            documented(path, method, status),
+            "{method} {path} answered {status}, which is not documented"
+        );
+    }
+}
