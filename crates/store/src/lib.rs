@@ -142,15 +142,23 @@ impl Store {
 }
 
 /// The schema, created on open; each statement is idempotent.
-const SCHEMA: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS resources (
-        kind TEXT NOT NULL, mesh TEXT NOT NULL, name TEXT NOT NULL,
-        body TEXT NOT NULL, version INTEGER NOT NULL, revision INTEGER NOT NULL,
-        PRIMARY KEY (kind, mesh, name))",
-    "CREATE TABLE IF NOT EXISTS events (
-        revision INTEGER PRIMARY KEY AUTOINCREMENT,
-        kind TEXT NOT NULL, mesh TEXT NOT NULL, name TEXT NOT NULL, deleted INTEGER NOT NULL)",
-];
+/// Migrations by schema version, applied in order on open; a database records the last one it
+/// has, so each runs exactly once. New ones are appended, never edited.
+const MIGRATIONS: &[(i64, &[&str])] = &[(
+    1,
+    &[
+        "CREATE TABLE resources (
+            kind TEXT NOT NULL, mesh TEXT NOT NULL, name TEXT NOT NULL,
+            body TEXT NOT NULL, version INTEGER NOT NULL, revision INTEGER NOT NULL,
+            PRIMARY KEY (kind, mesh, name))",
+        "CREATE TABLE events (
+            revision INTEGER PRIMARY KEY AUTOINCREMENT,
+            kind TEXT NOT NULL, mesh TEXT NOT NULL, name TEXT NOT NULL, deleted INTEGER NOT NULL)",
+    ],
+)];
+
+/// The schema version a database has; 0 for a new one.
+pub const SCHEMA_VERSION: i64 = 1;
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -171,9 +179,7 @@ impl SqliteStore {
             .max_connections(1)
             .connect_with(options)
             .await?;
-        for statement in SCHEMA {
-            sqlx::query(*statement).execute(&pool).await?;
-        }
+        migrate(&pool).await?;
         let (changes, _) = broadcast::channel(1024);
         Ok(Self { pool, changes })
     }
@@ -359,6 +365,28 @@ impl SqliteStore {
     pub fn watch(&self) -> broadcast::Receiver<Event> {
         self.changes.subscribe()
     }
+}
+
+async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("CREATE TABLE IF NOT EXISTS sluice_schema (version INTEGER NOT NULL)")
+        .execute(&mut *tx)
+        .await?;
+    let row = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM sluice_schema")
+        .fetch_one(&mut *tx)
+        .await?;
+    let current: i64 = row.get(0);
+    for (version, statements) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        for statement in *statements {
+            sqlx::query(*statement).execute(&mut *tx).await?;
+        }
+        sqlx::query("INSERT INTO sluice_schema (version) VALUES (?)")
+            .bind(version)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 async fn insert_event(

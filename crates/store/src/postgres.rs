@@ -8,15 +8,19 @@ use tokio::sync::broadcast;
 
 use crate::{Event, Key, Outcome, StoreError, Stored};
 
-const SCHEMA: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS resources (
-        kind TEXT NOT NULL, mesh TEXT NOT NULL, name TEXT NOT NULL,
-        body TEXT NOT NULL, version BIGINT NOT NULL, revision BIGINT NOT NULL,
-        PRIMARY KEY (kind, mesh, name))",
-    "CREATE TABLE IF NOT EXISTS events (
-        revision BIGSERIAL PRIMARY KEY,
-        kind TEXT NOT NULL, mesh TEXT NOT NULL, name TEXT NOT NULL, deleted BOOLEAN NOT NULL)",
-];
+/// The same migrations as SQLite's, in PostgreSQL's dialect, with the same version numbers.
+const MIGRATIONS: &[(i64, &[&str])] = &[(
+    1,
+    &[
+        "CREATE TABLE resources (
+            kind TEXT NOT NULL, mesh TEXT NOT NULL, name TEXT NOT NULL,
+            body TEXT NOT NULL, version BIGINT NOT NULL, revision BIGINT NOT NULL,
+            PRIMARY KEY (kind, mesh, name))",
+        "CREATE TABLE events (
+            revision BIGSERIAL PRIMARY KEY,
+            kind TEXT NOT NULL, mesh TEXT NOT NULL, name TEXT NOT NULL, deleted BOOLEAN NOT NULL)",
+    ],
+)];
 
 /// The NOTIFY channel changes are announced on.
 const CHANNEL: &str = "sluice_changes";
@@ -31,14 +35,27 @@ pub struct PgStore {
 impl PgStore {
     pub async fn open(url: &str) -> Result<Self, StoreError> {
         let pool = PgPoolOptions::new().max_connections(8).connect(url).await?;
-        // Replicas may start together: one creates the schema at a time.
+        // Replicas may start together: one migrates at a time.
         let mut tx = pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(WRITE_LOCK)
             .execute(&mut *tx)
             .await?;
-        for statement in SCHEMA {
-            sqlx::query(*statement).execute(&mut *tx).await?;
+        sqlx::query("CREATE TABLE IF NOT EXISTS sluice_schema (version BIGINT NOT NULL)")
+            .execute(&mut *tx)
+            .await?;
+        let row = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM sluice_schema")
+            .fetch_one(&mut *tx)
+            .await?;
+        let current: i64 = row.get(0);
+        for (version, statements) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+            for statement in *statements {
+                sqlx::query(*statement).execute(&mut *tx).await?;
+            }
+            sqlx::query("INSERT INTO sluice_schema (version) VALUES ($1)")
+                .bind(version)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         let (changes, _) = broadcast::channel(1024);

@@ -247,3 +247,35 @@ async fn an_unknown_store_url_is_one_clear_error() {
         "{err}"
     );
 }
+
+/// Each migration runs once: a store opened again finds its schema at the current version.
+#[tokio::test]
+async fn migrations_run_once() {
+    on_both!("migrate", migrate_check);
+}
+
+async fn migrate_check(url: &str) {
+    for _ in 0..2 {
+        let store = Store::open(url).await.unwrap();
+        store
+            .put(&key("Mesh", "default", "default"), "m", None)
+            .await
+            .unwrap();
+    }
+    let versions: Vec<i64> = if let Some(path) = url.strip_prefix("sqlite://") {
+        let pool = sqlx::SqlitePool::connect(&format!("sqlite:{path}"))
+            .await
+            .unwrap();
+        sqlx::query_scalar("SELECT version FROM sluice_schema")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+    } else {
+        let pool = sqlx::PgPool::connect(url).await.unwrap();
+        sqlx::query_scalar("SELECT version FROM sluice_schema")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(versions, [sluice_store::SCHEMA_VERSION]);
+}
