@@ -148,6 +148,10 @@ pub fn get(kind: &str, name: Option<&str>, mesh: &str, output: &str, target: &Ta
         return refused(status, &body);
     }
     match (name, output) {
+        (Some(_), "yaml") => match yaml_of(&body) {
+            Some(y) => print!("{y}"),
+            None => print!("{body}"),
+        },
         (Some(_), _) => print!("{body}"),
         (None, "json") => print!("{body}"),
         (None, _) => {
@@ -169,6 +173,32 @@ pub fn get(kind: &str, name: Option<&str>, mesh: &str, output: &str, target: &Ta
         println!();
     }
     ExitCode::SUCCESS
+}
+
+/// A stored document (JSON or YAML) as YAML.
+fn yaml_of(body: &str) -> Option<String> {
+    let value: serde_json::Value = serde_saphyr::from_str(body).ok()?;
+    serde_saphyr::to_string(&value).ok()
+}
+
+/// `sluice delete -f FILE...`: every resource the files declare.
+pub fn delete_files(files: &[PathBuf], target: &Target) -> ExitCode {
+    let (documents, problems) = crate::load::read_documents(files);
+    if let Some(p) = problems.first() {
+        return fail(p);
+    }
+    let mut status = ExitCode::SUCCESS;
+    for document in &documents {
+        let Some((kind, key)) = sluice_api::identify(document) else {
+            eprintln!("{}: cannot tell which resource this is", document.doc);
+            status = ExitCode::FAILURE;
+            continue;
+        };
+        if delete(kind, &key.name, &key.mesh, target) != ExitCode::SUCCESS {
+            status = ExitCode::FAILURE;
+        }
+    }
+    status
 }
 
 pub fn delete(kind: &str, name: &str, mesh: &str, target: &Target) -> ExitCode {

@@ -41,16 +41,20 @@ enum Command {
         name: Option<String>,
         #[arg(long, default_value = "default")]
         mesh: String,
-        /// `table` or `json` for lists; one resource is shown as stored.
+        /// `table` or `json` for lists; `yaml` or `json` for one resource.
         #[arg(short = 'o', long, default_value = "table")]
         output: String,
         #[command(flatten)]
         target: client::Target,
     },
-    /// Delete a resource.
+    /// Delete a resource, or every resource the files declare (-f).
     Delete {
-        kind: String,
-        name: String,
+        #[arg(required_unless_present = "files")]
+        kind: Option<String>,
+        #[arg(required_unless_present = "files")]
+        name: Option<String>,
+        #[arg(short = 'f', long = "filename", num_args = 1.., conflicts_with_all = ["kind", "name"])]
+        files: Vec<PathBuf>,
         #[arg(long, default_value = "default")]
         mesh: String,
         #[command(flatten)]
@@ -91,9 +95,13 @@ fn main() -> ExitCode {
         Command::Delete {
             kind,
             name,
+            files,
             mesh,
             target,
-        } => client::delete(&kind, &name, &mesh, &target),
+        } => match (kind, name) {
+            (Some(kind), Some(name)) => client::delete(&kind, &name, &mesh, &target),
+            _ => client::delete_files(&files, &target),
+        },
         Command::OutboundTrafficPolicy { mode, admin } => set_policy(mode, &admin),
     }
 }
