@@ -98,6 +98,17 @@ impl Store {
         }
     }
 
+    /// Several writes as one: all of them, or none if any fails.
+    pub async fn put_all(
+        &self,
+        items: &[(Key, String)],
+    ) -> Result<Vec<(Outcome, Stored)>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.put_all(items).await,
+            Store::Postgres(s) => s.put_all(items).await,
+        }
+    }
+
     pub async fn get(&self, key: &Key) -> Result<Option<Stored>, StoreError> {
         match self {
             Store::Sqlite(s) => s.get(key).await,
@@ -193,76 +204,39 @@ impl SqliteStore {
         expected_version: Option<i64>,
     ) -> Result<(Outcome, Stored), StoreError> {
         let mut tx = self.pool.begin().await?;
-        let current = sqlx::query("SELECT body, version, revision FROM resources WHERE kind = ? AND mesh = ? AND name = ?")
-            .bind(&key.kind)
-            .bind(&key.mesh)
-            .bind(&key.name)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let (current_body, current_version, current_revision) = match &current {
-            Some(row) => (
-                Some(row.get::<String, _>(0)),
-                row.get::<i64, _>(1),
-                row.get::<i64, _>(2),
-            ),
-            None => (None, 0, 0),
-        };
-        if let Some(expected) = expected_version {
-            if expected != current_version {
-                return Err(StoreError::Conflict {
-                    kind: key.kind.clone(),
-                    mesh: key.mesh.clone(),
-                    name: key.name.clone(),
-                    expected,
-                    current: current_version,
+        let (outcome, stored) = put_in(&mut tx, key, body, expected_version).await?;
+        if outcome != Outcome::Unchanged {
+            tx.commit().await?;
+            let _ = self.changes.send(Event {
+                revision: stored.revision,
+                key: key.clone(),
+                deleted: false,
+            });
+        }
+        Ok((outcome, stored))
+    }
+
+    /// Several writes as one: all of them, or none if any fails.
+    pub async fn put_all(
+        &self,
+        items: &[(Key, String)],
+    ) -> Result<Vec<(Outcome, Stored)>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut done = Vec::with_capacity(items.len());
+        for (key, body) in items {
+            done.push(put_in(&mut tx, key, body, None).await?);
+        }
+        tx.commit().await?;
+        for (outcome, stored) in &done {
+            if *outcome != Outcome::Unchanged {
+                let _ = self.changes.send(Event {
+                    revision: stored.revision,
+                    key: stored.key.clone(),
+                    deleted: false,
                 });
             }
         }
-        if current_body.as_deref() == Some(body) {
-            return Ok((
-                Outcome::Unchanged,
-                Stored {
-                    key: key.clone(),
-                    body: body.to_string(),
-                    version: current_version,
-                    revision: current_revision,
-                },
-            ));
-        }
-        let revision = insert_event(&mut tx, key, false).await?;
-        let version = current_version + 1;
-        sqlx::query(
-            "INSERT INTO resources (kind, mesh, name, body, version, revision) VALUES (?, ?, ?, ?, ?, ?)
-             ON CONFLICT (kind, mesh, name) DO UPDATE SET body = excluded.body, version = excluded.version, revision = excluded.revision",
-        )
-        .bind(&key.kind)
-        .bind(&key.mesh)
-        .bind(&key.name)
-        .bind(body)
-        .bind(version)
-        .bind(revision)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        let _ = self.changes.send(Event {
-            revision,
-            key: key.clone(),
-            deleted: false,
-        });
-        let outcome = if current.is_some() {
-            Outcome::Configured
-        } else {
-            Outcome::Created
-        };
-        Ok((
-            outcome,
-            Stored {
-                key: key.clone(),
-                body: body.to_string(),
-                version,
-                revision,
-            },
-        ))
+        Ok(done)
     }
 
     pub async fn get(&self, key: &Key) -> Result<Option<Stored>, StoreError> {
@@ -387,6 +361,81 @@ async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
     }
     tx.commit().await?;
     Ok(())
+}
+
+/// One write inside the caller's transaction: what `put` and `put_all` share.
+async fn put_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    key: &Key,
+    body: &str,
+    expected_version: Option<i64>,
+) -> Result<(Outcome, Stored), StoreError> {
+    let current = sqlx::query(
+        "SELECT body, version, revision FROM resources WHERE kind = ? AND mesh = ? AND name = ?",
+    )
+    .bind(&key.kind)
+    .bind(&key.mesh)
+    .bind(&key.name)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let (current_body, current_version, current_revision) = match &current {
+        Some(row) => (
+            Some(row.get::<String, _>(0)),
+            row.get::<i64, _>(1),
+            row.get::<i64, _>(2),
+        ),
+        None => (None, 0, 0),
+    };
+    if let Some(expected) = expected_version {
+        if expected != current_version {
+            return Err(StoreError::Conflict {
+                kind: key.kind.clone(),
+                mesh: key.mesh.clone(),
+                name: key.name.clone(),
+                expected,
+                current: current_version,
+            });
+        }
+    }
+    if current_body.as_deref() == Some(body) {
+        return Ok((
+            Outcome::Unchanged,
+            Stored {
+                key: key.clone(),
+                body: body.to_string(),
+                version: current_version,
+                revision: current_revision,
+            },
+        ));
+    }
+    let revision = insert_event(tx, key, false).await?;
+    let version = current_version + 1;
+    sqlx::query(
+        "INSERT INTO resources (kind, mesh, name, body, version, revision) VALUES (?, ?, ?, ?, ?, ?)
+         ON CONFLICT (kind, mesh, name) DO UPDATE SET body = excluded.body, version = excluded.version, revision = excluded.revision",
+    )
+    .bind(&key.kind)
+    .bind(&key.mesh)
+    .bind(&key.name)
+    .bind(body)
+    .bind(version)
+    .bind(revision)
+    .execute(&mut **tx)
+    .await?;
+    let outcome = if current.is_some() {
+        Outcome::Configured
+    } else {
+        Outcome::Created
+    };
+    Ok((
+        outcome,
+        Stored {
+            key: key.clone(),
+            body: body.to_string(),
+            version,
+            revision,
+        },
+    ))
 }
 
 async fn insert_event(

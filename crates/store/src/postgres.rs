@@ -103,73 +103,29 @@ impl PgStore {
             .bind(WRITE_LOCK)
             .execute(&mut *tx)
             .await?;
-        let current = sqlx::query(
-            "SELECT body, version, revision FROM resources WHERE kind = $1 AND mesh = $2 AND name = $3",
-        )
-        .bind(&key.kind)
-        .bind(&key.mesh)
-        .bind(&key.name)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let (current_body, current_version, current_revision) = match &current {
-            Some(row) => (
-                Some(row.get::<String, _>(0)),
-                row.get::<i64, _>(1),
-                row.get::<i64, _>(2),
-            ),
-            None => (None, 0, 0),
-        };
-        if let Some(expected) = expected_version {
-            if expected != current_version {
-                return Err(StoreError::Conflict {
-                    kind: key.kind.clone(),
-                    mesh: key.mesh.clone(),
-                    name: key.name.clone(),
-                    expected,
-                    current: current_version,
-                });
-            }
+        let (outcome, stored) = put_in(&mut tx, key, body, expected_version).await?;
+        if outcome != Outcome::Unchanged {
+            tx.commit().await?;
         }
-        if current_body.as_deref() == Some(body) {
-            return Ok((
-                Outcome::Unchanged,
-                Stored {
-                    key: key.clone(),
-                    body: body.to_string(),
-                    version: current_version,
-                    revision: current_revision,
-                },
-            ));
+        Ok((outcome, stored))
+    }
+
+    /// Several writes as one: all of them, or none if any fails.
+    pub async fn put_all(
+        &self,
+        items: &[(Key, String)],
+    ) -> Result<Vec<(Outcome, Stored)>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(WRITE_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        let mut done = Vec::with_capacity(items.len());
+        for (key, body) in items {
+            done.push(put_in(&mut tx, key, body, None).await?);
         }
-        let revision = insert_event(&mut tx, key, false).await?;
-        let version = current_version + 1;
-        sqlx::query(
-            "INSERT INTO resources (kind, mesh, name, body, version, revision) VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT (kind, mesh, name) DO UPDATE SET body = excluded.body, version = excluded.version, revision = excluded.revision",
-        )
-        .bind(&key.kind)
-        .bind(&key.mesh)
-        .bind(&key.name)
-        .bind(body)
-        .bind(version)
-        .bind(revision)
-        .execute(&mut *tx)
-        .await?;
         tx.commit().await?;
-        let outcome = if current.is_some() {
-            Outcome::Configured
-        } else {
-            Outcome::Created
-        };
-        Ok((
-            outcome,
-            Stored {
-                key: key.clone(),
-                body: body.to_string(),
-                version,
-                revision,
-            },
-        ))
+        Ok(done)
     }
 
     pub async fn get(&self, key: &Key) -> Result<Option<Stored>, StoreError> {
@@ -275,6 +231,81 @@ async fn events_after(pool: &PgPool, revision: i64) -> Result<Vec<Event>, StoreE
             deleted: row.get(4),
         })
         .collect())
+}
+
+/// One write inside the caller's transaction: what `put` and `put_all` share.
+async fn put_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    key: &Key,
+    body: &str,
+    expected_version: Option<i64>,
+) -> Result<(Outcome, Stored), StoreError> {
+    let current = sqlx::query(
+        "SELECT body, version, revision FROM resources WHERE kind = $1 AND mesh = $2 AND name = $3",
+    )
+    .bind(&key.kind)
+    .bind(&key.mesh)
+    .bind(&key.name)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let (current_body, current_version, current_revision) = match &current {
+        Some(row) => (
+            Some(row.get::<String, _>(0)),
+            row.get::<i64, _>(1),
+            row.get::<i64, _>(2),
+        ),
+        None => (None, 0, 0),
+    };
+    if let Some(expected) = expected_version {
+        if expected != current_version {
+            return Err(StoreError::Conflict {
+                kind: key.kind.clone(),
+                mesh: key.mesh.clone(),
+                name: key.name.clone(),
+                expected,
+                current: current_version,
+            });
+        }
+    }
+    if current_body.as_deref() == Some(body) {
+        return Ok((
+            Outcome::Unchanged,
+            Stored {
+                key: key.clone(),
+                body: body.to_string(),
+                version: current_version,
+                revision: current_revision,
+            },
+        ));
+    }
+    let revision = insert_event(tx, key, false).await?;
+    let version = current_version + 1;
+    sqlx::query(
+        "INSERT INTO resources (kind, mesh, name, body, version, revision) VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (kind, mesh, name) DO UPDATE SET body = excluded.body, version = excluded.version, revision = excluded.revision",
+    )
+    .bind(&key.kind)
+    .bind(&key.mesh)
+    .bind(&key.name)
+    .bind(body)
+    .bind(version)
+    .bind(revision)
+    .execute(&mut **tx)
+    .await?;
+    let outcome = if current.is_some() {
+        Outcome::Configured
+    } else {
+        Outcome::Created
+    };
+    Ok((
+        outcome,
+        Stored {
+            key: key.clone(),
+            body: body.to_string(),
+            version,
+            revision,
+        },
+    ))
 }
 
 /// Records the change and announces it; NOTIFY is delivered when the transaction commits.

@@ -279,3 +279,42 @@ async fn migrate_check(url: &str) {
     };
     assert_eq!(versions, [sluice_store::SCHEMA_VERSION]);
 }
+
+/// put_all writes every item in one transaction, reporting each like put.
+#[tokio::test]
+async fn put_all_is_one_write() {
+    on_both!("batch", batch_check);
+}
+
+async fn batch_check(url: &str) {
+    let store = Store::open(url).await.unwrap();
+    store
+        .put(&key("Secret", "default", "a"), "a1", None)
+        .await
+        .unwrap();
+    let items = vec![
+        (key("Secret", "default", "a"), "a1".to_string()),
+        (key("Secret", "default", "b"), "b1".to_string()),
+        (key("Secret", "default", "a"), "a2".to_string()),
+    ];
+    let done = store.put_all(&items).await.unwrap();
+    let outcomes: Vec<_> = done.iter().map(|(o, s)| (*o, s.version)).collect();
+    assert_eq!(
+        outcomes,
+        [
+            (Outcome::Unchanged, 1),
+            (Outcome::Created, 1),
+            (Outcome::Configured, 2)
+        ]
+    );
+    assert_eq!(
+        store
+            .get(&key("Secret", "default", "a"))
+            .await
+            .unwrap()
+            .unwrap()
+            .body,
+        "a2"
+    );
+    assert_eq!(store.revision().await.unwrap(), 3);
+}
