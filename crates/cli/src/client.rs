@@ -94,42 +94,49 @@ fn refused(status: u16, body: &str) -> ExitCode {
 }
 
 /// `sluice apply -f ...`: every document is checked locally first; if any is invalid nothing is
-/// sent. Then each is created or replaced, and reported as kubectl does.
+/// sent. Then all are sent in one request, created or replaced together or not at all, and
+/// reported as kubectl does.
 pub fn apply(files: &[PathBuf], target: &Target) -> ExitCode {
     let (documents, problems) = crate::load::read_documents(files);
-    let loaded = sluice_api::load(&documents);
-    let errors: Vec<String> = problems
-        .into_iter()
-        .chain(
-            loaded
-                .diagnostics
-                .iter()
-                .filter(|d| d.severity == sluice_api::Severity::Error)
-                .map(|d| d.to_string()),
-        )
-        .collect();
-    if !errors.is_empty() {
-        for e in &errors {
-            eprintln!("{e}");
+    if !problems.is_empty() {
+        for p in &problems {
+            eprintln!("{p}");
         }
-        return fail(format!("{} error(s); nothing was applied", errors.len()));
+        return fail(format!("{} error(s); nothing was applied", problems.len()));
     }
-    for document in &documents {
-        let Some((kind, key)) = sluice_api::identify(document) else {
-            continue;
-        };
-        let path = format!("/api/v1/{kind}/{}/{}", key.mesh, key.name);
-        let body = document.value.to_string();
-        match target.call("PUT", &path, &body) {
-            Err(e) => return fail(e),
-            Ok((200 | 201, answer)) => {
-                let result = serde_json::from_str::<serde_json::Value>(&answer)
-                    .ok()
-                    .and_then(|v| v["result"].as_str().map(str::to_string))
-                    .unwrap_or_else(|| "applied".into());
-                println!("{}/{} {result}", kind.to_ascii_lowercase(), key.name);
+    // One request for all of them: the control plane writes them all or none.
+    let body: String = documents
+        .iter()
+        .map(|d| format!("---\n{}\n", d.value))
+        .collect();
+    match target.call("POST", "/api/v1/apply", &body) {
+        Err(e) => return fail(e),
+        Ok((200, answer)) => {
+            let Ok(answer) = serde_json::from_str::<serde_json::Value>(&answer) else {
+                return fail("the control plane's answer is not JSON");
+            };
+            for r in answer["results"].as_array().into_iter().flatten() {
+                println!(
+                    "{}/{} {}",
+                    r["kind"].as_str().unwrap_or("").to_ascii_lowercase(),
+                    r["name"].as_str().unwrap_or(""),
+                    r["result"].as_str().unwrap_or("")
+                );
             }
-            Ok((status, answer)) => return refused(status, &answer),
+        }
+        Ok((422, answer)) => {
+            // The control plane checked them against what it stores; name the files again.
+            let mut errors = 0;
+            for line in answer.lines().filter(|l| !l.trim().is_empty()) {
+                errors += 1;
+                eprintln!("{}", with_file_names(line, &documents));
+            }
+            return fail(format!("{errors} error(s); nothing was applied"));
+        }
+        Ok((status, answer)) => {
+            let code = refused(status, &answer);
+            eprintln!("sluice: nothing was applied");
+            return code;
         }
     }
     ExitCode::SUCCESS
@@ -173,6 +180,18 @@ pub fn get(kind: &str, name: Option<&str>, mesh: &str, output: &str, target: &Ta
         println!();
     }
     ExitCode::SUCCESS
+}
+
+/// `request[N] ...` as the control plane says it, with the N-th document's file and index.
+fn with_file_names(line: &str, documents: &[sluice_api::Document]) -> String {
+    let index = line
+        .strip_prefix("request[")
+        .and_then(|rest| rest.split_once(']'))
+        .and_then(|(n, rest)| Some((n.parse::<usize>().ok()?, rest)));
+    match index.and_then(|(n, rest)| Some((documents.get(n)?, rest))) {
+        Some((doc, rest)) => format!("{}{rest}", doc.doc),
+        None => line.to_string(),
+    }
 }
 
 /// A stored document (JSON or YAML) as YAML.

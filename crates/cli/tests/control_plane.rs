@@ -146,16 +146,58 @@ async fn apply_get_delete_from_the_command_line() {
     assert!(!ok);
     assert!(out.is_empty());
     assert!(
-        err.contains("spec.match.port: must be between 1 and 65535"),
-        "{err}"
+        err.contains(&format!(
+            "{}[0] spec.match.port: must be between 1 and 65535",
+            bad.display()
+        )),
+        "the file is named again in the control plane's answer: {err}"
     );
     assert!(err.contains("nothing was applied"), "{err}");
+
+    // A valid service and a Dataplane naming a service that exists nowhere: neither is written.
+    let mixed = dir.join("mixed.yaml");
+    std::fs::write(
+        &mixed,
+        format!(
+            "{}---\ntype: Dataplane\nname: app2\nnetworking:\n  outbound:\n    - port: 10081\n      backendRef: {{kind: MeshExternalService, name: missing}}\n",
+            API.replace("name: api", "name: api2")
+        ),
+    )
+    .unwrap();
+    let (ok, _, err) = tokio::task::block_in_place(|| {
+        sluice_cli(&["apply", "-f", mixed.to_str().unwrap()], &cp, &token)
+    });
+    assert!(!ok);
+    assert!(
+        err.contains("no MeshExternalService named \"missing\""),
+        "{err}"
+    );
+    let (_, _, err) = tokio::task::block_in_place(|| {
+        sluice_cli(&["get", "MeshExternalService", "api2"], &cp, &token)
+    });
+    assert!(err.contains("answered 404"), "all or nothing: {err}");
+
+    // A Dataplane alone, naming a service the control plane already has: accepted.
+    let alone = dir.join("alone.yaml");
+    std::fs::write(
+        &alone,
+        "type: Dataplane\nname: app3\nnetworking:\n  outbound:\n    - port: 10082\n      backendRef: {kind: MeshExternalService, name: api}\n",
+    )
+    .unwrap();
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        sluice_cli(&["apply", "-f", alone.to_str().unwrap()], &cp, &token)
+    });
+    assert!(ok, "{err}");
+    assert_eq!(out, "dataplane/app3 created\n");
 
     let (ok, out, _) =
         tokio::task::block_in_place(|| sluice_cli(&["get", "MeshExternalService"], &cp, &token));
     assert!(ok);
     assert!(out.lines().nth(1).unwrap().starts_with("default"), "{out}");
     assert!(out.contains(" api "), "{out}");
+    let (ok, _, _) =
+        tokio::task::block_in_place(|| sluice_cli(&["delete", "Dataplane", "app3"], &cp, &token));
+    assert!(ok);
     let (ok, out, _) =
         tokio::task::block_in_place(|| sluice_cli(&["get", "Dataplane", "app"], &cp, &token));
     assert!(ok);

@@ -38,6 +38,7 @@ pub fn router(api: Arc<Api>) -> Router {
             "/openapi.json",
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
         )
+        .route("/api/v1/apply", axum::routing::post(apply))
         .route("/api/v1/{kind}", get(list))
         .route(
             "/api/v1/{kind}/{mesh}/{name}",
@@ -263,6 +264,97 @@ async fn remove(
             format!("no {} {}/{}\n", key.kind, key.mesh, key.name),
         ),
         Err(e) => store_error(e),
+    }
+}
+
+/// `POST /api/v1/apply`: every resource of a multi-document body, checked together with what is
+/// stored and written in one transaction, or none of them.
+async fn apply(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(r) = authorize(&api, &headers, Access::Write) {
+        return r;
+    }
+    let Ok(body) = std::str::from_utf8(&body) else {
+        return text(StatusCode::UNPROCESSABLE_ENTITY, "the body is not UTF-8\n");
+    };
+    let docs = match parse_documents("request", body) {
+        Ok(d) => d,
+        Err(e) => return text(StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n")),
+    };
+    let mut items = Vec::with_capacity(docs.len());
+    for doc in &docs {
+        match identify(doc) {
+            Some((kind, key)) if KINDS.contains(&kind) => items.push((
+                Key {
+                    kind: kind.to_string(),
+                    mesh: key.mesh,
+                    name: key.name,
+                },
+                doc.value.to_string(),
+            )),
+            // Unreadable documents get their errors from the full check below.
+            _ => {}
+        }
+    }
+    let keys: Vec<&Key> = items.iter().map(|(k, _)| k).collect();
+    match check_all(&api.store, &keys, docs).await {
+        Ok(()) => {}
+        Err(problems) => return text(StatusCode::UNPROCESSABLE_ENTITY, problems.join("\n") + "\n"),
+    }
+    match api.store.put_all(&items).await {
+        Ok(done) => json(
+            StatusCode::OK,
+            serde_json::json!({
+                "results": done.iter().map(|(outcome, s)| serde_json::json!({
+                    "kind": s.key.kind,
+                    "mesh": s.key.mesh,
+                    "name": s.key.name,
+                    "result": match outcome {
+                        Outcome::Created => "created",
+                        Outcome::Configured => "configured",
+                        Outcome::Unchanged => "unchanged",
+                    },
+                    "resourceVersion": s.version,
+                })).collect::<Vec<_>>(),
+            }),
+        ),
+        Err(e) => store_error(e),
+    }
+}
+
+/// Checks `docs` (sources `request[N]`) together with every stored resource they do not replace.
+async fn check_all(
+    store: &Store,
+    replaced: &[&Key],
+    mut docs: Vec<sluice_api::Document>,
+) -> Result<(), Vec<String>> {
+    let sources: std::collections::HashSet<String> =
+        docs.iter().map(|d| d.doc.source.to_string()).collect();
+    for kind in KINDS {
+        let stored = store
+            .list(kind, None)
+            .await
+            .map_err(|e| vec![e.to_string()])?;
+        for s in stored.iter().filter(|s| !replaced.contains(&&s.key)) {
+            let name = format!("{}/{}/{}", s.key.kind, s.key.mesh, s.key.name);
+            if let Ok(more) = parse_documents(&name, &s.body) {
+                docs.extend(more);
+            }
+        }
+    }
+    let loaded = sluice_api::load(&docs);
+    let problems: Vec<String> = loaded
+        .diagnostics
+        .iter()
+        .filter(|d| {
+            d.severity == Severity::Error
+                && d.doc.as_ref().is_some_and(|r| sources.contains(&*r.source))
+        })
+        .map(|d| d.to_string())
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
     }
 }
 

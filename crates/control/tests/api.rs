@@ -309,6 +309,7 @@ async fn the_openapi_document_matches_the_server() {
     assert_eq!(
         described,
         [
+            ("/api/v1/apply".to_string(), "POST".to_string()),
             ("/api/v1/{kind}".to_string(), "GET".to_string()),
             (
                 "/api/v1/{kind}/{mesh}/{name}".to_string(),
@@ -365,6 +366,23 @@ async fn the_openapi_document_matches_the_server() {
         ),
         (one, "delete", send(&s, "DELETE", p, ADMIN, "").await.status),
         (one, "delete", send(&s, "DELETE", p, ADMIN, "").await.status),
+        (
+            "/api/v1/apply",
+            "post",
+            send(&s, "POST", "/api/v1/apply", ADMIN, API).await.status,
+        ),
+        (
+            "/api/v1/apply",
+            "post",
+            send(&s, "POST", "/api/v1/apply", ADMIN, "kind: Nope")
+                .await
+                .status,
+        ),
+        (
+            "/api/v1/apply",
+            "post",
+            send(&s, "POST", "/api/v1/apply", None, API).await.status,
+        ),
     ];
     for (path, method, status) in cases {
         assert!(
