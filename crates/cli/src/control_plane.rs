@@ -29,6 +29,9 @@ pub struct ControlPlaneArgs {
     /// A file holding a token that may only read.
     #[arg(long)]
     read_token_file: Option<PathBuf>,
+    /// Time a client has to send a complete request head.
+    #[arg(long, default_value = "10s", value_parser = crate::run::parse_duration)]
+    header_read_timeout: std::time::Duration,
 }
 
 pub fn main(args: ControlPlaneArgs) -> ExitCode {
@@ -85,12 +88,36 @@ async fn serve(args: ControlPlaneArgs) -> anyhow::Result<()> {
         admin_token,
         read_token,
     });
-    axum::serve(listener, router(api))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
-    Ok(())
+    let app = router(api);
+    let header_read_timeout = args.header_read_timeout;
+    let shutdown = tokio::signal::ctrl_c();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => return Ok(()),
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            // A client must send its request head in time: slow clients cannot hold the API.
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
+                .max_buf_size(64 * 1024)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "API connection ended with an error");
+            }
+        });
+    }
 }
 
 fn read_token(path: &Path) -> anyhow::Result<String> {

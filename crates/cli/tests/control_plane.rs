@@ -22,10 +22,15 @@ impl Drop for ControlPlane {
 }
 
 async fn start(data_dir: &std::path::Path) -> ControlPlane {
+    start_with(data_dir, &[]).await
+}
+
+async fn start_with(data_dir: &std::path::Path, extra: &[&str]) -> ControlPlane {
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["control-plane", "--listen", &addr.to_string(), "--data-dir"])
         .arg(data_dir)
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -214,4 +219,21 @@ async fn apply_get_delete_from_the_command_line() {
         tokio::task::block_in_place(|| sluice_cli(&["get", "Dataplane"], &cp, "wrong-token-xxxx"));
     assert!(!ok);
     assert!(err.contains("answered 401"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_client_is_cut_off_at_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = TempDir::new("slow");
+    let cp = start_with(&dir.join("data"), &["--header-read-timeout", "300ms"]).await;
+    let mut s = tokio::net::TcpStream::connect(cp.addr).await.unwrap();
+    s.write_all(b"GET /api/v1/Mesh HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(DEFAULT_TIMEOUT, s.read_to_end(&mut out))
+        .await
+        .unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
 }
