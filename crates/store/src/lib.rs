@@ -152,7 +152,47 @@ impl Store {
     }
 }
 
-/// The schema, created on open; each statement is idempotent.
+/// What a write of `body` should do, given the stored `(body, version, revision)` if any: the
+/// rules both backends share.
+pub(crate) enum Plan {
+    Keep(Stored),
+    Write { outcome: Outcome, version: i64 },
+}
+
+pub(crate) fn plan(
+    key: &Key,
+    body: &str,
+    expected_version: Option<i64>,
+    current: Option<(String, i64, i64)>,
+) -> Result<Plan, StoreError> {
+    let current_version = current.as_ref().map_or(0, |c| c.1);
+    if let Some(expected) = expected_version.filter(|e| *e != current_version) {
+        return Err(StoreError::Conflict {
+            kind: key.kind.clone(),
+            mesh: key.mesh.clone(),
+            name: key.name.clone(),
+            expected,
+            current: current_version,
+        });
+    }
+    Ok(match current {
+        Some((stored, version, revision)) if stored == body => Plan::Keep(Stored {
+            key: key.clone(),
+            body: stored,
+            version,
+            revision,
+        }),
+        Some(_) => Plan::Write {
+            outcome: Outcome::Configured,
+            version: current_version + 1,
+        },
+        None => Plan::Write {
+            outcome: Outcome::Created,
+            version: 1,
+        },
+    })
+}
+
 /// Migrations by schema version, applied in order on open; a database records the last one it
 /// has, so each runs exactly once. New ones are appended, never edited.
 const MIGRATIONS: &[(i64, &[&str])] = &[(
@@ -377,39 +417,13 @@ async fn put_in(
     .bind(&key.mesh)
     .bind(&key.name)
     .fetch_optional(&mut **tx)
-    .await?;
-    let (current_body, current_version, current_revision) = match &current {
-        Some(row) => (
-            Some(row.get::<String, _>(0)),
-            row.get::<i64, _>(1),
-            row.get::<i64, _>(2),
-        ),
-        None => (None, 0, 0),
+    .await?
+    .map(|row| (row.get(0), row.get(1), row.get(2)));
+    let (outcome, version) = match crate::plan(key, body, expected_version, current)? {
+        crate::Plan::Keep(stored) => return Ok((Outcome::Unchanged, stored)),
+        crate::Plan::Write { outcome, version } => (outcome, version),
     };
-    if let Some(expected) = expected_version {
-        if expected != current_version {
-            return Err(StoreError::Conflict {
-                kind: key.kind.clone(),
-                mesh: key.mesh.clone(),
-                name: key.name.clone(),
-                expected,
-                current: current_version,
-            });
-        }
-    }
-    if current_body.as_deref() == Some(body) {
-        return Ok((
-            Outcome::Unchanged,
-            Stored {
-                key: key.clone(),
-                body: body.to_string(),
-                version: current_version,
-                revision: current_revision,
-            },
-        ));
-    }
     let revision = insert_event(tx, key, false).await?;
-    let version = current_version + 1;
     sqlx::query(
         "INSERT INTO resources (kind, mesh, name, body, version, revision) VALUES (?, ?, ?, ?, ?, ?)
          ON CONFLICT (kind, mesh, name) DO UPDATE SET body = excluded.body, version = excluded.version, revision = excluded.revision",
@@ -422,11 +436,6 @@ async fn put_in(
     .bind(revision)
     .execute(&mut **tx)
     .await?;
-    let outcome = if current.is_some() {
-        Outcome::Configured
-    } else {
-        Outcome::Created
-    };
     Ok((
         outcome,
         Stored {
@@ -453,4 +462,42 @@ async fn insert_event(
     .fetch_one(&mut **tx)
     .await?;
     Ok(row.get(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_plans() {
+        let key = Key {
+            kind: "Secret".into(),
+            mesh: "default".into(),
+            name: "s".into(),
+        };
+        let stored = || Some(("a".to_string(), 3, 9));
+        let show = |r: Result<Plan, StoreError>| match r {
+            Ok(Plan::Keep(s)) => format!("keep v{} r{}", s.version, s.revision),
+            Ok(Plan::Write { outcome, version }) => format!("{outcome:?} v{version}"),
+            Err(StoreError::Conflict { current, .. }) => format!("conflict at v{current}"),
+            Err(e) => e.to_string(),
+        };
+        let cases = [
+            (None, None, "b", "Created v1"),
+            (None, Some(0), "b", "Created v1"),
+            (None, Some(1), "b", "conflict at v0"),
+            (stored(), None, "a", "keep v3 r9"),
+            (stored(), None, "b", "Configured v4"),
+            (stored(), Some(3), "b", "Configured v4"),
+            (stored(), Some(2), "b", "conflict at v3"),
+            (stored(), Some(2), "a", "conflict at v3"),
+        ];
+        for (current, expected, body, want) in cases {
+            assert_eq!(
+                show(plan(&key, body, expected, current.clone())),
+                want,
+                "{current:?} {expected:?} {body}"
+            );
+        }
+    }
 }

@@ -247,39 +247,13 @@ async fn put_in(
     .bind(&key.mesh)
     .bind(&key.name)
     .fetch_optional(&mut **tx)
-    .await?;
-    let (current_body, current_version, current_revision) = match &current {
-        Some(row) => (
-            Some(row.get::<String, _>(0)),
-            row.get::<i64, _>(1),
-            row.get::<i64, _>(2),
-        ),
-        None => (None, 0, 0),
+    .await?
+    .map(|row| (row.get(0), row.get(1), row.get(2)));
+    let (outcome, version) = match crate::plan(key, body, expected_version, current)? {
+        crate::Plan::Keep(stored) => return Ok((Outcome::Unchanged, stored)),
+        crate::Plan::Write { outcome, version } => (outcome, version),
     };
-    if let Some(expected) = expected_version {
-        if expected != current_version {
-            return Err(StoreError::Conflict {
-                kind: key.kind.clone(),
-                mesh: key.mesh.clone(),
-                name: key.name.clone(),
-                expected,
-                current: current_version,
-            });
-        }
-    }
-    if current_body.as_deref() == Some(body) {
-        return Ok((
-            Outcome::Unchanged,
-            Stored {
-                key: key.clone(),
-                body: body.to_string(),
-                version: current_version,
-                revision: current_revision,
-            },
-        ));
-    }
     let revision = insert_event(tx, key, false).await?;
-    let version = current_version + 1;
     sqlx::query(
         "INSERT INTO resources (kind, mesh, name, body, version, revision) VALUES ($1, $2, $3, $4, $5, $6)
          ON CONFLICT (kind, mesh, name) DO UPDATE SET body = excluded.body, version = excluded.version, revision = excluded.revision",
@@ -292,11 +266,6 @@ async fn put_in(
     .bind(revision)
     .execute(&mut **tx)
     .await?;
-    let outcome = if current.is_some() {
-        Outcome::Configured
-    } else {
-        Outcome::Created
-    };
     Ok((
         outcome,
         Stored {
