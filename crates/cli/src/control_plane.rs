@@ -35,24 +35,7 @@ pub struct ControlPlaneArgs {
 }
 
 pub fn main(args: ControlPlaneArgs) -> ExitCode {
-    crate::run::init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("sluice: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(serve(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("sluice: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    crate::run::serve_until_done(serve(args))
 }
 
 async fn serve(args: ControlPlaneArgs) -> anyhow::Result<()> {

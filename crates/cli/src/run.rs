@@ -90,7 +90,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
-pub fn init_logging() {
+fn init_logging() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -101,6 +101,14 @@ pub fn init_logging() {
 }
 
 pub fn main(args: RunArgs) -> ExitCode {
+    serve_until_done(run(args))
+}
+
+/// Logs to stderr, runs a long-lived command on a multi-threaded runtime, and turns its error
+/// into one line and a failing exit code.
+pub fn serve_until_done(
+    command: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> ExitCode {
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -112,7 +120,7 @@ pub fn main(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
+    match runtime.block_on(command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sluice: {e:#}");

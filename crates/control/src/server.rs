@@ -14,7 +14,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use sluice_api::{identify, parse_documents, DocRef, Severity};
+use sluice_api::{identify, parse_documents, Severity};
 use sluice_store::{Key, Outcome, Store, StoreError};
 
 /// Request bodies larger than this get 413: no resource is anywhere near it.
@@ -362,7 +362,7 @@ async fn check_all(
 /// rules and messages as `sluice validate`, for this document only.
 async fn check(store: &Store, key: &Key, body: &str) -> Result<(), Vec<String>> {
     let source = format!("{}/{}/{}", key.kind, key.mesh, key.name);
-    let mut docs = parse_documents(&source, body).map_err(|e| vec![e.to_string()])?;
+    let docs = parse_documents(&source, body).map_err(|e| vec![e.to_string()])?;
     if docs.len() != 1 {
         return Err(vec![format!(
             "{source}: the body must hold exactly one resource, found {}",
@@ -371,41 +371,14 @@ async fn check(store: &Store, key: &Key, body: &str) -> Result<(), Vec<String>> 
     }
     match identify(&docs[0]) {
         Some((kind, declared))
-            if kind == key.kind && declared.mesh == key.mesh && declared.name == key.name => {}
-        Some((kind, declared)) => {
+            if kind != key.kind || declared.mesh != key.mesh || declared.name != key.name =>
+        {
             return Err(vec![format!(
                 "{source}: the body declares {kind} {}/{}; send it to /api/v1/{kind}/{}/{}",
                 declared.mesh, declared.name, declared.mesh, declared.name
             )])
         }
-        None => {}
+        _ => {}
     }
-    for kind in KINDS {
-        let stored = store
-            .list(kind, None)
-            .await
-            .map_err(|e| vec![e.to_string()])?;
-        for s in stored.iter().filter(|s| s.key != *key) {
-            let name = format!("{}/{}/{}", s.key.kind, s.key.mesh, s.key.name);
-            if let Ok(more) = parse_documents(&name, &s.body) {
-                docs.extend(more);
-            }
-        }
-    }
-    let loaded = sluice_api::load(&docs);
-    let mine = |d: &&sluice_api::Diagnostic| {
-        d.doc.as_ref().map(|r: &DocRef| &*r.source) == Some(source.as_str())
-            && d.severity == Severity::Error
-    };
-    let problems: Vec<String> = loaded
-        .diagnostics
-        .iter()
-        .filter(mine)
-        .map(|d| d.to_string())
-        .collect();
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems)
-    }
+    check_all(store, &[key], docs).await
 }
