@@ -111,6 +111,14 @@ async fn metric(sluice: &Sluice, name: &str, service: &str) -> f64 {
         .sum()
 }
 
+/// Whether a new connection to the outbound on `port` gets `body` from `GET /`.
+async fn serves(port: u16, body: &str) -> bool {
+    match H1Client::connect(local(port)).await {
+        Ok(mut c) => c.get("/").await.is_ok_and(|r| r.text() == body),
+        Err(_) => false,
+    }
+}
+
 /// A listener that accepts connections and never sends a byte, and the task holding them.
 async fn silent_listener() -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -136,15 +144,12 @@ async fn echo_behind_sluice(args: &[&str]) -> (Origin, Sluice, u16) {
     (echo, sluice, port)
 }
 
-/// Reads until the proxy closes the connection; fails if it stays open.
+/// Reads until the proxy closes the connection; fails if it stays open or sends anything.
 async fn assert_closed_by_proxy(stream: &mut tokio::net::TcpStream) {
-    let mut rest = Vec::new();
-    let n = tokio::time::timeout(DEFAULT_TIMEOUT, stream.read_to_end(&mut rest))
-        .await
-        .expect("the proxy must close the connection");
+    let (rest, _) = read_until_closed(stream).await;
     assert!(
-        matches!(n, Ok(0) | Err(_)),
-        "connection still delivering data: {n:?}"
+        rest.is_empty(),
+        "connection still delivering data: {rest:?}"
     );
 }
 
@@ -840,17 +845,7 @@ async fn reload_mid_request_finishes_unharmed_and_new_connections_follow() {
         &[(port, "b")],
     );
     sluice.rewrite_config(&second);
-    let switched = wait_until_async(DEFAULT_TIMEOUT, || async {
-        match H1Client::connect(local(port)).await {
-            Ok(mut c) => c
-                .get("/")
-                .await
-                .map(|r| r.text() == "origin:b")
-                .unwrap_or(false),
-            Err(_) => false,
-        }
-    })
-    .await;
+    let switched = wait_until_async(DEFAULT_TIMEOUT, || serves(port, "origin:b")).await;
     assert!(
         switched,
         "new connections must follow the new config: {}",
@@ -901,17 +896,7 @@ async fn reload_mid_request_finishes_unharmed_and_new_connections_follow() {
     // SIGHUP re-reads even an unchanged file.
     sluice.rewrite_config(&first);
     sluice.sighup();
-    let back = wait_until_async(DEFAULT_TIMEOUT, || async {
-        match H1Client::connect(local(removed_port)).await {
-            Ok(mut c) => c
-                .get("/")
-                .await
-                .map(|r| r.text() == "origin:b")
-                .unwrap_or(false),
-            Err(_) => false,
-        }
-    })
-    .await;
+    let back = wait_until_async(DEFAULT_TIMEOUT, || serves(removed_port, "origin:b")).await;
     assert!(back, "{}", sluice.stderr());
 }
 

@@ -134,3 +134,16 @@ impl Drop for TempDir {
         }
     }
 }
+
+/// Reads what the peer sends until it closes the connection (a reset counts as closed) and
+/// returns those bytes and how long the close took. Panics if the connection is still open
+/// after [`DEFAULT_TIMEOUT`].
+pub async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> (Vec<u8>, Duration) {
+    use tokio::io::AsyncReadExt;
+    let started = Instant::now();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(DEFAULT_TIMEOUT, stream.read_to_end(&mut out))
+        .await
+        .expect("the peer must close the connection");
+    (out, started.elapsed())
+}
