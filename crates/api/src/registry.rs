@@ -1,6 +1,6 @@
 //! Checks between resources (references, duplicates) and resolution into the model.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -20,6 +20,8 @@ use crate::resource::{Located, Resource};
 pub struct Registry {
     pub services: BTreeMap<ResourceKey, ExternalService>,
     pub outbounds: Vec<Outbound>,
+    /// Every Dataplane, with or without outbounds: a proxy of that name gets only what it uses.
+    pub dataplanes: BTreeSet<ResourceKey>,
     /// Set by a Kuma Mesh's `networking.outbound.passthrough`; with several meshes the strictest
     /// wins, since one proxy enforces it for all of them.
     pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
@@ -57,10 +59,11 @@ pub fn identify(document: &Document) -> Option<(&'static str, ResourceKey)> {
 }
 
 /// Reads, checks and resolves a set of documents as one configuration.
-pub fn load(documents: &[Document]) -> Loaded {
+pub fn load<'a>(documents: impl IntoIterator<Item = &'a Document>) -> Loaded {
+    let documents: Vec<&Document> = documents.into_iter().collect();
     let mut diagnostics = Vec::new();
     let mut located = Vec::new();
-    for document in documents {
+    for document in documents.iter().copied() {
         let mut d = Diagnostics::for_doc(document.doc.clone());
         let root = At::root(&document.value);
         let parsed = if crate::istio::claims(&document.value) {
@@ -243,6 +246,7 @@ fn resolve(located: &[Located], out: &mut Vec<Diagnostic>) -> Registry {
     for (doc, dp) in dataplanes {
         let mut d = Diagnostics::for_doc(doc.clone());
         let mesh = &dp.meta.key.mesh;
+        registry.dataplanes.insert(dp.meta.key.clone());
         for o in &dp.outbounds {
             let name = &o.backend.name;
             match services.find(mesh, name, "Dataplane") {

@@ -68,6 +68,15 @@ impl Target {
             })
     }
 
+    /// The body of a GET answered 200; otherwise the problem is printed.
+    fn read(&self, path: &str) -> Result<String, ExitCode> {
+        match self.call("GET", path, "") {
+            Ok((200, body)) => Ok(body),
+            Ok((status, body)) => Err(refused(status, &body)),
+            Err(e) => Err(fail(e)),
+        }
+    }
+
     fn call(&self, method: &str, path: &str, body: &str) -> Result<(u16, String), String> {
         let address = self.address()?;
         call(address, method, path, self.token.as_deref(), body).map_err(|e| {
@@ -147,13 +156,10 @@ pub fn get(kind: &str, name: Option<&str>, mesh: &str, output: &str, target: &Ta
         Some(n) => format!("/api/v1/{kind}/{mesh}/{n}"),
         None => format!("/api/v1/{kind}?mesh={mesh}"),
     };
-    let (status, body) = match target.call("GET", &path, "") {
-        Ok(a) => a,
-        Err(e) => return fail(e),
+    let body = match target.read(&path) {
+        Ok(b) => b,
+        Err(code) => return code,
     };
-    if status != 200 {
-        return refused(status, &body);
-    }
     match (name, output) {
         (Some(_), "yaml") => match yaml_of(&body) {
             Some(y) => print!("{y}"),
@@ -229,4 +235,47 @@ pub fn delete(kind: &str, name: &str, mesh: &str, target: &Target) -> ExitCode {
         }
         Ok((status, body)) => refused(status, &body),
     }
+}
+
+/// `sluice inspect proxy [NAME]`: one proxy's status and config, or a table of all of them.
+pub fn inspect_proxy(name: Option<&str>, mesh: &str, output: &str, target: &Target) -> ExitCode {
+    let path = match name {
+        Some(n) => format!("/api/v1/proxies/{mesh}/{n}"),
+        None => "/api/v1/proxies".to_string(),
+    };
+    let body = match target.read(&path) {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    match (name, output) {
+        (_, "json") => print!("{body}"),
+        (Some(_), _) => match yaml_of(&body) {
+            Some(y) => print!("{y}"),
+            None => print!("{body}"),
+        },
+        (None, _) => {
+            let Ok(list) = serde_json::from_str::<serde_json::Value>(&body) else {
+                return fail("the control plane sent a list that is not JSON");
+            };
+            println!(
+                "{:<16} {:<32} {:<10} {:>8} {:>8}  REFUSED",
+                "MESH", "NAME", "CONNECTED", "RUNNING", "SENT"
+            );
+            for p in list["items"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<16} {:<32} {:<10} {:>8} {:>8}  {}",
+                    p["mesh"].as_str().unwrap_or(""),
+                    p["name"].as_str().unwrap_or(""),
+                    p["connected"],
+                    p["ackedVersion"],
+                    p["sentVersion"],
+                    p["nack"]["version"]
+                        .as_u64()
+                        .map(|v| format!("version {v}"))
+                        .unwrap_or_else(|| "-".into()),
+                );
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }

@@ -5,11 +5,10 @@ use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use sluice_control::server::{router, Api};
+use sluice_control::server::Api;
 use sluice_store::Store;
 
 #[derive(Args)]
@@ -29,6 +28,10 @@ pub struct ControlPlaneArgs {
     /// A file holding a token that may only read.
     #[arg(long)]
     read_token_file: Option<PathBuf>,
+    /// A file holding the token proxies open the config stream with; without it one is
+    /// generated into DATA_DIR/proxy-token.
+    #[arg(long)]
+    proxy_token_file: Option<PathBuf>,
     /// Time a client has to send a complete request head.
     #[arg(long, default_value = "10s", value_parser = crate::run::parse_duration)]
     header_read_timeout: std::time::Duration,
@@ -43,7 +46,11 @@ async fn serve(args: ControlPlaneArgs) -> anyhow::Result<()> {
         .with_context(|| format!("data dir {}: cannot create", args.data_dir.display()))?;
     let admin_token = match &args.auth_token_file {
         Some(path) => read_token(path)?,
-        None => admin_token(&args.data_dir)?,
+        None => generated_token(&args.data_dir, "admin")?,
+    };
+    let proxy_token = match &args.proxy_token_file {
+        Some(path) => read_token(path)?,
+        None => generated_token(&args.data_dir, "proxy")?,
     };
     let read_token = args
         .read_token_file
@@ -66,41 +73,14 @@ async fn serve(args: ControlPlaneArgs) -> anyhow::Result<()> {
             )
         })?;
     tracing::info!(address = %listener.local_addr()?, store = %redact_url(&url), "control plane listening");
-    let api = Arc::new(Api {
-        store,
-        admin_token,
-        read_token,
-    });
-    let app = router(api);
-    let header_read_timeout = args.header_read_timeout;
-    let shutdown = tokio::signal::ctrl_c();
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => return Ok(()),
-        };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        tokio::spawn(async move {
-            // A client must send its request head in time: slow clients cannot hold the API.
-            let served = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(header_read_timeout)
-                .max_buf_size(64 * 1024)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
-            if let Err(e) = served {
-                tracing::debug!(%peer, error = %e, "API connection ended with an error");
-            }
-        });
-    }
+    let api = Api::start(store, admin_token, read_token, Some(proxy_token))
+        .await
+        .with_context(|| format!("store {}", redact_url(&url)))?;
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    sluice_control::server::serve(listener, api, args.header_read_timeout, shutdown).await;
+    Ok(())
 }
 
 fn read_token(path: &Path) -> anyhow::Result<String> {
@@ -116,26 +96,26 @@ fn read_token(path: &Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
-/// The admin token in DATA_DIR/admin-token, generated on first start, readable by its owner only.
-fn admin_token(data_dir: &Path) -> anyhow::Result<String> {
-    let path = data_dir.join("admin-token");
+/// The ROLE token in DATA_DIR/ROLE-token, generated on first start, readable by its owner only.
+pub fn generated_token(data_dir: &Path, role: &str) -> anyhow::Result<String> {
+    let path = data_dir.join(format!("{role}-token"));
     if path.exists() {
         return read_token(&path);
     }
     let mut bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
-        .context("cannot read random bytes for the admin token")?;
+        .with_context(|| format!("cannot read random bytes for the {role} token"))?;
     let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(&path)
-        .with_context(|| format!("{}: cannot create the admin token file", path.display()))?;
+        .with_context(|| format!("{}: cannot create the {role} token file", path.display()))?;
     writeln!(file, "{token}")?;
     eprintln!(
-        "sluice: admin token written to {} (readable by its owner only)",
+        "sluice: {role} token written to {} (readable by its owner only)",
         path.display()
     );
     Ok(token)

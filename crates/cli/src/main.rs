@@ -4,6 +4,7 @@
 mod client;
 mod control_plane;
 mod load;
+mod proxy;
 mod run;
 
 use std::path::PathBuf;
@@ -26,8 +27,17 @@ struct Cli {
 enum Command {
     /// Load resources from files and run the proxy, reloading when the files change or on SIGHUP.
     Run(Box<run::RunArgs>),
-    /// Serve the registry's REST API over a store (SQLite by default, or PostgreSQL).
+    /// Serve the registry's REST API and the proxies' config stream over a store (SQLite by
+    /// default, or PostgreSQL).
     ControlPlane(control_plane::ControlPlaneArgs),
+    /// Run a proxy that takes its config from a control plane, starting from the last config it
+    /// had when no control plane answers.
+    Proxy(Box<proxy::ProxyArgs>),
+    /// Show what a proxy runs: its config (secrets redacted), version, and any config it refused.
+    Inspect {
+        #[command(subcommand)]
+        what: Inspect,
+    },
     /// Create or replace resources in the control plane; nothing is sent if any is invalid.
     Apply {
         #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
@@ -78,12 +88,37 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum Inspect {
+    /// One proxy by name, or every connected proxy without a name.
+    Proxy {
+        name: Option<String>,
+        #[arg(long, default_value = "default")]
+        mesh: String,
+        /// `yaml` or `json`.
+        #[arg(short = 'o', long, default_value = "yaml")]
+        output: String,
+        #[command(flatten)]
+        target: client::Target,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { files } => validate(&files),
         Command::Run(args) => run::main(*args),
         Command::ControlPlane(args) => control_plane::main(args),
+        Command::Proxy(args) => proxy::main(*args),
+        Command::Inspect {
+            what:
+                Inspect::Proxy {
+                    name,
+                    mesh,
+                    output,
+                    target,
+                },
+        } => client::inspect_proxy(name.as_deref(), &mesh, &output, &target),
         Command::Apply { files, target } => client::apply(&files, &target),
         Command::Get {
             kind,

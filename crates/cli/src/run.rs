@@ -21,6 +21,16 @@ pub struct RunArgs {
     /// Files or directories of YAML resources; `-` reads standard input (then not reloaded).
     #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
     files: Vec<PathBuf>,
+    /// How often the files are checked for changes.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    watch_interval: Duration,
+    #[command(flatten)]
+    proxy: ProxyFlags,
+}
+
+/// How the proxy serves apps: the same for `sluice run` and `sluice proxy`.
+#[derive(Args)]
+pub struct ProxyFlags {
     /// Admin endpoint (/ready, /metrics, /config_dump); `off` disables it.
     #[arg(long, default_value = "127.0.0.1:9901")]
     admin: String,
@@ -29,13 +39,10 @@ pub struct RunArgs {
     access_log: String,
     /// How long removed listeners may keep serving open connections, e.g. `30s`, `500ms`.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    drain_timeout: Duration,
-    /// How often the files are checked for changes.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
-    watch_interval: Duration,
+    pub drain_timeout: Duration,
     /// Time allowed to connect to an endpoint.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
-    connect_timeout: Duration,
+    pub connect_timeout: Duration,
     /// Time allowed for an upstream response to start (504 after it).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     response_timeout: Duration,
@@ -49,7 +56,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "127.0.0.1:3128")]
     http_proxy: String,
     /// Outbound traffic policy for the forward proxy: `allowed` passes unregistered destinations
-    /// through (logged), `restricted` only registered ones.
+    /// through (logged), `restricted` only registered ones. A Mesh resource overrides it.
     #[arg(long, default_value = "allowed", value_parser = parse_mode)]
     outbound_traffic_policy: Mode,
     /// A DNS server (IP:PORT) to resolve endpoint and forward-proxy names with, instead of the
@@ -129,36 +136,37 @@ pub fn serve_until_done(
     }
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let access_log = match args.access_log.as_str() {
+/// The proxy with its admin endpoint serving; no config yet.
+pub async fn start_proxy(flags: &ProxyFlags) -> anyhow::Result<Arc<Proxy>> {
+    let access_log = match flags.access_log.as_str() {
         "-" => AccessLog::start(Target::Stdout),
         path => AccessLog::start(Target::File(path.into())),
     }
-    .with_context(|| format!("access log {}: cannot open", args.access_log))?;
+    .with_context(|| format!("access log {}: cannot open", flags.access_log))?;
     let settings = Settings {
-        drain_timeout: args.drain_timeout,
+        drain_timeout: flags.drain_timeout,
         upstream: sluice_proxy::upstream::Timeouts {
-            connect: args.connect_timeout,
+            connect: flags.connect_timeout,
             ..Default::default()
         },
         http: sluice_proxy::http::HttpTimeouts {
-            response: args.response_timeout,
+            response: flags.response_timeout,
             ..Default::default()
         },
-        header_read_timeout: args.header_read_timeout,
-        max_connections: args.max_connections,
-        tcp_idle_timeout: args.tcp_idle_timeout,
-        outbound_traffic_policy: args.outbound_traffic_policy,
-        dns_server: args.dns_server,
+        header_read_timeout: flags.header_read_timeout,
+        max_connections: flags.max_connections,
+        tcp_idle_timeout: flags.tcp_idle_timeout,
+        outbound_traffic_policy: flags.outbound_traffic_policy,
+        dns_server: flags.dns_server,
     };
     let metrics = Arc::new(Metrics::default());
     let proxy = Arc::new(Proxy::new(settings, metrics, access_log).map_err(anyhow::Error::msg)?);
 
-    if args.admin != "off" {
-        let addr: SocketAddr = args.admin.parse().with_context(|| {
+    if flags.admin != "off" {
+        let addr: SocketAddr = flags.admin.parse().with_context(|| {
             format!(
                 "--admin {}: not an address; give IP:PORT or off",
-                args.admin
+                flags.admin
             )
         })?;
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
@@ -169,7 +177,30 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         proxy.add_own_address(bound).await;
         tokio::spawn(sluice_proxy::admin::serve(listener, proxy.clone()));
     }
+    Ok(proxy)
+}
 
+/// The forward proxy, unless turned off.
+pub async fn start_forward_proxy(flags: &ProxyFlags, proxy: &Proxy) -> anyhow::Result<()> {
+    if flags.http_proxy == "off" {
+        return Ok(());
+    }
+    let addr: SocketAddr = flags.http_proxy.parse().with_context(|| {
+        format!(
+            "--http-proxy {}: not an address; give IP:PORT or off",
+            flags.http_proxy
+        )
+    })?;
+    proxy.start_forward_proxy(addr).await.with_context(|| {
+        format!(
+            "forward proxy {addr}: cannot listen; choose another with --http-proxy or turn it off"
+        )
+    })?;
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let proxy = start_proxy(&args.proxy).await?;
     let stdin = read_stdin_once(&args.files)?;
     let mut last = read_sources(&args.files, stdin.clone()).await;
     let config = match compile(&last) {
@@ -193,17 +224,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             bail!("the configuration could not be started");
         }
     }
-    if args.http_proxy != "off" {
-        let addr: SocketAddr = args.http_proxy.parse().with_context(|| {
-            format!(
-                "--http-proxy {}: not an address; give IP:PORT or off",
-                args.http_proxy
-            )
-        })?;
-        proxy.start_forward_proxy(addr).await.with_context(|| {
-            format!("forward proxy {addr}: cannot listen; choose another with --http-proxy or turn it off")
-        })?;
-    }
+    start_forward_proxy(&args.proxy, &proxy).await?;
     let listeners = proxy.current().map(|c| c.listeners.len()).unwrap_or(0);
     tracing::info!(listeners, "sluice is running");
 
@@ -225,7 +246,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         reload(&proxy, &current).await;
         last = current;
     }
-    tracing::info!(drain = ?args.drain_timeout, "shutting down; draining open connections");
+    tracing::info!(drain = ?args.proxy.drain_timeout, "shutting down; draining open connections");
     proxy.shutdown().await;
     Ok(())
 }

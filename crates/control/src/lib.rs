@@ -2,9 +2,12 @@
 //! Compiles a checked registry into the configuration one proxy runs, and serves the registry's
 //! REST API.
 
+pub mod catalog;
+pub mod config_server;
 pub mod server;
+pub mod wire;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -27,6 +30,9 @@ pub struct ProxyConfig {
 pub struct ListenerConfig {
     /// `DATAPLANE/outbound/PORT`, stable across reloads so logs and metrics can follow it.
     pub name: String,
+    /// The Dataplane that declared it.
+    #[serde(skip)]
+    pub dataplane: ResourceKey,
     pub address: SocketAddr,
     #[serde(serialize_with = "serialize_label")]
     pub service: Arc<ExternalService>,
@@ -68,6 +74,7 @@ pub fn compile(registry: &Registry) -> ProxyConfig {
                 service_label(&outbound.dataplane),
                 outbound.port
             ),
+            dataplane: outbound.dataplane.clone(),
             address: SocketAddr::new(outbound.address, outbound.port),
             service,
         });
@@ -77,6 +84,43 @@ pub fn compile(registry: &Registry) -> ProxyConfig {
         listeners,
         services,
         outbound_traffic_policy: registry.outbound_traffic_policy,
+    }
+}
+
+/// What one proxy gets out of the whole configuration, by the name it connects with. A proxy
+/// whose name is a Dataplane's gets that Dataplane's listeners and only the services they
+/// reference, so its config grows with what it uses, not with the registry. A proxy without a
+/// Dataplane (a forward proxy, say) gets every service of its mesh and no listeners.
+pub fn scope(
+    full: &ProxyConfig,
+    dataplanes: &BTreeSet<ResourceKey>,
+    proxy: &ResourceKey,
+) -> ProxyConfig {
+    let (listeners, services) = if dataplanes.contains(proxy) {
+        let listeners: Vec<ListenerConfig> = full
+            .listeners
+            .iter()
+            .filter(|l| l.dataplane == *proxy)
+            .cloned()
+            .collect();
+        let services = listeners
+            .iter()
+            .map(|l| (service_label(&l.service.key), l.service.clone()))
+            .collect();
+        (listeners, services)
+    } else {
+        let services = full
+            .services
+            .iter()
+            .filter(|(_, s)| s.key.mesh == proxy.mesh)
+            .map(|(label, s)| (label.clone(), s.clone()))
+            .collect();
+        (Vec::new(), services)
+    };
+    ProxyConfig {
+        listeners,
+        services,
+        outbound_traffic_policy: full.outbound_traffic_policy,
     }
 }
 
@@ -133,5 +177,79 @@ networking:
             &config.listeners[0].service,
             &config.listeners[1].service
         ));
+    }
+}
+
+#[cfg(test)]
+mod scope_tests {
+    use super::*;
+
+    fn registry() -> Registry {
+        let docs = sluice_api::parse_documents(
+            "t.yaml",
+            r#"
+type: MeshExternalService
+name: a
+spec: {match: {port: 80}, endpoints: [{address: a.example, port: 80}]}
+---
+type: MeshExternalService
+name: b
+spec: {match: {port: 80}, endpoints: [{address: b.example, port: 80}]}
+---
+type: MeshExternalService
+name: c
+mesh: other
+spec: {match: {port: 80}, endpoints: [{address: c.example, port: 80}]}
+---
+type: Dataplane
+name: web
+networking:
+  outbound: [{port: 10001, backendRef: {kind: MeshExternalService, name: a}}]
+---
+type: Dataplane
+name: idle
+networking: {outbound: []}
+---
+type: Dataplane
+name: batch
+mesh: other
+networking:
+  outbound: [{port: 10002, backendRef: {kind: MeshExternalService, name: c}}]
+"#,
+        )
+        .unwrap();
+        let loaded = sluice_api::load(&docs);
+        assert!(loaded.errors().next().is_none(), "{:?}", loaded.diagnostics);
+        loaded.registry.unwrap()
+    }
+
+    #[test]
+    fn each_proxy_gets_what_it_uses() {
+        let registry = registry();
+        let full = compile(&registry);
+        let key = |mesh: &str, name: &str| ResourceKey {
+            mesh: mesh.into(),
+            name: name.into(),
+        };
+        // (proxy, listeners, services)
+        let cases: &[(ResourceKey, &[&str], &[&str])] = &[
+            (key("default", "web"), &["web/outbound/10001"], &["a"]),
+            (key("default", "idle"), &[], &[]),
+            (
+                key("other", "batch"),
+                &["other/batch/outbound/10002"],
+                &["other/c"],
+            ),
+            (key("default", "no-dataplane"), &[], &["a", "b"]),
+            (key("other", "no-dataplane"), &[], &["other/c"]),
+            (key("empty", "no-dataplane"), &[], &[]),
+        ];
+        for (proxy, listeners, services) in cases {
+            let config = scope(&full, &registry.dataplanes, proxy);
+            let got: Vec<&str> = config.listeners.iter().map(|l| l.name.as_str()).collect();
+            assert_eq!(got, *listeners, "{proxy}");
+            let got: Vec<&str> = config.services.keys().map(String::as_str).collect();
+            assert_eq!(got, *services, "{proxy}");
+        }
     }
 }

@@ -17,6 +17,9 @@ use axum::Router;
 use sluice_api::{identify, parse_documents, Severity};
 use sluice_store::{Key, Outcome, Store, StoreError};
 
+use crate::catalog::Catalog;
+use crate::config_server::{inspect, ConfigServer};
+
 /// Request bodies larger than this get 413: no resource is anywhere near it.
 pub const MAX_BODY: usize = 1024 * 1024;
 
@@ -24,9 +27,46 @@ pub const MAX_BODY: usize = 1024 * 1024;
 pub const KINDS: &[&str] = &["MeshExternalService", "Dataplane", "Secret", "Mesh"];
 
 pub struct Api {
-    pub store: Store,
+    pub store: Arc<Store>,
+    pub catalog: Arc<Catalog>,
+    pub config: Arc<ConfigServer>,
     pub admin_token: String,
     pub read_token: Option<String>,
+    /// Proxies present it to open the config stream; it reads nothing else.
+    pub proxy_token: Option<String>,
+}
+
+impl Api {
+    /// The API over `store`, with its catalog loaded and followed.
+    pub async fn start(
+        store: Store,
+        admin_token: String,
+        read_token: Option<String>,
+        proxy_token: Option<String>,
+    ) -> Result<Arc<Api>, StoreError> {
+        let store = Arc::new(store);
+        let catalog = Arc::new(Catalog::load(&store).await?);
+        tokio::spawn(catalog.clone().follow(store.clone()));
+        let config = Arc::new(ConfigServer {
+            catalog: catalog.clone(),
+            proxies: Arc::default(),
+        });
+        Ok(Arc::new(Api {
+            store,
+            catalog,
+            config,
+            admin_token,
+            read_token,
+            proxy_token,
+        }))
+    }
+
+    /// Publishes a write at once rather than when the store's notification arrives.
+    async fn publish(&self) {
+        if let Err(e) = self.catalog.sync(&self.store).await {
+            tracing::warn!(error = %e, "cannot read the change back from the store");
+        }
+    }
 }
 
 /// The API described for clients and tools; a test holds it to what the server does.
@@ -39,6 +79,9 @@ pub fn router(api: Arc<Api>) -> Router {
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
         )
         .route("/api/v1/apply", axum::routing::post(apply))
+        .route("/api/v1/proxies", get(list_proxies))
+        .route("/api/v1/proxies/{mesh}/{name}", get(inspect_proxy))
+        .route(crate::wire::STREAM_PATH, axum::routing::post(config_stream))
         .route("/api/v1/{kind}", get(list))
         .route(
             "/api/v1/{kind}/{mesh}/{name}",
@@ -225,25 +268,29 @@ async fn write(
     let Ok(body) = std::str::from_utf8(&body) else {
         return text(StatusCode::UNPROCESSABLE_ENTITY, "the body is not UTF-8\n");
     };
-    if let Err(problems) = check(&api.store, &key, body).await {
+    if let Err(problems) = check(&api, &key, body).await {
         return text(StatusCode::UNPROCESSABLE_ENTITY, problems.join("\n") + "\n");
     }
     match api.store.put(&key, body, expected).await {
-        Ok((outcome, stored)) => json(
-            if outcome == Outcome::Created {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            },
-            serde_json::json!({
-                "result": match outcome {
-                    Outcome::Created => "created",
-                    Outcome::Configured => "configured",
-                    Outcome::Unchanged => "unchanged",
+        Ok((outcome, stored)) => {
+            api.publish().await;
+            json(
+                if outcome == Outcome::Created {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::OK
                 },
-                "resourceVersion": stored.version,
-            }),
-        ),
+                serde_json::json!({
+                    "result": match outcome {
+                        Outcome::Created => "created",
+                        Outcome::Configured => "configured",
+                        Outcome::Unchanged => "unchanged",
+                    },
+                    "resourceVersion": stored.version,
+                    "revision": stored.revision,
+                }),
+            )
+        }
         Err(e) => store_error(e),
     }
 }
@@ -258,7 +305,10 @@ async fn remove(
     }
     let key = Key { kind, mesh, name };
     match api.store.delete(&key).await {
-        Ok(true) => text(StatusCode::OK, "deleted\n"),
+        Ok(true) => {
+            api.publish().await;
+            text(StatusCode::OK, "deleted\n")
+        }
         Ok(false) => text(
             StatusCode::NOT_FOUND,
             format!("no {} {}/{}\n", key.kind, key.mesh, key.name),
@@ -296,52 +346,55 @@ async fn apply(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -> 
         }
     }
     let keys: Vec<&Key> = items.iter().map(|(k, _)| k).collect();
-    match check_all(&api.store, &keys, docs).await {
+    match check_all(&api, &keys, docs).await {
         Ok(()) => {}
         Err(problems) => return text(StatusCode::UNPROCESSABLE_ENTITY, problems.join("\n") + "\n"),
     }
     match api.store.put_all(&items).await {
-        Ok(done) => json(
-            StatusCode::OK,
-            serde_json::json!({
-                "results": done.iter().map(|(outcome, s)| serde_json::json!({
-                    "kind": s.key.kind,
-                    "mesh": s.key.mesh,
-                    "name": s.key.name,
-                    "result": match outcome {
-                        Outcome::Created => "created",
-                        Outcome::Configured => "configured",
-                        Outcome::Unchanged => "unchanged",
-                    },
-                    "resourceVersion": s.version,
-                })).collect::<Vec<_>>(),
-            }),
-        ),
+        Ok(done) => {
+            api.publish().await;
+            json(
+                StatusCode::OK,
+                serde_json::json!({
+                    "results": done.iter().map(|(outcome, s)| serde_json::json!({
+                        "kind": s.key.kind,
+                        "mesh": s.key.mesh,
+                        "name": s.key.name,
+                        "result": match outcome {
+                            Outcome::Created => "created",
+                            Outcome::Configured => "configured",
+                            Outcome::Unchanged => "unchanged",
+                        },
+                        "resourceVersion": s.version,
+                    })).collect::<Vec<_>>(),
+                    "revision": done.iter().map(|(_, s)| s.revision).max().unwrap_or(0),
+                }),
+            )
+        }
         Err(e) => store_error(e),
     }
 }
 
-/// Checks `docs` (sources `request[N]`) together with every stored resource they do not replace.
+/// Checks `docs` (sources `request[N]`) together with every stored resource they do not replace,
+/// as the catalog holds them at the store's latest revision.
 async fn check_all(
-    store: &Store,
+    api: &Api,
     replaced: &[&Key],
-    mut docs: Vec<sluice_api::Document>,
+    docs: Vec<sluice_api::Document>,
 ) -> Result<(), Vec<String>> {
     let sources: std::collections::HashSet<String> =
         docs.iter().map(|d| d.doc.source.to_string()).collect();
-    for kind in KINDS {
-        let stored = store
-            .list(kind, None)
-            .await
-            .map_err(|e| vec![e.to_string()])?;
-        for s in stored.iter().filter(|s| !replaced.contains(&&s.key)) {
-            let name = format!("{}/{}/{}", s.key.kind, s.key.mesh, s.key.name);
-            if let Ok(more) = parse_documents(&name, &s.body) {
-                docs.extend(more);
-            }
-        }
-    }
-    let loaded = sluice_api::load(&docs);
+    let view = api
+        .catalog
+        .sync(&api.store)
+        .await
+        .map_err(|e| vec![e.to_string()])?;
+    let stored = view
+        .docs
+        .iter()
+        .filter(|(key, _)| !replaced.contains(key))
+        .map(|(_, doc)| doc);
+    let loaded = sluice_api::load(docs.iter().chain(stored));
     let problems: Vec<String> = loaded
         .diagnostics
         .iter()
@@ -360,7 +413,7 @@ async fn check_all(
 
 /// Checks `body` as the resource at `key`, together with everything else stored: the same
 /// rules and messages as `sluice validate`, for this document only.
-async fn check(store: &Store, key: &Key, body: &str) -> Result<(), Vec<String>> {
+async fn check(api: &Api, key: &Key, body: &str) -> Result<(), Vec<String>> {
     let source = format!("{}/{}/{}", key.kind, key.mesh, key.name);
     let docs = parse_documents(&source, body).map_err(|e| vec![e.to_string()])?;
     if docs.len() != 1 {
@@ -380,5 +433,112 @@ async fn check(store: &Store, key: &Key, body: &str) -> Result<(), Vec<String>> 
         }
         _ => {}
     }
-    check_all(store, &[key], docs).await
+    check_all(api, &[key], docs).await
+}
+
+async fn list_proxies(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
+    if let Some(r) = authorize(&api, &headers, Access::Read) {
+        return r;
+    }
+    json(
+        StatusCode::OK,
+        serde_json::json!({ "items": api.config.proxies.list() }),
+    )
+}
+
+async fn inspect_proxy(
+    State(api): State<Arc<Api>>,
+    headers: HeaderMap,
+    Path((mesh, name)): Path<(String, String)>,
+) -> Response {
+    if let Some(r) = authorize(&api, &headers, Access::Read) {
+        return r;
+    }
+    let key = sluice_api::model::ResourceKey { mesh, name };
+    match api.config.proxies.get(&key) {
+        Some(status) => json(StatusCode::OK, inspect(&status)),
+        None => text(
+            StatusCode::NOT_FOUND,
+            format!("no proxy {key} has connected to this control plane\n"),
+        ),
+    }
+}
+
+/// The config stream, for a proxy token or the admin token. Refusals are gRPC statuses.
+async fn config_stream(State(api): State<Arc<Api>>, request: axum::extract::Request) -> Response {
+    let token = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let allowed = !token.is_empty()
+        && (constant_time_eq(token, &api.admin_token)
+            || api
+                .proxy_token
+                .as_deref()
+                .is_some_and(|t| constant_time_eq(token, t)));
+    if !allowed {
+        return tonic::Status::unauthenticated(
+            "a proxy token is required: give sluice proxy --token or SLUICE_TOKEN",
+        )
+        .into_http::<axum::body::Body>()
+        .into_response();
+    }
+    api.config.clone().serve(request).await.into_response()
+}
+
+/// Serves the API and the config stream on `listener` until `shutdown` resolves: HTTP/1.1 for
+/// the REST API (a client must send its request head within `header_read_timeout`, so slow
+/// clients cannot hold it) and HTTP/2 for gRPC, on the same port.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    api: Arc<Api>,
+    header_read_timeout: std::time::Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let app = router(api);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => return,
+        };
+        let app = app.clone();
+        let service = hyper::service::service_fn(
+            move |mut request: hyper::Request<hyper::body::Incoming>| {
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                tower_service::Service::call(&mut app.clone(), request.map(axum::body::Body::new))
+            },
+        );
+        tokio::spawn(async move {
+            let mut builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
+                .max_buf_size(64 * 1024);
+            builder
+                .http2()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive_interval(Some(std::time::Duration::from_secs(20)))
+                .keep_alive_timeout(std::time::Duration::from_secs(10));
+            let served = builder
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "API connection ended with an error");
+            }
+        });
+    }
 }

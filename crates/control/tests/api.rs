@@ -2,7 +2,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -36,11 +35,14 @@ async fn start() -> Server {
     let store = Store::open(&format!("sqlite://{}", dir.join("db").display()))
         .await
         .unwrap();
-    let api = Arc::new(Api {
+    let api = Api::start(
         store,
-        admin_token: "admin-secret".into(),
-        read_token: Some("reader-secret".into()),
-    });
+        "admin-secret".into(),
+        Some("reader-secret".into()),
+        Some("proxy-secret".into()),
+    )
+    .await
+    .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
@@ -119,18 +121,27 @@ async fn writes_report_created_configured_unchanged_and_reads_return_the_version
     let a = send(&s, "PUT", path, ADMIN, API).await;
     assert_eq!(
         (a.status, a.body.as_str()),
-        (201, "{\"resourceVersion\":1,\"result\":\"created\"}\n")
+        (
+            201,
+            "{\"resourceVersion\":1,\"result\":\"created\",\"revision\":1}\n"
+        )
     );
     let a = send(&s, "PUT", path, ADMIN, API).await;
     assert_eq!(
         (a.status, a.body.as_str()),
-        (200, "{\"resourceVersion\":1,\"result\":\"unchanged\"}\n")
+        (
+            200,
+            "{\"resourceVersion\":1,\"result\":\"unchanged\",\"revision\":1}\n"
+        )
     );
     let changed = API.replace("port: 443}]", "port: 8443}]");
     let a = send(&s, "PUT", path, ADMIN, &changed).await;
     assert_eq!(
         (a.status, a.body.as_str()),
-        (200, "{\"resourceVersion\":2,\"result\":\"configured\"}\n")
+        (
+            200,
+            "{\"resourceVersion\":2,\"result\":\"configured\",\"revision\":2}\n"
+        )
     );
     let a = send(&s, "GET", path, ADMIN, "").await;
     assert_eq!(a.status, 200);
@@ -310,6 +321,11 @@ async fn the_openapi_document_matches_the_server() {
         described,
         [
             ("/api/v1/apply".to_string(), "POST".to_string()),
+            ("/api/v1/proxies".to_string(), "GET".to_string()),
+            (
+                "/api/v1/proxies/{mesh}/{name}".to_string(),
+                "GET".to_string()
+            ),
             ("/api/v1/{kind}".to_string(), "GET".to_string()),
             (
                 "/api/v1/{kind}/{mesh}/{name}".to_string(),
@@ -382,6 +398,23 @@ async fn the_openapi_document_matches_the_server() {
             "/api/v1/apply",
             "post",
             send(&s, "POST", "/api/v1/apply", None, API).await.status,
+        ),
+        (
+            "/api/v1/proxies",
+            "get",
+            send(&s, "GET", "/api/v1/proxies", ADMIN, "").await.status,
+        ),
+        (
+            "/api/v1/proxies",
+            "get",
+            send(&s, "GET", "/api/v1/proxies", None, "").await.status,
+        ),
+        (
+            "/api/v1/proxies/{mesh}/{name}",
+            "get",
+            send(&s, "GET", "/api/v1/proxies/default/none", ADMIN, "")
+                .await
+                .status,
         ),
     ];
     for (path, method, status) in cases {

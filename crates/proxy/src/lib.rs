@@ -10,6 +10,7 @@ pub mod http;
 pub mod metrics;
 pub mod policy;
 pub mod runtime;
+pub mod subscribe;
 pub mod tcp;
 pub mod tls;
 pub mod upstream;

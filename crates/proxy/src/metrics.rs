@@ -62,6 +62,10 @@ pub struct Metrics {
     pub config_reloads: Family<ResultLabels, Counter>,
     pub forward_decisions: Family<DecisionLabels, Counter>,
     pub passthrough: Family<DestinationLabels, Counter>,
+    /// 1 while the config stream to a control plane is open (`sluice proxy`).
+    pub config_stream_connected: Gauge,
+    /// The version of the config from the control plane now applied.
+    pub config_version: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -142,7 +146,21 @@ impl Default for Metrics {
             "Unregistered destinations passed through in allowed mode, by host and port (what to register before restricting)",
             passthrough.clone(),
         );
+        let config_stream_connected = Gauge::default();
+        registry.register(
+            "config_stream_connected",
+            "1 while the config stream to a control plane is open",
+            config_stream_connected.clone(),
+        );
+        let config_version = Gauge::default();
+        registry.register(
+            "config_version",
+            "Version of the control plane's config now applied (0: none yet)",
+            config_version.clone(),
+        );
         Self {
+            config_stream_connected,
+            config_version,
             passthrough,
             forward_decisions,
             registry,

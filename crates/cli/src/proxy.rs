@@ -1,0 +1,101 @@
+//! `sluice proxy`: the proxy fed by a control plane's config stream.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use sluice_proxy::subscribe::{follow, Subscription};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::run::{start_forward_proxy, start_proxy, ProxyFlags};
+
+#[derive(Args)]
+pub struct ProxyArgs {
+    /// Control plane URLs (http://HOST:PORT), comma-separated or repeated: tried in turn, the
+    /// next one when a stream is lost.
+    #[arg(
+        long,
+        env = "SLUICE_CONTROL_PLANE",
+        value_delimiter = ',',
+        required = true
+    )]
+    control_plane: Vec<String>,
+    /// This proxy's name: a Dataplane of this name decides its listeners and what it may reach.
+    #[arg(long)]
+    name: String,
+    #[arg(long, default_value = "default")]
+    mesh: String,
+    /// The control plane's proxy token (or its admin token).
+    #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// A file holding the token, instead of --token.
+    #[arg(long, conflicts_with = "token")]
+    token_file: Option<PathBuf>,
+    /// Where the last good config is kept, to start from when no control plane answers.
+    #[arg(long, default_value = "./.sluice")]
+    data_dir: PathBuf,
+    #[command(flatten)]
+    proxy: ProxyFlags,
+}
+
+pub fn main(args: ProxyArgs) -> ExitCode {
+    crate::run::serve_until_done(serve(args))
+}
+
+async fn serve(args: ProxyArgs) -> anyhow::Result<()> {
+    let token = match (&args.token, &args.token_file) {
+        (Some(t), _) => t.trim().to_string(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("token file {}: cannot read", path.display()))?
+            .trim()
+            .to_string(),
+        (None, None) => bail!("a token is required: --token, --token-file or SLUICE_TOKEN (the control plane writes one to DATA_DIR/proxy-token)"),
+    };
+    let mut control_planes = Vec::new();
+    for url in &args.control_plane {
+        let url = url.trim().trim_end_matches('/');
+        match url.strip_prefix("http://") {
+            Some(rest) if !rest.is_empty() => control_planes.push(url.to_string()),
+            _ => bail!("--control-plane {url}: give http://HOST:PORT"),
+        }
+    }
+    let cache = args.data_dir.join(format!(
+        "proxy-{}-{}.config",
+        file_safe(&args.mesh),
+        file_safe(&args.name)
+    ));
+    let proxy = start_proxy(&args.proxy).await?;
+    start_forward_proxy(&args.proxy, &proxy).await?;
+    let subscription = Subscription {
+        control_planes,
+        mesh: args.mesh.clone(),
+        name: args.name.clone(),
+        token,
+        cache,
+        connect_timeout: args.proxy.connect_timeout,
+    };
+    let following = tokio::spawn(follow(subscription, proxy.clone()));
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    following.abort();
+    tracing::info!(drain = ?args.proxy.drain_timeout, "shutting down; draining open connections");
+    proxy.shutdown().await;
+    Ok(())
+}
+
+/// A name as part of a file name: anything but letters, digits, `-`, `_` and `.` becomes `_`.
+fn file_safe(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}

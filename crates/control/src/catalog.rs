@@ -1,0 +1,160 @@
+//! Every stored resource, parsed once and kept in memory, following the store's change feed: the
+//! index writes are checked against and the registry the config stream compiles from.
+//!
+//! Each change publishes a new immutable [`View`]; readers take the latest without locks.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_api::{parse_documents, Document, Registry};
+use sluice_store::{Key, Store, StoreError};
+use tokio::sync::{watch, Mutex};
+
+use crate::server::KINDS;
+use crate::{compile, ProxyConfig};
+
+/// The registry at one store revision.
+#[derive(Debug, Default)]
+pub struct View {
+    pub revision: i64,
+    pub docs: BTreeMap<Key, Document>,
+    pub registry: Arc<Registry>,
+    /// The whole registry compiled; each proxy's config is scoped out of it.
+    pub config: Arc<ProxyConfig>,
+}
+
+pub struct Catalog {
+    /// Held while syncing, so that changes are read and published in order.
+    sync: Mutex<()>,
+    view: watch::Sender<Arc<View>>,
+}
+
+impl Catalog {
+    /// Reads everything stored.
+    pub async fn load(store: &Store) -> Result<Catalog, StoreError> {
+        // The revision first: a change racing with the listing is read again by the next sync.
+        let revision = store.revision().await?;
+        let mut docs = BTreeMap::new();
+        for kind in KINDS {
+            for stored in store.list(kind, None).await? {
+                if let Some(doc) = parse(&stored.key, &stored.body) {
+                    docs.insert(stored.key, doc);
+                }
+            }
+        }
+        let catalog = Catalog {
+            sync: Mutex::new(()),
+            view: watch::Sender::new(Arc::new(View::default())),
+        };
+        catalog.publish(revision, docs, None);
+        Ok(catalog)
+    }
+
+    pub fn view(&self) -> Arc<View> {
+        self.view.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<View>> {
+        self.view.subscribe()
+    }
+
+    /// Brings the view up to the store's latest revision; returns it.
+    pub async fn sync(&self, store: &Store) -> Result<Arc<View>, StoreError> {
+        let _guard = self.sync.lock().await;
+        let current = self.view();
+        let events = store.events_since(current.revision).await?;
+        let Some(last) = events.last().map(|e| e.revision) else {
+            return Ok(current);
+        };
+        let mut docs = current.docs.clone();
+        let mut changed: Vec<&Key> = events.iter().map(|e| &e.key).collect();
+        changed.sort();
+        changed.dedup();
+        for key in changed {
+            // The resource as it is now: later events in this batch are already in it.
+            match store.get(key).await? {
+                Some(stored) => match parse(key, &stored.body) {
+                    Some(doc) => {
+                        docs.insert(key.clone(), doc);
+                    }
+                    None => {
+                        docs.remove(key);
+                    }
+                },
+                None => {
+                    docs.remove(key);
+                }
+            }
+        }
+        let revision = last.max(store.revision().await.unwrap_or(last));
+        Ok(self.publish(revision, docs, Some(&current)))
+    }
+
+    fn publish(
+        &self,
+        revision: i64,
+        docs: BTreeMap<Key, Document>,
+        previous: Option<&View>,
+    ) -> Arc<View> {
+        let loaded = sluice_api::load(docs.values());
+        let registry = match loaded.registry {
+            Some(r) => Arc::new(r),
+            None => {
+                // Only possible if stored resources stopped being valid together (a newer
+                // release reading an older store): keep enforcing the last good registry.
+                for d in loaded.errors() {
+                    tracing::error!("stored resource: {d}");
+                }
+                previous.map(|p| p.registry.clone()).unwrap_or_default()
+            }
+        };
+        let config = match previous {
+            Some(p) if Arc::ptr_eq(&p.registry, &registry) => p.config.clone(),
+            _ => Arc::new(compile(&registry)),
+        };
+        let view = Arc::new(View {
+            revision,
+            docs,
+            registry,
+            config,
+        });
+        self.view.send_replace(view.clone());
+        view
+    }
+
+    /// Follows the store until the process ends: every notified change (from this process or,
+    /// on PostgreSQL, from any replica) is read and published; a slow timer catches anything a
+    /// lost notification would miss.
+    pub async fn follow(self: Arc<Self>, store: Arc<Store>) {
+        let mut changes = store.watch();
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                r = changes.recv() => {
+                    if let Err(tokio::sync::broadcast::error::RecvError::Closed) = r {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        changes = store.watch();
+                    }
+                }
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.sync(&store).await {
+                tracing::warn!(error = %e, "cannot read changes from the store; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+fn parse(key: &Key, body: &str) -> Option<Document> {
+    let source = format!("{}/{}/{}", key.kind, key.mesh, key.name);
+    match parse_documents(&source, body) {
+        Ok(mut docs) if docs.len() == 1 => docs.pop(),
+        Ok(_) | Err(_) => {
+            tracing::error!(resource = %source, "stored resource is not one YAML document; ignored");
+            None
+        }
+    }
+}
