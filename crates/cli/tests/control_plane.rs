@@ -5,43 +5,12 @@
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use support::*;
 
-struct ControlPlane {
-    child: Child,
-    addr: std::net::SocketAddr,
-}
-
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 async fn start(data_dir: &std::path::Path) -> ControlPlane {
-    start_with(data_dir, &[]).await
-}
-
-async fn start_with(data_dir: &std::path::Path, extra: &[&str]) -> ControlPlane {
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["control-plane", "--listen", &addr.to_string(), "--data-dir"])
-        .arg(data_dir)
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let cp = ControlPlane { child, addr };
-    let up = wait_until_async(DEFAULT_TIMEOUT, || async {
-        tokio::net::TcpStream::connect(addr).await.is_ok()
-    })
-    .await;
-    assert!(up, "the control plane did not start listening");
-    cp
+    ControlPlane::start(data_dir, &[]).await
 }
 
 async fn request(
@@ -225,7 +194,7 @@ async fn apply_get_delete_from_the_command_line() {
 async fn a_slow_client_is_cut_off_at_the_header_timeout() {
     use tokio::io::AsyncWriteExt;
     let dir = TempDir::new("slow");
-    let cp = start_with(&dir.join("data"), &["--header-read-timeout", "300ms"]).await;
+    let cp = ControlPlane::start(&dir.join("data"), &["--header-read-timeout", "300ms"]).await;
     let mut s = tokio::net::TcpStream::connect(cp.addr).await.unwrap();
     s.write_all(b"GET /api/v1/Mesh HTTP/1.1\r\nHost: x\r\n")
         .await

@@ -12,33 +12,6 @@ use http::{Method, StatusCode};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// A MeshExternalService with the given endpoints (YAML list items) and optional `tls:` body.
-fn mes(name: &str, protocol: &str, endpoints: &[String], tls: Option<&str>) -> String {
-    let mut y = format!(
-        "type: MeshExternalService\nname: {name}\nmesh: default\nspec:\n  match:\n    type: HostnameGenerator\n    port: 443\n    protocol: {protocol}\n  endpoints:\n"
-    );
-    for e in endpoints {
-        y.push_str(e);
-    }
-    if let Some(tls) = tls {
-        y.push_str("  tls:\n    enabled: true\n");
-        for line in tls.lines() {
-            y.push_str("    ");
-            y.push_str(line);
-            y.push('\n');
-        }
-    }
-    y
-}
-
-fn ep(addr: SocketAddr) -> String {
-    format!(
-        "    - address: {}\n      port: {}\n",
-        addr.ip(),
-        addr.port()
-    )
-}
-
 fn ep_host(host: &str, port: u16) -> String {
     format!("    - address: {host}\n      port: {port}\n")
 }
@@ -51,28 +24,6 @@ fn dataplane(outbounds: &[(u16, &str)]) -> String {
             "    - port: {port}\n      backendRef:\n        kind: MeshExternalService\n        name: {service}\n"
         ));
     }
-    y
-}
-
-/// `key:` followed by the PEM as an inlineString block, indented under `verification:`.
-fn pem_source(key: &str, pem: &str) -> String {
-    let mut y = format!("  {key}:\n    inlineString: |\n");
-    for line in pem.lines() {
-        y.push_str("      ");
-        y.push_str(line);
-        y.push('\n');
-    }
-    y
-}
-
-/// `verification:` trusting the test CA with the given mode and extra lines.
-fn verification(mode: &str, server_name: Option<&str>, extra: &str) -> String {
-    let mut y = format!("verification:\n  mode: {mode}\n");
-    if let Some(n) = server_name {
-        y.push_str(&format!("  serverName: {n}\n"));
-    }
-    y.push_str(&pem_source("caCert", pki().ca_pem()));
-    y.push_str(extra);
     y
 }
 
@@ -109,14 +60,6 @@ async fn metric(sluice: &Sluice, name: &str, service: &str) -> f64 {
         .filter(|l| l.starts_with(name) && l.contains(&format!("service=\"{service}\"")))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-/// Whether a new connection to the outbound on `port` gets `body` from `GET /`.
-async fn serves(port: u16, body: &str) -> bool {
-    match H1Client::connect(local(port)).await {
-        Ok(mut c) => c.get("/").await.is_ok_and(|r| r.text() == body),
-        Err(_) => false,
-    }
 }
 
 /// A listener that accepts connections and never sends a byte, and the task holding them.

@@ -363,3 +363,11 @@ where
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "echo round trip timed out"))?
 }
+
+/// Whether a new connection to the loopback outbound on `port` gets `body` from `GET /`.
+pub async fn serves(port: u16, body: &str) -> bool {
+    match H1Client::connect(([127, 0, 0, 1], port).into()).await {
+        Ok(mut c) => c.get("/").await.is_ok_and(|r| r.text() == body),
+        Err(_) => false,
+    }
+}

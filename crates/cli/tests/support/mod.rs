@@ -17,6 +17,7 @@ pub mod client;
 pub mod origin;
 pub mod pki;
 pub mod process;
+pub mod resources;
 pub mod tls;
 
 use std::future::Future;
@@ -27,7 +28,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use body::{big_body, body_channel, empty, full, Body, BodySender, BoxError};
 pub use client::{
-    collect_response, half_close_roundtrip, http1_get, http2_get, H1Client, H2Client, HttpResponse,
+    collect_response, half_close_roundtrip, http1_get, http2_get, serves, H1Client, H2Client,
+    HttpResponse,
 };
 pub use origin::{
     start_grpc_origin, start_h2c_grpc_origin, start_plain_origin, start_tcp_echo, start_tls_echo,
@@ -35,7 +37,8 @@ pub use origin::{
     Protocols, Recorder, RequestRecord, TlsRecord,
 };
 pub use pki::{pki, CertKey, Pki, CLIENT_SPIFFE_ID, ORIGIN_DNS, ORIGIN_SPIFFE_ID};
-pub use process::{free_port, Sluice, SluiceBuilder, CONFIG_FILE};
+pub use process::{free_port, ControlPlane, Sluice, SluiceBuilder, CONFIG_FILE};
+pub use resources::{ep, mes, pem_source, verification};
 pub use tls::{client_tls_config, tls_connect, ClientAuth, ClientTls, TlsSettings, TlsVersions};
 
 /// Default timeout used by helpers that wait on the network or a process.

@@ -28,6 +28,9 @@ pub fn free_port() -> u16 {
 /// Options for starting [`Sluice`].
 #[derive(Clone, Debug)]
 pub struct SluiceBuilder {
+    /// `sluice proxy --control-plane URLS --name NAME --token TOKEN` instead of `sluice run`.
+    proxy: Option<(String, String, String)>,
+    data_dir: Option<PathBuf>,
     files: Vec<(String, String)>,
     args: Vec<String>,
     envs: Vec<(String, String)>,
@@ -37,6 +40,8 @@ pub struct SluiceBuilder {
 impl Default for SluiceBuilder {
     fn default() -> Self {
         SluiceBuilder {
+            proxy: None,
+            data_dir: None,
             files: Vec::new(),
             args: Vec::new(),
             envs: Vec::new(),
@@ -48,6 +53,18 @@ impl Default for SluiceBuilder {
 impl SluiceBuilder {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Runs `sluice proxy` fed by the control planes `urls` (comma-separated) as `name`.
+    pub fn proxy(mut self, urls: &str, name: &str, token: &str) -> Self {
+        self.proxy = Some((urls.to_owned(), name.to_owned(), token.to_owned()));
+        self
+    }
+
+    /// `--data-dir` (a proxy's config cache): by default a fresh directory per process.
+    pub fn data_dir(mut self, dir: &Path) -> Self {
+        self.data_dir = Some(dir.to_owned());
+        self
     }
 
     /// Adds the config file [`CONFIG_FILE`].
@@ -108,11 +125,24 @@ impl SluiceBuilder {
         let stderr = File::create(&stderr_path).expect("create stderr file");
         let stdout = File::create(&stdout_path).expect("create stdout file");
 
+        let data_dir = self.data_dir.clone().unwrap_or_else(|| dir.join("data"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
-        cmd.arg("run")
-            .arg("-f")
-            .arg(&config_dir)
-            .arg("--admin")
+        match &self.proxy {
+            None => cmd.arg("run").arg("-f").arg(&config_dir),
+            Some((urls, name, token)) => cmd
+                .args([
+                    "proxy",
+                    "--control-plane",
+                    urls,
+                    "--name",
+                    name,
+                    "--token",
+                    token,
+                ])
+                .arg("--data-dir")
+                .arg(&data_dir),
+        };
+        cmd.arg("--admin")
             .arg(admin.to_string())
             .arg("--access-log")
             .arg(&access_log)
@@ -372,6 +402,151 @@ impl Drop for Sluice {
                 "---- sluice stderr (pid {}) ----\n{}\n---- end of sluice stderr ----",
                 self.child.id(),
                 &stderr[start..]
+            );
+        }
+    }
+}
+
+/// A running `sluice control-plane` on a loopback port of its own, with its data directory.
+/// Killed on drop; [`ControlPlane::restart`] brings it back on the same address and store.
+#[derive(Debug)]
+pub struct ControlPlane {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    data_dir: PathBuf,
+    args: Vec<String>,
+    stderr_path: PathBuf,
+    _dir: TempDir,
+}
+
+impl ControlPlane {
+    /// Starts with the store and tokens in `data_dir` and `extra` arguments; waits until it
+    /// accepts connections.
+    pub async fn start(data_dir: &Path, extra: &[&str]) -> ControlPlane {
+        let dir = TempDir::new("control-plane");
+        let mut cp = ControlPlane {
+            child: None,
+            addr: ([127, 0, 0, 1], free_port()).into(),
+            data_dir: data_dir.to_owned(),
+            args: extra.iter().map(|a| a.to_string()).collect(),
+            stderr_path: dir.join("stderr.log"),
+            _dir: dir,
+        };
+        cp.restart().await;
+        cp
+    }
+
+    /// Starts it again (after [`ControlPlane::kill`]) on the same address and store.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.stderr_path)
+            .expect("create stderr file");
+        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args([
+                "control-plane",
+                "--listen",
+                &self.addr.to_string(),
+                "--data-dir",
+            ])
+            .arg(&self.data_dir)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn sluice control-plane");
+        self.child = Some(child);
+        let addr = self.addr;
+        let up = super::wait_until_async(DEFAULT_TIMEOUT, || async move {
+            tokio::net::TcpStream::connect(addr).await.is_ok()
+        })
+        .await;
+        assert!(
+            up,
+            "the control plane did not start listening: {}",
+            self.stderr()
+        );
+    }
+
+    /// SIGKILL: no goodbye to its proxies.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn stderr(&self) -> String {
+        read_lossy(&self.stderr_path)
+    }
+
+    pub fn token(&self, role: &str) -> String {
+        std::fs::read_to_string(self.data_dir.join(format!("{role}-token")))
+            .unwrap_or_else(|e| panic!("reading the {role} token: {e}"))
+            .trim()
+            .to_owned()
+    }
+
+    /// One API request with the admin token.
+    pub async fn api(&self, method: http::Method, path: &str, body: &str) -> HttpResponse {
+        let mut client = H1Client::connect(self.addr)
+            .await
+            .expect("connect to the API");
+        let req = client
+            .request(method, path)
+            .header("authorization", format!("Bearer {}", self.token("admin")))
+            .body(super::full(body.to_string()))
+            .expect("request");
+        client.send(req).await.expect("API request")
+    }
+
+    /// Applies a multi-document YAML body; returns the store revision it was written at.
+    pub async fn apply(&self, yaml: &str) -> u64 {
+        let r = self.api(http::Method::POST, "/api/v1/apply", yaml).await;
+        assert_eq!(r.status, 200, "apply: {}", r.text());
+        r.json()["revision"].as_u64().expect("revision")
+    }
+
+    /// A proxy's status as `GET /api/v1/proxies/MESH/NAME` tells it (Null if unknown).
+    pub async fn proxy_status(&self, mesh: &str, name: &str) -> serde_json::Value {
+        let r = self
+            .api(
+                http::Method::GET,
+                &format!("/api/v1/proxies/{mesh}/{name}"),
+                "",
+            )
+            .await;
+        if r.status == 200 {
+            r.json()
+        } else {
+            serde_json::Value::Null
+        }
+    }
+
+    /// Waits until the proxy reports running `revision` or later; false on timeout.
+    pub async fn wait_running(&self, mesh: &str, name: &str, revision: u64) -> bool {
+        super::wait_until_async(DEFAULT_TIMEOUT, || async move {
+            let s = self.proxy_status(mesh, name).await;
+            s["connected"] == true && s["ackedVersion"].as_u64().unwrap_or(0) >= revision
+        })
+        .await
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- control plane stderr ----\n{}\n---- end ----",
+                self.stderr()
             );
         }
     }

@@ -1,0 +1,300 @@
+//! A control plane and `sluice proxy` processes over the config stream: each proxy gets what
+//! its Dataplane uses, follows changes while open streams finish, refuses what it cannot run
+//! (visible in `inspect`), keeps serving without the control plane, starts from its cache, and
+//! resyncs when the control plane is back.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::process::Command;
+
+use http::{Method, StatusCode};
+use support::*;
+
+fn dataplane(name: &str, outbounds: &[(u16, &str)]) -> String {
+    let mut y = format!("type: Dataplane\nname: {name}\nmesh: default\nnetworking:\n  outbound:\n");
+    for (port, service) in outbounds {
+        y.push_str(&format!(
+            "    - port: {port}\n      backendRef:\n        kind: MeshExternalService\n        name: {service}\n"
+        ));
+    }
+    y
+}
+
+/// `api` in front of a TLS origin, verified against the test CA, with TLS version bounds.
+fn tls_api(origin: &Origin, version: &str) -> String {
+    mes(
+        "api",
+        "http",
+        &[ep(origin.addr())],
+        Some(&format!(
+            "version: {version}\n{}",
+            verification("Secured", Some("origin.test"), "")
+        )),
+    )
+}
+
+async fn proxy(cp: &ControlPlane, name: &str) -> Sluice {
+    Sluice::builder()
+        .proxy(&cp.url(), name, &cp.token("proxy"))
+        .start()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_get_what_they_use_and_follow_a_tls_change_while_a_stream_finishes() {
+    let dir = TempDir::new("stream");
+    let cp = ControlPlane::start(&dir.join("cp"), &[]).await;
+    let secure = OriginBuilder::new("secure")
+        .tls(TlsSettings::default())
+        .start()
+        .await;
+    let plain = start_plain_origin("plain").await;
+    let (web_port, batch_port) = (free_port(), free_port());
+    cp.apply(
+        &[
+            tls_api(&secure, "{min: TLS13}"),
+            mes("plain", "http", &[ep(plain.addr())], None),
+            dataplane("web", &[(web_port, "api")]),
+            dataplane("batch", &[(batch_port, "plain")]),
+        ]
+        .join("---\n"),
+    )
+    .await;
+    let web = proxy(&cp, "web").await;
+    let batch = proxy(&cp, "batch").await;
+
+    assert!(serves(web_port, "origin:secure").await, "{}", web.stderr());
+    assert!(secure.last_tls().unwrap().is_tls13());
+    assert!(
+        serves(batch_port, "origin:plain").await,
+        "{}",
+        batch.stderr()
+    );
+
+    // Each proxy holds its own Dataplane's services only, key material redacted.
+    let status = cp.proxy_status("default", "web").await;
+    let services: Vec<&String> = status["config"]["services"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .collect();
+    assert_eq!(services, ["api"]);
+    let ca = status["config"]["services"]["api"]["tls"]["caCert"]
+        .as_str()
+        .unwrap();
+    assert!(ca.contains("redacted") && !ca.contains("BEGIN"), "{ca}");
+    let batch_sent = cp.proxy_status("default", "batch").await["sentVersion"].clone();
+
+    // A long response opened on the TLS 1.3 config.
+    let mut long = H1Client::connect(([127, 0, 0, 1], web_port).into())
+        .await
+        .unwrap();
+    let req = long
+        .request(Method::GET, "/slow?ms=1200&chunks=12")
+        .body(empty())
+        .unwrap();
+    let head = long.send_streaming(req).await.unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
+
+    let revision = cp.apply(&tls_api(&secure, "{max: TLS12}")).await;
+    assert!(
+        cp.wait_running("default", "web", revision).await,
+        "web never ran revision {revision}: {}",
+        web.stderr()
+    );
+    assert!(serves(web_port, "origin:secure").await);
+    assert!(
+        secure.last_tls().unwrap().is_tls12(),
+        "a new connection follows the new TLS settings"
+    );
+    let text = collect_response(head).await.unwrap().text();
+    assert_eq!(text.lines().count(), 12, "the open stream finishes: {text}");
+
+    // batch uses nothing that changed: it was sent nothing new.
+    assert_eq!(
+        cp.proxy_status("default", "batch").await["sentVersion"],
+        batch_sent
+    );
+
+    // The CLI shows the same, as a table and for one proxy.
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["inspect", "proxy", "web"])
+        .env("SLUICE_CONTROL_PLANE", cp.url())
+        .env("SLUICE_TOKEN", cp.token("admin"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!("ackedVersion: {revision}")),
+        "{text}"
+    );
+    assert!(text.contains("maxVersion: TLS12"), "{text}");
+    assert!(!text.contains("BEGIN CERTIFICATE"), "{text}");
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["inspect", "proxy"])
+        .env("SLUICE_CONTROL_PLANE", cp.url())
+        .env("SLUICE_TOKEN", cp.token("admin"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().count(), 3, "{text}");
+    assert!(text.lines().any(|l| l.contains(" batch ")), "{text}");
+
+    // Deleting the Dataplane takes its listener away.
+    let r = cp
+        .api(Method::DELETE, "/api/v1/Dataplane/default/batch", "")
+        .await;
+    assert_eq!(r.status, 200);
+    let closed = wait_until_async(DEFAULT_TIMEOUT, || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", batch_port))
+            .await
+            .is_err()
+    })
+    .await;
+    assert!(closed, "{}", batch.stderr());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_serve_without_the_control_plane_start_from_cache_and_resync() {
+    let dir = TempDir::new("resync");
+    let mut cp = ControlPlane::start(&dir.join("cp"), &[]).await;
+    let a = start_plain_origin("a").await;
+    let b = start_plain_origin("b").await;
+    let (port, later_port) = (free_port(), free_port());
+    cp.apply(
+        &[
+            mes("a", "http", &[ep(a.addr())], None),
+            mes("b", "http", &[ep(b.addr())], None),
+            dataplane("web", &[(port, "a")]),
+        ]
+        .join("---\n"),
+    )
+    .await;
+    let cache = dir.join("proxy-data");
+    let token = cp.token("proxy");
+    let mut web = Sluice::builder()
+        .proxy(&cp.url(), "web", &token)
+        .data_dir(&cache)
+        .start()
+        .await;
+    assert!(serves(port, "origin:a").await);
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(cache.join("proxy-default-web.config"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "the cache holds keys: owner only");
+
+    cp.kill();
+    assert!(serves(port, "origin:a").await, "keeps serving");
+    let noticed = wait_until_async(DEFAULT_TIMEOUT, || async {
+        web.admin_get("/metrics")
+            .await
+            .is_ok_and(|r| r.text().contains("sluice_config_stream_connected 0"))
+    })
+    .await;
+    assert!(noticed, "{}", web.stderr());
+
+    // A restart with no control plane serves the cached config.
+    web.kill();
+    let web = Sluice::builder()
+        .proxy(&cp.url(), "web", &token)
+        .data_dir(&cache)
+        .start()
+        .await;
+    assert!(serves(port, "origin:a").await, "{}", web.stderr());
+    assert!(web.stderr().contains("serving the cached config"));
+
+    // The control plane comes back; a change made there reaches the proxy.
+    cp.restart().await;
+    let revision = cp
+        .apply(&dataplane("web", &[(port, "a"), (later_port, "b")]))
+        .await;
+    assert!(
+        cp.wait_running("default", "web", revision).await,
+        "{}",
+        web.stderr()
+    );
+    assert!(serves(later_port, "origin:b").await);
+    assert!(serves(port, "origin:a").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_the_proxy_cannot_run_is_refused_and_shown_until_fixed() {
+    let dir = TempDir::new("nack");
+    let cp = ControlPlane::start(&dir.join("cp"), &[]).await;
+    let a = start_plain_origin("a").await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    let revision = cp
+        .apply(
+            &[
+                mes("a", "http", &[ep(a.addr())], None),
+                dataplane("web", &[(taken_port, "a")]),
+            ]
+            .join("---\n"),
+        )
+        .await;
+    let _web = proxy(&cp, "web").await;
+    let refused = wait_until_async(DEFAULT_TIMEOUT, || async {
+        cp.proxy_status("default", "web").await["nack"]["version"] == revision
+    })
+    .await;
+    assert!(refused);
+    let status = cp.proxy_status("default", "web").await;
+    let reason = status["nack"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!("127.0.0.1:{taken_port}")),
+        "the reason names the address: {reason}"
+    );
+
+    let port = free_port();
+    let fixed = cp.apply(&dataplane("web", &[(port, "a")])).await;
+    assert!(cp.wait_running("default", "web", fixed).await);
+    assert!(cp.proxy_status("default", "web").await["nack"].is_null());
+    assert!(serves(port, "origin:a").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_without_a_proxy_token_gets_nothing() {
+    let dir = TempDir::new("token");
+    let reader = "reader-token-0123456789";
+    std::fs::write(dir.join("read-token"), reader).unwrap();
+    let read_file = dir.join("read-token");
+    let cp = ControlPlane::start(
+        &dir.join("cp"),
+        &["--read-token-file", read_file.to_str().unwrap()],
+    )
+    .await;
+    let a = start_plain_origin("a").await;
+    let port = free_port();
+    cp.apply(
+        &[
+            mes("a", "http", &[ep(a.addr())], None),
+            dataplane("web", &[(port, "a")]),
+        ]
+        .join("---\n"),
+    )
+    .await;
+    // A wrong token, and a read-only one: the stream carries keys, readers may not open it.
+    for token in ["wrong-token-0123456789", reader] {
+        let mut web = Sluice::builder().proxy(&cp.url(), "web", token).spawn();
+        let told = wait_until(DEFAULT_TIMEOUT, || {
+            web.stderr().contains("the control plane refused the token")
+        })
+        .await;
+        assert!(told, "{}", web.stderr());
+        assert_eq!(web.admin_get("/ready").await.unwrap().status, 503);
+        assert!(cp.proxy_status("default", "web").await.is_null());
+        assert!(tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err());
+        web.kill();
+    }
+}
