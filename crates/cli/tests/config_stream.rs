@@ -298,3 +298,107 @@ async fn a_proxy_without_a_proxy_token_gets_nothing() {
         web.kill();
     }
 }
+
+/// A fresh database on the test PostgreSQL server, or `None` (and a note) when there is none.
+fn postgres_database(name: &str) -> Option<String> {
+    let Ok(base) = std::env::var("SLUICE_TEST_POSTGRES_URL") else {
+        eprintln!("skipped: no SLUICE_TEST_POSTGRES_URL (scripts/test starts a PostgreSQL server)");
+        return None;
+    };
+    let db = format!("{name}_{}_{}", std::process::id(), free_port());
+    let out = Command::new("psql")
+        .arg(&base)
+        .args([
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            &format!("CREATE DATABASE {db}"),
+        ])
+        .output()
+        .expect("run psql");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (server, _) = base.rsplit_once('/').unwrap();
+    Some(format!("{server}/{db}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_postgres_a_write_on_one_reaches_proxies_on_the_other() {
+    let Some(url) = postgres_database("replicas") else {
+        return;
+    };
+    let dir = TempDir::new("replicas");
+    // Both replicas share the store and the tokens (given as files, as an operator would).
+    let tokens = dir.join("tokens");
+    std::fs::create_dir_all(&tokens).unwrap();
+    for (role, token) in [
+        ("admin", "admin-token-0123456789"),
+        ("proxy", "proxy-token-0123456789"),
+    ] {
+        std::fs::write(tokens.join(role), token).unwrap();
+    }
+    let args = [
+        "--store",
+        &url,
+        "--auth-token-file",
+        tokens.join("admin").to_str().unwrap(),
+        "--proxy-token-file",
+        tokens.join("proxy").to_str().unwrap(),
+    ]
+    .map(str::to_string);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a_dir = dir.join("a");
+    let b_dir = dir.join("b");
+    for d in [&a_dir, &b_dir] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(d.join("admin-token"), "admin-token-0123456789").unwrap();
+        std::fs::write(d.join("proxy-token"), "proxy-token-0123456789").unwrap();
+    }
+    let mut a = ControlPlane::start(&a_dir, &args).await;
+    let b = ControlPlane::start(&b_dir, &args).await;
+    let one = start_plain_origin("one").await;
+    let two = start_plain_origin("two").await;
+    let port = free_port();
+    a.apply(
+        &[
+            mes("one", "http", &[ep(one.addr())], None),
+            dataplane("web", &[(port, "one")]),
+        ]
+        .join("---\n"),
+    )
+    .await;
+    // The proxy knows both replicas and starts on B.
+    let web = Sluice::builder()
+        .proxy(
+            &format!("{},{}", b.url(), a.url()),
+            "web",
+            "proxy-token-0123456789",
+        )
+        .start()
+        .await;
+    assert!(serves(port, "origin:one").await, "{}", web.stderr());
+
+    // A write on A is enforced by the proxy on B.
+    let revision = a.apply(&mes("one", "http", &[ep(two.addr())], None)).await;
+    assert!(
+        b.wait_running("default", "web", revision).await,
+        "{}",
+        web.stderr()
+    );
+    assert!(serves(port, "origin:two").await);
+
+    // Losing B: the proxy moves to A, which has every write.
+    drop(b);
+    let moved = wait_until_async(DEFAULT_TIMEOUT, || async {
+        a.proxy_status("default", "web").await["connected"] == true
+    })
+    .await;
+    assert!(moved, "{}", web.stderr());
+    let revision = a.apply(&mes("one", "http", &[ep(one.addr())], None)).await;
+    assert!(a.wait_running("default", "web", revision).await);
+    assert!(serves(port, "origin:one").await);
+    a.kill();
+}
