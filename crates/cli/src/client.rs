@@ -31,6 +31,18 @@ pub fn call(
     token: Option<&str>,
     body: &str,
 ) -> std::io::Result<(u16, String)> {
+    call_with(address, method, path, token, "", body)
+}
+
+/// [`call`] with extra header lines (each ending in CRLF).
+fn call_with(
+    address: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    headers: &str,
+    body: &str,
+) -> std::io::Result<(u16, String)> {
     let addr: std::net::SocketAddr = address.parse().or_else(|_| {
         std::net::ToSocketAddrs::to_socket_addrs(address)
             .ok()
@@ -44,7 +56,7 @@ pub fn call(
         .unwrap_or_default();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {address}\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\n{auth}{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )?;
     let mut answer = Vec::new();
@@ -78,8 +90,18 @@ impl Target {
     }
 
     fn call(&self, method: &str, path: &str, body: &str) -> Result<(u16, String), String> {
+        self.call_with(method, path, "", body)
+    }
+
+    fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &str,
+        body: &str,
+    ) -> Result<(u16, String), String> {
         let address = self.address()?;
-        call(address, method, path, self.token.as_deref(), body).map_err(|e| {
+        call_with(address, method, path, self.token.as_deref(), headers, body).map_err(|e| {
             format!(
                 "cannot reach the control plane at {}: {e}; is `sluice control-plane` running there?",
                 self.control_plane
@@ -278,4 +300,74 @@ pub fn inspect_proxy(name: Option<&str>, mesh: &str, output: &str, target: &Targ
         }
     }
     ExitCode::SUCCESS
+}
+
+/// `sluice outbound-traffic-policy MODE`: sets `networking.outbound.passthrough` in the mesh's
+/// Mesh resource (creating it if there is none), keeping everything else it says. The write is
+/// conditional on the version read, so a concurrent change is not overwritten.
+pub fn set_mesh_policy(restricted: bool, mesh: &str, target: &Target) -> ExitCode {
+    let listed = match target.read("/api/v1/Mesh?mesh=default") {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    let Ok(listed) = serde_json::from_str::<serde_json::Value>(&listed) else {
+        return fail("the control plane sent a list that is not JSON");
+    };
+    let version = listed["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|i| i["name"] == mesh)
+        .and_then(|i| i["resourceVersion"].as_i64());
+    let path = format!("/api/v1/Mesh/default/{mesh}");
+    let mut resource = match version {
+        Some(_) => {
+            let body = match target.read(&path) {
+                Ok(b) => b,
+                Err(code) => return code,
+            };
+            match serde_saphyr::from_str::<serde_json::Value>(&body) {
+                Ok(v) => v,
+                Err(_) => return fail(format!("Mesh {mesh}: the stored resource is not YAML")),
+            }
+        }
+        None => serde_json::json!({"type": "Mesh", "name": mesh}),
+    };
+    // Kubernetes form keeps its settings under spec.
+    let body = if resource.get("spec").is_some() {
+        &mut resource["spec"]
+    } else {
+        &mut resource
+    };
+    let Some(settings) = body.as_object_mut() else {
+        return fail(format!("Mesh {mesh}: the stored resource is not a mapping"));
+    };
+    let networking = settings
+        .entry("networking")
+        .or_insert_with(|| serde_json::json!({}));
+    if !networking.is_object() {
+        *networking = serde_json::json!({});
+    }
+    let outbound = &mut networking["outbound"];
+    if !outbound.is_object() {
+        *outbound = serde_json::json!({});
+    }
+    outbound["passthrough"] = serde_json::Value::Bool(!restricted);
+    // Version 0: only if there is still none.
+    let condition = format!("If-Match: {}\r\n", version.unwrap_or(0));
+    match target.call_with("PUT", &path, &condition, &resource.to_string()) {
+        Err(e) => fail(e),
+        Ok((200 | 201, _)) => {
+            println!(
+                "mesh wide outbound traffic policy is set to '{}'",
+                if restricted {
+                    "REGISTRY_ONLY"
+                } else {
+                    "ALLOW_ANY"
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => refused(status, &body),
+    }
 }

@@ -70,15 +70,22 @@ enum Command {
         #[command(flatten)]
         target: client::Target,
     },
-    /// Set the mesh-wide outbound traffic policy of a running `sluice run`, live.
+    /// Set the mesh-wide outbound traffic policy: in the control plane's Mesh resource, which
+    /// every proxy of the mesh follows, or (--admin) on one running proxy only.
     OutboundTrafficPolicy {
         /// `allowed` (unregistered destinations pass through, logged) or `restricted`
         /// (registered destinations only).
         #[arg(value_parser = run::parse_mode)]
         mode: sluice_proxy::policy::Mode,
-        /// The admin endpoint of the running proxy.
-        #[arg(long, default_value = "127.0.0.1:9901")]
-        admin: String,
+        /// The mesh whose Mesh resource is changed (created if missing).
+        #[arg(long, default_value = "default")]
+        mesh: String,
+        /// Change one proxy's setting through its admin endpoint (IP:PORT) instead; the next
+        /// config from a Mesh resource that sets the policy replaces it.
+        #[arg(long)]
+        admin: Option<String>,
+        #[command(flatten)]
+        target: client::Target,
     },
     /// Check resources and print every problem; exits non-zero if any is an error.
     Validate {
@@ -137,7 +144,19 @@ fn main() -> ExitCode {
             (Some(kind), Some(name)) => client::delete(&kind, &name, &mesh, &target),
             _ => client::delete_files(&files, &target),
         },
-        Command::OutboundTrafficPolicy { mode, admin } => set_policy(mode, &admin),
+        Command::OutboundTrafficPolicy {
+            mode,
+            mesh,
+            admin,
+            target,
+        } => match admin {
+            Some(admin) => set_policy(mode, &admin),
+            None => client::set_mesh_policy(
+                mode == sluice_proxy::policy::Mode::Restricted,
+                &mesh,
+                &target,
+            ),
+        },
     }
 }
 

@@ -402,3 +402,80 @@ async fn two_replicas_on_postgres_a_write_on_one_reaches_proxies_on_the_other() 
     assert!(serves(port, "origin:one").await);
     a.kill();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbound_traffic_policy_set_on_the_control_plane_reaches_every_proxy() {
+    let dir = TempDir::new("policy");
+    let cp = ControlPlane::start(&dir.join("cp"), &[]).await;
+    let a = start_plain_origin("a").await;
+    let unregistered = start_plain_origin("unregistered").await;
+    cp.apply(
+        &[
+            mes("a", "http", &[ep(a.addr())], None),
+            // Kept when the policy is changed: the command edits only passthrough.
+            "type: Mesh\nname: default\nrouting:\n  zoneEgress: false\n".to_string(),
+        ]
+        .join("---\n"),
+    )
+    .await;
+    let web = proxy(&cp, "web").await;
+    let policy = || async {
+        web.admin_get("/outbound-traffic-policy")
+            .await
+            .map(|r| r.text())
+            .unwrap_or_default()
+    };
+    assert!(policy().await.contains("ALLOW_ANY"));
+    let set = |mode: &str| {
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["outbound-traffic-policy", mode])
+            .env("SLUICE_CONTROL_PLANE", cp.url())
+            .env("SLUICE_TOKEN", cp.token("admin"))
+            .output()
+            .unwrap()
+    };
+
+    let out = set("restricted");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "mesh wide outbound traffic policy is set to 'REGISTRY_ONLY'\n"
+    );
+    let followed = wait_until_async(DEFAULT_TIMEOUT, || async {
+        policy().await.contains("REGISTRY_ONLY")
+    })
+    .await;
+    assert!(followed, "{}", web.stderr());
+    let up = unregistered.port();
+    let mut s = tokio::net::TcpStream::connect(web.http_proxy_addr())
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut s,
+        format!("GET http://localhost:{up}/ HTTP/1.1\r\nHost: localhost:{up}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (answer, _) = read_until_closed(&mut s).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("restricted"), "{answer}");
+
+    let out = set("allowed");
+    assert!(out.status.success());
+    let followed = wait_until_async(DEFAULT_TIMEOUT, || async {
+        policy().await.contains("ALLOW_ANY")
+    })
+    .await;
+    assert!(followed);
+    let stored = cp
+        .api(Method::GET, "/api/v1/Mesh/default/default", "")
+        .await;
+    let mesh: serde_json::Value = serde_json::from_str(&stored.text()).unwrap();
+    assert_eq!(mesh["networking"]["outbound"]["passthrough"], true);
+    assert_eq!(mesh["routing"]["zoneEgress"], false, "the rest is kept");
+}
