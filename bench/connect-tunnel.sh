@@ -83,7 +83,7 @@ spec:
     - {address: localhost, port: $ORIGIN}
     - {address: 127.0.0.1, port: $ORIGIN}
 YAML
-taskset -c 0 "$SLUICE" run -f "$TMP/sluice.yaml" --admin "127.0.0.1:$ADMIN" --http-proxy "127.0.0.1:$PROXY" \
+taskset -c 0 "$SLUICE" run -f "$TMP/sluice.yaml" --listen off --data-dir "$TMP/data" --admin "127.0.0.1:$ADMIN" --http-proxy "127.0.0.1:$PROXY" \
   --outbound-traffic-policy restricted --access-log "$TMP/access.log" 2>"$TMP/sluice.err" &
 PIDS+=($!)
 wait_http "http://127.0.0.1:$ADMIN/ready" 10

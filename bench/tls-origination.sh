@@ -282,7 +282,7 @@ networking:
 EOF
 } >"$TMP/sluice.yaml"
 log "starting sluice: outbound 127.0.0.1:$PROXY_PORT, admin 127.0.0.1:$ADMIN_PORT (CPU 0)"
-taskset -c 0 "$SLUICE" run -f "$TMP/sluice.yaml" --admin "127.0.0.1:$ADMIN_PORT" \
+taskset -c 0 "$SLUICE" run -f "$TMP/sluice.yaml" --listen off --data-dir "$TMP/data" --admin "127.0.0.1:$ADMIN_PORT" \
   --access-log "$TMP/access.log" --drain-timeout 2s 2>"$TMP/sluice.stderr" &
 SLUICE_PID=$!
 ADMIN=http://127.0.0.1:$ADMIN_PORT

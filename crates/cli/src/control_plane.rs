@@ -22,16 +22,8 @@ pub struct ControlPlaneArgs {
     /// Where the SQLite store and the generated admin token live.
     #[arg(long, default_value = "./.sluice")]
     data_dir: PathBuf,
-    /// A file holding the admin token; without it one is generated into DATA_DIR/admin-token.
-    #[arg(long)]
-    auth_token_file: Option<PathBuf>,
-    /// A file holding a token that may only read.
-    #[arg(long)]
-    read_token_file: Option<PathBuf>,
-    /// A file holding the token proxies open the config stream with; without it one is
-    /// generated into DATA_DIR/proxy-token.
-    #[arg(long)]
-    proxy_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    tokens: Tokens,
     /// Time a client has to send a complete request head.
     #[arg(long, default_value = "10s", value_parser = crate::run::parse_duration)]
     header_read_timeout: std::time::Duration,
@@ -44,19 +36,7 @@ pub fn main(args: ControlPlaneArgs) -> ExitCode {
 async fn serve(args: ControlPlaneArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("data dir {}: cannot create", args.data_dir.display()))?;
-    let admin_token = match &args.auth_token_file {
-        Some(path) => read_token(path)?,
-        None => generated_token(&args.data_dir, "admin")?,
-    };
-    let proxy_token = match &args.proxy_token_file {
-        Some(path) => read_token(path)?,
-        None => generated_token(&args.data_dir, "proxy")?,
-    };
-    let read_token = args
-        .read_token_file
-        .as_deref()
-        .map(read_token)
-        .transpose()?;
+    let (admin_token, read_token, proxy_token) = args.tokens.load(&args.data_dir)?;
     let url = args
         .store
         .clone()
@@ -73,7 +53,7 @@ async fn serve(args: ControlPlaneArgs) -> anyhow::Result<()> {
             )
         })?;
     tracing::info!(address = %listener.local_addr()?, store = %redact_url(&url), "control plane listening");
-    let api = Api::start(store, admin_token, read_token, Some(proxy_token))
+    let api = Api::start(store, admin_token, read_token, proxy_token)
         .await
         .with_context(|| format!("store {}", redact_url(&url)))?;
     let shutdown = async {
@@ -81,6 +61,44 @@ async fn serve(args: ControlPlaneArgs) -> anyhow::Result<()> {
     };
     sluice_control::server::serve(listener, api, args.header_read_timeout, shutdown).await;
     Ok(())
+}
+
+/// Who may use the API and the config stream.
+#[derive(Args)]
+pub struct Tokens {
+    /// A file holding the admin token; without it one is generated into DATA_DIR/admin-token.
+    #[arg(long)]
+    auth_token_file: Option<PathBuf>,
+    /// A file holding a token that may only read.
+    #[arg(long)]
+    read_token_file: Option<PathBuf>,
+    /// A file holding the token proxies open the config stream with; without it one is
+    /// generated into DATA_DIR/proxy-token.
+    #[arg(long)]
+    proxy_token_file: Option<PathBuf>,
+}
+
+impl Tokens {
+    /// The admin, read-only and proxy tokens.
+    pub fn load(
+        &self,
+        data_dir: &Path,
+    ) -> anyhow::Result<(String, Option<String>, Option<String>)> {
+        let admin = match &self.auth_token_file {
+            Some(path) => read_token(path)?,
+            None => generated_token(data_dir, "admin")?,
+        };
+        let proxy = match &self.proxy_token_file {
+            Some(path) => read_token(path)?,
+            None => generated_token(data_dir, "proxy")?,
+        };
+        let read = self
+            .read_token_file
+            .as_deref()
+            .map(read_token)
+            .transpose()?;
+        Ok((admin, read, Some(proxy)))
+    }
 }
 
 fn read_token(path: &Path) -> anyhow::Result<String> {
@@ -97,7 +115,7 @@ fn read_token(path: &Path) -> anyhow::Result<String> {
 }
 
 /// The ROLE token in DATA_DIR/ROLE-token, generated on first start, readable by its owner only.
-pub fn generated_token(data_dir: &Path, role: &str) -> anyhow::Result<String> {
+fn generated_token(data_dir: &Path, role: &str) -> anyhow::Result<String> {
     let path = data_dir.join(format!("{role}-token"));
     if path.exists() {
         return read_token(&path);
@@ -122,7 +140,7 @@ pub fn generated_token(data_dir: &Path, role: &str) -> anyhow::Result<String> {
 }
 
 /// A store URL with any password left out, for logs and errors.
-fn redact_url(url: &str) -> String {
+pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];

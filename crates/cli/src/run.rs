@@ -14,6 +14,12 @@ use sluice_proxy::policy::Mode;
 use sluice_proxy::{Proxy, Settings};
 use tokio::signal::unix::{signal, SignalKind};
 
+use std::collections::BTreeSet;
+
+use sluice_control::server::{Api, Refused};
+use sluice_control::ProxyConfig;
+use sluice_store::{Key, Store};
+
 use crate::load;
 
 #[derive(Args)]
@@ -24,6 +30,15 @@ pub struct RunArgs {
     /// How often the files are checked for changes.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     watch_interval: Duration,
+    /// Where the store (SQLite) and the generated tokens live: the files are written into it,
+    /// and so is what the API is sent.
+    #[arg(long, default_value = "./.sluice")]
+    data_dir: PathBuf,
+    /// Address of the control plane API and config stream, or `off`.
+    #[arg(long, default_value = "127.0.0.1:5681")]
+    listen: String,
+    #[command(flatten)]
+    tokens: crate::control_plane::Tokens,
     #[command(flatten)]
     proxy: ProxyFlags,
 }
@@ -201,21 +216,22 @@ pub async fn start_forward_proxy(flags: &ProxyFlags, proxy: &Proxy) -> anyhow::R
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let proxy = start_proxy(&args.proxy).await?;
+    let api = start_control_plane(&args).await?;
+    let owned_path = args.data_dir.join("run-files.json");
+    let mut owned = read_owned(&owned_path);
     let stdin = read_stdin_once(&args.files)?;
     let mut last = read_sources(&args.files, stdin.clone()).await;
-    let config = match compile(&last) {
-        Ok(c) => c,
-        Err(lines) => {
-            for l in &lines {
-                eprintln!("{l}");
-            }
-            bail!(
-                "{} problem(s) in the configuration; nothing started",
-                lines.len()
-            );
+    if let Err(lines) = write_files(&api, &last, &mut owned, &owned_path).await {
+        for l in &lines {
+            eprintln!("{l}");
         }
-    };
-    match proxy.apply(config).await {
+        bail!(
+            "{} problem(s) in the configuration; nothing started",
+            lines.len()
+        );
+    }
+    let view = api.catalog.view();
+    match proxy.apply((*view.config).clone()).await {
         Ok(bind_errors) if bind_errors.is_empty() => {}
         Ok(errors) | Err(errors) => {
             for e in &errors {
@@ -227,6 +243,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     start_forward_proxy(&args.proxy, &proxy).await?;
     let listeners = proxy.current().map(|c| c.listeners.len()).unwrap_or(0);
     tracing::info!(listeners, "sluice is running");
+    // From here on the proxy follows the store, whichever way it was written.
+    let following = tokio::spawn(follow_store(
+        api.clone(),
+        proxy.clone(),
+        view.config.clone(),
+    ));
 
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -243,11 +265,146 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         if !forced && current == last {
             continue;
         }
-        reload(&proxy, &current).await;
+        if let Err(lines) = write_files(&api, &current, &mut owned, &owned_path).await {
+            for l in &lines {
+                tracing::error!("{l}");
+            }
+            proxy
+                .metrics()
+                .config_reloads
+                .get_or_create(&sluice_proxy::metrics::ResultLabels { result: "rejected" })
+                .inc();
+            tracing::error!(
+                problems = lines.len(),
+                "configuration not applied; still serving the previous one"
+            );
+        }
         last = current;
     }
+    following.abort();
     tracing::info!(drain = ?args.proxy.drain_timeout, "shutting down; draining open connections");
     proxy.shutdown().await;
+    Ok(())
+}
+
+/// The store (SQLite in --data-dir) with its catalog, and the API on --listen unless off.
+async fn start_control_plane(args: &RunArgs) -> anyhow::Result<Arc<Api>> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("data dir {}: cannot create", args.data_dir.display()))?;
+    let url = format!("sqlite://{}", args.data_dir.join("sluice.db").display());
+    let store = Store::open(&url)
+        .await
+        .with_context(|| format!("store {url}"))?;
+    let (admin, read, proxy_token) = args.tokens.load(&args.data_dir)?;
+    let api = Api::start(store, admin, read, proxy_token)
+        .await
+        .with_context(|| format!("store {url}"))?;
+    if args.listen != "off" {
+        let addr: SocketAddr = args.listen.parse().with_context(|| {
+            format!(
+                "--listen {}: not an address; give IP:PORT or off",
+                args.listen
+            )
+        })?;
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("control plane API {addr}: cannot listen; choose another with --listen, or --listen off")
+        })?;
+        tracing::info!(address = %listener.local_addr()?, "control plane API listening");
+        tokio::spawn(sluice_control::server::serve(
+            listener,
+            api.clone(),
+            Duration::from_secs(10),
+            std::future::pending(),
+        ));
+    }
+    Ok(api)
+}
+
+/// Applies every change of the store's whole config to the proxy.
+async fn follow_store(api: Arc<Api>, proxy: Arc<Proxy>, mut applied: Arc<ProxyConfig>) {
+    let mut views = api.catalog.subscribe();
+    loop {
+        let view = views.borrow_and_update().clone();
+        if !Arc::ptr_eq(&view.config, &applied) && *view.config != *applied {
+            match proxy.apply((*view.config).clone()).await {
+                Ok(bind_errors) => {
+                    for e in &bind_errors {
+                        tracing::error!("{e}");
+                    }
+                    tracing::info!(revision = view.revision, "configuration reloaded");
+                }
+                Err(errors) => {
+                    for e in &errors {
+                        tracing::error!("{e}");
+                    }
+                    tracing::error!("configuration not applied; still serving the previous one");
+                }
+            }
+            applied = view.config.clone();
+        }
+        if views.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The resources the files declared when last written, so that one removed from the files is
+/// removed from the store, while resources written through the API are left alone.
+fn read_owned(path: &std::path::Path) -> BTreeSet<Key> {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| serde_json::from_str::<Vec<(String, String, String)>>(&text).ok())
+        .map(|keys| {
+            keys.into_iter()
+                .map(|(kind, mesh, name)| Key { kind, mesh, name })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Writes what the files declare into the store and removes what they no longer declare; the
+/// error is every problem, one line each, and then nothing is written.
+async fn write_files(
+    api: &Api,
+    sources: &Sources,
+    owned: &mut BTreeSet<Key>,
+    owned_path: &std::path::Path,
+) -> Result<(), Vec<String>> {
+    let (texts, read_problems) = sources;
+    let mut problems = read_problems.clone();
+    let mut documents = Vec::new();
+    for (name, text) in texts {
+        match sluice_api::parse_documents(name, text) {
+            Ok(docs) => documents.extend(docs),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let declared: BTreeSet<Key> = documents
+        .iter()
+        .filter_map(sluice_api::identify)
+        .map(|(kind, key)| Key {
+            kind: kind.to_string(),
+            mesh: key.mesh,
+            name: key.name,
+        })
+        .collect();
+    let removed: Vec<Key> = owned.difference(&declared).cloned().collect();
+    match api.write_documents(documents, &removed).await {
+        Ok(_) => {}
+        Err(Refused::Invalid(problems)) => return Err(problems),
+        Err(Refused::Store(e)) => return Err(vec![e.to_string()]),
+    }
+    *owned = declared;
+    let keys: Vec<(&str, &str, &str)> = owned
+        .iter()
+        .map(|k| (k.kind.as_str(), k.mesh.as_str(), k.name.as_str()))
+        .collect();
+    if let Err(e) = std::fs::write(owned_path, serde_json::to_string(&keys).unwrap_or_default()) {
+        tracing::warn!(path = %owned_path.display(), error = %e, "cannot record which resources the files declare");
+    }
     Ok(())
 }
 
@@ -282,66 +439,6 @@ async fn read_sources(files: &[PathBuf], stdin: Option<String>) -> Sources {
     })
     .await
     .unwrap_or_else(|e| (Vec::new(), vec![format!("reading files failed: {e}")]))
-}
-
-/// Parses, validates and compiles; the error is every problem, one line each.
-fn compile(sources: &Sources) -> Result<sluice_control::ProxyConfig, Vec<String>> {
-    let (texts, read_problems) = sources;
-    let mut problems = read_problems.clone();
-    let mut documents = Vec::new();
-    for (name, text) in texts {
-        match sluice_api::parse_documents(name, text) {
-            Ok(docs) => documents.extend(docs),
-            Err(e) => problems.push(e.to_string()),
-        }
-    }
-    let loaded = sluice_api::load(&documents);
-    for d in &loaded.diagnostics {
-        if d.severity == sluice_api::Severity::Warning {
-            tracing::warn!("{d}");
-        } else {
-            problems.push(d.to_string());
-        }
-    }
-    match loaded.registry {
-        Some(registry) if problems.is_empty() => Ok(sluice_control::compile(&registry)),
-        _ => Err(problems),
-    }
-}
-
-async fn reload(proxy: &Proxy, sources: &Sources) {
-    let config = match compile(sources) {
-        Ok(c) => c,
-        Err(lines) => {
-            for l in &lines {
-                tracing::error!("{l}");
-            }
-            proxy
-                .metrics()
-                .config_reloads
-                .get_or_create(&sluice_proxy::metrics::ResultLabels { result: "rejected" })
-                .inc();
-            tracing::error!(
-                problems = lines.len(),
-                "configuration not applied; still serving the previous one"
-            );
-            return;
-        }
-    };
-    match proxy.apply(config).await {
-        Ok(bind_errors) => {
-            for e in &bind_errors {
-                tracing::error!("{e}");
-            }
-            tracing::info!("configuration reloaded");
-        }
-        Err(errors) => {
-            for e in &errors {
-                tracing::error!("{e}");
-            }
-            tracing::error!("configuration not applied; still serving the previous one");
-        }
-    }
 }
 
 #[cfg(test)]

@@ -479,3 +479,125 @@ async fn the_outbound_traffic_policy_set_on_the_control_plane_reaches_every_prox
     assert_eq!(mesh["networking"]["outbound"]["passthrough"], true);
     assert_eq!(mesh["routing"]["zoneEgress"], false, "the rest is kept");
 }
+
+/// One API request to `sluice run`'s control plane with its generated admin token.
+async fn run_api(sluice: &Sluice, method: Method, path: &str, body: &str) -> HttpResponse {
+    let token = std::fs::read_to_string(sluice.data_dir().join("admin-token")).unwrap();
+    let mut client = H1Client::connect(sluice.api_addr()).await.unwrap();
+    let req = client
+        .request(method, path)
+        .header("authorization", format!("Bearer {}", token.trim()))
+        .body(full(body.to_string()))
+        .unwrap();
+    client.send(req).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sluice_run_files_and_its_api_write_the_same_store() {
+    let a = start_plain_origin("a").await;
+    let b = start_plain_origin("b").await;
+    let (port, moved_port, api_port) = (free_port(), free_port(), free_port());
+    let services = [
+        mes("a", "http", &[ep(a.addr())], None),
+        mes("b", "http", &[ep(b.addr())], None),
+    ]
+    .join("---\n");
+    let sluice = Sluice::builder()
+        .config(&format!(
+            "{services}---\n{}",
+            dataplane("web", &[(port, "a")])
+        ))
+        .with_api()
+        .start()
+        .await;
+    assert!(serves(port, "origin:a").await);
+
+    // Written through the API: served by the same process, checked against the files' resources.
+    let r = run_api(
+        &sluice,
+        Method::PUT,
+        "/api/v1/Dataplane/default/extra",
+        &dataplane("extra", &[(api_port, "b")]),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert!(
+        wait_until_async(DEFAULT_TIMEOUT, || serves(api_port, "origin:b")).await,
+        "{}",
+        sluice.stderr()
+    );
+    let r = run_api(
+        &sluice,
+        Method::PUT,
+        "/api/v1/Dataplane/default/broken",
+        &dataplane("broken", &[(free_port(), "nowhere")]),
+    )
+    .await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(r
+        .text()
+        .contains("no MeshExternalService named \"nowhere\""));
+
+    // The files change: b is no longer declared (the API's Dataplane still uses it, so that is
+    // refused), then the file's Dataplane moves and b stays.
+    sluice.rewrite_config(&format!(
+        "{}---\n{}",
+        mes("a", "http", &[ep(a.addr())], None),
+        dataplane("web", &[(port, "a")])
+    ));
+    let refused = wait_until_async(DEFAULT_TIMEOUT, || async {
+        sluice.admin_get("/metrics").await.is_ok_and(|r| {
+            r.text()
+                .contains("sluice_config_reloads_total{result=\"rejected\"} 1")
+        })
+    })
+    .await;
+    assert!(refused, "{}", sluice.stderr());
+    assert!(sluice
+        .stderr()
+        .contains("no MeshExternalService named \"b\""));
+    sluice.rewrite_config(&format!(
+        "{services}---\n{}",
+        dataplane("web", &[(moved_port, "a")])
+    ));
+    assert!(wait_until_async(DEFAULT_TIMEOUT, || serves(moved_port, "origin:a")).await);
+    assert!(
+        serves(api_port, "origin:b").await,
+        "the API's resources stay"
+    );
+    let closed = wait_until_async(DEFAULT_TIMEOUT, || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+    })
+    .await;
+    assert!(closed);
+
+    // A resource dropped from the files is dropped from the store.
+    let r = run_api(
+        &sluice,
+        Method::DELETE,
+        "/api/v1/Dataplane/default/extra",
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    sluice.rewrite_config(&format!(
+        "{}---\n{}",
+        mes("a", "http", &[ep(a.addr())], None),
+        dataplane("web", &[(moved_port, "a")])
+    ));
+    let gone = wait_until_async(DEFAULT_TIMEOUT, || async {
+        run_api(
+            &sluice,
+            Method::GET,
+            "/api/v1/MeshExternalService/default/b",
+            "",
+        )
+        .await
+        .status
+            == 404
+    })
+    .await;
+    assert!(gone, "{}", sluice.stderr());
+}

@@ -3,7 +3,7 @@
 //!
 //! Each change publishes a new immutable [`View`]; readers take the latest without locks.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +22,9 @@ pub struct View {
     pub registry: Arc<Registry>,
     /// The whole registry compiled; each proxy's config is scoped out of it.
     pub config: Arc<ProxyConfig>,
+    /// Problems the stored resources have together (none, unless a newer release reads an
+    /// older store): a write is not blamed for them.
+    pub errors: BTreeSet<String>,
 }
 
 pub struct Catalog {
@@ -98,6 +101,7 @@ impl Catalog {
         previous: Option<&View>,
     ) -> Arc<View> {
         let loaded = sluice_api::load(docs.values());
+        let errors = loaded.errors().map(ToString::to_string).collect();
         let registry = match loaded.registry {
             Some(r) => Arc::new(r),
             None => {
@@ -118,6 +122,7 @@ impl Catalog {
             docs,
             registry,
             config,
+            errors,
         });
         self.view.send_replace(view.clone());
         view

@@ -20,11 +20,27 @@ use sluice_store::{Key, Outcome, Store, StoreError};
 use crate::catalog::Catalog;
 use crate::config_server::{inspect, ConfigServer};
 
+/// Why a write was not done.
+#[derive(Debug)]
+pub enum Refused {
+    /// Every problem, one line each, as `sluice validate` says them.
+    Invalid(Vec<String>),
+    Store(StoreError),
+}
+
 /// Request bodies larger than this get 413: no resource is anywhere near it.
 pub const MAX_BODY: usize = 1024 * 1024;
 
-/// The kinds the API stores.
-pub const KINDS: &[&str] = &["MeshExternalService", "Dataplane", "Secret", "Mesh"];
+/// The kinds the API stores: Kuma's, and Istio's mesh-wide settings (an IstioOperator or the
+/// istio ConfigMap), which are read for the outbound traffic policy.
+pub const KINDS: &[&str] = &[
+    "MeshExternalService",
+    "Dataplane",
+    "Secret",
+    "Mesh",
+    "IstioOperator",
+    "ConfigMap",
+];
 
 pub struct Api {
     pub store: Arc<Store>,
@@ -59,6 +75,40 @@ impl Api {
             read_token,
             proxy_token,
         }))
+    }
+
+    /// Writes every resource `docs` declare and deletes `remove`, after checking them together
+    /// with everything else stored: all of them, or (on any error) none.
+    pub async fn write_documents(
+        &self,
+        docs: Vec<sluice_api::Document>,
+        remove: &[Key],
+    ) -> Result<Vec<(Outcome, sluice_store::Stored)>, Refused> {
+        let mut items = Vec::with_capacity(docs.len());
+        for doc in &docs {
+            match identify(doc) {
+                Some((kind, key)) if KINDS.contains(&kind) => items.push((
+                    Key {
+                        kind: kind.to_string(),
+                        mesh: key.mesh,
+                        name: key.name,
+                    },
+                    doc.value.to_string(),
+                )),
+                // Unreadable documents get their errors from the full check below.
+                _ => {}
+            }
+        }
+        let replaced: Vec<&Key> = items.iter().map(|(k, _)| k).chain(remove).collect();
+        check_all(self, &replaced, docs)
+            .await
+            .map_err(Refused::Invalid)?;
+        let done = self.store.put_all(&items).await.map_err(Refused::Store)?;
+        for key in remove {
+            self.store.delete(key).await.map_err(Refused::Store)?;
+        }
+        self.publish().await;
+        Ok(done)
     }
 
     /// Publishes a write at once rather than when the store's notification arrives.
@@ -304,6 +354,18 @@ async fn remove(
         return r;
     }
     let key = Key { kind, mesh, name };
+    if let Err(problems) = check_all(&api, &[&key], Vec::new()).await {
+        return text(
+            StatusCode::CONFLICT,
+            format!(
+                "{} {}/{} is still needed:\n{}\n",
+                key.kind,
+                key.mesh,
+                key.name,
+                problems.join("\n")
+            ),
+        );
+    }
     match api.store.delete(&key).await {
         Ok(true) => {
             api.publish().await;
@@ -330,53 +392,34 @@ async fn apply(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -> 
         Ok(d) => d,
         Err(e) => return text(StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n")),
     };
-    let mut items = Vec::with_capacity(docs.len());
-    for doc in &docs {
-        match identify(doc) {
-            Some((kind, key)) if KINDS.contains(&kind) => items.push((
-                Key {
-                    kind: kind.to_string(),
-                    mesh: key.mesh,
-                    name: key.name,
-                },
-                doc.value.to_string(),
-            )),
-            // Unreadable documents get their errors from the full check below.
-            _ => {}
+    match api.write_documents(docs, &[]).await {
+        Ok(done) => json(
+            StatusCode::OK,
+            serde_json::json!({
+                "results": done.iter().map(|(outcome, s)| serde_json::json!({
+                    "kind": s.key.kind,
+                    "mesh": s.key.mesh,
+                    "name": s.key.name,
+                    "result": match outcome {
+                        Outcome::Created => "created",
+                        Outcome::Configured => "configured",
+                        Outcome::Unchanged => "unchanged",
+                    },
+                    "resourceVersion": s.version,
+                })).collect::<Vec<_>>(),
+                "revision": done.iter().map(|(_, s)| s.revision).max().unwrap_or(0),
+            }),
+        ),
+        Err(Refused::Invalid(problems)) => {
+            text(StatusCode::UNPROCESSABLE_ENTITY, problems.join("\n") + "\n")
         }
-    }
-    let keys: Vec<&Key> = items.iter().map(|(k, _)| k).collect();
-    match check_all(&api, &keys, docs).await {
-        Ok(()) => {}
-        Err(problems) => return text(StatusCode::UNPROCESSABLE_ENTITY, problems.join("\n") + "\n"),
-    }
-    match api.store.put_all(&items).await {
-        Ok(done) => {
-            api.publish().await;
-            json(
-                StatusCode::OK,
-                serde_json::json!({
-                    "results": done.iter().map(|(outcome, s)| serde_json::json!({
-                        "kind": s.key.kind,
-                        "mesh": s.key.mesh,
-                        "name": s.key.name,
-                        "result": match outcome {
-                            Outcome::Created => "created",
-                            Outcome::Configured => "configured",
-                            Outcome::Unchanged => "unchanged",
-                        },
-                        "resourceVersion": s.version,
-                    })).collect::<Vec<_>>(),
-                    "revision": done.iter().map(|(_, s)| s.revision).max().unwrap_or(0),
-                }),
-            )
-        }
-        Err(e) => store_error(e),
+        Err(Refused::Store(e)) => store_error(e),
     }
 }
 
 /// Checks `docs` (sources `request[N]`) together with every stored resource they do not replace,
-/// as the catalog holds them at the store's latest revision.
+/// as the catalog holds them at the store's latest revision. Problems in the documents are
+/// reported, and so are new problems in stored resources: a write never breaks what is stored.
 async fn check_all(
     api: &Api,
     replaced: &[&Key],
@@ -395,15 +438,22 @@ async fn check_all(
         .filter(|(key, _)| !replaced.contains(key))
         .map(|(_, doc)| doc);
     let loaded = sluice_api::load(docs.iter().chain(stored));
-    let problems: Vec<String> = loaded
-        .diagnostics
-        .iter()
-        .filter(|d| {
-            d.severity == Severity::Error
-                && d.doc.as_ref().is_some_and(|r| sources.contains(&*r.source))
-        })
-        .map(|d| d.to_string())
-        .collect();
+    let mut problems = Vec::new();
+    for d in &loaded.diagnostics {
+        let ours = d.doc.as_ref().is_some_and(|r| sources.contains(&*r.source));
+        match d.severity {
+            Severity::Error if ours => problems.push(d.to_string()),
+            // A stored resource this change would break (a reference to what is removed, say).
+            Severity::Error => {
+                let line = d.to_string();
+                if !view.errors.contains(&line) {
+                    problems.push(format!("{line} (stored; this change would break it)"));
+                }
+            }
+            Severity::Warning if ours => tracing::warn!("{d}"),
+            Severity::Warning => {}
+        }
+    }
     if problems.is_empty() {
         Ok(())
     } else {

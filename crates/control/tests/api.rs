@@ -230,6 +230,43 @@ networking:
         "{}",
         a.body
     );
+    // Nor may a write break what is stored: the Dataplane still uses the service.
+    let a = send(
+        &s,
+        "DELETE",
+        "/api/v1/MeshExternalService/default/api",
+        ADMIN,
+        "",
+    )
+    .await;
+    assert_eq!(a.status, 409);
+    assert_eq!(
+        a.body,
+        "MeshExternalService default/api is still needed:\nDataplane/default/app[0] networking.outbound[0].backendRef.name: no MeshExternalService named \"api\" in mesh \"default\"; define it or fix the name (stored; this change would break it)\n"
+    );
+    let renamed = API.replace("name: api", "name: api2");
+    let a = send(
+        &s,
+        "POST",
+        "/api/v1/apply",
+        ADMIN,
+        &format!("{renamed}---\ntype: Dataplane\nname: app\nnetworking:\n  outbound:\n    - port: 10080\n      backendRef: {{kind: MeshExternalService, name: api2}}\n"),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(
+        send(
+            &s,
+            "DELETE",
+            "/api/v1/MeshExternalService/default/api",
+            ADMIN,
+            ""
+        )
+        .await
+        .status,
+        200,
+        "once nothing uses it"
+    );
 }
 
 #[tokio::test]
@@ -304,6 +341,14 @@ async fn tokens_decide_who_may_read_and_write() {
 #[tokio::test]
 async fn the_openapi_document_matches_the_server() {
     let s = start().await;
+    let used = format!(
+        "{}---\ntype: Dataplane\nname: user\nnetworking:\n  outbound:\n    - port: 10090\n      backendRef: {{kind: MeshExternalService, name: used}}\n",
+        API.replace("name: api", "name: used")
+    );
+    assert_eq!(
+        send(&s, "POST", "/api/v1/apply", ADMIN, &used).await.status,
+        200
+    );
     let a = send(&s, "GET", "/openapi.json", None, "").await;
     assert_eq!(a.status, 200);
     let doc: serde_json::Value = serde_json::from_str(&a.body).unwrap();
@@ -382,6 +427,19 @@ async fn the_openapi_document_matches_the_server() {
         ),
         (one, "delete", send(&s, "DELETE", p, ADMIN, "").await.status),
         (one, "delete", send(&s, "DELETE", p, ADMIN, "").await.status),
+        (
+            one,
+            "delete",
+            send(
+                &s,
+                "DELETE",
+                "/api/v1/MeshExternalService/default/used",
+                ADMIN,
+                "",
+            )
+            .await
+            .status,
+        ),
         (
             "/api/v1/apply",
             "post",

@@ -31,6 +31,8 @@ pub struct SluiceBuilder {
     /// `sluice proxy --control-plane URLS --name NAME --token TOKEN` instead of `sluice run`.
     proxy: Option<(String, String, String)>,
     data_dir: Option<PathBuf>,
+    /// Whether `sluice run` serves its control plane API (off unless a test needs it).
+    api: bool,
     files: Vec<(String, String)>,
     args: Vec<String>,
     envs: Vec<(String, String)>,
@@ -42,6 +44,7 @@ impl Default for SluiceBuilder {
         SluiceBuilder {
             proxy: None,
             data_dir: None,
+            api: false,
             files: Vec::new(),
             args: Vec::new(),
             envs: Vec::new(),
@@ -58,6 +61,12 @@ impl SluiceBuilder {
     /// Runs `sluice proxy` fed by the control planes `urls` (comma-separated) as `name`.
     pub fn proxy(mut self, urls: &str, name: &str, token: &str) -> Self {
         self.proxy = Some((urls.to_owned(), name.to_owned(), token.to_owned()));
+        self
+    }
+
+    /// Serves `sluice run`'s control plane API on a port of its own ([`Sluice::api_addr`]).
+    pub fn with_api(mut self) -> Self {
+        self.api = true;
         self
     }
 
@@ -127,8 +136,16 @@ impl SluiceBuilder {
 
         let data_dir = self.data_dir.clone().unwrap_or_else(|| dir.join("data"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        let api: Option<SocketAddr> = self.api.then(|| ([127, 0, 0, 1], free_port()).into());
+        let listen = api.map_or("off".to_string(), |a| a.to_string());
         match &self.proxy {
-            None => cmd.arg("run").arg("-f").arg(&config_dir),
+            None => cmd
+                .arg("run")
+                .arg("-f")
+                .arg(&config_dir)
+                .args(["--listen", &listen])
+                .arg("--data-dir")
+                .arg(&data_dir),
             Some((urls, name, token)) => cmd
                 .args([
                     "proxy",
@@ -163,6 +180,8 @@ impl SluiceBuilder {
             .unwrap_or_else(|e| panic!("spawning {}: {e}", env!("CARGO_BIN_EXE_sluice")));
         Sluice {
             child,
+            api,
+            data_dir,
             config_dir,
             admin,
             http_proxy,
@@ -197,6 +216,9 @@ impl SluiceBuilder {
 #[derive(Debug)]
 pub struct Sluice {
     child: Child,
+    /// `sluice run`'s control plane API, when asked for.
+    api: Option<SocketAddr>,
+    data_dir: PathBuf,
     config_dir: PathBuf,
     admin: SocketAddr,
     http_proxy: SocketAddr,
@@ -230,6 +252,16 @@ impl Sluice {
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin
+    }
+
+    /// The control plane API of `sluice run`.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api.expect("started without with_api()")
+    }
+
+    /// `--data-dir`: the store, the tokens, a proxy's config cache.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
     }
 
     /// The forward proxy's address (meaningless when the test passed its own `--http-proxy`).
