@@ -15,4 +15,4 @@ pub mod resource;
 
 pub use diag::{Diagnostic, DocRef, Severity};
 pub use document::{parse_documents, Document};
-pub use registry::{identify, load, Loaded, Registry};
+pub use registry::{identify, load, parse, resolve, Loaded, Parsed, Registry};

@@ -58,45 +58,71 @@ pub fn identify(document: &Document) -> Option<(&'static str, ResourceKey)> {
     Some((resource.kind(), resource.meta().key.clone()))
 }
 
+/// One document read on its own: its resource (if it could tell which) and its own problems.
+/// Kept per document, so that a set of documents where one changed is checked again without
+/// reading the others again.
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    pub doc: DocRef,
+    located: Option<Located>,
+    diagnostics: Vec<Diagnostic>,
+}
+
+/// Reads one document; references to other resources are checked by [`resolve`].
+pub fn parse(document: &Document) -> Parsed {
+    let mut d = Diagnostics::for_doc(document.doc.clone());
+    let root = At::root(&document.value);
+    let parsed = if crate::istio::claims(&document.value) {
+        crate::istio::parse(&root, &mut d)
+    } else {
+        kuma::parse(&root, &mut d)
+    };
+    let located = parsed.map(|resource| Located {
+        doc: document.doc.clone(),
+        resource,
+        valid: !d.has_errors(),
+    });
+    Parsed {
+        doc: document.doc.clone(),
+        located,
+        diagnostics: d.into_vec(),
+    }
+}
+
 /// Reads, checks and resolves a set of documents as one configuration.
 pub fn load<'a>(documents: impl IntoIterator<Item = &'a Document>) -> Loaded {
-    let documents: Vec<&Document> = documents.into_iter().collect();
-    let mut diagnostics = Vec::new();
-    let mut located = Vec::new();
-    for document in documents.iter().copied() {
-        let mut d = Diagnostics::for_doc(document.doc.clone());
-        let root = At::root(&document.value);
-        let parsed = if crate::istio::claims(&document.value) {
-            crate::istio::parse(&root, &mut d)
-        } else {
-            kuma::parse(&root, &mut d)
-        };
-        if let Some(resource) = parsed {
-            located.push(Located {
-                doc: document.doc.clone(),
-                resource,
-                valid: !d.has_errors(),
-            });
-        }
-        diagnostics.extend(d.into_vec());
-    }
+    let parsed: Vec<Parsed> = documents.into_iter().map(parse).collect();
+    resolve(&parsed)
+}
+
+/// Checks documents read with [`parse`] against each other and resolves them into the
+/// registry; diagnostics follow the order given.
+pub fn resolve<'a>(parsed: impl IntoIterator<Item = &'a Parsed>) -> Loaded {
+    let parsed: Vec<&Parsed> = parsed.into_iter().collect();
+    let mut diagnostics: Vec<Diagnostic> = parsed
+        .iter()
+        .flat_map(|p| p.diagnostics.iter().cloned())
+        .collect();
+    let located: Vec<&Located> = parsed.iter().filter_map(|p| p.located.as_ref()).collect();
     let mut counts = BTreeMap::new();
     for l in located.iter().filter(|l| l.valid) {
         *counts.entry(l.resource.kind()).or_insert(0) += 1;
     }
-    let registry = resolve(&located, &mut diagnostics);
+    let registry = resolve_located(&located, &mut diagnostics);
     // Problems found between resources belong with the other problems of their document.
-    let position: HashMap<&DocRef, usize> = documents
-        .iter()
-        .enumerate()
-        .map(|(i, document)| (&document.doc, i))
-        .collect();
-    diagnostics.sort_by_key(|d| {
-        d.doc
-            .as_ref()
-            .and_then(|doc| position.get(doc).copied())
-            .unwrap_or(usize::MAX)
-    });
+    if !diagnostics.is_empty() {
+        let position: HashMap<&DocRef, usize> = parsed
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (&p.doc, i))
+            .collect();
+        diagnostics.sort_by_key(|d| {
+            d.doc
+                .as_ref()
+                .and_then(|doc| position.get(doc).copied())
+                .unwrap_or(usize::MAX)
+        });
+    }
     let has_errors = diagnostics.iter().any(|d| d.severity == Severity::Error);
     Loaded {
         registry: (!has_errors).then_some(registry),
@@ -152,7 +178,7 @@ impl<'a, T> Index<'a, T> {
     }
 }
 
-fn resolve(located: &[Located], out: &mut Vec<Diagnostic>) -> Registry {
+fn resolve_located(located: &[&Located], out: &mut Vec<Diagnostic>) -> Registry {
     let mut policy: Option<OutboundTrafficPolicy> = None;
     let mut seen: HashMap<(&'static str, &ResourceKey), &DocRef> = HashMap::new();
     let mut secrets: Index<&[u8]> = Index::new("Secret");

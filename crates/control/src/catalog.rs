@@ -7,24 +7,49 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_api::{parse_documents, Document, Registry};
+use sluice_api::{parse_documents, Document, Parsed, Registry};
 use sluice_store::{Key, Store, StoreError};
 use tokio::sync::{watch, Mutex};
 
 use crate::server::KINDS;
-use crate::{compile, ProxyConfig};
+use crate::{compile, scope, ProxyConfig};
+use sluice_api::model::ResourceKey;
 
 /// The registry at one store revision.
 #[derive(Debug, Default)]
 pub struct View {
     pub revision: i64,
-    pub docs: BTreeMap<Key, Document>,
+    pub docs: BTreeMap<Key, Arc<Entry>>,
     pub registry: Arc<Registry>,
     /// The whole registry compiled; each proxy's config is scoped out of it.
     pub config: Arc<ProxyConfig>,
+    /// Each mesh's services for proxies without a Dataplane, scoped once per view.
+    mesh_scopes: std::sync::Mutex<std::collections::HashMap<String, Arc<ProxyConfig>>>,
     /// Problems the stored resources have together (none, unless a newer release reads an
     /// older store): a write is not blamed for them.
     pub errors: BTreeSet<String>,
+}
+
+impl View {
+    /// The config of the proxy `proxy` (see [`crate::scope`]); proxies without a Dataplane in
+    /// one mesh share one.
+    pub fn config_for(&self, proxy: &ResourceKey) -> Arc<ProxyConfig> {
+        if self.registry.dataplanes.contains(proxy) {
+            return Arc::new(scope(&self.config, &self.registry.dataplanes, proxy));
+        }
+        let mut scopes = self.mesh_scopes.lock().unwrap_or_else(|e| e.into_inner());
+        scopes
+            .entry(proxy.mesh.clone())
+            .or_insert_with(|| Arc::new(scope(&self.config, &self.registry.dataplanes, proxy)))
+            .clone()
+    }
+}
+
+/// A stored resource as parsed once.
+#[derive(Debug)]
+pub struct Entry {
+    pub doc: Document,
+    pub parsed: Parsed,
 }
 
 pub struct Catalog {
@@ -65,6 +90,54 @@ impl Catalog {
     /// Brings the view up to the store's latest revision; returns it.
     pub async fn sync(&self, store: &Store) -> Result<Arc<View>, StoreError> {
         let _guard = self.sync.lock().await;
+        self.sync_locked(store).await
+    }
+
+    /// Publishes a write just made on top of `before`, with the registry its check resolved,
+    /// so that the whole registry is not resolved a second time. Falls back to a full sync when
+    /// anything else changed the store meanwhile.
+    pub async fn commit(
+        &self,
+        store: &Store,
+        before: &View,
+        written: &[(Key, Option<&str>)],
+        registry: Registry,
+    ) -> Result<Arc<View>, StoreError> {
+        let _guard = self.sync.lock().await;
+        let current = self.view();
+        if current.revision == before.revision {
+            let events = store.events_since(current.revision).await?;
+            let ours = events
+                .iter()
+                .all(|e| written.iter().any(|(key, _)| *key == e.key));
+            match events.last() {
+                None => return Ok(current),
+                Some(last) if ours => {
+                    let mut docs = current.docs.clone();
+                    for (key, body) in written {
+                        match body.and_then(|b| parse(key, b)) {
+                            Some(entry) => docs.insert(key.clone(), entry),
+                            None => docs.remove(key),
+                        };
+                    }
+                    let view = Arc::new(View {
+                        revision: last.revision,
+                        config: Arc::new(compile(&registry)),
+                        registry: Arc::new(registry),
+                        docs,
+                        mesh_scopes: Default::default(),
+                        errors: BTreeSet::new(),
+                    });
+                    retire(self.view.send_replace(view.clone()));
+                    return Ok(view);
+                }
+                Some(_) => {}
+            }
+        }
+        self.sync_locked(store).await
+    }
+
+    async fn sync_locked(&self, store: &Store) -> Result<Arc<View>, StoreError> {
         let current = self.view();
         let events = store.events_since(current.revision).await?;
         let Some(last) = events.last().map(|e| e.revision) else {
@@ -97,10 +170,10 @@ impl Catalog {
     fn publish(
         &self,
         revision: i64,
-        docs: BTreeMap<Key, Document>,
+        docs: BTreeMap<Key, Arc<Entry>>,
         previous: Option<&View>,
     ) -> Arc<View> {
-        let loaded = sluice_api::load(docs.values());
+        let loaded = sluice_api::resolve(docs.values().map(|e| &e.parsed));
         let errors = loaded.errors().map(ToString::to_string).collect();
         let registry = match loaded.registry {
             Some(r) => Arc::new(r),
@@ -122,9 +195,10 @@ impl Catalog {
             docs,
             registry,
             config,
+            mesh_scopes: Default::default(),
             errors,
         });
-        self.view.send_replace(view.clone());
+        retire(self.view.send_replace(view.clone()));
         view
     }
 
@@ -153,10 +227,23 @@ impl Catalog {
     }
 }
 
-fn parse(key: &Key, body: &str) -> Option<Document> {
+/// Lets go of a replaced view off the async threads: freeing a large registry takes
+/// milliseconds that the next change should not wait for.
+fn retire(old: Arc<View>) {
+    if Arc::strong_count(&old) == 1 {
+        tokio::task::spawn_blocking(move || drop(old));
+    }
+}
+
+fn parse(key: &Key, body: &str) -> Option<Arc<Entry>> {
     let source = format!("{}/{}/{}", key.kind, key.mesh, key.name);
     match parse_documents(&source, body) {
-        Ok(mut docs) if docs.len() == 1 => docs.pop(),
+        Ok(mut docs) if docs.len() == 1 => docs.pop().map(|doc| {
+            Arc::new(Entry {
+                parsed: sluice_api::parse(&doc),
+                doc,
+            })
+        }),
         Ok(_) | Err(_) => {
             tracing::error!(resource = %source, "stored resource is not one YAML document; ignored");
             None

@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::catalog::Catalog;
 use crate::wire::{self, proxy_message::Message, ProxyMessage, Snapshot};
-use crate::{scope, ProxyConfig};
+use crate::ProxyConfig;
 
 /// Largest message a proxy may send (a NACK's reason is the biggest).
 const MAX_PROXY_MESSAGE: usize = 64 * 1024;
@@ -195,10 +195,12 @@ impl ConfigServer {
         let mut last: Option<Arc<ProxyConfig>> = None;
         loop {
             let view = views.borrow_and_update().clone();
-            let config = scope(&view.config, &view.registry.dataplanes, key);
-            if last.as_deref() != Some(&config) {
+            let config = view.config_for(key);
+            let unchanged = last
+                .as_ref()
+                .is_some_and(|l| Arc::ptr_eq(l, &config) || **l == *config);
+            if !unchanged {
                 let version = view.revision as u64;
-                let config = Arc::new(config);
                 let snapshot = wire::to_wire(&config, version);
                 tracing::debug!(proxy = %key, version, listeners = config.listeners.len(), services = config.services.len(), "sending config");
                 self.proxies.update(key, connection, |s| {
@@ -210,6 +212,8 @@ impl ConfigServer {
                 }
                 last = Some(config);
             }
+            // Not held while waiting: the catalog frees old views, not the last stream to move.
+            drop(view);
             if views.changed().await.is_err() {
                 return;
             }

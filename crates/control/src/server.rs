@@ -100,20 +100,33 @@ impl Api {
             }
         }
         let replaced: Vec<&Key> = items.iter().map(|(k, _)| k).chain(remove).collect();
-        check_all(self, &replaced, docs)
+        let checked = check_all(self, &replaced, docs)
             .await
             .map_err(Refused::Invalid)?;
         let done = self.store.put_all(&items).await.map_err(Refused::Store)?;
         for key in remove {
             self.store.delete(key).await.map_err(Refused::Store)?;
         }
-        self.publish().await;
+        let written: Vec<(Key, Option<&str>)> = items
+            .iter()
+            .map(|(k, body)| (k.clone(), Some(body.as_str())))
+            .chain(remove.iter().map(|k| (k.clone(), None)))
+            .collect();
+        self.commit(checked, &written).await;
         Ok(done)
     }
 
-    /// Publishes a write at once rather than when the store's notification arrives.
-    async fn publish(&self) {
-        if let Err(e) = self.catalog.sync(&self.store).await {
+    /// Publishes a checked write at once, with the registry its check resolved.
+    async fn commit(&self, checked: Checked, written: &[(Key, Option<&str>)]) {
+        let published = match checked.registry {
+            Some(registry) => {
+                self.catalog
+                    .commit(&self.store, &checked.before, written, registry)
+                    .await
+            }
+            None => self.catalog.sync(&self.store).await,
+        };
+        if let Err(e) = published {
             tracing::warn!(error = %e, "cannot read the change back from the store");
         }
     }
@@ -318,12 +331,13 @@ async fn write(
     let Ok(body) = std::str::from_utf8(&body) else {
         return text(StatusCode::UNPROCESSABLE_ENTITY, "the body is not UTF-8\n");
     };
-    if let Err(problems) = check(&api, &key, body).await {
-        return text(StatusCode::UNPROCESSABLE_ENTITY, problems.join("\n") + "\n");
-    }
+    let checked = match check(&api, &key, body).await {
+        Ok(c) => c,
+        Err(problems) => return text(StatusCode::UNPROCESSABLE_ENTITY, problems.join("\n") + "\n"),
+    };
     match api.store.put(&key, body, expected).await {
         Ok((outcome, stored)) => {
-            api.publish().await;
+            api.commit(checked, &[(key.clone(), Some(body))]).await;
             json(
                 if outcome == Outcome::Created {
                     StatusCode::CREATED
@@ -354,21 +368,24 @@ async fn remove(
         return r;
     }
     let key = Key { kind, mesh, name };
-    if let Err(problems) = check_all(&api, &[&key], Vec::new()).await {
-        return text(
-            StatusCode::CONFLICT,
-            format!(
-                "{} {}/{} is still needed:\n{}\n",
-                key.kind,
-                key.mesh,
-                key.name,
-                problems.join("\n")
-            ),
-        );
-    }
+    let checked = match check_all(&api, &[&key], Vec::new()).await {
+        Ok(c) => c,
+        Err(problems) => {
+            return text(
+                StatusCode::CONFLICT,
+                format!(
+                    "{} {}/{} is still needed:\n{}\n",
+                    key.kind,
+                    key.mesh,
+                    key.name,
+                    problems.join("\n")
+                ),
+            );
+        }
+    };
     match api.store.delete(&key).await {
         Ok(true) => {
-            api.publish().await;
+            api.commit(checked, &[(key.clone(), None)]).await;
             text(StatusCode::OK, "deleted\n")
         }
         Ok(false) => text(
@@ -424,7 +441,7 @@ async fn check_all(
     api: &Api,
     replaced: &[&Key],
     docs: Vec<sluice_api::Document>,
-) -> Result<(), Vec<String>> {
+) -> Result<Checked, Vec<String>> {
     let sources: std::collections::HashSet<String> =
         docs.iter().map(|d| d.doc.source.to_string()).collect();
     let view = api
@@ -436,8 +453,9 @@ async fn check_all(
         .docs
         .iter()
         .filter(|(key, _)| !replaced.contains(key))
-        .map(|(_, doc)| doc);
-    let loaded = sluice_api::load(docs.iter().chain(stored));
+        .map(|(_, entry)| &entry.parsed);
+    let new: Vec<sluice_api::Parsed> = docs.iter().map(sluice_api::parse).collect();
+    let loaded = sluice_api::resolve(new.iter().chain(stored));
     let mut problems = Vec::new();
     for d in &loaded.diagnostics {
         let ours = d.doc.as_ref().is_some_and(|r| sources.contains(&*r.source));
@@ -455,15 +473,25 @@ async fn check_all(
         }
     }
     if problems.is_empty() {
-        Ok(())
+        Ok(Checked {
+            // With problems stored before (none, normally) the registry is left to a full sync.
+            registry: loaded.registry,
+            before: view,
+        })
     } else {
         Err(problems)
     }
 }
 
+/// A write that passed its check: the view it was checked against and the registry it makes.
+struct Checked {
+    before: Arc<crate::catalog::View>,
+    registry: Option<sluice_api::Registry>,
+}
+
 /// Checks `body` as the resource at `key`, together with everything else stored: the same
 /// rules and messages as `sluice validate`, for this document only.
-async fn check(api: &Api, key: &Key, body: &str) -> Result<(), Vec<String>> {
+async fn check(api: &Api, key: &Key, body: &str) -> Result<Checked, Vec<String>> {
     let source = format!("{}/{}/{}", key.kind, key.mesh, key.name);
     let docs = parse_documents(&source, body).map_err(|e| vec![e.to_string()])?;
     if docs.len() != 1 {

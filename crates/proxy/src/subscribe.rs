@@ -163,7 +163,8 @@ async fn session(
         };
         received = true;
         let version = snapshot.version;
-        let answer = match apply(proxy, &snapshot).await {
+        let applied = apply(proxy, &snapshot).await;
+        let answer = match &applied {
             Ok(()) => {
                 *running = version;
                 proxy.metrics().config_version.set(version as i64);
@@ -173,12 +174,14 @@ async fn session(
                     services = snapshot.services.len(),
                     "config applied"
                 );
-                write_cache(&subscription.cache, &snapshot).await;
                 Message::Ack(Ack { version })
             }
             Err(reason) => {
                 tracing::error!(version, %reason, "config refused; still serving the previous one");
-                Message::Nack(Nack { version, reason })
+                Message::Nack(Nack {
+                    version,
+                    reason: reason.clone(),
+                })
             }
         };
         if tx
@@ -192,6 +195,10 @@ async fn session(
                 reason: "stream closed".into(),
                 received,
             });
+        }
+        // After the answer: the cache is for the next start, not for this change.
+        if applied.is_ok() {
+            write_cache(&subscription.cache, &snapshot).await;
         }
     }
 }
@@ -231,7 +238,8 @@ async fn write_cache(path: &std::path::Path, snapshot: &Snapshot) {
             .mode(0o600)
             .open(&tmp)?;
         file.write_all(&bytes)?;
-        file.sync_all()?;
+        // Renamed whole: a reader sees the old snapshot or the new one, never part of one. A
+        // cache lost to a power cut is only a slower start.
         std::fs::rename(&tmp, &path)
     })
     .await;
