@@ -37,6 +37,10 @@ pub struct Subscription {
 /// ends.
 pub async fn follow(subscription: Subscription, proxy: Arc<Proxy>) {
     let mut running = start_from_cache(&subscription, &proxy).await;
+    if subscription.control_planes.is_empty() {
+        tracing::error!("no control plane to follow; serving the cached config only");
+        return;
+    }
     let mut backoff = BACKOFF_MIN;
     let mut next = 0;
     loop {
