@@ -18,6 +18,9 @@ use crate::catalog::Catalog;
 use crate::wire::{self, proxy_message::Message, ProxyMessage, Snapshot};
 use crate::ProxyConfig;
 
+/// Proxies remembered; beyond this, those no longer connected are forgotten.
+const MAX_KNOWN_PROXIES: usize = 10_000;
+
 /// Largest message a proxy may send (a NACK's reason is the biggest).
 const MAX_PROXY_MESSAGE: usize = 64 * 1024;
 
@@ -139,7 +142,11 @@ impl ConfigServer {
         };
         let connection = self.proxies.next_connection.fetch_add(1, Ordering::Relaxed);
         tracing::info!(proxy = %key, %peer, running = hello.version, build = %hello.build, "proxy connected");
-        self.proxies.lock().insert(
+        let mut known = self.proxies.lock();
+        if known.len() >= MAX_KNOWN_PROXIES {
+            known.retain(|_, s| s.connected);
+        }
+        known.insert(
             key.clone(),
             ProxyStatus {
                 mesh: key.mesh.clone(),
@@ -157,6 +164,7 @@ impl ConfigServer {
                 sent: None,
             },
         );
+        drop(known);
         let (tx, rx) = mpsc::channel(4);
         let server = self.clone();
         let sender_key = key.clone();
