@@ -101,11 +101,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let n: u64 = number
         .parse()
         .map_err(|_| format!("\"{s}\" is not a duration; write it like 30s, 500ms or 2m"))?;
+    let seconds = |per: u64| {
+        n.checked_mul(per)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("\"{s}\" is too long a duration"))
+    };
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
+        "s" => seconds(1),
+        "m" => seconds(60),
+        "h" => seconds(3600),
         _ => Err(format!(
             "\"{s}\": unknown unit \"{unit}\"; use ms, s, m or h"
         )),
@@ -453,6 +458,7 @@ mod tests {
             ("2m", Some(Duration::from_secs(120))),
             ("7", Some(Duration::from_secs(7))),
             ("1h", Some(Duration::from_secs(3600))),
+            ("99999999999999999h", None),
             ("1d", None),
             ("s", None),
             ("", None),

@@ -21,7 +21,7 @@ const MAX_SNAPSHOT: usize = 256 * 1024 * 1024;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Subscription {
     /// Base URLs (`http://HOST:PORT`), tried in order; the next one after a failure.
     pub control_planes: Vec<String>,
@@ -31,6 +31,18 @@ pub struct Subscription {
     /// Where the last good snapshot is kept (readable by its owner only: it holds keys).
     pub cache: PathBuf,
     pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("control_planes", &self.control_planes)
+            .field("mesh", &self.mesh)
+            .field("name", &self.name)
+            .field("token", &"<redacted>")
+            .field("cache", &self.cache)
+            .finish()
+    }
 }
 
 /// Starts from the cache if there is one, then follows the control planes until the process
@@ -45,15 +57,12 @@ pub async fn follow(subscription: Subscription, proxy: Arc<Proxy>) {
     let mut next = 0;
     loop {
         let url = &subscription.control_planes[next % subscription.control_planes.len()];
-        match session(url, &subscription, &proxy, &mut running).await {
-            Ok(()) => {}
-            Err(Failure { reason, received }) => {
-                if received {
-                    backoff = BACKOFF_MIN;
-                }
-                tracing::warn!(control_plane = %url, error = %reason, retry_in = ?backoff, "config stream lost; serving the last config applied");
-            }
+        let Err(Failure { reason, received }) =
+            session(url, &subscription, &proxy, &mut running).await;
+        if received {
+            backoff = BACKOFF_MIN;
         }
+        tracing::warn!(control_plane = %url, error = %reason, retry_in = ?backoff, "config stream lost; serving the last config applied");
         proxy.metrics().config_stream_connected.set(0);
         tokio::time::sleep(jitter(backoff)).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -77,17 +86,16 @@ async fn start_from_cache(subscription: &Subscription, proxy: &Proxy) -> u64 {
             return 0;
         }
     };
-    match apply(proxy, &snapshot).await {
-        Ok(()) => {
-            proxy.metrics().config_version.set(snapshot.version as i64);
-            tracing::info!(version = snapshot.version, cache = %subscription.cache.display(), "serving the cached config until the control plane answers");
-            snapshot.version
-        }
-        Err(reason) => {
-            tracing::warn!(cache = %subscription.cache.display(), %reason, "cached config not applied");
-            0
-        }
+    let applied = apply(proxy, &snapshot).await;
+    if let Some(reason) = &applied.problems {
+        tracing::warn!(cache = %subscription.cache.display(), %reason, "cached config: not all of it could be applied");
     }
+    if !applied.in_force {
+        return 0;
+    }
+    proxy.metrics().config_version.set(snapshot.version as i64);
+    tracing::info!(version = snapshot.version, cache = %subscription.cache.display(), "serving the cached config until the control plane answers");
+    snapshot.version
 }
 
 struct Failure {
@@ -101,7 +109,7 @@ async fn session(
     subscription: &Subscription,
     proxy: &Proxy,
     running: &mut u64,
-) -> Result<(), Failure> {
+) -> Result<std::convert::Infallible, Failure> {
     let fail = |reason: String| Failure {
         reason,
         received: false,
@@ -168,20 +176,24 @@ async fn session(
         received = true;
         let version = snapshot.version;
         let applied = apply(proxy, &snapshot).await;
-        let answer = match &applied {
-            Ok(()) => {
-                *running = version;
-                proxy.metrics().config_version.set(version as i64);
-                tracing::info!(
-                    version,
-                    listeners = snapshot.listeners.len(),
-                    services = snapshot.services.len(),
-                    "config applied"
-                );
-                Message::Ack(Ack { version })
-            }
-            Err(reason) => {
-                tracing::error!(version, %reason, "config refused; still serving the previous one");
+        if applied.in_force {
+            *running = version;
+            proxy.metrics().config_version.set(version as i64);
+            tracing::info!(
+                version,
+                listeners = snapshot.listeners.len(),
+                services = snapshot.services.len(),
+                "config applied"
+            );
+        }
+        let answer = match &applied.problems {
+            None => Message::Ack(Ack { version }),
+            Some(reason) => {
+                if applied.in_force {
+                    tracing::error!(version, %reason, "config applied but for these problems");
+                } else {
+                    tracing::error!(version, %reason, "config refused; still serving the previous one");
+                }
                 Message::Nack(Nack {
                     version,
                     reason: reason.clone(),
@@ -201,26 +213,43 @@ async fn session(
             });
         }
         // After the answer: the cache is for the next start, not for this change.
-        if applied.is_ok() {
+        if applied.in_force {
             write_cache(&subscription.cache, &snapshot).await;
         }
     }
 }
 
-/// Applies a snapshot; the error is every reason, one per line.
-async fn apply(proxy: &Proxy, snapshot: &Snapshot) -> Result<(), String> {
-    let config = wire::from_wire(snapshot)?;
-    let errors = match proxy.apply(config).await {
-        Ok(errors) | Err(errors) => errors,
+/// What applying a snapshot did.
+struct Applied {
+    /// Whether the snapshot is now what the proxy serves (perhaps without some listeners).
+    in_force: bool,
+    /// Every problem, one per line: the reason of the NACK.
+    problems: Option<String>,
+}
+
+async fn apply(proxy: &Proxy, snapshot: &Snapshot) -> Applied {
+    let config = match wire::from_wire(snapshot) {
+        Ok(c) => c,
+        Err(reason) => {
+            return Applied {
+                in_force: false,
+                problems: Some(reason),
+            }
+        }
     };
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(errors
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("\n"))
+    let (in_force, errors) = match proxy.apply(config).await {
+        Ok(bind_errors) => (true, bind_errors),
+        Err(errors) => (false, errors),
+    };
+    Applied {
+        in_force,
+        problems: (!errors.is_empty()).then(|| {
+            errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        }),
     }
 }
 
