@@ -23,6 +23,15 @@ pub struct Target {
     token: Option<String>,
 }
 
+/// `HOST:PORT` of a control plane URL `http://HOST:PORT[/]`.
+pub fn control_plane_address(url: &str) -> Result<&str, String> {
+    url.trim()
+        .strip_prefix("http://")
+        .map(|a| a.trim_end_matches('/'))
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| format!("--control-plane {url}: give http://HOST:PORT"))
+}
+
 /// One HTTP/1.1 request on a fresh connection; returns the status and the body.
 pub fn call(
     address: &str,
@@ -69,15 +78,7 @@ fn call_with(
 
 impl Target {
     fn address(&self) -> Result<&str, String> {
-        self.control_plane
-            .strip_prefix("http://")
-            .map(|a| a.trim_end_matches('/'))
-            .ok_or_else(|| {
-                format!(
-                    "--control-plane {}: give http://HOST:PORT",
-                    self.control_plane
-                )
-            })
+        control_plane_address(&self.control_plane)
     }
 
     /// The body of a GET answered 200; otherwise the problem is printed.

@@ -56,9 +56,8 @@ async fn serve(args: ControlPlaneArgs) -> anyhow::Result<()> {
     let api = Api::start(store, admin_token, read_token, proxy_token)
         .await
         .with_context(|| format!("store {}", redact_url(&url)))?;
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+    let mut stop = crate::run::Termination::new()?;
+    let shutdown = async move { stop.wait().await };
     sluice_control::server::serve(listener, api, args.header_read_timeout, shutdown).await;
     Ok(())
 }
@@ -101,7 +100,7 @@ impl Tokens {
     }
 }
 
-fn read_token(path: &Path) -> anyhow::Result<String> {
+pub(crate) fn read_token(path: &Path) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("token file {}: cannot read", path.display()))?;
     let token = text.trim().to_string();

@@ -10,21 +10,37 @@ use sluice_api::{parse_documents, Document};
 /// Reads every path. Problems (unreadable files, YAML syntax) are returned as lines; the
 /// documents that could be read are returned either way.
 pub fn read_documents(paths: &[PathBuf]) -> (Vec<Document>, Vec<String>) {
-    let mut documents = Vec::new();
     let mut problems = Vec::new();
-    for (name, text) in read_sources(paths, &mut problems) {
-        match parse_documents(&name, &text) {
+    let sources = read_sources(paths, None, &mut problems);
+    let documents = parse_sources(&sources, &mut problems);
+    (documents, problems)
+}
+
+/// The documents of every source; sources that are not YAML add a problem each.
+pub fn parse_sources(sources: &[(String, String)], problems: &mut Vec<String>) -> Vec<Document> {
+    let mut documents = Vec::new();
+    for (name, text) in sources {
+        match parse_documents(name, text) {
             Ok(docs) => documents.extend(docs),
             Err(e) => problems.push(e.to_string()),
         }
     }
-    (documents, problems)
+    documents
 }
 
-/// The files behind `paths`, with their contents, in a stable order.
-pub fn read_sources(paths: &[PathBuf], problems: &mut Vec<String>) -> Vec<(String, String)> {
+/// The files behind `paths`, with their contents, in a stable order. `-` is `stdin` when given
+/// (read once by the caller), standard input otherwise.
+pub fn read_sources(
+    paths: &[PathBuf],
+    stdin: Option<&str>,
+    problems: &mut Vec<String>,
+) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for path in paths {
+        if let (true, Some(text)) = (path.as_os_str() == "-", stdin) {
+            out.push(("-".to_string(), text.to_string()));
+            continue;
+        }
         if path.as_os_str() == "-" {
             let mut text = String::new();
             match std::io::stdin()

@@ -3,12 +3,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Args;
 use sluice_proxy::subscribe::{follow, Subscription};
-use tokio::signal::unix::{signal, SignalKind};
 
-use crate::run::{start_forward_proxy, start_proxy, ProxyFlags};
+use crate::run::{start_forward_proxy, start_proxy, ProxyFlags, Termination};
 
 #[derive(Args)]
 pub struct ProxyArgs {
@@ -46,20 +45,15 @@ pub fn main(args: ProxyArgs) -> ExitCode {
 async fn serve(args: ProxyArgs) -> anyhow::Result<()> {
     let token = match (&args.token, &args.token_file) {
         (Some(t), _) => t.trim().to_string(),
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .with_context(|| format!("token file {}: cannot read", path.display()))?
-            .trim()
-            .to_string(),
+        (None, Some(path)) => crate::control_plane::read_token(path)?,
         (None, None) => bail!("a token is required: --token, --token-file or SLUICE_TOKEN (the control plane writes one to DATA_DIR/proxy-token)"),
     };
-    let mut control_planes = Vec::new();
-    for url in &args.control_plane {
-        let url = url.trim().trim_end_matches('/');
-        match url.strip_prefix("http://") {
-            Some(rest) if !rest.is_empty() => control_planes.push(url.to_string()),
-            _ => bail!("--control-plane {url}: give http://HOST:PORT"),
-        }
-    }
+    let control_planes = args
+        .control_plane
+        .iter()
+        .map(|url| crate::client::control_plane_address(url).map(|a| format!("http://{a}")))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
     let cache = args.data_dir.join(format!(
         "proxy-{}-{}.config",
         file_safe(&args.mesh),
@@ -76,11 +70,8 @@ async fn serve(args: ProxyArgs) -> anyhow::Result<()> {
         connect_timeout: args.proxy.connect_timeout,
     };
     let following = tokio::spawn(follow(subscription, proxy.clone()));
-    let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    let mut stop = Termination::new()?;
+    stop.wait().await;
     following.abort();
     tracing::info!(drain = ?args.proxy.drain_timeout, "shutting down; draining open connections");
     proxy.shutdown().await;

@@ -12,7 +12,7 @@ use sluice_proxy::access_log::{AccessLog, Target};
 use sluice_proxy::metrics::Metrics;
 use sluice_proxy::policy::Mode;
 use sluice_proxy::{Proxy, Settings};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use std::collections::BTreeSet;
 
@@ -114,6 +114,29 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         _ => Err(format!(
             "\"{s}\": unknown unit \"{unit}\"; use ms, s, m or h"
         )),
+    }
+}
+
+/// SIGTERM or SIGINT, whichever comes first; listening from creation, so that one arriving
+/// while the command is busy elsewhere is not lost.
+pub struct Termination {
+    term: Signal,
+    int: Signal,
+}
+
+impl Termination {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    pub async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 }
 
@@ -256,15 +279,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     ));
 
     let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
+    let mut stop = Termination::new()?;
     let mut tick = tokio::time::interval(args.watch_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let forced = tokio::select! {
             _ = tick.tick() => false,
             _ = hup.recv() => true,
-            _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
+            _ = stop.wait() => break,
         };
         let current = read_sources(&args.files, stdin.clone()).await;
         if !forced && current == last {
@@ -377,13 +399,7 @@ async fn write_files(
 ) -> Result<(), Vec<String>> {
     let (texts, read_problems) = sources;
     let mut problems = read_problems.clone();
-    let mut documents = Vec::new();
-    for (name, text) in texts {
-        match sluice_api::parse_documents(name, text) {
-            Ok(docs) => documents.extend(docs),
-            Err(e) => problems.push(e.to_string()),
-        }
-    }
+    let documents = load::parse_sources(texts, &mut problems);
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -421,7 +437,7 @@ fn read_stdin_once(files: &[PathBuf]) -> anyhow::Result<Option<String>> {
         return Ok(None);
     }
     let mut problems = Vec::new();
-    let sources = load::read_sources(&[PathBuf::from("-")], &mut problems);
+    let sources = load::read_sources(&[PathBuf::from("-")], None, &mut problems);
     if let Some(p) = problems.first() {
         bail!("{p}");
     }
@@ -432,14 +448,7 @@ async fn read_sources(files: &[PathBuf], stdin: Option<String>) -> Sources {
     let files = files.to_vec();
     tokio::task::spawn_blocking(move || {
         let mut problems = Vec::new();
-        let mut sources = Vec::new();
-        for f in &files {
-            if f.as_os_str() == "-" {
-                sources.push(("-".to_string(), stdin.clone().unwrap_or_default()));
-            } else {
-                sources.extend(load::read_sources(std::slice::from_ref(f), &mut problems));
-            }
-        }
+        let sources = load::read_sources(&files, stdin.as_deref(), &mut problems);
         (sources, problems)
     })
     .await
