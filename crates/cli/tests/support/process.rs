@@ -17,12 +17,27 @@ use super::{BoxError, TempDir, DEFAULT_TIMEOUT, POLL_INTERVAL};
 /// The file name [`Sluice::start`] and [`Sluice::rewrite_config`] use.
 pub const CONFIG_FILE: &str = "sluice.yaml";
 
-/// A loopback TCP port that was free a moment ago.
+/// Ports handed to processes that bind them later. Taken below the kernel's range for
+/// ephemeral ports (32768 and up on Linux), so no outgoing connection can take one in the
+/// meantime, and never handed out twice by one test binary.
+const PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A loopback TCP port that was free a moment ago and that no other caller in this process has
+/// been given.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let span = u32::from(PORTS.end - PORTS.start);
+    // Test binaries that run at once start far apart.
+    let start = std::process::id().wrapping_mul(997) % span;
+    for _ in 0..span {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = PORTS.start + offset as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {PORTS:?}")
 }
 
 /// Options for starting [`Sluice`].
