@@ -48,14 +48,9 @@ impl Loaded {
 
 /// The kind and key a document declares, if they can be read (its other errors aside).
 pub fn identify(document: &Document) -> Option<(&'static str, ResourceKey)> {
-    let mut d = Diagnostics::for_doc(document.doc.clone());
-    let root = At::root(&document.value);
-    let resource = if crate::istio::claims(&document.value) {
-        crate::istio::parse(&root, &mut d)
-    } else {
-        kuma::parse(&root, &mut d)
-    }?;
-    Some((resource.kind(), resource.meta().key.clone()))
+    parse(document)
+        .identity()
+        .map(|(kind, key)| (kind, key.clone()))
 }
 
 /// One document read on its own: its resource (if it could tell which) and its own problems.
@@ -66,6 +61,15 @@ pub struct Parsed {
     pub doc: DocRef,
     located: Option<Located>,
     diagnostics: Vec<Diagnostic>,
+}
+
+impl Parsed {
+    /// The kind and key the document declares, if they could be read (its other errors aside).
+    pub fn identity(&self) -> Option<(&'static str, &ResourceKey)> {
+        self.located
+            .as_ref()
+            .map(|l| (l.resource.kind(), &l.resource.meta().key))
+    }
 }
 
 /// Reads one document; references to other resources are checked by [`resolve`].

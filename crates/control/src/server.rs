@@ -14,11 +14,20 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use sluice_api::{identify, parse_documents, Severity};
+use sluice_api::{parse_documents, Parsed, Severity};
 use sluice_store::{Key, Outcome, Store, StoreError};
 
 use crate::catalog::Catalog;
 use crate::config_server::{inspect, ConfigServer};
+
+/// Where the store keeps a resource of `kind` at `key`.
+fn store_key(kind: &str, key: &sluice_api::model::ResourceKey) -> Key {
+    Key {
+        kind: kind.to_string(),
+        mesh: key.mesh.clone(),
+        name: key.name.clone(),
+    }
+}
 
 /// Why a write was not done.
 #[derive(Debug)]
@@ -84,23 +93,18 @@ impl Api {
         docs: Vec<sluice_api::Document>,
         remove: &[Key],
     ) -> Result<Vec<(Outcome, sluice_store::Stored)>, Refused> {
-        let mut items = Vec::with_capacity(docs.len());
-        for doc in &docs {
-            match identify(doc) {
-                Some((kind, key)) if KINDS.contains(&kind) => items.push((
-                    Key {
-                        kind: kind.to_string(),
-                        mesh: key.mesh,
-                        name: key.name,
-                    },
-                    doc.value.to_string(),
-                )),
-                // Unreadable documents get their errors from the full check below.
-                _ => {}
-            }
-        }
+        let parsed: Vec<Parsed> = docs.iter().map(sluice_api::parse).collect();
+        // Unreadable documents get their errors from the full check below.
+        let items: Vec<(Key, String)> = docs
+            .iter()
+            .zip(&parsed)
+            .filter_map(|(doc, p)| {
+                let (kind, key) = p.identity()?;
+                Some((store_key(kind, key), doc.value.to_string()))
+            })
+            .collect();
         let replaced: Vec<&Key> = items.iter().map(|(k, _)| k).chain(remove).collect();
-        let checked = check_all(self, &replaced, docs)
+        let checked = check_all(self, &replaced, parsed)
             .await
             .map_err(Refused::Invalid)?;
         let done = self.store.put_all(&items).await.map_err(Refused::Store)?;
@@ -437,13 +441,9 @@ async fn apply(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -> 
 /// Checks `docs` (sources `request[N]`) together with every stored resource they do not replace,
 /// as the catalog holds them at the store's latest revision. Problems in the documents are
 /// reported, and so are new problems in stored resources: a write never breaks what is stored.
-async fn check_all(
-    api: &Api,
-    replaced: &[&Key],
-    docs: Vec<sluice_api::Document>,
-) -> Result<Checked, Vec<String>> {
+async fn check_all(api: &Api, replaced: &[&Key], new: Vec<Parsed>) -> Result<Checked, Vec<String>> {
     let sources: std::collections::HashSet<String> =
-        docs.iter().map(|d| d.doc.source.to_string()).collect();
+        new.iter().map(|p| p.doc.source.to_string()).collect();
     let view = api
         .catalog
         .sync(&api.store)
@@ -454,7 +454,6 @@ async fn check_all(
         .iter()
         .filter(|(key, _)| !replaced.contains(key))
         .map(|(_, entry)| &entry.parsed);
-    let new: Vec<sluice_api::Parsed> = docs.iter().map(sluice_api::parse).collect();
     let loaded = sluice_api::resolve(new.iter().chain(stored));
     let mut problems = Vec::new();
     for d in &loaded.diagnostics {
@@ -500,18 +499,15 @@ async fn check(api: &Api, key: &Key, body: &str) -> Result<Checked, Vec<String>>
             docs.len()
         )]);
     }
-    match identify(&docs[0]) {
-        Some((kind, declared))
-            if kind != key.kind || declared.mesh != key.mesh || declared.name != key.name =>
-        {
+    let parsed = sluice_api::parse(&docs[0]);
+    if let Some((kind, declared)) = parsed.identity() {
+        if store_key(kind, declared) != *key {
             return Err(vec![format!(
-                "{source}: the body declares {kind} {}/{}; send it to /api/v1/{kind}/{}/{}",
-                declared.mesh, declared.name, declared.mesh, declared.name
-            )])
+                "{source}: the body declares {kind} {declared}; send it to /api/v1/{kind}/{declared}"
+            )]);
         }
-        _ => {}
     }
-    check_all(api, &[key], docs).await
+    check_all(api, &[key], vec![parsed]).await
 }
 
 async fn list_proxies(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
