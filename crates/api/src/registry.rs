@@ -2,9 +2,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-
 use crate::diag::{Diagnostic, Diagnostics, DocRef, Severity};
 use crate::document::Document;
 use crate::kuma::{self, DataSource, MeshExternalServiceResource, Sourced};
@@ -13,7 +10,7 @@ use crate::model::{
     TlsOrigination,
 };
 use crate::node::At;
-use crate::resource::{Located, Resource};
+use crate::resource::{Located, Resource, SecretResource};
 
 /// Everything a proxy needs, resolved and checked. Only built when no document has an error.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -185,7 +182,7 @@ impl<'a, T> Index<'a, T> {
 fn resolve_located(located: &[&Located], out: &mut Vec<Diagnostic>) -> Registry {
     let mut policy: Option<OutboundTrafficPolicy> = None;
     let mut seen: HashMap<(&'static str, &ResourceKey), &DocRef> = HashMap::new();
-    let mut secrets: Index<&[u8]> = Index::new("Secret");
+    let mut secrets: Index<&SecretResource> = Index::new("Secret");
     // A valid MeshExternalService always has its match.port.
     let mut services: Index<u16> = Index::new("MeshExternalService");
     let mut mes: Vec<(&DocRef, &MeshExternalServiceResource, bool)> = Vec::new();
@@ -210,8 +207,7 @@ fn resolve_located(located: &[&Located], out: &mut Vec<Diagnostic>) -> Registry 
         seen.insert((l.resource.kind(), key), &l.doc);
         match &l.resource {
             Resource::Secret(s) => {
-                let value = l.valid.then_some(s.data.as_slice());
-                secrets.by_key.insert(key, value);
+                secrets.by_key.insert(key, l.valid.then_some(s));
             }
             Resource::MeshExternalService(m) => {
                 let value = m.spec.port.filter(|_| l.valid);
@@ -238,13 +234,13 @@ fn resolve_located(located: &[&Located], out: &mut Vec<Diagnostic>) -> Registry 
         let mut d = Diagnostics::for_doc(doc.clone());
         let tls = m.spec.tls.as_ref().map(|t| {
             let mesh = &m.meta.key.mesh;
-            let mut material = |s: &Option<Sourced>, want: Pem| {
+            let mut material = |s: &Option<Sourced>| {
                 s.as_ref()
-                    .and_then(|s| resolve_material(s, mesh, &secrets, want, &mut d))
+                    .and_then(|s| resolve_material(s, mesh, &secrets, &mut d))
             };
-            let ca_cert = material(&t.ca_cert, Pem::Certificates);
-            let cert = material(&t.client_cert, Pem::Certificates);
-            let key = material(&t.client_key, Pem::PrivateKey);
+            let ca_cert = material(&t.ca_cert);
+            let cert = material(&t.client_cert);
+            let key = material(&t.client_key);
             TlsOrigination {
                 min_version: t.min,
                 max_version: t.max,
@@ -308,27 +304,17 @@ fn resolve_located(located: &[&Located], out: &mut Vec<Diagnostic>) -> Registry 
     registry
 }
 
-#[derive(Clone, Copy)]
-enum Pem {
-    Certificates,
-    PrivateKey,
-}
-
+/// The material a data source names. Inline material was checked when its document was read;
+/// a Secret is checked here, against what this reference needs.
 fn resolve_material(
     s: &Sourced,
     mesh: &str,
-    secrets: &Index<&[u8]>,
-    want: Pem,
+    secrets: &Index<&SecretResource>,
     d: &mut Diagnostics,
 ) -> Option<Material> {
-    // `holder` starts the message; the path already names an inline field.
-    let (origin, holder, bytes) = match &s.source {
-        DataSource::Inline(b) => ("inline".to_string(), "decodes to".to_string(), b.clone()),
-        DataSource::InlineString(text) => (
-            "inlineString".to_string(),
-            "holds".to_string(),
-            text.as_bytes().to_vec(),
-        ),
+    let (origin, pem) = match &s.source {
+        DataSource::Inline(b) => ("inline".to_string(), b.clone()),
+        DataSource::InlineString(text) => ("inlineString".to_string(), text.as_bytes().to_vec()),
         DataSource::Secret(name) => match secrets.find(mesh, name, "MeshExternalService") {
             Err(message) => {
                 d.error(&s.path, message);
@@ -336,32 +322,17 @@ fn resolve_material(
             }
             // The Secret's own errors are reported at its document.
             Ok(None) => return None,
-            Ok(Some(data)) => (
-                format!("secret {name}"),
-                format!("Secret {name:?} holds"),
-                data.to_vec(),
-            ),
+            Ok(Some(secret)) if !secret.holds(s.want) => {
+                d.error(
+                    &s.path,
+                    format!("Secret {name:?} holds {}", s.want.missing()),
+                );
+                return None;
+            }
+            Ok(Some(secret)) => (format!("secret {name}"), secret.data.clone()),
         },
     };
-    let readable = match want {
-        Pem::Certificates => CertificateDer::pem_slice_iter(&bytes)
-            .collect::<Result<Vec<_>, _>>()
-            .is_ok_and(|certs| !certs.is_empty()),
-        Pem::PrivateKey => PrivateKeyDer::from_pem_slice(&bytes).is_ok(),
-    };
-    if !readable {
-        let expected = match want {
-            Pem::Certificates => {
-                "no readable PEM certificate; it must hold -----BEGIN CERTIFICATE----- blocks"
-            }
-            Pem::PrivateKey => {
-                "no readable PEM private key; it must hold a -----BEGIN PRIVATE KEY----- (or RSA/EC PRIVATE KEY) block"
-            }
-        };
-        d.error(&s.path, format!("{holder} {expected}"));
-        return None;
-    }
-    Some(Material { origin, pem: bytes })
+    Some(Material { origin, pem })
 }
 
 #[cfg(test)]

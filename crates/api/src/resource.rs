@@ -48,11 +48,66 @@ impl Resource {
     }
 }
 
+/// What certificate or key material must hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pem {
+    Certificates,
+    PrivateKey,
+}
+
+impl Pem {
+    /// Whether `bytes` hold readable PEM of this sort (at least one certificate, or a key).
+    pub fn found_in(self, bytes: &[u8]) -> bool {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        match self {
+            Pem::Certificates => CertificateDer::pem_slice_iter(bytes)
+                .collect::<Result<Vec<_>, _>>()
+                .is_ok_and(|certs| !certs.is_empty()),
+            Pem::PrivateKey => PrivateKeyDer::from_pem_slice(bytes).is_ok(),
+        }
+    }
+
+    /// The end of the message for material without it.
+    pub fn missing(self) -> &'static str {
+        match self {
+            Pem::Certificates => {
+                "no readable PEM certificate; it must hold -----BEGIN CERTIFICATE----- blocks"
+            }
+            Pem::PrivateKey => {
+                "no readable PEM private key; it must hold a -----BEGIN PRIVATE KEY----- (or RSA/EC PRIVATE KEY) block"
+            }
+        }
+    }
+}
+
 /// Secret bytes. `Debug` never shows them.
 #[derive(Clone)]
 pub struct SecretResource {
     pub meta: Meta,
     pub data: Vec<u8>,
+    /// Read once with the Secret, not at each reference to it: whether `data` holds
+    /// certificates, and whether it holds a private key.
+    pub certificates: bool,
+    pub private_key: bool,
+}
+
+impl SecretResource {
+    pub fn new(meta: Meta, data: Vec<u8>) -> Self {
+        Self {
+            certificates: Pem::Certificates.found_in(&data),
+            private_key: Pem::PrivateKey.found_in(&data),
+            meta,
+            data,
+        }
+    }
+
+    pub fn holds(&self, pem: Pem) -> bool {
+        match pem {
+            Pem::Certificates => self.certificates,
+            Pem::PrivateKey => self.private_key,
+        }
+    }
 }
 
 impl std::fmt::Debug for SecretResource {

@@ -6,7 +6,7 @@ use crate::diag::Diagnostics;
 use crate::model::{Endpoint, Protocol, SanMatch, TlsVersion, VerificationMode};
 use crate::names::{is_dns_name, parse_ip};
 use crate::node::At;
-use crate::resource::Meta;
+use crate::resource::{Meta, Pem};
 
 #[derive(Debug, Clone)]
 pub struct MeshExternalServiceResource {
@@ -54,6 +54,8 @@ pub struct TlsSpec {
 pub struct Sourced {
     pub path: String,
     pub source: DataSource,
+    /// What it must hold: inline material is checked when read, a Secret when resolved.
+    pub want: Pem,
 }
 
 #[derive(Clone)]
@@ -475,7 +477,9 @@ fn parse_verification(v: &At<'_>, spec: &mut TlsSpec, d: &mut Diagnostics) {
             }
         }
     }
-    spec.ca_cert = v.get("caCert").and_then(|s| parse_data_source(&s, d));
+    spec.ca_cert = v
+        .get("caCert")
+        .and_then(|s| parse_data_source(&s, Pem::Certificates, d));
     let cert = v.get("clientCert");
     let key = v.get("clientKey");
     match (&cert, &key) {
@@ -489,15 +493,17 @@ fn parse_verification(v: &At<'_>, spec: &mut TlsSpec, d: &mut Diagnostics) {
         ),
         _ => {}
     }
-    spec.client_cert = cert.and_then(|s| parse_data_source(&s, d));
-    spec.client_key = key.and_then(|s| parse_data_source(&s, d));
+    spec.client_cert = cert.and_then(|s| parse_data_source(&s, Pem::Certificates, d));
+    spec.client_key = key.and_then(|s| parse_data_source(&s, Pem::PrivateKey, d));
     v.finish(d);
 }
 
 const HOST_SOURCE: &str = "is not a supported data source: Sluice reads certificates and keys only from resources; put the PEM in a Secret and reference it with secret: NAME, or use inlineString";
 
-/// Exactly one of `inline` (base64), `inlineString` (text) or `secret` (a Secret's name).
-fn parse_data_source(at: &At<'_>, d: &mut Diagnostics) -> Option<Sourced> {
+/// Exactly one of `inline` (base64), `inlineString` (text) or `secret` (a Secret's name). Inline
+/// material must hold `want` (checked here, once per document); a Secret's is checked where it
+/// is referenced.
+fn parse_data_source(at: &At<'_>, want: Pem, d: &mut Diagnostics) -> Option<Sourced> {
     let mut o = at.obj(d)?;
     let mut refused = false;
     for key in ["file", "env", "envVar"] {
@@ -536,9 +542,18 @@ fn parse_data_source(at: &At<'_>, d: &mut Diagnostics) -> Option<Sourced> {
         }
         _ => DataSource::Secret(super::name(one, d)?),
     };
+    let inline = match &source {
+        DataSource::Inline(bytes) => Some(("decodes to", bytes.as_slice())),
+        DataSource::InlineString(text) => Some(("holds", text.as_bytes())),
+        DataSource::Secret(_) => None,
+    };
+    if let Some((holder, _)) = inline.filter(|(_, bytes)| !want.found_in(bytes)) {
+        d.error(one.path(), format!("{holder} {}", want.missing()));
+    }
     Some(Sourced {
         path: one.path().to_string(),
         source,
+        want,
     })
 }
 

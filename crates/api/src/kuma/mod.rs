@@ -134,7 +134,7 @@ pub fn parse(root: &At<'_>, d: &mut Diagnostics) -> Option<Resource> {
         }
         _ => {
             let data = secret(&mut top, form, d).unwrap_or_default();
-            meta.map(|meta| Resource::Secret(SecretResource { meta, data }))
+            meta.map(|meta| Resource::Secret(SecretResource::new(meta, data)))
         }
     };
     top.finish(d);
