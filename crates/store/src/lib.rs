@@ -5,14 +5,13 @@
 //! replicas.
 
 mod postgres;
+mod sqlite;
 
 pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
 
 use std::path::Path;
-use std::str::FromStr;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
-use sqlx::{Row, SqlitePool};
 use tokio::sync::broadcast;
 
 /// Where a resource is: kind, mesh and name.
@@ -21,6 +20,12 @@ pub struct Key {
     pub kind: String,
     pub mesh: String,
     pub name: String,
+}
+
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}/{}", self.kind, self.mesh, self.name)
+    }
 }
 
 /// A stored resource: the document as applied, its version and the revision that wrote it.
@@ -42,6 +47,16 @@ pub enum Outcome {
     Unchanged,
 }
 
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Created => "created",
+            Outcome::Configured => "configured",
+            Outcome::Unchanged => "unchanged",
+        }
+    }
+}
+
 /// One change, in revision order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
@@ -50,23 +65,56 @@ pub struct Event {
     pub deleted: bool,
 }
 
+/// One part of a [`Store::write`]: create or replace `key` with `body`, or delete it (`None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub key: Key,
+    pub body: Option<String>,
+    /// Only if the stored version is this one (0: only if there is none).
+    pub expected_version: Option<i64>,
+}
+
+/// What one [`Change`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Written {
+    Put(Outcome, Stored),
+    Deleted {
+        revision: i64,
+    },
+    /// A delete of something that was not there.
+    Absent,
+}
+
+impl Written {
+    /// The revision this change made, if it changed anything.
+    pub fn revision(&self) -> Option<i64> {
+        match self {
+            Written::Put(Outcome::Unchanged, _) | Written::Absent => None,
+            Written::Put(_, stored) => Some(stored.revision),
+            Written::Deleted { revision } => Some(*revision),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error(
-        "{kind} {mesh}/{name} is at version {current}, not {expected}: read it again and retry"
-    )]
+    #[error("{key} is at version {current}, not {expected}: read it again and retry")]
     Conflict {
-        kind: String,
-        mesh: String,
-        name: String,
+        key: Key,
         expected: i64,
         current: i64,
     },
+    /// The store moved on from the revision a write was checked against.
+    #[error("the store is at revision {current}, not {expected}: check the write again")]
+    Stale { expected: i64, current: i64 },
     #[error("store: {0}")]
     Database(#[from] sqlx::Error),
     #[error("store {0:?}: give sqlite://PATH or postgres://USER@HOST:PORT/DATABASE")]
     Url(String),
 }
+
+/// The schema version a database has after its migrations.
+pub const SCHEMA_VERSION: i64 = 1;
 
 /// A store of either kind, chosen by URL.
 pub enum Store {
@@ -83,30 +131,74 @@ impl Store {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             return Ok(Store::Postgres(PgStore::open(url).await?));
         }
-        Err(StoreError::Url(url.to_string()))
+        Err(StoreError::Url(redact_url(url)))
     }
 
+    /// Several changes as one transaction: all of them, or none if any fails. With
+    /// `expected_revision`, only if no other write came after that revision, so that what was
+    /// checked against it is still what it is written over.
+    pub async fn write(
+        &self,
+        changes: &[Change],
+        expected_revision: Option<i64>,
+    ) -> Result<Vec<Written>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.write(changes, expected_revision).await,
+            Store::Postgres(s) => s.write(changes, expected_revision).await,
+        }
+    }
+
+    /// Creates or replaces one resource (see [`Change::expected_version`]).
     pub async fn put(
         &self,
         key: &Key,
         body: &str,
         expected_version: Option<i64>,
     ) -> Result<(Outcome, Stored), StoreError> {
-        match self {
-            Store::Sqlite(s) => s.put(key, body, expected_version).await,
-            Store::Postgres(s) => s.put(key, body, expected_version).await,
+        let change = Change {
+            key: key.clone(),
+            body: Some(body.to_string()),
+            expected_version,
+        };
+        match self.write(&[change], None).await?.pop() {
+            Some(Written::Put(outcome, stored)) => Ok((outcome, stored)),
+            _ => unreachable!("a put writes a put"),
         }
     }
 
-    /// Several writes as one: all of them, or none if any fails.
+    /// Several puts as one write.
     pub async fn put_all(
         &self,
         items: &[(Key, String)],
     ) -> Result<Vec<(Outcome, Stored)>, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.put_all(items).await,
-            Store::Postgres(s) => s.put_all(items).await,
-        }
+        let changes: Vec<Change> = items
+            .iter()
+            .map(|(key, body)| Change {
+                key: key.clone(),
+                body: Some(body.clone()),
+                expected_version: None,
+            })
+            .collect();
+        Ok(self
+            .write(&changes, None)
+            .await?
+            .into_iter()
+            .filter_map(|w| match w {
+                Written::Put(outcome, stored) => Some((outcome, stored)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Removes a resource; `false` if there was none.
+    pub async fn delete(&self, key: &Key) -> Result<bool, StoreError> {
+        let change = Change {
+            key: key.clone(),
+            body: None,
+            expected_version: None,
+        };
+        let written = self.write(&[change], None).await?;
+        Ok(matches!(written.as_slice(), [Written::Deleted { .. }]))
     }
 
     pub async fn get(&self, key: &Key) -> Result<Option<Stored>, StoreError> {
@@ -116,6 +208,7 @@ impl Store {
         }
     }
 
+    /// Every resource of `kind` (in every mesh, or one), ordered by mesh and name.
     pub async fn list(&self, kind: &str, mesh: Option<&str>) -> Result<Vec<Stored>, StoreError> {
         match self {
             Store::Sqlite(s) => s.list(kind, mesh).await,
@@ -123,13 +216,7 @@ impl Store {
         }
     }
 
-    pub async fn delete(&self, key: &Key) -> Result<bool, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.delete(key).await,
-            Store::Postgres(s) => s.delete(key).await,
-        }
-    }
-
+    /// The changes after `revision`, in order: what a watcher missed.
     pub async fn events_since(&self, revision: i64) -> Result<Vec<Event>, StoreError> {
         match self {
             Store::Sqlite(s) => s.events_since(revision).await,
@@ -137,6 +224,7 @@ impl Store {
         }
     }
 
+    /// The latest revision (0 for an empty store).
     pub async fn revision(&self) -> Result<i64, StoreError> {
         match self {
             Store::Sqlite(s) => s.revision().await,
@@ -144,11 +232,91 @@ impl Store {
         }
     }
 
+    /// Changes as they are committed: by this process (SQLite) or by any replica
+    /// (PostgreSQL). A receiver that lags behind is told so and catches up with
+    /// [`Store::events_since`].
     pub fn watch(&self) -> broadcast::Receiver<Event> {
         match self {
-            Store::Sqlite(s) => s.watch(),
-            Store::Postgres(s) => s.watch(),
+            Store::Sqlite(s) => s.changes.subscribe(),
+            Store::Postgres(s) => s.changes.subscribe(),
         }
+    }
+}
+
+/// A store URL with any password left out, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// The statements both backends run, in the `$N` parameters both accept.
+mod sql {
+    pub const GET: &str =
+        "SELECT body, version, revision FROM resources WHERE kind = $1 AND mesh = $2 AND name = $3";
+    pub const LIST: &str = "SELECT mesh, name, body, version, revision FROM resources
+        WHERE kind = $1 AND (CAST($2 AS TEXT) IS NULL OR mesh = $2) ORDER BY mesh, name";
+    pub const UPSERT: &str = "INSERT INTO resources (kind, mesh, name, body, version, revision)
+        VALUES ($1, $2, $3, $4, $5, $6)
+        ON CONFLICT (kind, mesh, name) DO UPDATE
+        SET body = excluded.body, version = excluded.version, revision = excluded.revision";
+    pub const DELETE: &str = "DELETE FROM resources WHERE kind = $1 AND mesh = $2 AND name = $3";
+    pub const INSERT_EVENT: &str =
+        "INSERT INTO events (kind, mesh, name, deleted) VALUES ($1, $2, $3, $4) RETURNING revision";
+    pub const EVENTS_SINCE: &str =
+        "SELECT revision, kind, mesh, name, deleted FROM events WHERE revision > $1 ORDER BY revision";
+    pub const REVISION: &str = "SELECT COALESCE(MAX(revision), 0) FROM events";
+    pub const SCHEMA_TABLE: &str =
+        "CREATE TABLE IF NOT EXISTS sluice_schema (version BIGINT NOT NULL)";
+    pub const SCHEMA_VERSION: &str = "SELECT COALESCE(MAX(version), 0) FROM sluice_schema";
+    pub const RECORD_VERSION: &str = "INSERT INTO sluice_schema (version) VALUES ($1)";
+}
+
+/// Rows as both backends return them.
+type StoredRow = (String, i64, i64);
+type ListedRow = (String, String, String, i64, i64);
+type EventRow = (i64, String, String, String, bool);
+
+fn stored(key: &Key, (body, version, revision): StoredRow) -> Stored {
+    Stored {
+        key: key.clone(),
+        body,
+        version,
+        revision,
+    }
+}
+
+fn listed(kind: &str, (mesh, name, body, version, revision): ListedRow) -> Stored {
+    Stored {
+        key: Key {
+            kind: kind.to_string(),
+            mesh,
+            name,
+        },
+        body,
+        version,
+        revision,
+    }
+}
+
+fn event((revision, kind, mesh, name, deleted): EventRow) -> Event {
+    Event {
+        revision,
+        key: Key { kind, mesh, name },
+        deleted,
+    }
+}
+
+/// The refusal of a write checked against `expected`, the store being at `current`.
+fn stale(expected: Option<i64>, current: i64) -> Result<(), StoreError> {
+    match expected {
+        Some(expected) if expected != current => Err(StoreError::Stale { expected, current }),
+        _ => Ok(()),
     }
 }
 
@@ -168,9 +336,7 @@ pub(crate) fn plan(
     let current_version = current.as_ref().map_or(0, |c| c.1);
     if let Some(expected) = expected_version.filter(|e| *e != current_version) {
         return Err(StoreError::Conflict {
-            kind: key.kind.clone(),
-            mesh: key.mesh.clone(),
-            name: key.name.clone(),
+            key: key.clone(),
             expected,
             current: current_version,
         });
@@ -193,280 +359,21 @@ pub(crate) fn plan(
     })
 }
 
-/// Migrations by schema version, applied in order on open; a database records the last one it
-/// has, so each runs exactly once. New ones are appended, never edited.
-const MIGRATIONS: &[(i64, &[&str])] = &[(
-    1,
-    &[
-        "CREATE TABLE resources (
-            kind TEXT NOT NULL, mesh TEXT NOT NULL, name TEXT NOT NULL,
-            body TEXT NOT NULL, version INTEGER NOT NULL, revision INTEGER NOT NULL,
-            PRIMARY KEY (kind, mesh, name))",
-        "CREATE TABLE events (
-            revision INTEGER PRIMARY KEY AUTOINCREMENT,
-            kind TEXT NOT NULL, mesh TEXT NOT NULL, name TEXT NOT NULL, deleted INTEGER NOT NULL)",
-    ],
-)];
-
-/// The schema version a database has; 0 for a new one.
-pub const SCHEMA_VERSION: i64 = 1;
-
-pub struct SqliteStore {
-    pool: SqlitePool,
-    changes: broadcast::Sender<Event>,
-}
-
-impl SqliteStore {
-    /// Opens (creating if needed) the database at `path`.
-    pub async fn open(path: &Path) -> Result<Self, StoreError> {
-        let options = SqliteConnectOptions::from_str("sqlite:")?
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .busy_timeout(std::time::Duration::from_secs(5));
-        // One writer at a time is what SQLite allows anyway; a single connection keeps
-        // read-modify-write sequences simple and ordered.
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options)
-            .await?;
-        migrate(&pool).await?;
-        let (changes, _) = broadcast::channel(1024);
-        Ok(Self { pool, changes })
-    }
-
-    /// Creates or replaces a resource. With `expected_version`, the write happens only if the
-    /// stored version is that one (0 meaning "must not exist yet").
-    pub async fn put(
-        &self,
-        key: &Key,
-        body: &str,
-        expected_version: Option<i64>,
-    ) -> Result<(Outcome, Stored), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let (outcome, stored) = put_in(&mut tx, key, body, expected_version).await?;
-        if outcome != Outcome::Unchanged {
-            tx.commit().await?;
-            let _ = self.changes.send(Event {
-                revision: stored.revision,
-                key: key.clone(),
-                deleted: false,
-            });
-        }
-        Ok((outcome, stored))
-    }
-
-    /// Several writes as one: all of them, or none if any fails.
-    pub async fn put_all(
-        &self,
-        items: &[(Key, String)],
-    ) -> Result<Vec<(Outcome, Stored)>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let mut done = Vec::with_capacity(items.len());
-        for (key, body) in items {
-            done.push(put_in(&mut tx, key, body, None).await?);
-        }
-        tx.commit().await?;
-        for (outcome, stored) in &done {
-            if *outcome != Outcome::Unchanged {
-                let _ = self.changes.send(Event {
-                    revision: stored.revision,
-                    key: stored.key.clone(),
-                    deleted: false,
-                });
-            }
-        }
-        Ok(done)
-    }
-
-    pub async fn get(&self, key: &Key) -> Result<Option<Stored>, StoreError> {
-        let row = sqlx::query("SELECT body, version, revision FROM resources WHERE kind = ? AND mesh = ? AND name = ?")
-            .bind(&key.kind)
-            .bind(&key.mesh)
-            .bind(&key.name)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.map(|row| Stored {
-            key: key.clone(),
-            body: row.get(0),
-            version: row.get(1),
-            revision: row.get(2),
-        }))
-    }
-
-    /// Every resource of `kind` (in every mesh, or one), ordered by mesh and name.
-    pub async fn list(&self, kind: &str, mesh: Option<&str>) -> Result<Vec<Stored>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT mesh, name, body, version, revision FROM resources
-             WHERE kind = ? AND (? IS NULL OR mesh = ?) ORDER BY mesh, name",
-        )
-        .bind(kind)
-        .bind(mesh)
-        .bind(mesh)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|row| Stored {
-                key: Key {
-                    kind: kind.to_string(),
-                    mesh: row.get(0),
-                    name: row.get(1),
-                },
-                body: row.get(2),
-                version: row.get(3),
-                revision: row.get(4),
-            })
-            .collect())
-    }
-
-    /// Removes a resource; `false` if there was none.
-    pub async fn delete(&self, key: &Key) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let gone = sqlx::query("DELETE FROM resources WHERE kind = ? AND mesh = ? AND name = ?")
-            .bind(&key.kind)
-            .bind(&key.mesh)
-            .bind(&key.name)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-            > 0;
-        if !gone {
-            return Ok(false);
-        }
-        let revision = insert_event(&mut tx, key, true).await?;
-        tx.commit().await?;
-        let _ = self.changes.send(Event {
-            revision,
-            key: key.clone(),
-            deleted: true,
-        });
-        Ok(true)
-    }
-
-    /// The changes after `revision`, in order: what a watcher missed.
-    pub async fn events_since(&self, revision: i64) -> Result<Vec<Event>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT revision, kind, mesh, name, deleted FROM events WHERE revision > ? ORDER BY revision",
-        )
-        .bind(revision)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|row| Event {
-                revision: row.get(0),
-                key: Key {
-                    kind: row.get(1),
-                    mesh: row.get(2),
-                    name: row.get(3),
-                },
-                deleted: row.get::<i64, _>(4) != 0,
-            })
-            .collect())
-    }
-
-    /// The latest revision (0 for an empty store).
-    pub async fn revision(&self) -> Result<i64, StoreError> {
-        let row = sqlx::query("SELECT COALESCE(MAX(revision), 0) FROM events")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(row.get(0))
-    }
-
-    /// Changes as they are committed by this process. A receiver that lags behind is told so
-    /// and catches up with [`SqliteStore::events_since`].
-    pub fn watch(&self) -> broadcast::Receiver<Event> {
-        self.changes.subscribe()
-    }
-}
-
-async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("CREATE TABLE IF NOT EXISTS sluice_schema (version INTEGER NOT NULL)")
-        .execute(&mut *tx)
-        .await?;
-    let row = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM sluice_schema")
-        .fetch_one(&mut *tx)
-        .await?;
-    let current: i64 = row.get(0);
-    for (version, statements) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
-        for statement in *statements {
-            sqlx::query(*statement).execute(&mut *tx).await?;
-        }
-        sqlx::query("INSERT INTO sluice_schema (version) VALUES (?)")
-            .bind(version)
-            .execute(&mut *tx)
-            .await?;
-    }
-    tx.commit().await?;
-    Ok(())
-}
-
-/// One write inside the caller's transaction: what `put` and `put_all` share.
-async fn put_in(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    key: &Key,
-    body: &str,
-    expected_version: Option<i64>,
-) -> Result<(Outcome, Stored), StoreError> {
-    let current = sqlx::query(
-        "SELECT body, version, revision FROM resources WHERE kind = ? AND mesh = ? AND name = ?",
-    )
-    .bind(&key.kind)
-    .bind(&key.mesh)
-    .bind(&key.name)
-    .fetch_optional(&mut **tx)
-    .await?
-    .map(|row| (row.get(0), row.get(1), row.get(2)));
-    let (outcome, version) = match crate::plan(key, body, expected_version, current)? {
-        crate::Plan::Keep(stored) => return Ok((Outcome::Unchanged, stored)),
-        crate::Plan::Write { outcome, version } => (outcome, version),
-    };
-    let revision = insert_event(tx, key, false).await?;
-    sqlx::query(
-        "INSERT INTO resources (kind, mesh, name, body, version, revision) VALUES (?, ?, ?, ?, ?, ?)
-         ON CONFLICT (kind, mesh, name) DO UPDATE SET body = excluded.body, version = excluded.version, revision = excluded.revision",
-    )
-    .bind(&key.kind)
-    .bind(&key.mesh)
-    .bind(&key.name)
-    .bind(body)
-    .bind(version)
-    .bind(revision)
-    .execute(&mut **tx)
-    .await?;
-    Ok((
-        outcome,
-        Stored {
-            key: key.clone(),
-            body: body.to_string(),
-            version,
-            revision,
-        },
-    ))
-}
-
-async fn insert_event(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    key: &Key,
-    deleted: bool,
-) -> Result<i64, StoreError> {
-    let row = sqlx::query(
-        "INSERT INTO events (kind, mesh, name, deleted) VALUES (?, ?, ?, ?) RETURNING revision",
-    )
-    .bind(&key.kind)
-    .bind(&key.mesh)
-    .bind(&key.name)
-    .bind(i64::from(deleted))
-    .fetch_one(&mut **tx)
-    .await?;
-    Ok(row.get(0))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_never_show() {
+        assert_eq!(
+            redact_url("postgres://u:pw@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact_url("sqlite://./x.db"), "sqlite://./x.db");
+        let err = StoreError::Url(redact_url("postgress://u:pw@h/db"));
+        assert!(!err.to_string().contains("pw"), "{err}");
+    }
 
     #[test]
     fn write_plans() {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use sluice_store::{Key, Outcome, Store, StoreError};
+use sluice_store::{Change, Key, Outcome, Store, StoreError, Written};
 
 /// A database file in a fresh directory, removed at the end.
 struct Db(PathBuf);
@@ -280,9 +280,9 @@ async fn migrate_check(url: &str) {
     assert_eq!(versions, [sluice_store::SCHEMA_VERSION]);
 }
 
-/// put_all writes every item in one transaction, reporting each like put.
+/// put_all reports each item like put, in order, repeats included.
 #[tokio::test]
-async fn put_all_is_one_write() {
+async fn put_all_reports_each_item() {
     on_both!("batch", batch_check);
 }
 
@@ -317,4 +317,94 @@ async fn batch_check(url: &str) {
         "a2"
     );
     assert_eq!(store.revision().await.unwrap(), 3);
+}
+
+/// A write is one transaction: puts and deletes together, or (when any part is refused)
+/// nothing, and nothing at all when the store has moved past the revision it was checked at.
+#[tokio::test]
+async fn a_write_is_all_or_nothing_and_checked_against_a_revision() {
+    on_both!("write", write_check);
+}
+
+async fn write_check(url: &str) {
+    let store = Store::open(url).await.unwrap();
+    let (a, b, c) = (
+        key("Secret", "default", "a"),
+        key("Secret", "default", "b"),
+        key("Secret", "default", "c"),
+    );
+    store.put(&a, "a1", None).await.unwrap();
+    store.put(&b, "b1", None).await.unwrap();
+    let change = |k: &Key, body: Option<&str>, expected_version| Change {
+        key: k.clone(),
+        body: body.map(str::to_string),
+        expected_version,
+    };
+
+    // A conflict in the last part undoes the first.
+    let refused = store
+        .write(
+            &[
+                change(&c, Some("c1"), None),
+                change(&a, Some("a2"), Some(7)),
+            ],
+            None,
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::Conflict { .. })),
+        "{refused:?}"
+    );
+    assert!(store.get(&c).await.unwrap().is_none());
+    assert_eq!(store.revision().await.unwrap(), 2);
+
+    // Checked against an older revision: refused, nothing written.
+    let stale = store.write(&[change(&c, Some("c1"), None)], Some(1)).await;
+    assert!(
+        matches!(
+            stale,
+            Err(StoreError::Stale {
+                expected: 1,
+                current: 2
+            })
+        ),
+        "{stale:?}"
+    );
+    assert!(store.get(&c).await.unwrap().is_none());
+
+    // Against the current one: a put, a delete and a delete of nothing, in one revision range.
+    let mut changes = store.watch();
+    let done = store
+        .write(
+            &[
+                change(&c, Some("c1"), None),
+                change(&b, None, None),
+                change(&key("Secret", "default", "none"), None, None),
+            ],
+            Some(2),
+        )
+        .await
+        .unwrap();
+    // Revisions grow; a refused write may leave a gap (PostgreSQL's sequences do not roll back).
+    let revisions: Vec<Option<i64>> = done.iter().map(Written::revision).collect();
+    let (Some(put), Some(deleted), None) = (revisions[0], revisions[1], revisions[2]) else {
+        panic!("{revisions:?}");
+    };
+    assert!(2 < put && put < deleted, "{revisions:?}");
+    assert!(matches!(done[2], Written::Absent));
+    assert!(store.get(&b).await.unwrap().is_none());
+    assert_eq!(store.get(&c).await.unwrap().unwrap().body, "c1");
+    let events = store.events_since(2).await.unwrap();
+    let seen: Vec<(i64, &str, bool)> = events
+        .iter()
+        .map(|e| (e.revision, e.key.name.as_str(), e.deleted))
+        .collect();
+    assert_eq!(seen, [(put, "c", false), (deleted, "b", true)]);
+    for want in [put, deleted] {
+        let e = tokio::time::timeout(Duration::from_secs(10), changes.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.revision, want);
+    }
 }

@@ -1,0 +1,192 @@
+//! The store on SQLite, the embedded default: one file, one connection (one writer is what
+//! SQLite allows anyway), changes announced to this process's watchers after they commit.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::{Sqlite, SqlitePool, Transaction};
+use tokio::sync::broadcast;
+
+use crate::{
+    event, listed, plan, sql, stale, stored, Change, Event, EventRow, Key, ListedRow, Outcome,
+    Plan, StoreError, Stored, StoredRow, Written, SCHEMA_VERSION,
+};
+
+/// Migrations by schema version, applied in order on open; a database records the last one it
+/// has, so each runs exactly once. New ones are appended, never edited.
+const MIGRATIONS: &[(i64, &[&str])] = &[(
+    1,
+    &[
+        "CREATE TABLE resources (
+            kind TEXT NOT NULL, mesh TEXT NOT NULL, name TEXT NOT NULL,
+            body TEXT NOT NULL, version INTEGER NOT NULL, revision INTEGER NOT NULL,
+            PRIMARY KEY (kind, mesh, name))",
+        "CREATE TABLE events (
+            revision INTEGER PRIMARY KEY AUTOINCREMENT,
+            kind TEXT NOT NULL, mesh TEXT NOT NULL, name TEXT NOT NULL, deleted INTEGER NOT NULL)",
+    ],
+)];
+
+const _: () = assert!(MIGRATIONS[MIGRATIONS.len() - 1].0 == SCHEMA_VERSION);
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+    pub(crate) changes: broadcast::Sender<Event>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str("sqlite:")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(std::time::Duration::from_secs(5));
+        // A single connection keeps read-modify-write sequences simple and ordered.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await?;
+        let mut tx = pool.begin().await?;
+        sqlx::query(sql::SCHEMA_TABLE).execute(&mut *tx).await?;
+        let (current,): (i64,) = sqlx::query_as(sql::SCHEMA_VERSION)
+            .fetch_one(&mut *tx)
+            .await?;
+        for (version, statements) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+            for statement in *statements {
+                sqlx::query(*statement).execute(&mut *tx).await?;
+            }
+            sqlx::query(sql::RECORD_VERSION)
+                .bind(version)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        let (changes, _) = broadcast::channel(1024);
+        Ok(Self { pool, changes })
+    }
+
+    pub async fn write(
+        &self,
+        changes: &[Change],
+        expected_revision: Option<i64>,
+    ) -> Result<Vec<Written>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let (current,): (i64,) = sqlx::query_as(sql::REVISION).fetch_one(&mut *tx).await?;
+        stale(expected_revision, current)?;
+        let mut done = Vec::with_capacity(changes.len());
+        let mut events = Vec::new();
+        for change in changes {
+            let written = write_in(&mut tx, change).await?;
+            if let Some(revision) = written.revision() {
+                events.push(Event {
+                    revision,
+                    key: change.key.clone(),
+                    deleted: change.body.is_none(),
+                });
+            }
+            done.push(written);
+        }
+        if events.is_empty() {
+            return Ok(done);
+        }
+        tx.commit().await?;
+        for e in events {
+            let _ = self.changes.send(e);
+        }
+        Ok(done)
+    }
+
+    pub async fn get(&self, key: &Key) -> Result<Option<Stored>, StoreError> {
+        let row: Option<StoredRow> = sqlx::query_as(sql::GET)
+            .bind(&key.kind)
+            .bind(&key.mesh)
+            .bind(&key.name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|row| stored(key, row)))
+    }
+
+    pub async fn list(&self, kind: &str, mesh: Option<&str>) -> Result<Vec<Stored>, StoreError> {
+        let rows: Vec<ListedRow> = sqlx::query_as(sql::LIST)
+            .bind(kind)
+            .bind(mesh)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(|row| listed(kind, row)).collect())
+    }
+
+    pub async fn events_since(&self, revision: i64) -> Result<Vec<Event>, StoreError> {
+        let rows: Vec<EventRow> = sqlx::query_as(sql::EVENTS_SINCE)
+            .bind(revision)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(event).collect())
+    }
+
+    pub async fn revision(&self) -> Result<i64, StoreError> {
+        let (revision,): (i64,) = sqlx::query_as(sql::REVISION).fetch_one(&self.pool).await?;
+        Ok(revision)
+    }
+}
+
+/// One change inside the write's transaction.
+async fn write_in(
+    tx: &mut Transaction<'_, Sqlite>,
+    change: &Change,
+) -> Result<Written, StoreError> {
+    let key = &change.key;
+    let current: Option<StoredRow> = sqlx::query_as(sql::GET)
+        .bind(&key.kind)
+        .bind(&key.mesh)
+        .bind(&key.name)
+        .fetch_optional(&mut **tx)
+        .await?;
+    let Some(body) = &change.body else {
+        if current.is_none() {
+            return Ok(Written::Absent);
+        }
+        sqlx::query(sql::DELETE)
+            .bind(&key.kind)
+            .bind(&key.mesh)
+            .bind(&key.name)
+            .execute(&mut **tx)
+            .await?;
+        let revision = insert_event(tx, key, true).await?;
+        return Ok(Written::Deleted { revision });
+    };
+    let (outcome, version) = match plan(key, body, change.expected_version, current)? {
+        Plan::Keep(stored) => return Ok(Written::Put(Outcome::Unchanged, stored)),
+        Plan::Write { outcome, version } => (outcome, version),
+    };
+    let revision = insert_event(tx, key, false).await?;
+    sqlx::query(sql::UPSERT)
+        .bind(&key.kind)
+        .bind(&key.mesh)
+        .bind(&key.name)
+        .bind(body)
+        .bind(version)
+        .bind(revision)
+        .execute(&mut **tx)
+        .await?;
+    Ok(Written::Put(
+        outcome,
+        stored(key, (body.clone(), version, revision)),
+    ))
+}
+
+async fn insert_event(
+    tx: &mut Transaction<'_, Sqlite>,
+    key: &Key,
+    deleted: bool,
+) -> Result<i64, StoreError> {
+    let (revision,): (i64,) = sqlx::query_as(sql::INSERT_EVENT)
+        .bind(&key.kind)
+        .bind(&key.mesh)
+        .bind(&key.name)
+        .bind(deleted)
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok(revision)
+}
