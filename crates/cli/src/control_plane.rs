@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::Args;
 use sluice_control::server::Api;
-use sluice_store::Store;
+use sluice_store::{redact_url, Store};
 
 #[derive(Args)]
 pub struct ControlPlaneArgs {
@@ -136,31 +136,4 @@ fn generated_token(data_dir: &Path, role: &str) -> anyhow::Result<String> {
         path.display()
     );
     Ok(token)
-}
-
-/// A store URL with any password left out, for logs and errors.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_never_show() {
-        assert_eq!(
-            redact_url("postgres://u:pw@h:5432/db"),
-            "postgres://u:***@h:5432/db"
-        );
-        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u:***@h/db");
-        assert_eq!(redact_url("sqlite://./x.db"), "sqlite://./x.db");
-    }
 }

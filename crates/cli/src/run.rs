@@ -416,7 +416,7 @@ async fn write_files(
     match api.write_documents(documents, &removed).await {
         Ok(_) => {}
         Err(Refused::Invalid(problems)) => return Err(problems),
-        Err(Refused::Store(e)) => return Err(vec![e.to_string()]),
+        Err(other) => return Err(vec![other.to_string()]),
     }
     *owned = declared;
     let keys: Vec<(&str, &str, &str)> = owned

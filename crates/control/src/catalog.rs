@@ -93,45 +93,38 @@ impl Catalog {
         self.sync_locked(store).await
     }
 
-    /// Publishes a write just made on top of `before`, with the registry its check resolved,
-    /// so that the whole registry is not resolved a second time. Falls back to a full sync when
-    /// anything else changed the store meanwhile.
+    /// Publishes a write just made on top of `before` (its changes, and the revisions they
+    /// were written at), with the registry its check resolved, so that the whole registry is not
+    /// resolved a second time. Falls back to a full sync when anything else changed the store.
     pub async fn commit(
         &self,
         store: &Store,
         before: &View,
         written: &[(Key, Option<&str>)],
+        revisions: &[i64],
         registry: Registry,
     ) -> Result<Arc<View>, StoreError> {
         let _guard = self.sync.lock().await;
         let current = self.view();
-        if current.revision == before.revision {
+        if current.revision == before.revision && !revisions.is_empty() {
             let events = store.events_since(current.revision).await?;
-            let ours = events
+            if events
                 .iter()
-                .all(|e| written.iter().any(|(key, _)| *key == e.key));
-            match events.last() {
-                None => return Ok(current),
-                Some(last) if ours => {
-                    let mut docs = current.docs.clone();
-                    for (key, body) in written {
-                        match body.and_then(|b| parse(key, b)) {
-                            Some(entry) => docs.insert(key.clone(), entry),
-                            None => docs.remove(key),
-                        };
-                    }
-                    let view = Arc::new(View {
-                        revision: last.revision,
-                        config: Arc::new(compile(&registry)),
-                        registry: Arc::new(registry),
-                        docs,
-                        mesh_scopes: Default::default(),
-                        errors: BTreeSet::new(),
-                    });
-                    retire(self.view.send_replace(view.clone()));
-                    return Ok(view);
+                .map(|e| e.revision)
+                .eq(revisions.iter().copied())
+            {
+                let mut docs = current.docs.clone();
+                for (key, body) in written {
+                    change(&mut docs, key, *body);
                 }
-                Some(_) => {}
+                return Ok(self.install(View {
+                    revision: revisions[revisions.len() - 1],
+                    config: Arc::new(compile(&registry)),
+                    registry: Arc::new(registry),
+                    docs,
+                    mesh_scopes: Default::default(),
+                    errors: BTreeSet::new(),
+                }));
             }
         }
         self.sync_locked(store).await
@@ -148,23 +141,11 @@ impl Catalog {
         changed.sort();
         changed.dedup();
         for key in changed {
-            // The resource as it is now: later events in this batch are already in it.
-            match store.get(key).await? {
-                Some(stored) => match parse(key, &stored.body) {
-                    Some(doc) => {
-                        docs.insert(key.clone(), doc);
-                    }
-                    None => {
-                        docs.remove(key);
-                    }
-                },
-                None => {
-                    docs.remove(key);
-                }
-            }
+            // As it is now, which may be newer than `last`: the next sync reads it again.
+            let stored = store.get(key).await?;
+            change(&mut docs, key, stored.as_ref().map(|s| s.body.as_str()));
         }
-        let revision = last.max(store.revision().await.unwrap_or(last));
-        Ok(self.publish(revision, docs, Some(&current)))
+        Ok(self.publish(last, docs, Some(&current)))
     }
 
     fn publish(
@@ -190,14 +171,19 @@ impl Catalog {
             Some(p) if Arc::ptr_eq(&p.registry, &registry) => p.config.clone(),
             _ => Arc::new(compile(&registry)),
         };
-        let view = Arc::new(View {
+        self.install(View {
             revision,
             docs,
             registry,
             config,
             mesh_scopes: Default::default(),
             errors,
-        });
+        })
+    }
+
+    /// Makes `view` the current one.
+    fn install(&self, view: View) -> Arc<View> {
+        let view = Arc::new(view);
         retire(self.view.send_replace(view.clone()));
         view
     }
@@ -211,12 +197,8 @@ impl Catalog {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                r = changes.recv() => {
-                    if let Err(tokio::sync::broadcast::error::RecvError::Closed) = r {
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        changes = store.watch();
-                    }
-                }
+                // One sync reads every change announced so far.
+                _ = changes.recv() => while changes.try_recv().is_ok() {},
                 _ = tick.tick() => {}
             }
             if let Err(e) = self.sync(&store).await {
@@ -235,6 +217,14 @@ fn retire(old: Arc<View>) {
     }
 }
 
+/// `docs` with `key` as `body` says (absent when `None`, or when it is not one document).
+fn change(docs: &mut BTreeMap<Key, Arc<Entry>>, key: &Key, body: Option<&str>) {
+    match body.and_then(|b| parse(key, b)) {
+        Some(entry) => docs.insert(key.clone(), entry),
+        None => docs.remove(key),
+    };
+}
+
 fn parse(key: &Key, body: &str) -> Option<Arc<Entry>> {
     let source = format!("{}/{}/{}", key.kind, key.mesh, key.name);
     match parse_documents(&source, body) {
@@ -248,5 +238,52 @@ fn parse(key: &Key, body: &str) -> Option<Arc<Entry>> {
             tracing::error!(resource = %source, "stored resource is not one YAML document; ignored");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes landing while the catalog syncs are all read, however they interleave.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn syncing_during_writes_misses_none() {
+        let dir = std::env::temp_dir().join(format!(
+            "sluice-catalog-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Arc::new(
+            Store::open(&format!("sqlite://{}", dir.join("db").display()))
+                .await
+                .unwrap(),
+        );
+        let catalog = Arc::new(Catalog::load(&store).await.unwrap());
+        let writer = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for i in 0..300 {
+                    let key = Key {
+                        kind: "Secret".into(),
+                        mesh: "default".into(),
+                        name: format!("s{i}"),
+                    };
+                    let body = format!("type: Secret\nname: s{i}\ndata: YQ==\n");
+                    store.put(&key, &body, None).await.unwrap();
+                }
+            })
+        };
+        while !writer.is_finished() {
+            catalog.sync(&store).await.unwrap();
+        }
+        writer.await.unwrap();
+        let view = catalog.sync(&store).await.unwrap();
+        assert_eq!(view.docs.len(), 300);
+        assert_eq!(view.revision, store.revision().await.unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -6,6 +6,7 @@
 //! the `resource-version` header), `GET /api/v1/{kind}[?mesh=M]` for a list, `DELETE` to remove.
 //! Every request needs `Authorization: Bearer TOKEN`; the read-only token may only read.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -15,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use sluice_api::{parse_documents, Parsed, Severity};
-use sluice_store::{Key, Outcome, Store, StoreError};
+use sluice_store::{Change, Key, Outcome, Store, StoreError, Written};
 
 use crate::catalog::Catalog;
 use crate::config_server::{inspect, ConfigServer};
@@ -30,12 +31,20 @@ fn store_key(kind: &str, key: &sluice_api::model::ResourceKey) -> Key {
 }
 
 /// Why a write was not done.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum Refused {
     /// Every problem, one line each, as `sluice validate` says them.
+    #[error("{}", .0.join("\n"))]
     Invalid(Vec<String>),
+    #[error(transparent)]
     Store(StoreError),
+    /// Other writes kept coming between this one's check and its write.
+    #[error("other writes kept changing the store while this one was checked; try again")]
+    Busy,
 }
+
+/// How many times a write is checked again when another write came first.
+const WRITE_ATTEMPTS: usize = 5;
 
 /// Request bodies larger than this get 413: no resource is anywhere near it.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -92,40 +101,70 @@ impl Api {
         &self,
         docs: Vec<sluice_api::Document>,
         remove: &[Key],
-    ) -> Result<Vec<(Outcome, sluice_store::Stored)>, Refused> {
+    ) -> Result<Vec<Written>, Refused> {
         let parsed: Vec<Parsed> = docs.iter().map(sluice_api::parse).collect();
-        // Unreadable documents get their errors from the full check below.
-        let items: Vec<(Key, String)> = docs
+        // Unreadable documents get their errors from the check.
+        let changes: Vec<Change> = docs
             .iter()
             .zip(&parsed)
             .filter_map(|(doc, p)| {
                 let (kind, key) = p.identity()?;
-                Some((store_key(kind, key), doc.value.to_string()))
+                Some(Change {
+                    key: store_key(kind, key),
+                    body: Some(doc.value.to_string()),
+                    expected_version: None,
+                })
             })
+            .chain(remove.iter().map(|key| Change {
+                key: key.clone(),
+                body: None,
+                expected_version: None,
+            }))
             .collect();
-        let replaced: Vec<&Key> = items.iter().map(|(k, _)| k).chain(remove).collect();
-        let checked = check_all(self, &replaced, parsed)
-            .await
-            .map_err(Refused::Invalid)?;
-        let done = self.store.put_all(&items).await.map_err(Refused::Store)?;
-        for key in remove {
-            self.store.delete(key).await.map_err(Refused::Store)?;
+        self.check_and_write(&parsed, &changes).await
+    }
+
+    /// Checks `new` (the documents of `changes`) against the store as the catalog holds it,
+    /// writes `changes` only if the store is still at the revision checked, and publishes them.
+    /// When another write came first, the check is made again against what it wrote.
+    async fn check_and_write(
+        &self,
+        new: &[Parsed],
+        changes: &[Change],
+    ) -> Result<Vec<Written>, Refused> {
+        let replaced: HashSet<&Key> = changes.iter().map(|c| &c.key).collect();
+        for _ in 0..WRITE_ATTEMPTS {
+            let checked = check_all(self, &replaced, new).await?;
+            match self
+                .store
+                .write(changes, Some(checked.before.revision))
+                .await
+            {
+                Ok(written) => {
+                    self.publish(checked, changes, &written).await;
+                    return Ok(written);
+                }
+                Err(StoreError::Stale { .. }) => continue,
+                Err(e) => return Err(Refused::Store(e)),
+            }
         }
-        let written: Vec<(Key, Option<&str>)> = items
-            .iter()
-            .map(|(k, body)| (k.clone(), Some(body.as_str())))
-            .chain(remove.iter().map(|k| (k.clone(), None)))
-            .collect();
-        self.commit(checked, &written).await;
-        Ok(done)
+        Err(Refused::Busy)
     }
 
     /// Publishes a checked write at once, with the registry its check resolved.
-    async fn commit(&self, checked: Checked, written: &[(Key, Option<&str>)]) {
+    async fn publish(&self, checked: Checked, changes: &[Change], written: &[Written]) {
+        let mut revisions = Vec::new();
+        let mut bodies = Vec::new();
+        for (change, written) in changes.iter().zip(written) {
+            if let Some(revision) = written.revision() {
+                revisions.push(revision);
+                bodies.push((change.key.clone(), change.body.as_deref()));
+            }
+        }
         let published = match checked.registry {
             Some(registry) => {
                 self.catalog
-                    .commit(&self.store, &checked.before, written, registry)
+                    .commit(&self.store, &checked.before, &bodies, &revisions, registry)
                     .await
             }
             None => self.catalog.sync(&self.store).await,
@@ -188,26 +227,41 @@ fn gate(api: &Api, headers: &HeaderMap, access: Access, kind: &str) -> Option<Re
     authorize(api, headers, access).or_else(|| unknown_kind(kind))
 }
 
-fn authorize(api: &Api, headers: &HeaderMap, access: Access) -> Option<Response> {
+/// Who a request's bearer token says it is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Admin,
+    Reader,
+    Proxy,
+}
+
+fn role(api: &Api, headers: &HeaderMap) -> Option<Role> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    let is_admin = !token.is_empty() && constant_time_eq(token, &api.admin_token);
-    let is_reader = !token.is_empty()
-        && api
-            .read_token
-            .as_deref()
-            .is_some_and(|t| constant_time_eq(token, t));
-    match access {
-        _ if is_admin => None,
-        Access::Read if is_reader => None,
-        Access::Write if is_reader => Some(text(
+        .filter(|t| !t.is_empty())?;
+    let is = |candidate: Option<&str>| candidate.is_some_and(|c| constant_time_eq(token, c));
+    if is(Some(&api.admin_token)) {
+        Some(Role::Admin)
+    } else if is(api.read_token.as_deref()) {
+        Some(Role::Reader)
+    } else if is(api.proxy_token.as_deref()) {
+        Some(Role::Proxy)
+    } else {
+        None
+    }
+}
+
+fn authorize(api: &Api, headers: &HeaderMap, access: Access) -> Option<Response> {
+    match (role(api, headers), access) {
+        (Some(Role::Admin), _) | (Some(Role::Reader), Access::Read) => None,
+        (Some(Role::Reader), Access::Write) => Some(text(
             StatusCode::FORBIDDEN,
             "this token may only read; use an admin token to change resources\n",
         )),
-        _ => Some(text(
+        // The proxy token opens the config stream and nothing else.
+        (Some(Role::Proxy) | None, _) => Some(text(
             StatusCode::UNAUTHORIZED,
             "a valid token is required: Authorization: Bearer TOKEN\n",
         )),
@@ -246,6 +300,15 @@ fn store_error(e: StoreError) -> Response {
                 "the store is not available; try again\n",
             )
         }
+    }
+}
+
+/// The answer to a refused write; `invalid` is the status for problems with it.
+fn refused(r: Refused, invalid: StatusCode, preface: &str) -> Response {
+    match r {
+        Refused::Invalid(problems) => text(invalid, format!("{preface}{}\n", problems.join("\n"))),
+        Refused::Store(e) => store_error(e),
+        busy @ Refused::Busy => text(StatusCode::SERVICE_UNAVAILABLE, format!("{busy}\n")),
     }
 }
 
@@ -288,6 +351,7 @@ async fn read(
         return r;
     }
     let key = Key { kind, mesh, name };
+    let reader = role(&api, &headers) == Some(Role::Reader);
     match api.store.get(&key).await {
         Ok(Some(s)) => (
             StatusCode::OK,
@@ -298,7 +362,11 @@ async fn read(
                     s.version.to_string(),
                 ),
             ],
-            s.body,
+            if reader {
+                without_keys(&s.body)
+            } else {
+                s.body
+            },
         )
             .into_response(),
         Ok(None) => text(
@@ -306,6 +374,37 @@ async fn read(
             format!("no {} {}/{}\n", key.kind, key.mesh, key.name),
         ),
         Err(e) => store_error(e),
+    }
+}
+
+/// Fields that hold private keys: a Secret's data, a client key's source.
+const KEY_FIELDS: &[&str] = &["data", "clientKey"];
+
+/// A stored body as the read-only token may see it: every private key replaced by
+/// `<redacted>` (the body as JSON, which is YAML too).
+fn without_keys(body: &str) -> String {
+    fn redact(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (field, v) in map.iter_mut() {
+                    if KEY_FIELDS.contains(&field.as_str()) {
+                        *v = serde_json::Value::String("<redacted>".into());
+                    } else {
+                        redact(v);
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(redact),
+            _ => {}
+        }
+    }
+    match parse_documents("stored", body).map(|mut docs| docs.pop()) {
+        Ok(Some(mut doc)) => {
+            redact(&mut doc.value);
+            doc.value.to_string() + "\n"
+        }
+        // Everything stored was read before; nothing is shown if it cannot be read now.
+        _ => "<redacted>\n".to_string(),
     }
 }
 
@@ -335,31 +434,35 @@ async fn write(
     let Ok(body) = std::str::from_utf8(&body) else {
         return text(StatusCode::UNPROCESSABLE_ENTITY, "the body is not UTF-8\n");
     };
-    let checked = match check(&api, &key, body).await {
-        Ok(c) => c,
-        Err(problems) => return text(StatusCode::UNPROCESSABLE_ENTITY, problems.join("\n") + "\n"),
+    let parsed = match check_body(&key, body) {
+        Ok(p) => p,
+        Err(problem) => return text(StatusCode::UNPROCESSABLE_ENTITY, problem + "\n"),
     };
-    match api.store.put(&key, body, expected).await {
-        Ok((outcome, stored)) => {
-            api.commit(checked, &[(key.clone(), Some(body))]).await;
-            json(
-                if outcome == Outcome::Created {
+    let change = Change {
+        key,
+        body: Some(body.to_string()),
+        expected_version: expected,
+    };
+    match api.check_and_write(&[parsed], &[change]).await {
+        Ok(written) => match written.as_slice() {
+            [Written::Put(outcome, stored)] => json(
+                if *outcome == Outcome::Created {
                     StatusCode::CREATED
                 } else {
                     StatusCode::OK
                 },
                 serde_json::json!({
-                    "result": match outcome {
-                        Outcome::Created => "created",
-                        Outcome::Configured => "configured",
-                        Outcome::Unchanged => "unchanged",
-                    },
+                    "result": outcome.as_str(),
                     "resourceVersion": stored.version,
                     "revision": stored.revision,
                 }),
-            )
-        }
-        Err(e) => store_error(e),
+            ),
+            _ => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the store answered a put with no put\n",
+            ),
+        },
+        Err(r) => refused(r, StatusCode::UNPROCESSABLE_ENTITY, ""),
     }
 }
 
@@ -372,31 +475,21 @@ async fn remove(
         return r;
     }
     let key = Key { kind, mesh, name };
-    let checked = match check_all(&api, &[&key], Vec::new()).await {
-        Ok(c) => c,
-        Err(problems) => {
-            return text(
-                StatusCode::CONFLICT,
-                format!(
-                    "{} {}/{} is still needed:\n{}\n",
-                    key.kind,
-                    key.mesh,
-                    key.name,
-                    problems.join("\n")
-                ),
-            );
-        }
+    let change = Change {
+        key: key.clone(),
+        body: None,
+        expected_version: None,
     };
-    match api.store.delete(&key).await {
-        Ok(true) => {
-            api.commit(checked, &[(key.clone(), None)]).await;
+    match api.check_and_write(&[], &[change]).await {
+        Ok(written) if matches!(written.as_slice(), [Written::Deleted { .. }]) => {
             text(StatusCode::OK, "deleted\n")
         }
-        Ok(false) => text(
-            StatusCode::NOT_FOUND,
-            format!("no {} {}/{}\n", key.kind, key.mesh, key.name),
+        Ok(_) => text(StatusCode::NOT_FOUND, format!("no {key}\n")),
+        Err(r) => refused(
+            r,
+            StatusCode::CONFLICT,
+            &format!("{key} is still needed:\n"),
         ),
-        Err(e) => store_error(e),
     }
 }
 
@@ -414,41 +507,37 @@ async fn apply(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) -> 
         Err(e) => return text(StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n")),
     };
     match api.write_documents(docs, &[]).await {
-        Ok(done) => json(
+        Ok(written) => json(
             StatusCode::OK,
             serde_json::json!({
-                "results": done.iter().map(|(outcome, s)| serde_json::json!({
-                    "kind": s.key.kind,
-                    "mesh": s.key.mesh,
-                    "name": s.key.name,
-                    "result": match outcome {
-                        Outcome::Created => "created",
-                        Outcome::Configured => "configured",
-                        Outcome::Unchanged => "unchanged",
-                    },
-                    "resourceVersion": s.version,
-                })).collect::<Vec<_>>(),
-                "revision": done.iter().map(|(_, s)| s.revision).max().unwrap_or(0),
+                "results": written.iter().filter_map(|w| match w {
+                    Written::Put(outcome, s) => Some(serde_json::json!({
+                        "kind": s.key.kind,
+                        "mesh": s.key.mesh,
+                        "name": s.key.name,
+                        "result": outcome.as_str(),
+                        "resourceVersion": s.version,
+                    })),
+                    _ => None,
+                }).collect::<Vec<_>>(),
+                "revision": written.iter().filter_map(Written::revision).max().unwrap_or(0),
             }),
         ),
-        Err(Refused::Invalid(problems)) => {
-            text(StatusCode::UNPROCESSABLE_ENTITY, problems.join("\n") + "\n")
-        }
-        Err(Refused::Store(e)) => store_error(e),
+        Err(r) => refused(r, StatusCode::UNPROCESSABLE_ENTITY, ""),
     }
 }
 
 /// Checks `docs` (sources `request[N]`) together with every stored resource they do not replace,
 /// as the catalog holds them at the store's latest revision. Problems in the documents are
 /// reported, and so are new problems in stored resources: a write never breaks what is stored.
-async fn check_all(api: &Api, replaced: &[&Key], new: Vec<Parsed>) -> Result<Checked, Vec<String>> {
+async fn check_all(
+    api: &Api,
+    replaced: &HashSet<&Key>,
+    new: &[Parsed],
+) -> Result<Checked, Refused> {
     let sources: std::collections::HashSet<String> =
         new.iter().map(|p| p.doc.source.to_string()).collect();
-    let view = api
-        .catalog
-        .sync(&api.store)
-        .await
-        .map_err(|e| vec![e.to_string()])?;
+    let view = api.catalog.sync(&api.store).await.map_err(Refused::Store)?;
     let stored = view
         .docs
         .iter()
@@ -478,7 +567,7 @@ async fn check_all(api: &Api, replaced: &[&Key], new: Vec<Parsed>) -> Result<Che
             before: view,
         })
     } else {
-        Err(problems)
+        Err(Refused::Invalid(problems))
     }
 }
 
@@ -488,26 +577,25 @@ struct Checked {
     registry: Option<sluice_api::Registry>,
 }
 
-/// Checks `body` as the resource at `key`, together with everything else stored: the same
-/// rules and messages as `sluice validate`, for this document only.
-async fn check(api: &Api, key: &Key, body: &str) -> Result<Checked, Vec<String>> {
+/// `body` read as the one resource at `key`; the problem if it is not that.
+fn check_body(key: &Key, body: &str) -> Result<Parsed, String> {
     let source = format!("{}/{}/{}", key.kind, key.mesh, key.name);
-    let docs = parse_documents(&source, body).map_err(|e| vec![e.to_string()])?;
-    if docs.len() != 1 {
-        return Err(vec![format!(
+    let docs = parse_documents(&source, body).map_err(|e| e.to_string())?;
+    let [doc] = docs.as_slice() else {
+        return Err(format!(
             "{source}: the body must hold exactly one resource, found {}",
             docs.len()
-        )]);
-    }
-    let parsed = sluice_api::parse(&docs[0]);
+        ));
+    };
+    let parsed = sluice_api::parse(doc);
     if let Some((kind, declared)) = parsed.identity() {
         if store_key(kind, declared) != *key {
-            return Err(vec![format!(
+            return Err(format!(
                 "{source}: the body declares {kind} {declared}; send it to /api/v1/{kind}/{declared}"
-            )]);
+            ));
         }
     }
-    check_all(api, &[key], vec![parsed]).await
+    Ok(parsed)
 }
 
 async fn list_proxies(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
@@ -540,18 +628,10 @@ async fn inspect_proxy(
 
 /// The config stream, for a proxy token or the admin token. Refusals are gRPC statuses.
 async fn config_stream(State(api): State<Arc<Api>>, request: axum::extract::Request) -> Response {
-    let token = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    let allowed = !token.is_empty()
-        && (constant_time_eq(token, &api.admin_token)
-            || api
-                .proxy_token
-                .as_deref()
-                .is_some_and(|t| constant_time_eq(token, t)));
+    let allowed = matches!(
+        role(&api, request.headers()),
+        Some(Role::Admin | Role::Proxy)
+    );
     if !allowed {
         return tonic::Status::unauthenticated(
             "a proxy token is required: give sluice proxy --token or SLUICE_TOKEN",

@@ -334,6 +334,33 @@ async fn tokens_decide_who_may_read_and_write() {
     assert_eq!(send(&s, "PUT", path, reader, API).await.status, 403);
     assert_eq!(send(&s, "DELETE", path, reader, "").await.status, 403);
     assert_eq!(send(&s, "GET", path, ADMIN, "").await.status, 200);
+    // The proxy token opens the config stream only.
+    assert_eq!(
+        send(&s, "GET", path, Some("proxy-secret"), "").await.status,
+        401
+    );
+
+    // Private keys are not for the read-only token: a Secret's data and a client key.
+    let pem = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIJsMjwdxFvtuoam5BwGhJ8QqbUDqAZm91ZOUVCT7HDLM\n-----END PRIVATE KEY-----\n";
+    let secret = format!("type: Secret\nname: key\ndata: {}\n", base64_of(pem));
+    assert_eq!(
+        send(&s, "PUT", "/api/v1/Secret/default/key", ADMIN, &secret)
+            .await
+            .status,
+        201
+    );
+    let a = send(&s, "GET", "/api/v1/Secret/default/key", reader, "").await;
+    assert_eq!(a.status, 200);
+    let v: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(v["data"], "<redacted>");
+    assert_eq!(v["name"], "key");
+    let a = send(&s, "GET", "/api/v1/Secret/default/key", ADMIN, "").await;
+    assert_eq!(a.body, secret, "the admin reads it as written");
+}
+
+fn base64_of(text: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(text)
 }
 
 /// Every path and method the document describes is served, every status the server gave in
