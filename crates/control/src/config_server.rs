@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sluice_api::model::ResourceKey;
+use sluice_api::names::is_resource_name;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
@@ -20,6 +21,9 @@ use crate::ProxyConfig;
 
 /// Proxies remembered; beyond this, those no longer connected are forgotten.
 const MAX_KNOWN_PROXIES: usize = 10_000;
+
+/// A NACK's reason is kept and logged up to this many characters.
+const MAX_REASON: usize = 4096;
 
 /// Largest message a proxy may send (a NACK's reason is the biggest).
 const MAX_PROXY_MESSAGE: usize = 64 * 1024;
@@ -133,15 +137,18 @@ impl ConfigServer {
             Err(_) => return Err(Status::deadline_exceeded("no Hello within 10s")),
             Ok(_) => return Err(Status::invalid_argument("the first message must be Hello")),
         };
-        if hello.name.is_empty() || hello.mesh.is_empty() {
-            return Err(Status::invalid_argument("Hello needs a mesh and a name"));
+        if !is_resource_name(&hello.name) || !is_resource_name(&hello.mesh) {
+            return Err(Status::invalid_argument(
+                "Hello needs a mesh and a name that are resource names (letters, digits, '-', '_' and '.')",
+            ));
         }
+        let build: String = hello.build.chars().take(64).collect();
         let key = ResourceKey {
             mesh: hello.mesh.clone(),
             name: hello.name.clone(),
         };
         let connection = self.proxies.next_connection.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(proxy = %key, %peer, running = hello.version, build = %hello.build, "proxy connected");
+        tracing::info!(proxy = %key, %peer, running = hello.version, %build, "proxy connected");
         let mut known = self.proxies.lock();
         if known.len() >= MAX_KNOWN_PROXIES {
             known.retain(|_, s| s.connected);
@@ -243,11 +250,12 @@ impl ConfigServer {
                 }
             }),
             Some(Message::Nack(nack)) => {
-                tracing::warn!(proxy = %key, version = nack.version, reason = %nack.reason, "proxy refused its config");
+                let reason: String = nack.reason.chars().take(MAX_REASON).collect();
+                tracing::warn!(proxy = %key, version = nack.version, %reason, "proxy refused its config");
                 self.proxies.update(key, connection, |s| {
                     s.nack = Some(NackStatus {
                         version: nack.version,
-                        reason: nack.reason.chars().take(4096).collect(),
+                        reason,
                     })
                 });
             }
