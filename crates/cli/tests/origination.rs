@@ -992,9 +992,20 @@ async fn an_idle_tcp_connection_is_closed_and_a_busy_one_is_not() {
         .unwrap();
     assert_eq!(back, b"still open");
     let log = wait_for_log(&sluice, 2).await;
-    assert!(
-        log.iter()
-            .any(|l| l["error"] == "closed after 400ms without traffic"),
-        "{log:?}"
+    let closed = log
+        .iter()
+        .find(|l| l["error"] == "closed after 400ms without traffic")
+        .unwrap_or_else(|| panic!("{log:?}"));
+    // What it carried before the timeout is still counted.
+    assert_eq!(
+        (closed["bytes_in"].as_u64(), closed["bytes_out"].as_u64()),
+        (Some(2), Some(2))
     );
+    let busy_line = log
+        .iter()
+        .find(|l| l["error"].is_null())
+        .unwrap_or_else(|| panic!("{log:?}"));
+    let sent = busy_line["bytes_in"].as_u64().unwrap();
+    assert!(sent > "still open".len() as u64, "{busy_line}");
+    assert_eq!(busy_line["bytes_out"].as_u64(), Some(sent));
 }

@@ -322,18 +322,6 @@ async fn connect(
         .await
         .map_err(|(s, m)| Refusal::upstream(&req, s, m))?;
     let passthrough = matches!(decision, Decision::Passthrough);
-    if passthrough {
-        count_passthrough(shared, &host, port);
-    }
-    count(
-        shared,
-        if passthrough {
-            "passthrough"
-        } else {
-            "allowed"
-        },
-        "tunnel",
-    );
     let shared = shared.clone();
     let authority = format!("{host}:{port}");
     tokio::spawn(async move {
@@ -343,33 +331,64 @@ async fn connect(
         entry.method = Some(Method::CONNECT);
         entry.authority = Some(authority);
         entry.upstream = Some(Arc::from(addr.to_string()));
-        match hyper::upgrade::on(req).await {
-            Ok(upgraded) => {
-                let result = tunnel(
-                    upgraded,
-                    upstream,
-                    &host,
-                    raw_tcp,
-                    shared.hello_timeout,
-                    shared.idle_timeout,
-                )
-                .await;
-                match result {
-                    Ok((up, down, sni)) => {
-                        entry.bytes_in = up;
-                        entry.bytes_out = down;
-                        entry.path = sni.map(|s| format!("sni:{s}"));
+        let upgraded = match hyper::upgrade::on(req).await {
+            Ok(u) => Some(u),
+            Err(e) => {
+                entry.error = Some(format!("upgrade failed: {e}"));
+                None
+            }
+        };
+        if let Some(upgraded) = upgraded {
+            let checked =
+                tokio::time::timeout(shared.hello_timeout, check_hello(upgraded, &host, raw_tcp))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(TunnelError::refused(
+                            "hello_timeout",
+                            "no TLS ClientHello within the deadline",
+                        ))
+                    });
+            match checked {
+                Ok((mut app, first, sni)) => {
+                    // Counted once the tunnel is known to carry what was checked.
+                    if passthrough {
+                        count_passthrough(&shared, &host, port);
                     }
-                    Err(e) => {
-                        tracing::info!(%peer, host = %host, error = %e, "tunnel closed");
-                        if e.starts_with("refused:") {
-                            count(&shared, "denied", "sni_mismatch");
+                    count(
+                        &shared,
+                        if passthrough {
+                            "passthrough"
+                        } else {
+                            "allowed"
+                        },
+                        "tunnel",
+                    );
+                    entry.path = sni.map(|s| format!("sni:{s}"));
+                    let mut upstream = upstream;
+                    match upstream.write_all(&first).await {
+                        Ok(()) => {
+                            let relayed = crate::tcp::relay(
+                                &mut app,
+                                &mut upstream,
+                                shared.idle_timeout,
+                                &CancellationToken::new(),
+                            )
+                            .await;
+                            entry.bytes_in = relayed.up + first.len() as u64;
+                            entry.bytes_out = relayed.down;
+                            entry.error = relayed.ended;
                         }
-                        entry.error = Some(e);
+                        Err(e) => entry.error = Some(format!("upstream write failed: {e}")),
                     }
                 }
+                Err(e) => {
+                    tracing::info!(%peer, host = %host, error = %e.message, "tunnel closed");
+                    if let Some(reason) = e.refusal {
+                        count(&shared, "denied", reason);
+                    }
+                    entry.error = Some(e.message);
+                }
             }
-            Err(e) => entry.error = Some(format!("upgrade failed: {e}")),
         }
         entry.duration_ms = started.elapsed().as_micros() as f64 / 1000.0;
         shared.access_log.log(entry);
@@ -379,15 +398,38 @@ async fn connect(
     Ok(ok)
 }
 
-/// Reads the app's first bytes; a TLS ClientHello must name `host`. Then bytes both ways.
-async fn tunnel(
+/// Why a tunnel closed before carrying anything.
+#[derive(Debug)]
+struct TunnelError {
+    /// The metric reason when the proxy refused what the app sent; `None` when the app went
+    /// away.
+    refusal: Option<&'static str>,
+    message: String,
+}
+
+impl TunnelError {
+    fn refused(reason: &'static str, message: impl std::fmt::Display) -> Self {
+        Self {
+            refusal: Some(reason),
+            message: format!("refused: {message}"),
+        }
+    }
+
+    fn ended(message: String) -> Self {
+        Self {
+            refusal: None,
+            message,
+        }
+    }
+}
+
+/// Reads the app's first bytes: a TLS ClientHello must name `host`. Returns the app's
+/// connection, the bytes read (to send on first) and the name the hello carried.
+async fn check_hello(
     upgraded: hyper::upgrade::Upgraded,
-    mut upstream: TcpStream,
     host: &Host,
     raw_allowed: bool,
-    hello_timeout: Duration,
-    idle_timeout: Duration,
-) -> Result<(u64, u64, Option<String>), String> {
+) -> Result<(Box<dyn crate::upstream::Io>, Vec<u8>, Option<String>), TunnelError> {
     // The app's own socket when hyper hands it back, so the relay moves bytes between two
     // sockets without hyper's upgrade layer in between; bytes hyper already read come first.
     let (mut app, mut buf): (Box<dyn crate::upstream::Io>, Vec<u8>) =
@@ -395,49 +437,38 @@ async fn tunnel(
             Ok(parts) => (Box::new(parts.io.into_inner()), parts.read_buf.to_vec()),
             Err(upgraded) => (Box::new(TokioIo::new(upgraded)), Vec::new()),
         };
-    let sni = tokio::time::timeout(hello_timeout, read_client_hello(&mut app, &mut buf))
-        .await
-        .map_err(|_| "refused: no TLS ClientHello within the deadline".to_string())??;
-    match (&sni, host) {
-        (Hello::Hidden, _) => {
-            return Err(
-                "refused: the ClientHello is encrypted (ECH), so its server name cannot be checked"
-                    .into(),
-            )
-        }
-        (Hello::NotTls, _) if raw_allowed => {}
-        (Hello::NotTls, _) => {
-            return Err("refused: the app sent non-TLS bytes to a TLS destination".into())
-        }
-        (Hello::Tls(None), Host::Ip(_)) => {}
-        (Hello::Tls(None), Host::Name(n)) => {
-            return Err(format!(
-                "refused: the ClientHello has no SNI; it must be {n}"
-            ))
-        }
-        (Hello::Tls(Some(s)), Host::Name(n)) if fold(s) == *n => {}
-        (Hello::Tls(Some(s)), _) => {
-            return Err(format!(
-                "refused: the ClientHello names {s} but the tunnel was opened to {host}"
-            ))
-        }
-    }
-    upstream
-        .write_all(&buf)
-        .await
-        .map_err(|e| format!("upstream write failed: {e}"))?;
-    let (up, down) = crate::tcp::relay(
-        &mut app,
-        &mut upstream,
-        idle_timeout,
-        &CancellationToken::new(),
-    )
-    .await?;
-    let sni = match sni {
-        Hello::Tls(s) => s,
-        Hello::NotTls | Hello::Hidden => None,
+    let hello = read_client_hello(&mut app, &mut buf).await?;
+    let mismatch = |s: &str| {
+        TunnelError::refused(
+            "sni_mismatch",
+            format!("the ClientHello names {s} but the tunnel was opened to {host}"),
+        )
     };
-    Ok((up + buf.len() as u64, down, sni))
+    let sni = match (hello, host) {
+        (Hello::Hidden, _) => {
+            return Err(TunnelError::refused(
+                "ech",
+                "the ClientHello is encrypted (ECH), so its server name cannot be checked",
+            ))
+        }
+        (Hello::NotTls, _) if raw_allowed => None,
+        (Hello::NotTls, _) => {
+            return Err(TunnelError::refused(
+                "not_tls",
+                "the app sent non-TLS bytes to a TLS destination",
+            ))
+        }
+        (Hello::Tls(None), Host::Ip(_)) => None,
+        (Hello::Tls(None), Host::Name(n)) => {
+            return Err(TunnelError::refused(
+                "sni_mismatch",
+                format!("the ClientHello has no SNI; it must be {n}"),
+            ))
+        }
+        (Hello::Tls(Some(s)), Host::Name(n)) if fold(&s) == *n => Some(s),
+        (Hello::Tls(Some(s)), _) => return Err(mismatch(&s)),
+    };
+    Ok((app, buf, sni))
 }
 
 fn fold(name: &str) -> String {
@@ -508,7 +539,7 @@ fn hello_extensions(records: &[u8]) -> Option<Vec<u16>> {
 async fn read_client_hello<R: tokio::io::AsyncRead + Unpin>(
     app: &mut R,
     buf: &mut Vec<u8>,
-) -> Result<Hello, String> {
+) -> Result<Hello, TunnelError> {
     let mut acceptor = rustls::server::Acceptor::default();
     let mut fed = 0;
     loop {
@@ -520,9 +551,9 @@ async fn read_client_hello<R: tokio::io::AsyncRead + Unpin>(
         // once its ClientHello is out.
         while fed < buf.len() {
             let mut reader = &buf[fed..];
-            let n = acceptor
-                .read_tls(&mut reader)
-                .map_err(|e| format!("refused: unreadable TLS record: {e}"))?;
+            let n = acceptor.read_tls(&mut reader).map_err(|e| {
+                TunnelError::refused("bad_hello", format!("unreadable TLS record: {e}"))
+            })?;
             if n == 0 {
                 break;
             }
@@ -539,19 +570,25 @@ async fn read_client_hello<R: tokio::io::AsyncRead + Unpin>(
                     ));
                 }
                 Ok(None) => {}
-                Err((e, _)) => return Err(format!("refused: not a valid ClientHello: {e}")),
+                Err((e, _)) => {
+                    return Err(TunnelError::refused(
+                        "bad_hello",
+                        format!("not a valid ClientHello: {e}"),
+                    ))
+                }
             }
         }
         if buf.len() > MAX_CLIENT_HELLO {
-            return Err("refused: ClientHello too large".into());
+            return Err(TunnelError::refused("bad_hello", "ClientHello too large"));
         }
         let mut chunk = [0u8; 4096];
-        let n = app
-            .read(&mut chunk)
-            .await
-            .map_err(|e| format!("reading the app's first bytes failed: {e}"))?;
+        let n = app.read(&mut chunk).await.map_err(|e| {
+            TunnelError::ended(format!("reading the app's first bytes failed: {e}"))
+        })?;
         if n == 0 {
-            return Err("the app closed the tunnel before sending anything".into());
+            return Err(TunnelError::ended(
+                "the app closed the tunnel before sending anything".into(),
+            ));
         }
         buf.extend_from_slice(&chunk[..n]);
     }

@@ -45,24 +45,22 @@ pub async fn serve(
         .get_or_create(&Metrics::service(&connector.label))
         .inc();
     let connected = tokio::select! {
-        c = connector.connect() => c,
-        _ = kill.cancelled() => return,
+        c = connector.connect() => Some(c),
+        _ = kill.cancelled() => None,
     };
     match connected {
-        Err(e) => {
+        None => entry.error = Some(DRAINED.to_string()),
+        Some(Err(e)) => {
             tracing::debug!(service = %connector.label, error = %e, "tcp upstream failed");
             entry.error = Some(e.to_string());
         }
-        Ok(mut upstream) => {
+        Some(Ok(mut upstream)) => {
             entry.upstream = Some(upstream.info.address.clone());
             entry.tls_version = upstream.info.tls_version;
-            match relay(&mut client, &mut upstream.io, idle_timeout, &kill).await {
-                Ok((up, down)) => {
-                    entry.bytes_in = up;
-                    entry.bytes_out = down;
-                }
-                Err(reason) => entry.error = Some(reason),
-            }
+            let relayed = relay(&mut client, &mut upstream.io, idle_timeout, &kill).await;
+            entry.bytes_in = relayed.up;
+            entry.bytes_out = relayed.down;
+            entry.error = relayed.ended;
         }
     }
     for (direction, n) in [
@@ -84,33 +82,52 @@ pub async fn serve(
 /// Per direction: large enough that a bulk transfer moves in few system calls.
 const RELAY_BUFFER: usize = 64 * 1024;
 
+const DRAINED: &str = "closed at the end of the drain deadline";
+
+/// What a relay carried, however it ended.
+pub struct Relayed {
+    /// Bytes written to `b` (from `a`), and to `a` (from `b`).
+    pub up: u64,
+    pub down: u64,
+    /// Why it stopped before both sides were done, if it did.
+    pub ended: Option<String>,
+}
+
 /// Bytes both ways until both sides are done, nothing moves for `idle_timeout`, or `kill`
-/// fires; returns the bytes sent each way, or why it stopped early.
+/// fires.
 pub async fn relay<A, B>(
     a: &mut A,
     b: &mut B,
     idle_timeout: Duration,
     kill: &CancellationToken,
-) -> Result<(u64, u64), String>
+) -> Relayed
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let activity = Activity::new();
+    let (to_a, to_b) = (AtomicU64::new(0), AtomicU64::new(0));
     let mut a = Tracked {
         inner: a,
         activity: &activity,
+        written: &to_a,
     };
     let mut b = Tracked {
         inner: b,
         activity: &activity,
+        written: &to_b,
     };
-    tokio::select! {
+    let ended = tokio::select! {
         r = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, RELAY_BUFFER, RELAY_BUFFER) => {
-            r.map_err(|e| format!("connection ended with an error: {e}"))
+            r.err().map(|e| format!("connection ended with an error: {e}"))
         }
-        _ = kill.cancelled() => Err("closed at the end of the drain deadline".to_string()),
-        idle = activity.idle_for(idle_timeout) => Err(format!("closed after {idle:?} without traffic")),
+        _ = kill.cancelled() => Some(DRAINED.to_string()),
+        idle = activity.idle_for(idle_timeout) => Some(format!("closed after {idle:?} without traffic")),
+    };
+    Relayed {
+        up: to_b.load(Ordering::Relaxed),
+        down: to_a.load(Ordering::Relaxed),
+        ended,
     }
 }
 
@@ -146,10 +163,11 @@ impl Activity {
     }
 }
 
-/// A stream that records activity on every read.
+/// A stream that records activity on every read and counts what is written to it.
 struct Tracked<'a, S> {
     inner: &'a mut S,
     activity: &'a Activity,
+    written: &'a AtomicU64,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Tracked<'_, S> {
@@ -173,7 +191,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<'_, S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut *self.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut *self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        polled
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
