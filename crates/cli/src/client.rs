@@ -77,6 +77,10 @@ fn call_with(
 }
 
 impl Target {
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     fn address(&self) -> Result<&str, String> {
         control_plane_address(&self.control_plane)
     }

@@ -150,7 +150,7 @@ fn main() -> ExitCode {
             admin,
             target,
         } => match admin {
-            Some(admin) => set_policy(mode, &admin),
+            Some(admin) => set_policy(mode, &admin, &target),
             None => client::set_mesh_policy(
                 mode == sluice_proxy::policy::Mode::Restricted,
                 &mesh,
@@ -192,12 +192,18 @@ fn validate(files: &[PathBuf]) -> ExitCode {
 }
 
 /// Asks the running proxy's admin endpoint to change the policy; prints its one-line answer.
-fn set_policy(mode: sluice_proxy::policy::Mode, admin: &str) -> ExitCode {
+fn set_policy(mode: sluice_proxy::policy::Mode, admin: &str, target: &client::Target) -> ExitCode {
     let body = match mode {
         sluice_proxy::policy::Mode::Allowed => "allowed",
         sluice_proxy::policy::Mode::Restricted => "restricted",
     };
-    match client::call(admin, "PUT", "/outbound-traffic-policy", None, body) {
+    match client::call(
+        admin,
+        "PUT",
+        "/outbound-traffic-policy",
+        target.token(),
+        body,
+    ) {
         Ok((200, answer)) => {
             println!("{}", answer.trim());
             ExitCode::SUCCESS

@@ -59,7 +59,7 @@ async fn serve(args: ProxyArgs) -> anyhow::Result<()> {
         file_safe(&args.mesh),
         file_safe(&args.name)
     ));
-    let proxy = start_proxy(&args.proxy).await?;
+    let proxy = start_proxy(&args.proxy, Some(token.clone())).await?;
     start_forward_proxy(&args.proxy, &proxy).await?;
     let subscription = Subscription {
         control_planes,

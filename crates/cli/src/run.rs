@@ -179,8 +179,12 @@ pub fn serve_until_done(
     }
 }
 
-/// The proxy with its admin endpoint serving; no config yet.
-pub async fn start_proxy(flags: &ProxyFlags) -> anyhow::Result<Arc<Proxy>> {
+/// The proxy with its admin endpoint serving; no config yet. Changes through the admin endpoint
+/// need `admin_token`.
+pub async fn start_proxy(
+    flags: &ProxyFlags,
+    admin_token: Option<String>,
+) -> anyhow::Result<Arc<Proxy>> {
     let access_log = match flags.access_log.as_str() {
         "-" => AccessLog::start(Target::Stdout),
         path => AccessLog::start(Target::File(path.into())),
@@ -218,7 +222,11 @@ pub async fn start_proxy(flags: &ProxyFlags) -> anyhow::Result<Arc<Proxy>> {
         let bound = listener.local_addr()?;
         tracing::info!(address = %bound, "admin endpoint listening");
         proxy.add_own_address(bound).await;
-        tokio::spawn(sluice_proxy::admin::serve(listener, proxy.clone()));
+        tokio::spawn(sluice_proxy::admin::serve(
+            listener,
+            proxy.clone(),
+            admin_token,
+        ));
     }
     Ok(proxy)
 }
@@ -243,8 +251,8 @@ pub async fn start_forward_proxy(flags: &ProxyFlags, proxy: &Proxy) -> anyhow::R
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let proxy = start_proxy(&args.proxy).await?;
     let api = start_control_plane(&args).await?;
+    let proxy = start_proxy(&args.proxy, Some(api.admin_token.clone())).await?;
     let owned_path = args.data_dir.join("run-files.json");
     let mut owned = read_owned(&owned_path);
     let stdin = read_stdin_once(&args.files)?;

@@ -360,15 +360,38 @@ async fn live_switch_keeps_open_tunnels_and_applies_to_the_next() {
     assert_eq!(status, 200);
     let mut open = tls_through(s, "localhost").await.unwrap();
 
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args([
-            "outbound-traffic-policy",
-            "restricted",
-            "--admin",
-            &w.sluice.admin_addr().to_string(),
-        ])
-        .output()
-        .unwrap();
+    let token = std::fs::read_to_string(w.sluice.data_dir().join("admin-token")).unwrap();
+    let set = |mode: &str, token: &str| {
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args([
+                "outbound-traffic-policy",
+                mode,
+                "--admin",
+                &w.sluice.admin_addr().to_string(),
+            ])
+            .env("SLUICE_TOKEN", token.trim())
+            .output()
+            .unwrap()
+    };
+    // Another process on loopback (the app itself, say) cannot lift the policy.
+    for wrong in ["", "not-the-admin-token"] {
+        let out = set("restricted", wrong);
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("changing the policy needs the token"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(w
+        .sluice
+        .admin_get("/outbound-traffic-policy")
+        .await
+        .unwrap()
+        .text()
+        .contains("ALLOW_ANY"));
+
+    let out = set("restricted", &token);
     assert!(
         out.status.success(),
         "{}",
@@ -390,15 +413,7 @@ async fn live_switch_keeps_open_tunnels_and_applies_to_the_next() {
     assert_eq!(status, 403);
     assert!(body.contains("restricted"), "{body}");
 
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args([
-            "outbound-traffic-policy",
-            "allowed",
-            "--admin",
-            &w.sluice.admin_addr().to_string(),
-        ])
-        .output()
-        .unwrap();
+    let out = set("allowed", &token);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "mesh wide outbound traffic policy is set to 'ALLOW_ANY'\n"

@@ -269,7 +269,7 @@ fn authorize(api: &Api, headers: &HeaderMap, access: Access) -> Option<Response>
 }
 
 /// Token comparison that takes the same time wherever the first difference is.
-fn constant_time_eq(a: &str, b: &str) -> bool {
+pub fn constant_time_eq(a: &str, b: &str) -> bool {
     a.len() == b.len()
         && a.bytes()
             .zip(b.bytes())

@@ -1,4 +1,6 @@
-//! The admin endpoint: `/ready`, `/metrics` and `/config_dump`, on loopback by default.
+//! The admin endpoint: `/ready`, `/metrics` and `/config_dump`, on loopback by default, and
+//! `/outbound-traffic-policy`, which may be changed only with the token it was given: loopback is
+//! shared with the apps the policy restricts.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -14,16 +16,25 @@ use tokio::net::TcpListener;
 use crate::policy::Mode;
 use crate::runtime::Proxy;
 
-pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, token: Option<String>) {
+    let token: Arc<Option<String>> = Arc::new(token);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, say: back off rather than spin.
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                continue;
+            }
         };
         let proxy = proxy.clone();
+        let token = token.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(route(req, &proxy).await) }
+                let token = token.clone();
+                async move { Ok::<_, Infallible>(route(req, &proxy, token.as_deref()).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -34,9 +45,13 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
     }
 }
 
-async fn route(req: Request<Incoming>, proxy: &Proxy) -> Response<Full<Bytes>> {
+async fn route(
+    req: Request<Incoming>,
+    proxy: &Proxy,
+    token: Option<&str>,
+) -> Response<Full<Bytes>> {
     if req.uri().path() == "/outbound-traffic-policy" {
-        return outbound_traffic_policy(req, proxy).await;
+        return outbound_traffic_policy(req, proxy, token).await;
     }
     if req.method() != Method::GET {
         return text(
@@ -80,7 +95,11 @@ async fn route(req: Request<Incoming>, proxy: &Proxy) -> Response<Full<Bytes>> {
 }
 
 /// GET shows the mode; PUT with `allowed` or `restricted` (or Istio's names) changes it live.
-async fn outbound_traffic_policy(req: Request<Incoming>, proxy: &Proxy) -> Response<Full<Bytes>> {
+async fn outbound_traffic_policy(
+    req: Request<Incoming>,
+    proxy: &Proxy,
+    token: Option<&str>,
+) -> Response<Full<Bytes>> {
     let answer = |mode: Mode| {
         text(
             StatusCode::OK,
@@ -93,6 +112,18 @@ async fn outbound_traffic_policy(req: Request<Incoming>, proxy: &Proxy) -> Respo
     match *req.method() {
         Method::GET => answer(proxy.outbound_traffic_policy().await),
         Method::PUT => {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            let allowed = matches!((given, token), (Some(g), Some(t)) if sluice_control::server::constant_time_eq(g, t));
+            if !allowed {
+                return text(
+                    StatusCode::UNAUTHORIZED,
+                    "changing the policy needs the token: Authorization: Bearer TOKEN (sluice run's admin token, or sluice proxy's --token)\n".into(),
+                );
+            }
             let body = match http_body_util::Limited::new(req.into_body(), 64)
                 .collect()
                 .await
