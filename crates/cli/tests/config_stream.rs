@@ -482,11 +482,11 @@ async fn the_outbound_traffic_policy_set_on_the_control_plane_reaches_every_prox
 
 /// One API request to `sluice run`'s control plane with its generated admin token.
 async fn run_api(sluice: &Sluice, method: Method, path: &str, body: &str) -> HttpResponse {
-    let token = std::fs::read_to_string(sluice.data_dir().join("admin-token")).unwrap();
+    let token = sluice.admin_token();
     let mut client = H1Client::connect(sluice.api_addr()).await.unwrap();
     let req = client
         .request(method, path)
-        .header("authorization", format!("Bearer {}", token.trim()))
+        .header("authorization", format!("Bearer {token}"))
         .body(full(body.to_string()))
         .unwrap();
     client.send(req).await.unwrap()

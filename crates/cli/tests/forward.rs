@@ -360,7 +360,7 @@ async fn live_switch_keeps_open_tunnels_and_applies_to_the_next() {
     assert_eq!(status, 200);
     let mut open = tls_through(s, "localhost").await.unwrap();
 
-    let token = std::fs::read_to_string(w.sluice.data_dir().join("admin-token")).unwrap();
+    let token = w.sluice.admin_token();
     let set = |mode: &str, token: &str| {
         Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args([
@@ -369,7 +369,7 @@ async fn live_switch_keeps_open_tunnels_and_applies_to_the_next() {
                 "--admin",
                 &w.sluice.admin_addr().to_string(),
             ])
-            .env("SLUICE_TOKEN", token.trim())
+            .env("SLUICE_TOKEN", token)
             .output()
             .unwrap()
     };
@@ -923,4 +923,50 @@ async fn a_proxy_bound_everywhere_refuses_itself() {
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("this proxy itself"), "{body}");
     drop(sluice);
+}
+
+/// A plain-HTTP request whose server fails: 502 when it closes, 504 when it never answers; one
+/// access-log line each, with the method, the service and the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_server_gets_one_log_line_and_the_right_status() {
+    let (closing, _closer) = closing_listener().await;
+    let (silent, _holder) = silent_listener().await;
+    let service = |name: &str, addr: SocketAddr| {
+        format!(
+            "type: MeshExternalService\nname: {name}\nspec:\n  match: {{port: {p}, protocol: http}}\n  endpoints: [{{address: 127.0.0.1, port: {p}}}]\n",
+            p = addr.port()
+        )
+    };
+    let sluice = Sluice::start_with_args(
+        &[service("closing", closing), service("silent", silent)].join("---\n"),
+        &[
+            "--outbound-traffic-policy",
+            "restricted",
+            "--response-timeout",
+            "300ms",
+        ],
+    )
+    .await;
+    let proxy = sluice.http_proxy_addr();
+    for (addr, status) in [(closing, 502), (silent, 504)] {
+        let (got, body) = raw(
+            proxy,
+            &format!(
+                "POST http://127.0.0.1:{p}/submit HTTP/1.1\r\nHost: 127.0.0.1:{p}\r\nContent-Length: 2\r\n\r\nhi",
+                p = addr.port()
+            ),
+        )
+        .await;
+        assert_eq!(got, status, "{body}");
+        assert!(body.starts_with("sluice: "), "{body}");
+    }
+    let log = sluice.wait_for_log(2).await;
+    let forward: Vec<_> = log.iter().filter(|l| l["kind"] == "forward").collect();
+    assert_eq!(forward.len(), 2, "{log:?}");
+    for (line, (service, status)) in forward.iter().zip([("closing", 502), ("silent", 504)]) {
+        assert_eq!(line["method"], "POST", "{line}");
+        assert_eq!(line["service"], service, "{line}");
+        assert_eq!(line["status"], status, "{line}");
+        assert!(line["error"].is_string(), "{line}");
+    }
 }

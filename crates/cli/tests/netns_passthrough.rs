@@ -173,9 +173,14 @@ async fn passthrough_in_allowed_mode_is_logged_and_counted_and_refused_when_rest
             "--admin",
             &sluice.admin_addr().to_string(),
         ])
+        .env("SLUICE_TOKEN", sluice.admin_token())
         .output()
         .unwrap();
-    assert!(switched.status.success());
+    assert!(
+        switched.status.success(),
+        "{}",
+        String::from_utf8_lossy(&switched.stderr)
+    );
     let (status, text) = get(proxy, &url).await;
     assert_eq!(status, 403, "{text}");
     assert!(

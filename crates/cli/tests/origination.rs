@@ -62,19 +62,6 @@ async fn metric(sluice: &Sluice, name: &str, service: &str) -> f64 {
         .sum()
 }
 
-/// A listener that accepts connections and never sends a byte, and the task holding them.
-async fn silent_listener() -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = silent.local_addr().unwrap();
-    let hold = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = silent.accept().await {
-            held.push(s);
-        }
-    });
-    (addr, hold)
-}
-
 /// A TCP echo origin behind one `tcp` outbound, with extra `sluice run` arguments.
 async fn echo_behind_sluice(args: &[&str]) -> (Origin, Sluice, u16) {
     let echo = start_tcp_echo().await;
@@ -94,16 +81,6 @@ async fn assert_closed_by_proxy(stream: &mut tokio::net::TcpStream) {
         rest.is_empty(),
         "connection still delivering data: {rest:?}"
     );
-}
-
-async fn wait_for_log(sluice: &Sluice, n: usize) -> Vec<serde_json::Value> {
-    let ok = wait_until(DEFAULT_TIMEOUT, || sluice.access_log_lines().len() >= n).await;
-    assert!(
-        ok,
-        "expected {n} access log lines, have {:?}",
-        sluice.access_log_lines()
-    );
-    sluice.access_log_lines()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,7 +129,7 @@ async fn https_origination_rewrites_host_sends_sni_and_reuses_one_connection() {
         1.0
     );
 
-    let log = wait_for_log(&sluice, 12).await;
+    let log = sluice.wait_for_log(12).await;
     let line = &log[0];
     assert_eq!(line["kind"], "http");
     assert_eq!(line["service"], "secure");
@@ -280,7 +257,7 @@ async fn tcp_with_tls_origination_echoes_and_respects_half_close() {
         echoes.iter().any(|e| e.saw_eof),
         "origin must see the app's half-close"
     );
-    let log = wait_for_log(&sluice, 1).await;
+    let log = sluice.wait_for_log(1).await;
     assert_eq!(log[0]["kind"], "tcp");
     assert_eq!(log[0]["bytes_in"], 300_000);
     assert_eq!(log[0]["bytes_out"], 300_000);
@@ -555,7 +532,7 @@ async fn tls_version_bounds_both_ways() {
             );
         }
     }
-    let log = wait_for_log(&sluice, cases.len()).await;
+    let log = sluice.wait_for_log(cases.len()).await;
     for (name, _, _, _, passes, negotiated) in &cases {
         let line = log.iter().find(|l| l["service"] == *name).unwrap();
         if *passes {
@@ -749,7 +726,7 @@ async fn upstream_failures_are_answered_never_hung() {
         matches!(n, Ok(0) | Err(_)),
         "tcp app must see its connection closed"
     );
-    let log = wait_for_log(&sluice, 3).await;
+    let log = sluice.wait_for_log(3).await;
     let tcp = log.iter().find(|l| l["kind"] == "tcp").unwrap();
     assert!(tcp["error"].as_str().unwrap().contains("could be reached"));
     hold.abort();
@@ -951,7 +928,7 @@ async fn a_request_abandoned_before_the_response_is_still_logged_and_counted() {
     .await;
     assert!(arrived);
     drop(app);
-    let log = wait_for_log(&sluice, 1).await;
+    let log = sluice.wait_for_log(1).await;
     assert_eq!(log[0]["path"], "/stall");
     assert!(log[0]["status"].is_null());
     assert_eq!(
@@ -991,7 +968,7 @@ async fn an_idle_tcp_connection_is_closed_and_a_busy_one_is_not() {
         .await
         .unwrap();
     assert_eq!(back, b"still open");
-    let log = wait_for_log(&sluice, 2).await;
+    let log = sluice.wait_for_log(2).await;
     let closed = log
         .iter()
         .find(|l| l["error"] == "closed after 400ms without traffic")

@@ -74,6 +74,17 @@ pub async fn handle(
     Ok(response.unwrap_or_else(|refusal| refusal.respond(&shared, peer)))
 }
 
+/// The proxy's own answer: the status and a one-line `sluice: ...` body.
+fn answer(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    let mut r = Response::new(full(format!("sluice: {message}\n")));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
 /// A request the proxy answers itself, logged and counted.
 struct Refusal {
     status: StatusCode,
@@ -125,13 +136,7 @@ impl Refusal {
         entry.status = Some(self.status.as_u16());
         entry.error = Some(self.message.clone());
         shared.access_log.log(entry);
-        let body = format!("sluice: {}\n", self.message);
-        let mut r = Response::new(full(body));
-        *r.status_mut() = self.status;
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
+        let mut r = answer(self.status, &self.message);
         if self.status == StatusCode::BAD_REQUEST {
             // The framing of what follows cannot be trusted.
             r.headers_mut()
@@ -702,13 +707,17 @@ async fn absolute(
             }
             let result =
                 match tokio::time::timeout(shared.response_timeout, send_once(stream, req)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(format!(
-                        "no response from {host}:{port} within {:?}",
-                        shared.response_timeout
+                    Ok(r) => r.map_err(|e| (StatusCode::BAD_GATEWAY, e)),
+                    Err(_) => Err((
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!(
+                            "no response from {host}:{port} within {:?}",
+                            shared.response_timeout
+                        ),
                     )),
                 };
             entry.duration_ms = started.elapsed().as_micros() as f64 / 1000.0;
+            // One access-log line either way: this one, with the service and upstream.
             match result {
                 Ok(mut response) => {
                     entry.status = Some(response.status().as_u16());
@@ -716,16 +725,12 @@ async fn absolute(
                     crate::http::strip_hop_by_hop(response.headers_mut());
                     Ok(response.map(|b| b.map_err(Into::into).boxed()))
                 }
-                Err(e) => {
+                Err((status, e)) => {
+                    tracing::info!(%peer, target = %format!("{host}:{port}"), %status, reason = %e, "forward request failed upstream");
+                    entry.status = Some(status.as_u16());
                     entry.error = Some(e.clone());
                     shared.access_log.log(entry);
-                    Err(Refusal {
-                        status: StatusCode::BAD_GATEWAY,
-                        message: e,
-                        reason: "upstream_failed",
-                        method: Method::GET,
-                        target: format!("{host}:{port}"),
-                    })
+                    Ok(answer(status, &e))
                 }
             }
         }

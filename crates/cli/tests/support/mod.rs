@@ -32,9 +32,10 @@ pub use client::{
     HttpResponse,
 };
 pub use origin::{
-    start_grpc_origin, start_h2c_grpc_origin, start_plain_origin, start_tcp_echo, start_tls_echo,
-    start_tls_echo_with, start_tls_origin, start_unix_origin, EchoRecord, Origin, OriginBuilder,
-    Protocols, Recorder, RequestRecord, TlsRecord,
+    closing_listener, silent_listener, start_grpc_origin, start_h2c_grpc_origin,
+    start_plain_origin, start_tcp_echo, start_tls_echo, start_tls_echo_with, start_tls_origin,
+    start_unix_origin, EchoRecord, Origin, OriginBuilder, Protocols, Recorder, RequestRecord,
+    TlsRecord,
 };
 pub use pki::{pki, CertKey, Pki, CLIENT_SPIFFE_ID, ORIGIN_DNS, ORIGIN_SPIFFE_ID};
 pub use process::{free_port, ControlPlane, Sluice, SluiceBuilder, CONFIG_FILE};

@@ -885,3 +885,25 @@ pub async fn start_tls_echo() -> Origin {
 pub async fn start_tls_echo_with(settings: TlsSettings) -> Origin {
     echo_origin("tls-echo", bind_tcp().await, Some(settings))
 }
+
+/// A listener that accepts connections and never sends a byte, and the task holding them
+/// (abort it to close them).
+pub async fn silent_listener() -> (SocketAddr, JoinHandle<()>) {
+    let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = silent.local_addr().expect("local addr");
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    (addr, hold)
+}
+
+/// A listener that accepts connections and closes them at once.
+pub async fn closing_listener() -> (SocketAddr, JoinHandle<()>) {
+    let closer = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = closer.local_addr().expect("local addr");
+    let task = tokio::spawn(async move { while closer.accept().await.is_ok() {} });
+    (addr, task)
+}

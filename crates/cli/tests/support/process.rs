@@ -274,6 +274,14 @@ impl Sluice {
         self.api.expect("started without with_api()")
     }
 
+    /// `sluice run`'s generated admin token (in `--data-dir`).
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("admin-token"))
+            .expect("reading the admin token")
+            .trim()
+            .to_owned()
+    }
+
     /// `--data-dir`: the store, the tokens, a proxy's config cache.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
@@ -338,6 +346,17 @@ impl Sluice {
     /// The access log's complete lines, each parsed as JSON (an unfinished
     /// last line is left out; a complete line that is not JSON panics).
     /// Empty while the file does not exist.
+    /// The access log once it has at least `n` lines; panics after the default timeout.
+    pub async fn wait_for_log(&self, n: usize) -> Vec<serde_json::Value> {
+        let ok = super::wait_until(DEFAULT_TIMEOUT, || self.access_log_lines().len() >= n).await;
+        assert!(
+            ok,
+            "expected {n} access log lines, have {:?}",
+            self.access_log_lines()
+        );
+        self.access_log_lines()
+    }
+
     pub fn access_log_lines(&self) -> Vec<serde_json::Value> {
         let text = match std::fs::read_to_string(&self.access_log) {
             Ok(t) => t,
