@@ -755,6 +755,8 @@ async fn reload_mid_request_finishes_unharmed_and_new_connections_follow() {
         .unwrap();
     let head = long.send_streaming(req).await.unwrap();
     assert_eq!(head.status(), StatusCode::OK);
+    // An HTTP app connection is counted as open while it lives.
+    assert_eq!(metric(&sluice, "sluice_active_connections", "a").await, 1.0);
 
     // Outbound `port` now goes to b; `removed_port` is gone.
     let second = config(
@@ -787,6 +789,12 @@ async fn reload_mid_request_finishes_unharmed_and_new_connections_follow() {
         "the long request must finish whole: {text}"
     );
     assert!(text.starts_with("slow-chunk-0\n") && text.ends_with("slow-chunk-14\n"));
+    drop(long);
+    let closed = wait_until_async(DEFAULT_TIMEOUT, || async {
+        metric(&sluice, "sluice_active_connections", "a").await == 0.0
+    })
+    .await;
+    assert!(closed, "a closed connection is no longer counted");
 
     // An invalid change is refused and the current config keeps serving.
     sluice.rewrite_config("type: MeshExternalService\nname: broken\nspec: {match: {port: 0}}\n");

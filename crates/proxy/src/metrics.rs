@@ -101,7 +101,7 @@ impl Default for Metrics {
         let active_connections = Family::<ServiceLabels, Gauge>::default();
         registry.register(
             "active_connections",
-            "Client connections currently open",
+            "App connections open on each outbound, HTTP and TCP",
             active_connections.clone(),
         );
         let bytes = Family::<BytesLabels, Counter>::default();

@@ -4,6 +4,7 @@
 //! started with while new connections follow a new config at once. Upstreams (and their pools)
 //! are kept across reloads for every service whose settings did not change.
 
+use prometheus_client::metrics::gauge::Gauge;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -86,6 +87,24 @@ enum Upstream {
 struct Route {
     listener: Arc<str>,
     upstream: Arc<Upstream>,
+    /// `sluice_active_connections` of the route's service, resolved once.
+    open: Gauge,
+}
+
+/// Counts a connection as open for as long as it lives.
+struct Open(Gauge);
+
+impl Open {
+    fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 struct ListenerHandle {
@@ -227,6 +246,12 @@ impl Proxy {
             let route = Arc::new(Route {
                 listener: Arc::from(l.name.as_str()),
                 upstream: upstream.clone(),
+                open: self
+                    .shared
+                    .metrics
+                    .active_connections
+                    .get_or_create(&Metrics::service(&label))
+                    .clone(),
             });
             if let Some(mut existing) = state.listeners.remove(&l.address) {
                 let unchanged = Arc::ptr_eq(&existing.route.borrow().upstream, upstream)
@@ -519,14 +544,9 @@ async fn serve_connection(
     kill: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
+    let _open = Open::new(&route.open);
     match &*route.upstream {
         Upstream::Tcp(connector) => {
-            let gauge = shared
-                .metrics
-                .active_connections
-                .get_or_create(&Metrics::service(&connector.label))
-                .clone();
-            gauge.inc();
             tcp::serve(
                 stream,
                 connector.clone(),
@@ -540,7 +560,6 @@ async fn serve_connection(
                 kill,
             )
             .await;
-            gauge.dec();
         }
         Upstream::Http(upstream) => {
             let ctx = Arc::new(RequestContext {
