@@ -151,12 +151,7 @@ async fn two_proxies_get_what_they_use_and_follow_a_tls_change_while_a_stream_fi
         .api(Method::DELETE, "/api/v1/Dataplane/default/batch", "")
         .await;
     assert_eq!(r.status, 200);
-    let closed = wait_until_async(DEFAULT_TIMEOUT, || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", batch_port))
-            .await
-            .is_err()
-    })
-    .await;
+    let closed = stops_accepting(batch_port).await;
     assert!(closed, "{}", batch.stderr());
 }
 
@@ -565,12 +560,7 @@ async fn sluice_run_files_and_its_api_write_the_same_store() {
         serves(api_port, "origin:b").await,
         "the API's resources stay"
     );
-    let closed = wait_until_async(DEFAULT_TIMEOUT, || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-    })
-    .await;
+    let closed = stops_accepting(port).await;
     assert!(closed);
 
     // A resource dropped from the files is dropped from the store.
@@ -600,4 +590,34 @@ async fn sluice_run_files_and_its_api_write_the_same_store() {
     })
     .await;
     assert!(gone, "{}", sluice.stderr());
+}
+
+/// SIGHUP writes the files again even when they did not change, so it restores what they
+/// declare after an API write removed it; the file watch (an hour here) plays no part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_writes_unchanged_files_again() {
+    let a = start_plain_origin("a").await;
+    let port = free_port();
+    let sluice = Sluice::builder()
+        .config(
+            &[
+                mes("a", "http", &[ep(a.addr())], None),
+                dataplane("web", &[(port, "a")]),
+            ]
+            .join("---\n"),
+        )
+        .args(["--watch-interval", "1h"])
+        .with_api()
+        .start()
+        .await;
+    assert!(serves(port, "origin:a").await);
+    let r = run_api(&sluice, Method::DELETE, "/api/v1/Dataplane/default/web", "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(stops_accepting(port).await, "{}", sluice.stderr());
+    sluice.sighup();
+    assert!(
+        wait_until_async(DEFAULT_TIMEOUT, || serves(port, "origin:a")).await,
+        "{}",
+        sluice.stderr()
+    );
 }

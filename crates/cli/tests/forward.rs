@@ -257,7 +257,12 @@ async fn bypass_catalogue_is_refused() {
     for (what, request, status, text) in rows {
         let (got, body) = raw(proxy, &request).await;
         assert_eq!(got, status, "{what}: {body}");
-        assert!(body.contains(text), "{what}: {body}");
+        if text.is_empty() {
+            // Refused by the HTTP parser before the proxy reads it: no body at all.
+            assert_eq!(body, "", "{what}");
+        } else {
+            assert!(body.contains(text), "{what}: {body}");
+        }
     }
     assert_eq!(w.unregistered.request_count(), 0);
     assert_eq!(w.plain.request_count(), 0);

@@ -371,3 +371,13 @@ pub async fn serves(port: u16, body: &str) -> bool {
         Err(_) => false,
     }
 }
+
+/// Whether the loopback port stops accepting connections within the default timeout.
+pub async fn stops_accepting(port: u16) -> bool {
+    super::wait_until_async(super::DEFAULT_TIMEOUT, || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+    })
+    .await
+}

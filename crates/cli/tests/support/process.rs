@@ -525,11 +525,22 @@ impl ControlPlane {
             .spawn()
             .expect("spawn sluice control-plane");
         self.child = Some(child);
-        let addr = self.addr;
-        let up = super::wait_until_async(DEFAULT_TIMEOUT, || async move {
-            tokio::net::TcpStream::connect(addr).await.is_ok()
-        })
-        .await;
+        // Ready when it answers HTTP itself: a bare connect could reach whatever else holds the
+        // port, and a child that exited is a failure at once.
+        let deadline = Instant::now() + DEFAULT_TIMEOUT;
+        let mut up = false;
+        while !up && Instant::now() < deadline {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("the control plane exited ({status}): {}", self.stderr());
+            }
+            up = match H1Client::connect(self.addr).await {
+                Ok(mut c) => c.get("/openapi.json").await.is_ok_and(|r| r.status == 200),
+                Err(_) => false,
+            };
+            if !up {
+                tokio::time::sleep(POLL_INTERVAL).await;
+            }
+        }
         assert!(
             up,
             "the control plane did not start listening: {}",
