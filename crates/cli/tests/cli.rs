@@ -190,10 +190,7 @@ async fn slow_and_oversized_request_heads_are_bounded() {
         .await
         .unwrap();
     let (_, took) = read_until_closed(&mut slow).await;
-    assert!(
-        took < Duration::from_secs(5),
-        "a slow client must be disconnected: {took:?}"
-    );
+    assert_cut_off_at(took, 300);
 
     let mut big = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await

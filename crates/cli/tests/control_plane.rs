@@ -200,5 +200,5 @@ async fn a_slow_client_is_cut_off_at_the_header_timeout() {
         .await
         .unwrap();
     let (_, took) = read_until_closed(&mut s).await;
-    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    assert_cut_off_at(took, 300);
 }

@@ -886,7 +886,23 @@ async fn tunnels_count_against_the_connection_limit() {
         .unwrap();
     let (out, _) = read_until_closed(&mut third).await;
     assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
-    assert!(sluice.stderr().contains("connection limit reached"));
+    assert_eq!(tls.accepted(), 2, "the third never reached the origin");
+    // When a tunnel ends, its slot is free again.
+    drop(_open);
+    let reopened = wait_until_async(DEFAULT_TIMEOUT, || async {
+        let Ok(mut s) = TcpStream::connect(proxy).await else {
+            return false;
+        };
+        let request = format!("CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\n");
+        let mut head = [0u8; 12];
+        s.write_all(request.as_bytes()).await.is_ok()
+            && tokio::time::timeout(DEFAULT_TIMEOUT, s.read_exact(&mut head))
+                .await
+                .is_ok_and(|r| r.is_ok())
+            && &head == b"HTTP/1.1 200"
+    })
+    .await;
+    assert!(reopened, "{}", sluice.stderr());
 }
 
 /// A request head that never completes is dropped at the header read timeout.
@@ -901,7 +917,7 @@ async fn an_unfinished_head_is_dropped_at_the_header_timeout() {
         .await
         .unwrap();
     let (_, took) = read_until_closed(&mut s).await;
-    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    assert_cut_off_at(took, 300);
     assert_eq!(plain.request_count(), 0);
 }
 

@@ -151,3 +151,13 @@ pub async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> (Vec<u8>, 
         .expect("the peer must close the connection");
     (out, started.elapsed())
 }
+
+/// A connection was closed by a timeout of `ms` milliseconds: not before it (less a little for
+/// clocks), and not long after.
+pub fn assert_cut_off_at(took: Duration, ms: u64) {
+    let timeout = Duration::from_millis(ms);
+    assert!(
+        took >= timeout.mul_f64(0.8) && took < timeout + Duration::from_secs(4),
+        "closed after {took:?}, expected about {timeout:?}"
+    );
+}
