@@ -273,7 +273,7 @@ networking:
 async fn stale_writes_oversized_bodies_and_unknown_kinds() {
     let s = start().await;
     let path = "/api/v1/MeshExternalService/default/api";
-    send(&s, "PUT", path, ADMIN, API).await;
+    assert_eq!(send(&s, "PUT", path, ADMIN, API).await.status, 201);
     let changed = API.replace("port: 443}]", "port: 8443}]");
     let a = send_bytes(
         &s,
@@ -315,7 +315,7 @@ async fn stale_writes_oversized_bodies_and_unknown_kinds() {
 async fn tokens_decide_who_may_read_and_write() {
     let s = start().await;
     let path = "/api/v1/MeshExternalService/default/api";
-    send(&s, "PUT", path, ADMIN, API).await;
+    assert_eq!(send(&s, "PUT", path, ADMIN, API).await.status, 201);
     for token in [None, Some("wrong"), Some("")] {
         let a = send(&s, "GET", path, token, "").await;
         assert_eq!(a.status, 401, "{token:?}");
@@ -420,92 +420,49 @@ async fn the_openapi_document_matches_the_server() {
     };
     let one = "/api/v1/{kind}/{mesh}/{name}";
     let p = "/api/v1/MeshExternalService/default/api";
-    let cases = [
-        (one, "put", send(&s, "PUT", p, ADMIN, API).await.status),
-        (one, "put", send(&s, "PUT", p, ADMIN, API).await.status),
-        (
-            one,
-            "put",
-            send(&s, "PUT", p, ADMIN, "not: [valid").await.status,
-        ),
-        (
-            one,
-            "put",
-            send(&s, "PUT", p, Some("reader-secret"), API).await.status,
-        ),
-        (one, "put", send(&s, "PUT", p, None, API).await.status),
-        (one, "get", send(&s, "GET", p, ADMIN, "").await.status),
-        (
-            one,
-            "get",
-            send(&s, "GET", "/api/v1/Mesh/default/none", ADMIN, "")
-                .await
-                .status,
-        ),
-        (
-            "/api/v1/{kind}",
-            "get",
-            send(&s, "GET", "/api/v1/Secret", ADMIN, "").await.status,
-        ),
-        (
-            "/api/v1/{kind}",
-            "get",
-            send(&s, "GET", "/api/v1/Nope", ADMIN, "").await.status,
-        ),
-        (one, "delete", send(&s, "DELETE", p, ADMIN, "").await.status),
-        (one, "delete", send(&s, "DELETE", p, ADMIN, "").await.status),
-        (
-            one,
-            "delete",
-            send(
-                &s,
-                "DELETE",
-                "/api/v1/MeshExternalService/default/used",
-                ADMIN,
-                "",
-            )
-            .await
-            .status,
-        ),
+    let used = "/api/v1/MeshExternalService/default/used";
+    // (documented path, method, request path, token, body, the status it must get)
+    type Row<'a> = (&'a str, &'a str, &'a str, Option<&'a str>, &'a str, u16);
+    let cases: &[Row] = &[
+        (one, "PUT", p, ADMIN, API, 201),
+        (one, "PUT", p, ADMIN, API, 200),
+        (one, "PUT", p, ADMIN, "not: [valid", 422),
+        (one, "PUT", p, Some("reader-secret"), API, 403),
+        (one, "PUT", p, None, API, 401),
+        (one, "GET", p, ADMIN, "", 200),
+        (one, "GET", "/api/v1/Mesh/default/none", ADMIN, "", 404),
+        ("/api/v1/{kind}", "GET", "/api/v1/Secret", ADMIN, "", 200),
+        ("/api/v1/{kind}", "GET", "/api/v1/Nope", ADMIN, "", 404),
+        (one, "DELETE", p, ADMIN, "", 200),
+        (one, "DELETE", p, ADMIN, "", 404),
+        (one, "DELETE", used, ADMIN, "", 409),
+        ("/api/v1/apply", "POST", "/api/v1/apply", ADMIN, API, 200),
         (
             "/api/v1/apply",
-            "post",
-            send(&s, "POST", "/api/v1/apply", ADMIN, API).await.status,
-        ),
-        (
+            "POST",
             "/api/v1/apply",
-            "post",
-            send(&s, "POST", "/api/v1/apply", ADMIN, "kind: Nope")
-                .await
-                .status,
+            ADMIN,
+            "kind: Nope",
+            422,
         ),
-        (
-            "/api/v1/apply",
-            "post",
-            send(&s, "POST", "/api/v1/apply", None, API).await.status,
-        ),
-        (
-            "/api/v1/proxies",
-            "get",
-            send(&s, "GET", "/api/v1/proxies", ADMIN, "").await.status,
-        ),
-        (
-            "/api/v1/proxies",
-            "get",
-            send(&s, "GET", "/api/v1/proxies", None, "").await.status,
-        ),
+        ("/api/v1/apply", "POST", "/api/v1/apply", None, API, 401),
+        ("/api/v1/proxies", "GET", "/api/v1/proxies", ADMIN, "", 200),
+        ("/api/v1/proxies", "GET", "/api/v1/proxies", None, "", 401),
         (
             "/api/v1/proxies/{mesh}/{name}",
-            "get",
-            send(&s, "GET", "/api/v1/proxies/default/none", ADMIN, "")
-                .await
-                .status,
+            "GET",
+            "/api/v1/proxies/default/none",
+            ADMIN,
+            "",
+            404,
         ),
     ];
-    for (path, method, status) in cases {
+    for (path, method, request, token, body, want) in cases {
+        let got = send(&s, method, request, *token, body).await.status;
+        assert_eq!(got, *want, "{method} {request}");
         assert!(
-            documented(path, method, status),
-            "{method} {path} answered {status}, which is not documented"
+            documented(path, &method.to_lowercase(), got),
+            "{method} {path} answered {got}, which is not documented"
         );
     }
 }
