@@ -11,16 +11,6 @@ use std::process::Command;
 use http::{Method, StatusCode};
 use support::*;
 
-fn dataplane(name: &str, outbounds: &[(u16, &str)]) -> String {
-    let mut y = format!("type: Dataplane\nname: {name}\nmesh: default\nnetworking:\n  outbound:\n");
-    for (port, service) in outbounds {
-        y.push_str(&format!(
-            "    - port: {port}\n      backendRef:\n        kind: MeshExternalService\n        name: {service}\n"
-        ));
-    }
-    y
-}
-
 /// `api` in front of a TLS origin, verified against the test CA, with TLS version bounds.
 fn tls_api(origin: &Origin, version: &str) -> String {
     mes(
@@ -145,6 +135,15 @@ async fn two_proxies_get_what_they_use_and_follow_a_tls_change_while_a_stream_fi
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.lines().count(), 3, "{text}");
     assert!(text.lines().any(|l| l.contains(" batch ")), "{text}");
+
+    // Once web runs a later change too, anything the first change could have sent batch has
+    // been sent: still nothing.
+    let later = cp.apply(&tls_api(&secure, "{min: TLS13}")).await;
+    assert!(cp.wait_running("default", "web", later).await);
+    assert_eq!(
+        cp.proxy_status("default", "batch").await["sentVersion"],
+        batch_sent
+    );
 
     // Deleting the Dataplane takes its listener away.
     let r = cp
@@ -470,21 +469,10 @@ async fn the_outbound_traffic_policy_set_on_the_control_plane_reaches_every_prox
     let stored = cp
         .api(Method::GET, "/api/v1/Mesh/default/default", "")
         .await;
-    let mesh: serde_json::Value = serde_json::from_str(&stored.text()).unwrap();
+    assert_eq!(stored.status, 200);
+    let mesh = stored.json();
     assert_eq!(mesh["networking"]["outbound"]["passthrough"], true);
     assert_eq!(mesh["routing"]["zoneEgress"], false, "the rest is kept");
-}
-
-/// One API request to `sluice run`'s control plane with its generated admin token.
-async fn run_api(sluice: &Sluice, method: Method, path: &str, body: &str) -> HttpResponse {
-    let token = sluice.admin_token();
-    let mut client = H1Client::connect(sluice.api_addr()).await.unwrap();
-    let req = client
-        .request(method, path)
-        .header("authorization", format!("Bearer {token}"))
-        .body(full(body.to_string()))
-        .unwrap();
-    client.send(req).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -508,26 +496,26 @@ async fn sluice_run_files_and_its_api_write_the_same_store() {
     assert!(serves(port, "origin:a").await);
 
     // Written through the API: served by the same process, checked against the files' resources.
-    let r = run_api(
-        &sluice,
-        Method::PUT,
-        "/api/v1/Dataplane/default/extra",
-        &dataplane("extra", &[(api_port, "b")]),
-    )
-    .await;
+    let r = sluice
+        .api(
+            Method::PUT,
+            "/api/v1/Dataplane/default/extra",
+            &dataplane("extra", &[(api_port, "b")]),
+        )
+        .await;
     assert_eq!(r.status, 201, "{}", r.text());
     assert!(
         wait_until_async(DEFAULT_TIMEOUT, || serves(api_port, "origin:b")).await,
         "{}",
         sluice.stderr()
     );
-    let r = run_api(
-        &sluice,
-        Method::PUT,
-        "/api/v1/Dataplane/default/broken",
-        &dataplane("broken", &[(free_port(), "nowhere")]),
-    )
-    .await;
+    let r = sluice
+        .api(
+            Method::PUT,
+            "/api/v1/Dataplane/default/broken",
+            &dataplane("broken", &[(free_port(), "nowhere")]),
+        )
+        .await;
     assert_eq!(r.status, 422, "{}", r.text());
     assert!(r
         .text()
@@ -564,13 +552,9 @@ async fn sluice_run_files_and_its_api_write_the_same_store() {
     assert!(closed);
 
     // A resource dropped from the files is dropped from the store.
-    let r = run_api(
-        &sluice,
-        Method::DELETE,
-        "/api/v1/Dataplane/default/extra",
-        "",
-    )
-    .await;
+    let r = sluice
+        .api(Method::DELETE, "/api/v1/Dataplane/default/extra", "")
+        .await;
     assert_eq!(r.status, 200);
     sluice.rewrite_config(&format!(
         "{}---\n{}",
@@ -578,14 +562,10 @@ async fn sluice_run_files_and_its_api_write_the_same_store() {
         dataplane("web", &[(moved_port, "a")])
     ));
     let gone = wait_until_async(DEFAULT_TIMEOUT, || async {
-        run_api(
-            &sluice,
-            Method::GET,
-            "/api/v1/MeshExternalService/default/b",
-            "",
-        )
-        .await
-        .status
+        sluice
+            .api(Method::GET, "/api/v1/MeshExternalService/default/b", "")
+            .await
+            .status
             == 404
     })
     .await;
@@ -611,7 +591,9 @@ async fn sighup_writes_unchanged_files_again() {
         .start()
         .await;
     assert!(serves(port, "origin:a").await);
-    let r = run_api(&sluice, Method::DELETE, "/api/v1/Dataplane/default/web", "").await;
+    let r = sluice
+        .api(Method::DELETE, "/api/v1/Dataplane/default/web", "")
+        .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(stops_accepting(port).await, "{}", sluice.stderr());
     sluice.sighup();

@@ -20,13 +20,7 @@ async fn request(
     token: &str,
     body: &str,
 ) -> HttpResponse {
-    let mut client = H1Client::connect(cp.addr).await.unwrap();
-    let req = client
-        .request(method, path)
-        .header("authorization", format!("Bearer {token}"))
-        .body(full(body.to_string()))
-        .unwrap();
-    client.send(req).await.unwrap()
+    api_request(cp.addr, token, method, path, body).await
 }
 
 const API: &str = "type: MeshExternalService\nname: api\nspec:\n  match: {port: 443}\n  endpoints: [{address: api.example.com, port: 443}]\n";

@@ -16,17 +16,6 @@ fn ep_host(host: &str, port: u16) -> String {
     format!("    - address: {host}\n      port: {port}\n")
 }
 
-/// A Dataplane with one outbound per (port, service).
-fn dataplane(outbounds: &[(u16, &str)]) -> String {
-    let mut y = String::from("type: Dataplane\nname: app\nmesh: default\nnetworking:\n  address: 127.0.0.1\n  outbound:\n");
-    for (port, service) in outbounds {
-        y.push_str(&format!(
-            "    - port: {port}\n      backendRef:\n        kind: MeshExternalService\n        name: {service}\n"
-        ));
-    }
-    y
-}
-
 /// One service in front of `origin`, verified as origin.test against the test CA.
 fn secured(name: &str, protocol: &str, origin: &Origin) -> String {
     mes(
@@ -46,7 +35,7 @@ async fn serve_one(services: &[String], name: &str, args: &[&str]) -> (Sluice, u
 
 fn config(services: &[String], outbounds: &[(u16, &str)]) -> String {
     let mut docs: Vec<String> = services.to_vec();
-    docs.push(dataplane(outbounds));
+    docs.push(dataplane("app", outbounds));
     docs.join("---\n")
 }
 

@@ -38,8 +38,8 @@ pub use origin::{
     TlsRecord,
 };
 pub use pki::{pki, CertKey, Pki, CLIENT_SPIFFE_ID, ORIGIN_DNS, ORIGIN_SPIFFE_ID};
-pub use process::{free_port, ControlPlane, Sluice, SluiceBuilder, CONFIG_FILE};
-pub use resources::{ep, mes, pem_source, verification};
+pub use process::{api_request, free_port, ControlPlane, Sluice, SluiceBuilder, CONFIG_FILE};
+pub use resources::{dataplane, ep, mes, pem_source, verification};
 pub use tls::{client_tls_config, tls_connect, ClientAuth, ClientTls, TlsSettings, TlsVersions};
 
 /// Default timeout used by helpers that wait on the network or a process.

@@ -274,6 +274,11 @@ impl Sluice {
         self.api.expect("started without with_api()")
     }
 
+    /// One request to `sluice run`'s control plane API with its admin token.
+    pub async fn api(&self, method: http::Method, path: &str, body: &str) -> HttpResponse {
+        api_request(self.api_addr(), &self.admin_token(), method, path, body).await
+    }
+
     /// `sluice run`'s generated admin token (in `--data-dir`).
     pub fn admin_token(&self) -> String {
         std::fs::read_to_string(self.data_dir.join("admin-token"))
@@ -573,15 +578,7 @@ impl ControlPlane {
 
     /// One API request with the admin token.
     pub async fn api(&self, method: http::Method, path: &str, body: &str) -> HttpResponse {
-        let mut client = H1Client::connect(self.addr)
-            .await
-            .expect("connect to the API");
-        let req = client
-            .request(method, path)
-            .header("authorization", format!("Bearer {}", self.token("admin")))
-            .body(super::full(body.to_string()))
-            .expect("request");
-        client.send(req).await.expect("API request")
+        api_request(self.addr, &self.token("admin"), method, path, body).await
     }
 
     /// Applies a multi-document YAML body; returns the store revision it was written at.
@@ -627,4 +624,21 @@ impl Drop for ControlPlane {
             );
         }
     }
+}
+
+/// One request to a control plane API at `addr` with a bearer token.
+pub async fn api_request(
+    addr: SocketAddr,
+    token: &str,
+    method: http::Method,
+    path: &str,
+    body: &str,
+) -> HttpResponse {
+    let mut client = H1Client::connect(addr).await.expect("connect to the API");
+    let req = client
+        .request(method, path)
+        .header("authorization", format!("Bearer {token}"))
+        .body(super::full(body.to_string()))
+        .expect("request");
+    client.send(req).await.expect("API request")
 }

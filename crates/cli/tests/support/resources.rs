@@ -52,3 +52,14 @@ pub fn verification(mode: &str, server_name: Option<&str>, extra: &str) -> Strin
     y.push_str(extra);
     y
 }
+
+/// A Dataplane `name` in the default mesh with one outbound per (port, service).
+pub fn dataplane(name: &str, outbounds: &[(u16, &str)]) -> String {
+    let mut y = format!("type: Dataplane\nname: {name}\nmesh: default\nnetworking:\n  outbound:\n");
+    for (port, service) in outbounds {
+        y.push_str(&format!(
+            "    - port: {port}\n      backendRef:\n        kind: MeshExternalService\n        name: {service}\n"
+        ));
+    }
+    y
+}
