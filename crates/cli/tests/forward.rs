@@ -991,3 +991,40 @@ async fn a_failing_server_gets_one_log_line_and_the_right_status() {
         assert!(line["error"].is_string(), "{line}");
     }
 }
+
+/// SIGTERM drains the forward proxy too: it stops accepting, an open tunnel is closed at the
+/// drain deadline, and the process exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_open_tunnels_at_the_drain_deadline() {
+    let tls = start_tls_origin("tls").await;
+    let plain = start_plain_origin("plain").await;
+    let mut sluice = Sluice::start_with_args(
+        &registry(&tls, &plain),
+        &[
+            "--outbound-traffic-policy",
+            "restricted",
+            "--drain-timeout",
+            "500ms",
+        ],
+    )
+    .await;
+    let proxy = sluice.http_proxy_addr();
+    let (status, _, s) = connect(proxy, &format!("localhost:{}", tls.port())).await;
+    assert_eq!(status, 200);
+    let mut open = tls_through(s, "localhost").await.unwrap();
+    let started = std::time::Instant::now();
+    sluice.sigterm();
+    assert!(stops_accepting(proxy.port()).await, "{}", sluice.stderr());
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(DEFAULT_TIMEOUT, open.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the tunnel must be closed at the deadline");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(400));
+    let exit = sluice.wait_exit(DEFAULT_TIMEOUT).await.expect("must exit");
+    assert!(exit.success(), "{exit:?}: {}", sluice.stderr());
+    let log = sluice.access_log_lines();
+    let tunnel = log
+        .iter()
+        .find(|l| l["kind"] == "tunnel")
+        .unwrap_or_else(|| panic!("{log:?}"));
+    assert_eq!(tunnel["error"], "closed at the end of the drain deadline");
+}

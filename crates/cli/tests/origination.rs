@@ -866,11 +866,7 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
         .body(empty())
         .unwrap();
     let head = long.send_streaming(req).await.unwrap();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &sluice.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    sluice.sigterm();
     let refused = stops_accepting(port).await;
     assert!(refused, "a draining proxy must stop accepting");
     let body = collect_response(head).await.unwrap().text();

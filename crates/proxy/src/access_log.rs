@@ -99,8 +99,16 @@ fn serialize_method<S: serde::Serializer>(
 
 #[derive(Clone)]
 pub struct AccessLog {
-    tx: mpsc::Sender<Entry>,
+    tx: mpsc::Sender<Message>,
     dropped: Arc<AtomicU64>,
+}
+
+// Lines are sent per request and stay unboxed (no allocation); a flush is rare.
+#[allow(clippy::large_enum_variant)]
+enum Message {
+    Line(Entry),
+    /// Write out everything before this, then answer.
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
 pub enum Target {
@@ -131,32 +139,44 @@ impl AccessLog {
         Ok(Self { tx, dropped })
     }
 
-    /// A log that writes nowhere, for embedding without an access log.
-    pub fn disabled() -> Self {
-        let (tx, _rx) = mpsc::channel(1);
-        Self {
-            tx,
-            dropped: Arc::new(AtomicU64::new(0)),
-        }
-    }
-
     pub fn log(&self, entry: Entry) {
-        if self.tx.try_send(entry).is_err() {
+        if self.tx.try_send(Message::Line(entry)).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
+
+    /// Waits (a second at most) until every line logged so far is written: before the process
+    /// exits.
+    pub async fn flush(&self) {
+        let (done, written) = tokio::sync::oneshot::channel();
+        let flushed = async {
+            if self.tx.send(Message::Flush(done)).await.is_ok() {
+                let _ = written.await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), flushed).await;
+    }
 }
 
-fn write_lines(mut rx: mpsc::Receiver<Entry>, mut out: Box<dyn Write + Send>, dropped: &AtomicU64) {
+fn write_lines(
+    mut rx: mpsc::Receiver<Message>,
+    mut out: Box<dyn Write + Send>,
+    dropped: &AtomicU64,
+) {
     let mut buf = Vec::with_capacity(BATCH_BYTES + 4096);
     loop {
+        let mut waiting = None;
         let (closed, more) = loop {
             match rx.try_recv() {
-                Ok(entry) => {
+                Ok(Message::Line(entry)) => {
                     push_line(&mut buf, &entry);
                     if buf.len() >= BATCH_BYTES {
                         break (false, true);
                     }
+                }
+                Ok(Message::Flush(done)) => {
+                    waiting = Some(done);
+                    break (false, true);
                 }
                 Err(TryRecvError::Empty) => break (false, false),
                 Err(TryRecvError::Disconnected) => break (true, false),
@@ -167,6 +187,9 @@ fn write_lines(mut rx: mpsc::Receiver<Entry>, mut out: Box<dyn Write + Send>, dr
                 tracing::error!(error = %e, "access log write failed");
             }
             buf.clear();
+        }
+        if let Some(done) = waiting {
+            let _ = done.send(());
         }
         if closed {
             return;

@@ -54,6 +54,10 @@ pub struct Shared {
     pub listener: Arc<str>,
     /// Passthrough destinations already given their own counter.
     pub passthrough_seen: std::sync::Mutex<std::collections::HashSet<(String, u16)>>,
+    /// Tunnels outlive the connection that opened them: they drain with the forward proxy
+    /// and are closed at its drain deadline.
+    pub tunnels: tokio_util::task::TaskTracker,
+    pub kill: CancellationToken,
 }
 
 /// The connection's place under `--max-connections`; a tunnel keeps it until it ends.
@@ -329,7 +333,8 @@ async fn connect(
     let passthrough = matches!(decision, Decision::Passthrough);
     let shared = shared.clone();
     let authority = format!("{host}:{port}");
-    tokio::spawn(async move {
+    let tunnels = shared.tunnels.clone();
+    tunnels.spawn(async move {
         let _slot = slot;
         let started = Instant::now();
         let mut entry = Entry::new("tunnel", shared.listener.clone(), peer, service);
@@ -376,7 +381,7 @@ async fn connect(
                                 &mut app,
                                 &mut upstream,
                                 shared.idle_timeout,
-                                &CancellationToken::new(),
+                                &shared.kill,
                             )
                             .await;
                             entry.bytes_in = relayed.up + first.len() as u64;

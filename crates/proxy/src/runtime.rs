@@ -109,10 +109,35 @@ impl Drop for Open {
 
 struct ListenerHandle {
     route: watch::Sender<Arc<Route>>,
-    service: Arc<ExternalService>,
+    life: Lifecycle,
+}
+
+/// How a listener ends: it stops accepting, its connections get until the drain deadline to
+/// finish, and whatever is still open then is closed.
+#[derive(Clone, Default)]
+struct Lifecycle {
     stop: CancellationToken,
     tracker: TaskTracker,
     kill: CancellationToken,
+}
+
+impl Lifecycle {
+    async fn drain(self, deadline: Duration) {
+        self.stop.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(deadline, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = self.tracker.len(),
+                "drain deadline reached; closing remaining connections"
+            );
+        }
+        self.kill.cancel();
+        // What was cut off records itself on the way out.
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.tracker.wait()).await;
+    }
 }
 
 struct Shared {
@@ -128,6 +153,8 @@ struct State {
     mode: Mode,
     /// Addresses this process listens on besides the outbounds (admin, forward proxy).
     own: Vec<SocketAddr>,
+    /// The forward proxy's lifecycle, once started.
+    forward: Option<Lifecycle>,
 }
 
 pub struct Proxy {
@@ -189,6 +216,7 @@ impl Proxy {
                 upstreams: HashMap::new(),
                 mode: settings_mode,
                 own: Vec::new(),
+                forward: None,
             }),
             config: watch::Sender::new(None),
             forward: watch::Sender::new(Arc::new(forward::State {
@@ -253,12 +281,11 @@ impl Proxy {
                     .get_or_create(&Metrics::service(&label))
                     .clone(),
             });
-            if let Some(mut existing) = state.listeners.remove(&l.address) {
+            if let Some(existing) = state.listeners.remove(&l.address) {
                 let unchanged = Arc::ptr_eq(&existing.route.borrow().upstream, upstream)
                     && *existing.route.borrow().listener == *l.name;
                 if !unchanged {
                     existing.route.send_replace(route);
-                    existing.service = l.service.clone();
                 }
                 keep.insert(l.address, existing);
                 continue;
@@ -266,10 +293,7 @@ impl Proxy {
             match TcpListener::bind(l.address).await {
                 Ok(listener) => {
                     tracing::info!(listener = %l.name, address = %l.address, service = %label, "listening");
-                    keep.insert(
-                        l.address,
-                        self.spawn_listener(listener, route, l.service.clone()),
-                    );
+                    keep.insert(l.address, self.spawn_listener(listener, route));
                 }
                 Err(e) => bind_errors.push(ApplyError::Bind {
                     name: l.name.clone(),
@@ -280,7 +304,7 @@ impl Proxy {
         }
         for (address, removed) in state.listeners.drain() {
             tracing::info!(%address, drain = ?self.shared.settings.drain_timeout, "listener removed; draining");
-            drain(removed, self.shared.settings.drain_timeout);
+            tokio::spawn(removed.life.drain(self.shared.settings.drain_timeout));
         }
         state.listeners = keep;
         state.upstreams = upstreams;
@@ -342,7 +366,10 @@ impl Proxy {
         let listener = TcpListener::bind(addr).await?;
         let bound = listener.local_addr()?;
         self.add_own_address(bound).await;
+        let life = Lifecycle::default();
         let shared = Arc::new(forward::Shared {
+            tunnels: life.tracker.clone(),
+            kill: life.kill.clone(),
             state: self.forward.subscribe(),
             resolver: self.resolver.clone(),
             metrics: self.shared.metrics.clone(),
@@ -355,9 +382,18 @@ impl Proxy {
             passthrough_seen: Default::default(),
         });
         let limits = self.shared.clone();
+        let Lifecycle {
+            stop,
+            tracker,
+            kill,
+        } = life.clone();
         tokio::spawn(async move {
             loop {
-                let (stream, peer) = match listener.accept().await {
+                let accepted = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    a = listener.accept() => a,
+                };
+                let (stream, peer) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
                         tracing::warn!(error = %e, "forward proxy accept failed");
@@ -371,7 +407,8 @@ impl Proxy {
                 };
                 let shared = shared.clone();
                 let header_timeout = limits.settings.header_read_timeout;
-                tokio::spawn(async move {
+                let (stop, kill) = (stop.clone(), kill.clone());
+                tracker.spawn(async move {
                     let slot: forward::Slot = Arc::new(permit);
                     let _ = stream.set_nodelay(true);
                     match forward::first_head(&stream, header_timeout).await {
@@ -391,12 +428,26 @@ impl Proxy {
                         .max_buf_size(64 * 1024)
                         .serve_connection(TokioIo::new(stream), service)
                         .with_upgrades();
-                    if let Err(e) = conn.await {
+                    tokio::pin!(conn);
+                    // On drain: the request in flight finishes, then the connection closes.
+                    let result = tokio::select! {
+                        r = conn.as_mut() => r,
+                        _ = stop.cancelled() => {
+                            conn.as_mut().graceful_shutdown();
+                            tokio::select! {
+                                r = conn.as_mut() => r,
+                                _ = kill.cancelled() => return,
+                            }
+                        }
+                        _ = kill.cancelled() => return,
+                    };
+                    if let Err(e) = result {
                         tracing::debug!(%peer, error = %e, "forward proxy connection ended with an error");
                     }
                 });
             }
         });
+        self.state.lock().await.forward = Some(life);
         tracing::info!(address = %bound, "forward proxy listening");
         Ok(bound)
     }
@@ -404,17 +455,16 @@ impl Proxy {
     /// Stops accepting everywhere and waits (up to the drain timeout) for open connections.
     pub async fn shutdown(&self) {
         let mut state = self.state.lock().await;
-        let mut waits = Vec::new();
+        let deadline = self.shared.settings.drain_timeout;
+        let mut draining = tokio::task::JoinSet::new();
         for (_, l) in state.listeners.drain() {
-            l.stop.cancel();
-            l.tracker.close();
-            waits.push((l.tracker, l.kill));
+            draining.spawn(l.life.drain(deadline));
         }
-        let deadline = tokio::time::Instant::now() + self.shared.settings.drain_timeout;
-        for (tracker, kill) in waits {
-            let _ = tokio::time::timeout_at(deadline, tracker.wait()).await;
-            kill.cancel();
+        if let Some(forward) = state.forward.take() {
+            draining.spawn(forward.drain(deadline));
         }
+        while draining.join_next().await.is_some() {}
+        self.shared.access_log.flush().await;
     }
 
     fn count_reload(&self, result: &'static str) {
@@ -456,57 +506,25 @@ impl Proxy {
         })
     }
 
-    fn spawn_listener(
-        &self,
-        listener: TcpListener,
-        route: Arc<Route>,
-        service: Arc<ExternalService>,
-    ) -> ListenerHandle {
+    fn spawn_listener(&self, listener: TcpListener, route: Arc<Route>) -> ListenerHandle {
         let (tx, rx) = watch::channel(route);
-        let handle = ListenerHandle {
-            route: tx,
-            service,
-            stop: CancellationToken::new(),
-            tracker: TaskTracker::new(),
-            kill: CancellationToken::new(),
-        };
-        tokio::spawn(accept_loop(
-            listener,
-            rx,
-            self.shared.clone(),
-            handle.stop.clone(),
-            handle.tracker.clone(),
-            handle.kill.clone(),
-        ));
-        handle
+        let life = Lifecycle::default();
+        tokio::spawn(accept_loop(listener, rx, self.shared.clone(), life.clone()));
+        ListenerHandle { route: tx, life }
     }
-}
-
-fn drain(l: ListenerHandle, deadline: Duration) {
-    l.stop.cancel();
-    l.tracker.close();
-    tokio::spawn(async move {
-        if tokio::time::timeout(deadline, l.tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                open = l.tracker.len(),
-                "drain deadline reached; closing remaining connections"
-            );
-        }
-        l.kill.cancel();
-    });
 }
 
 async fn accept_loop(
     listener: TcpListener,
     route: watch::Receiver<Arc<Route>>,
     shared: Arc<Shared>,
-    stop: CancellationToken,
-    tracker: TaskTracker,
-    kill: CancellationToken,
+    life: Lifecycle,
 ) {
+    let Lifecycle {
+        stop,
+        tracker,
+        kill,
+    } = life;
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,

@@ -404,14 +404,22 @@ impl Sluice {
 
     /// Sends SIGHUP (`kill -HUP <pid>`).
     pub fn sighup(&self) {
+        self.signal("HUP");
+    }
+
+    pub fn sigterm(&self) {
+        self.signal("TERM");
+    }
+
+    fn signal(&self, name: &str) {
         let status = Command::new("kill")
-            .arg("-HUP")
+            .arg(format!("-{name}"))
             .arg(self.pid().to_string())
             .status()
             .expect("running kill");
         assert!(
             status.success(),
-            "kill -HUP {} failed: {status}",
+            "kill -{name} {} failed: {status}",
             self.pid()
         );
     }
