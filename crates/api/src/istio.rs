@@ -75,12 +75,9 @@ pub fn parse(root: &At<'_>, d: &mut Diagnostics) -> Option<Resource> {
 
 fn metadata(top: &mut Obj<'_>, d: &mut Diagnostics) -> Option<Meta> {
     let mut m = top.required("metadata", d)?.obj(d)?;
-    let name = m
-        .required("name", d)
-        .and_then(|n| n.text(d).map(str::to_string));
-    let namespace = m
-        .get("namespace")
-        .and_then(|n| n.text(d).map(str::to_string));
+    // Both become the resource's key, so both follow the rules for names.
+    let name = m.required("name", d).and_then(|n| crate::kuma::name(&n, d));
+    let namespace = m.get("namespace").and_then(|n| crate::kuma::name(&n, d));
     let labels = m.get("labels").map(|l| l.string_map(d)).unwrap_or_default();
     if let Some(a) = m.get("annotations") {
         a.string_map(d);
@@ -128,9 +125,7 @@ fn mesh_document(text: &str, path: &str, d: &mut Diagnostics) -> Option<Outbound
     let value: Value = match serde_saphyr::from_str(text) {
         Ok(v) => v,
         Err(e) => {
-            let first = e.to_string();
-            let first = first.lines().next().unwrap_or("").trim().to_string();
-            d.error(path, format!("is not valid YAML: {first}"));
+            d.error(path, format!("is {}", crate::document::yaml_error(&e)));
             return None;
         }
     };
@@ -138,16 +133,15 @@ fn mesh_document(text: &str, path: &str, d: &mut Diagnostics) -> Option<Outbound
         d.error(path, "must hold a YAML mapping of mesh settings");
         return None;
     };
-    let mut policy = None;
-    for (key, v) in map {
-        if key == "outboundTrafficPolicy" {
-            let at = At {
+    let policy = map.get("outboundTrafficPolicy").and_then(|v| {
+        mode(
+            &At {
                 value: v,
                 path: format!("{path}.outboundTrafficPolicy"),
-            };
-            policy = mode(&at, d);
-        }
-    }
+            },
+            d,
+        )
+    });
     if map.keys().any(|k| k != "outboundTrafficPolicy") {
         d.warn(
             path,

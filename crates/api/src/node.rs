@@ -210,7 +210,7 @@ impl<'a> Obj<'a> {
     /// Reports `message` if the field is present; it is then neither unknown nor suggested.
     pub fn refuse(&mut self, key: &'static str, message: &str, d: &mut Diagnostics) -> bool {
         self.handled.push(key);
-        let present = self.map.contains_key(key);
+        let present = self.has(key);
         if present {
             d.error(&self.child_path(key), message);
         }

@@ -57,30 +57,31 @@ fn run(name: &str, text: &str) -> String {
     for d in &loaded.diagnostics {
         out.push_str(&format!("{d}\n"));
     }
-    let has_errors = loaded.errors().next().is_some();
-    assert_eq!(
-        loaded.registry.is_some(),
-        !has_errors,
-        "{name}: a registry must be built exactly when there is no error"
-    );
     if let Some(registry) = &loaded.registry {
         for service in registry.services.values() {
             out.push_str(&format!("registry: {}\n", describe(service)));
         }
+        for dataplane in &registry.dataplanes {
+            out.push_str(&format!("registry: dataplane {dataplane}\n"));
+        }
         for o in &registry.outbounds {
-            let address = match o.address {
-                std::net::IpAddr::V6(ip) => format!("[{ip}]"),
-                ip => ip.to_string(),
-            };
+            let address = std::net::SocketAddr::new(o.address, o.port);
             out.push_str(&format!(
-                "registry: outbound {} {address}:{} -> {}
-",
-                o.dataplane, o.port, o.service
+                "registry: outbound {} {address} -> {}\n",
+                o.dataplane, o.service
             ));
         }
         if let Some(policy) = registry.outbound_traffic_policy {
             out.push_str(&format!("registry: outbound traffic policy {policy:?}\n"));
         }
+    }
+    if !loaded.counts.is_empty() {
+        let counts: Vec<String> = loaded
+            .counts
+            .iter()
+            .map(|(kind, n)| format!("{n} {kind}"))
+            .collect();
+        out.push_str(&format!("valid: {}\n", counts.join(", ")));
     }
     out
 }
