@@ -53,12 +53,13 @@ pub struct HttpUpstream {
     scheme: Scheme,
     /// What Host and `:authority` become; `None` keeps the app's (unix socket without serverName).
     authority: Option<Authority>,
+    /// `authority` as a Host header, built once.
+    host: Option<HeaderValue>,
     timeouts: HttpTimeouts,
-    metrics: ServiceMetrics,
+    metrics: Arc<ServiceMetrics>,
 }
 
 /// Metric handles resolved once per service rather than per request.
-#[derive(Clone)]
 struct ServiceMetrics {
     label: String,
     log_label: Arc<str>,
@@ -119,7 +120,7 @@ impl HttpUpstream {
                 .clone()
         };
         let (bytes_up, bytes_down) = (bytes("upstream"), bytes("downstream"));
-        let metrics = ServiceMetrics {
+        let metrics = Arc::new(ServiceMetrics {
             log_label: connector.log_label.clone(),
             by_status: Arc::default(),
             duration,
@@ -127,10 +128,13 @@ impl HttpUpstream {
             bytes_down,
             label,
             all: metrics,
-        };
+        });
         Self {
             client: builder.build(HttpConnector(connector)),
             scheme: if tls { Scheme::HTTPS } else { Scheme::HTTP },
+            host: authority
+                .as_ref()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
             authority,
             timeouts,
             metrics,
@@ -276,8 +280,11 @@ fn rewrite_request(
         .build()
         .map_err(|e| format!("request target cannot be forwarded: {e}"))?;
     strip_hop_by_hop(&mut parts.headers);
-    let host = HeaderValue::from_str(authority.as_str())
-        .map_err(|_| "external service name is not a valid Host".to_string())?;
+    let host = match &up.host {
+        Some(h) => h.clone(),
+        None => HeaderValue::from_str(authority.as_str())
+            .map_err(|_| "external service name is not a valid Host".to_string())?,
+    };
     parts.headers.insert(header::HOST, host);
     parts.version = Version::HTTP_11;
     let body = CountedBody {
@@ -358,7 +365,7 @@ struct Pending {
     entry: Entry,
     started: Instant,
     bytes_in: Arc<AtomicU64>,
-    metrics: ServiceMetrics,
+    metrics: Arc<ServiceMetrics>,
     access_log: AccessLog,
 }
 

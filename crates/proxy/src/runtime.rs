@@ -80,7 +80,7 @@ pub enum ApplyError {
 }
 
 enum Upstream {
-    Tcp(Arc<Connector>),
+    Tcp(Arc<tcp::TcpUpstream>),
     Http(Arc<HttpUpstream>),
 }
 
@@ -502,7 +502,10 @@ impl Proxy {
                 self.shared.metrics.clone(),
             )))
         } else {
-            Upstream::Tcp(connector)
+            Upstream::Tcp(Arc::new(tcp::TcpUpstream::new(
+                connector,
+                &self.shared.metrics,
+            )))
         })
     }
 
@@ -564,14 +567,13 @@ async fn serve_connection(
     let _ = stream.set_nodelay(true);
     let _open = Open::new(&route.open);
     match &*route.upstream {
-        Upstream::Tcp(connector) => {
+        Upstream::Tcp(upstream) => {
             tcp::serve(
                 stream,
-                connector.clone(),
+                upstream,
                 tcp::ConnContext {
                     peer,
                     listener: route.listener.clone(),
-                    metrics: &shared.metrics,
                     access_log: &shared.access_log,
                     idle_timeout: shared.settings.tcp_idle_timeout,
                 },

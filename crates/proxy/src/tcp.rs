@@ -13,37 +13,67 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::access_log::{AccessLog, Entry};
+use prometheus_client::metrics::counter::Counter;
+
 use crate::metrics::{BytesLabels, Metrics};
 use crate::upstream::Connector;
+
+/// A tcp outbound's service: how to reach it, and its metrics resolved once rather than per
+/// connection.
+pub struct TcpUpstream {
+    pub connector: Arc<Connector>,
+    connections: Counter,
+    bytes_up: Counter,
+    bytes_down: Counter,
+}
+
+impl TcpUpstream {
+    pub fn new(connector: Arc<Connector>, metrics: &Metrics) -> Self {
+        let bytes = |direction| {
+            metrics
+                .bytes
+                .get_or_create(&BytesLabels {
+                    service: connector.label.clone(),
+                    direction,
+                })
+                .clone()
+        };
+        Self {
+            connections: metrics
+                .tcp_connections
+                .get_or_create(&Metrics::service(&connector.label))
+                .clone(),
+            bytes_up: bytes("upstream"),
+            bytes_down: bytes("downstream"),
+            connector,
+        }
+    }
+}
 
 /// Where a TCP connection came in and where its record goes.
 pub struct ConnContext<'a> {
     pub peer: SocketAddr,
     pub listener: Arc<str>,
-    pub metrics: &'a Metrics,
     pub access_log: &'a AccessLog,
     pub idle_timeout: Duration,
 }
 
 pub async fn serve(
     mut client: TcpStream,
-    connector: Arc<Connector>,
+    upstream: &TcpUpstream,
     ctx: ConnContext<'_>,
     kill: CancellationToken,
 ) {
     let ConnContext {
         peer,
         listener,
-        metrics,
         access_log,
         idle_timeout,
     } = ctx;
+    let connector = &upstream.connector;
     let started = Instant::now();
     let mut entry = Entry::new("tcp", listener, peer, connector.log_label.clone());
-    metrics
-        .tcp_connections
-        .get_or_create(&Metrics::service(&connector.label))
-        .inc();
+    upstream.connections.inc();
     let connected = tokio::select! {
         c = connector.connect() => Some(c),
         _ = kill.cancelled() => None,
@@ -54,27 +84,17 @@ pub async fn serve(
             tracing::debug!(service = %connector.label, error = %e, "tcp upstream failed");
             entry.error = Some(e.to_string());
         }
-        Some(Ok(mut upstream)) => {
-            entry.upstream = Some(upstream.info.address.clone());
-            entry.tls_version = upstream.info.tls_version;
-            let relayed = relay(&mut client, &mut upstream.io, idle_timeout, &kill).await;
+        Some(Ok(mut connection)) => {
+            entry.upstream = Some(connection.info.address.clone());
+            entry.tls_version = connection.info.tls_version;
+            let relayed = relay(&mut client, &mut connection.io, idle_timeout, &kill).await;
             entry.bytes_in = relayed.up;
             entry.bytes_out = relayed.down;
             entry.error = relayed.ended;
         }
     }
-    for (direction, n) in [
-        ("upstream", entry.bytes_in),
-        ("downstream", entry.bytes_out),
-    ] {
-        metrics
-            .bytes
-            .get_or_create(&BytesLabels {
-                service: connector.label.clone(),
-                direction,
-            })
-            .inc_by(n);
-    }
+    upstream.bytes_up.inc_by(entry.bytes_in);
+    upstream.bytes_down.inc_by(entry.bytes_out);
     entry.duration_ms = started.elapsed().as_micros() as f64 / 1000.0;
     access_log.log(entry);
 }
