@@ -4,15 +4,15 @@
 
 pub mod access_log;
 pub mod admin;
-pub mod forward;
-pub mod guard;
+mod forward;
+mod guard;
 pub mod http;
 pub mod metrics;
 pub mod policy;
 pub mod runtime;
 pub mod subscribe;
-pub mod tcp;
-pub mod tls;
+mod tcp;
+mod tls;
 pub mod upstream;
 
 pub use runtime::{ApplyError, Proxy, Settings};
