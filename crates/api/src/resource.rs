@@ -11,6 +11,16 @@ pub struct Meta {
     pub labels: Vec<(String, String)>,
 }
 
+/// Every kind a resource may have: what [`Resource::kind`] returns.
+pub const KINDS: &[&str] = &[
+    "MeshExternalService",
+    "Dataplane",
+    "Secret",
+    "Mesh",
+    "IstioOperator",
+    "ConfigMap",
+];
+
 #[derive(Debug, Clone)]
 pub enum Resource {
     MeshExternalService(Box<MeshExternalServiceResource>),

@@ -49,16 +49,8 @@ const WRITE_ATTEMPTS: usize = 5;
 /// Request bodies larger than this get 413: no resource is anywhere near it.
 pub const MAX_BODY: usize = 1024 * 1024;
 
-/// The kinds the API stores: Kuma's, and Istio's mesh-wide settings (an IstioOperator or the
-/// istio ConfigMap), which are read for the outbound traffic policy.
-pub const KINDS: &[&str] = &[
-    "MeshExternalService",
-    "Dataplane",
-    "Secret",
-    "Mesh",
-    "IstioOperator",
-    "ConfigMap",
-];
+/// The kinds the API stores: every kind a resource may have.
+pub use sluice_api::resource::KINDS;
 
 pub struct Api {
     pub store: Arc<Store>,

@@ -25,6 +25,11 @@ pub const DEFAULT_MESH: &str = "default";
 /// The kinds this module reads; anything else is an unknown kind.
 pub const KINDS: &[&str] = &["MeshExternalService", "Dataplane", "Secret", "Mesh"];
 
+/// Every kind a document may be, for messages about kinds.
+fn supported_kinds() -> String {
+    KINDS.join(", ") + ", IstioOperator and the istio mesh ConfigMap"
+}
+
 /// Reads one document, reporting every problem in `d`.
 ///
 /// Returns the resource whenever its kind, name and mesh can be read, even if other fields
@@ -52,7 +57,7 @@ pub fn parse(root: &At<'_>, d: &mut Diagnostics) -> Option<Resource> {
             "",
             format!(
                 "missing kind: give `kind:` (with apiVersion and metadata) or universal `type:`; supported kinds are {}",
-                KINDS.join(", ") + ", IstioOperator and the istio mesh ConfigMap"
+                supported_kinds()
             ),
         );
         return None;
@@ -68,7 +73,7 @@ pub fn parse(root: &At<'_>, d: &mut Diagnostics) -> Option<Resource> {
             kind_at.path(),
             format!(
                 "unknown kind {kind:?}; supported kinds are {}",
-                KINDS.join(", ") + ", IstioOperator and the istio mesh ConfigMap"
+                supported_kinds()
             ),
         );
         return None;
