@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -34,32 +35,66 @@ pub fn main(args: ControlPlaneArgs) -> ExitCode {
 }
 
 async fn serve(args: ControlPlaneArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("data dir {}: cannot create", args.data_dir.display()))?;
-    let (admin_token, read_token, proxy_token) = args.tokens.load(&args.data_dir)?;
-    let url = args
+    let mut stop = crate::run::Termination::new()?;
+    let store = args
         .store
         .clone()
         .unwrap_or_else(|| format!("sqlite://{}", args.data_dir.join("sluice.db").display()));
-    let store = Store::open(&url)
+    let (_, Some(serving)) = start(
+        &args.data_dir,
+        &store,
+        &args.tokens,
+        Some(args.listen),
+        args.header_read_timeout,
+    )
+    .await?
+    else {
+        return Ok(());
+    };
+    tokio::select! {
+        _ = stop.wait() => {}
+        _ = serving => {}
+    }
+    Ok(())
+}
+
+/// The control plane over the store at `url` (tokens from or into `data_dir`), its API served
+/// on `listen` when given; returns the API and the task serving it, if any.
+pub async fn start(
+    data_dir: &Path,
+    url: &str,
+    tokens: &Tokens,
+    listen: Option<SocketAddr>,
+    header_read_timeout: std::time::Duration,
+) -> anyhow::Result<(Arc<Api>, Option<tokio::task::JoinHandle<()>>)> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("data dir {}: cannot create", data_dir.display()))?;
+    let (admin_token, read_token, proxy_token) = tokens.load(data_dir)?;
+    let store = Store::open(url)
         .await
-        .with_context(|| format!("store {}", redact_url(&url)))?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "{}: cannot listen; choose another with --listen",
-                args.listen
-            )
-        })?;
-    tracing::info!(address = %listener.local_addr()?, store = %redact_url(&url), "control plane listening");
+        .with_context(|| format!("store {}", redact_url(url)))?;
+    let listener = match listen {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("control plane {addr}: cannot listen; choose another with --listen")
+        })?),
+        None => None,
+    };
     let api = Api::start(store, admin_token, read_token, proxy_token)
         .await
-        .with_context(|| format!("store {}", redact_url(&url)))?;
-    let mut stop = crate::run::Termination::new()?;
-    let shutdown = async move { stop.wait().await };
-    sluice_control::server::serve(listener, api, args.header_read_timeout, shutdown).await;
-    Ok(())
+        .with_context(|| format!("store {}", redact_url(url)))?;
+    let serving = match listener {
+        Some(listener) => {
+            tracing::info!(address = %listener.local_addr()?, store = %redact_url(url), "control plane listening");
+            Some(tokio::spawn(sluice_control::server::serve(
+                listener,
+                api.clone(),
+                header_read_timeout,
+                std::future::pending(),
+            )))
+        }
+        None => None,
+    };
+    Ok((api, serving))
 }
 
 /// Who may use the API and the config stream.

@@ -18,7 +18,7 @@ use std::collections::BTreeSet;
 
 use sluice_control::server::{Api, Refused};
 use sluice_control::ProxyConfig;
-use sluice_store::{Key, Store};
+use sluice_store::Key;
 
 use crate::load;
 
@@ -324,34 +324,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 /// The store (SQLite in --data-dir) with its catalog, and the API on --listen unless off.
 async fn start_control_plane(args: &RunArgs) -> anyhow::Result<Arc<Api>> {
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("data dir {}: cannot create", args.data_dir.display()))?;
+    let listen = match args.listen.as_str() {
+        "off" => None,
+        addr => Some(
+            addr.parse::<SocketAddr>()
+                .with_context(|| format!("--listen {addr}: not an address; give IP:PORT or off"))?,
+        ),
+    };
     let url = format!("sqlite://{}", args.data_dir.join("sluice.db").display());
-    let store = Store::open(&url)
-        .await
-        .with_context(|| format!("store {url}"))?;
-    let (admin, read, proxy_token) = args.tokens.load(&args.data_dir)?;
-    let api = Api::start(store, admin, read, proxy_token)
-        .await
-        .with_context(|| format!("store {url}"))?;
-    if args.listen != "off" {
-        let addr: SocketAddr = args.listen.parse().with_context(|| {
-            format!(
-                "--listen {}: not an address; give IP:PORT or off",
-                args.listen
-            )
-        })?;
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
-            format!("control plane API {addr}: cannot listen; choose another with --listen, or --listen off")
-        })?;
-        tracing::info!(address = %listener.local_addr()?, "control plane API listening");
-        tokio::spawn(sluice_control::server::serve(
-            listener,
-            api.clone(),
-            Duration::from_secs(10),
-            std::future::pending(),
-        ));
-    }
+    let (api, _serving) = crate::control_plane::start(
+        &args.data_dir,
+        &url,
+        &args.tokens,
+        listen,
+        Duration::from_secs(10),
+    )
+    .await?;
     Ok(api)
 }
 
