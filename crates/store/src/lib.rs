@@ -312,6 +312,69 @@ fn event((revision, kind, mesh, name, deleted): EventRow) -> Event {
     }
 }
 
+/// One change inside a write's transaction, on either backend: read what is there, decide with
+/// [`plan`], record the event and write (or delete) the resource.
+async fn write_in<DB>(conn: &mut DB::Connection, change: &Change) -> Result<Written, StoreError>
+where
+    DB: sqlx::Database,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    DB::Arguments: sqlx::IntoArguments<DB>,
+    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> bool: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'r> StoredRow: sqlx::FromRow<'r, DB::Row>,
+    for<'r> (i64,): sqlx::FromRow<'r, DB::Row>,
+{
+    let key = &change.key;
+    let (kind, mesh, name) = (key.kind.as_str(), key.mesh.as_str(), key.name.as_str());
+    let current: Option<StoredRow> = sqlx::query_as(sql::GET)
+        .bind(kind)
+        .bind(mesh)
+        .bind(name)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let deleted = change.body.is_none();
+    let (outcome, version) = match &change.body {
+        None if current.is_none() => return Ok(Written::Absent),
+        None => {
+            sqlx::query(sql::DELETE)
+                .bind(kind)
+                .bind(mesh)
+                .bind(name)
+                .execute(&mut *conn)
+                .await?;
+            (None, 0)
+        }
+        Some(body) => match plan(key, body, change.expected_version, current)? {
+            Plan::Keep(stored) => return Ok(Written::Put(Outcome::Unchanged, stored)),
+            Plan::Write { outcome, version } => (Some(outcome), version),
+        },
+    };
+    let (revision,): (i64,) = sqlx::query_as(sql::INSERT_EVENT)
+        .bind(kind)
+        .bind(mesh)
+        .bind(name)
+        .bind(deleted)
+        .fetch_one(&mut *conn)
+        .await?;
+    let (Some(outcome), Some(body)) = (outcome, &change.body) else {
+        return Ok(Written::Deleted { revision });
+    };
+    sqlx::query(sql::UPSERT)
+        .bind(kind)
+        .bind(mesh)
+        .bind(name)
+        .bind(body.as_str())
+        .bind(version)
+        .bind(revision)
+        .execute(&mut *conn)
+        .await?;
+    Ok(Written::Put(
+        outcome,
+        stored(key, (body.clone(), version, revision)),
+    ))
+}
+
 /// The refusal of a write checked against `expected`, the store being at `current`.
 fn stale(expected: Option<i64>, current: i64) -> Result<(), StoreError> {
     match expected {

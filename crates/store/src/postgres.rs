@@ -7,8 +7,8 @@ use sqlx::{Postgres, Transaction};
 use tokio::sync::broadcast;
 
 use crate::{
-    event, listed, plan, sql, stale, stored, Change, Event, EventRow, Key, ListedRow, Outcome,
-    Plan, StoreError, Stored, StoredRow, Written, SCHEMA_VERSION,
+    event, listed, sql, stale, stored, write_in, Change, Event, EventRow, Key, ListedRow,
+    StoreError, Stored, StoredRow, Written, SCHEMA_VERSION,
 };
 
 /// The same migrations as SQLite's, in PostgreSQL's dialect, with the same version numbers.
@@ -99,9 +99,15 @@ impl PgStore {
         stale(expected_revision, revision(&mut *tx).await?)?;
         let mut done = Vec::with_capacity(changes.len());
         for change in changes {
-            done.push(write_in(&mut tx, change).await?);
+            done.push(write_in::<Postgres>(&mut tx, change).await?);
         }
-        if done.iter().any(|w| w.revision().is_some()) {
+        if let Some(last) = done.iter().filter_map(Written::revision).max() {
+            // Delivered at commit: every replica reads the events it has not seen.
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CHANNEL)
+                .bind(last.to_string())
+                .execute(&mut *tx)
+                .await?;
             tx.commit().await?;
         }
         Ok(done)
@@ -156,70 +162,4 @@ async fn events_since(pool: &PgPool, revision: i64) -> Result<Vec<Event>, StoreE
         .fetch_all(pool)
         .await?;
     Ok(rows.into_iter().map(event).collect())
-}
-
-/// One change inside the write's transaction.
-async fn write_in(
-    tx: &mut Transaction<'_, Postgres>,
-    change: &Change,
-) -> Result<Written, StoreError> {
-    let key = &change.key;
-    let current: Option<StoredRow> = sqlx::query_as(sql::GET)
-        .bind(&key.kind)
-        .bind(&key.mesh)
-        .bind(&key.name)
-        .fetch_optional(&mut **tx)
-        .await?;
-    let Some(body) = &change.body else {
-        if current.is_none() {
-            return Ok(Written::Absent);
-        }
-        sqlx::query(sql::DELETE)
-            .bind(&key.kind)
-            .bind(&key.mesh)
-            .bind(&key.name)
-            .execute(&mut **tx)
-            .await?;
-        let revision = insert_event(tx, key, true).await?;
-        return Ok(Written::Deleted { revision });
-    };
-    let (outcome, version) = match plan(key, body, change.expected_version, current)? {
-        Plan::Keep(stored) => return Ok(Written::Put(Outcome::Unchanged, stored)),
-        Plan::Write { outcome, version } => (outcome, version),
-    };
-    let revision = insert_event(tx, key, false).await?;
-    sqlx::query(sql::UPSERT)
-        .bind(&key.kind)
-        .bind(&key.mesh)
-        .bind(&key.name)
-        .bind(body)
-        .bind(version)
-        .bind(revision)
-        .execute(&mut **tx)
-        .await?;
-    Ok(Written::Put(
-        outcome,
-        stored(key, (body.clone(), version, revision)),
-    ))
-}
-
-/// Records the change and announces it; NOTIFY is delivered when the transaction commits.
-async fn insert_event(
-    tx: &mut Transaction<'_, Postgres>,
-    key: &Key,
-    deleted: bool,
-) -> Result<i64, StoreError> {
-    let (revision,): (i64,) = sqlx::query_as(sql::INSERT_EVENT)
-        .bind(&key.kind)
-        .bind(&key.mesh)
-        .bind(&key.name)
-        .bind(deleted)
-        .fetch_one(&mut **tx)
-        .await?;
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(CHANNEL)
-        .bind(revision.to_string())
-        .execute(&mut **tx)
-        .await?;
-    Ok(revision)
 }

@@ -5,12 +5,12 @@ use std::path::Path;
 use std::str::FromStr;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
-use sqlx::{Sqlite, SqlitePool, Transaction};
+use sqlx::{Sqlite, SqlitePool};
 use tokio::sync::broadcast;
 
 use crate::{
-    event, listed, plan, sql, stale, stored, Change, Event, EventRow, Key, ListedRow, Outcome,
-    Plan, StoreError, Stored, StoredRow, Written, SCHEMA_VERSION,
+    event, listed, sql, stale, stored, write_in, Change, Event, EventRow, Key, ListedRow,
+    StoreError, Stored, StoredRow, Written, SCHEMA_VERSION,
 };
 
 /// Migrations by schema version, applied in order on open; a database records the last one it
@@ -78,7 +78,7 @@ impl SqliteStore {
         let mut done = Vec::with_capacity(changes.len());
         let mut events = Vec::new();
         for change in changes {
-            let written = write_in(&mut tx, change).await?;
+            let written = write_in::<Sqlite>(&mut tx, change).await?;
             if let Some(revision) = written.revision() {
                 events.push(Event {
                     revision,
@@ -129,64 +129,4 @@ impl SqliteStore {
         let (revision,): (i64,) = sqlx::query_as(sql::REVISION).fetch_one(&self.pool).await?;
         Ok(revision)
     }
-}
-
-/// One change inside the write's transaction.
-async fn write_in(
-    tx: &mut Transaction<'_, Sqlite>,
-    change: &Change,
-) -> Result<Written, StoreError> {
-    let key = &change.key;
-    let current: Option<StoredRow> = sqlx::query_as(sql::GET)
-        .bind(&key.kind)
-        .bind(&key.mesh)
-        .bind(&key.name)
-        .fetch_optional(&mut **tx)
-        .await?;
-    let Some(body) = &change.body else {
-        if current.is_none() {
-            return Ok(Written::Absent);
-        }
-        sqlx::query(sql::DELETE)
-            .bind(&key.kind)
-            .bind(&key.mesh)
-            .bind(&key.name)
-            .execute(&mut **tx)
-            .await?;
-        let revision = insert_event(tx, key, true).await?;
-        return Ok(Written::Deleted { revision });
-    };
-    let (outcome, version) = match plan(key, body, change.expected_version, current)? {
-        Plan::Keep(stored) => return Ok(Written::Put(Outcome::Unchanged, stored)),
-        Plan::Write { outcome, version } => (outcome, version),
-    };
-    let revision = insert_event(tx, key, false).await?;
-    sqlx::query(sql::UPSERT)
-        .bind(&key.kind)
-        .bind(&key.mesh)
-        .bind(&key.name)
-        .bind(body)
-        .bind(version)
-        .bind(revision)
-        .execute(&mut **tx)
-        .await?;
-    Ok(Written::Put(
-        outcome,
-        stored(key, (body.clone(), version, revision)),
-    ))
-}
-
-async fn insert_event(
-    tx: &mut Transaction<'_, Sqlite>,
-    key: &Key,
-    deleted: bool,
-) -> Result<i64, StoreError> {
-    let (revision,): (i64,) = sqlx::query_as(sql::INSERT_EVENT)
-        .bind(&key.kind)
-        .bind(&key.mesh)
-        .bind(&key.name)
-        .bind(deleted)
-        .fetch_one(&mut **tx)
-        .await?;
-    Ok(revision)
 }
