@@ -388,23 +388,7 @@ impl Proxy {
             kill,
         } = life.clone();
         tokio::spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    _ = stop.cancelled() => break,
-                    a = listener.accept() => a,
-                };
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "forward proxy accept failed");
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                };
-                let Ok(permit) = limits.connections.clone().try_acquire_owned() else {
-                    tracing::warn!(%peer, "connection limit reached; closing new forward-proxy connection");
-                    continue;
-                };
+            accept_each(listener, &stop, &limits, |stream, peer, permit| {
                 let shared = shared.clone();
                 let header_timeout = limits.settings.header_read_timeout;
                 let (stop, kill) = (stop.clone(), kill.clone());
@@ -445,7 +429,8 @@ impl Proxy {
                         tracing::debug!(%peer, error = %e, "forward proxy connection ended with an error");
                     }
                 });
-            }
+            })
+            .await;
         });
         self.state.lock().await.forward = Some(life);
         tracing::info!(address = %bound, "forward proxy listening");
@@ -517,6 +502,36 @@ impl Proxy {
     }
 }
 
+/// Accepts until `stop`, each connection within `--max-connections` handed to `each` (beyond
+/// it, closed at once); accept errors back off instead of spinning.
+async fn accept_each(
+    listener: TcpListener,
+    stop: &CancellationToken,
+    limits: &Shared,
+    mut each: impl FnMut(TcpStream, SocketAddr, tokio::sync::OwnedSemaphorePermit),
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limits.connections.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, limit = limits.settings.max_connections, "connection limit reached; closing new connection");
+            continue;
+        };
+        each(stream, peer, permit);
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     route: watch::Receiver<Arc<Route>>,
@@ -528,24 +543,7 @@ async fn accept_loop(
         tracker,
         kill,
     } = life;
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => break,
-            a = listener.accept() => a,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, limit = shared.settings.max_connections, "connection limit reached; closing new connection");
-            continue;
-        };
+    accept_each(listener, &stop, &shared.clone(), |stream, peer, permit| {
         let route = route.borrow().clone();
         let shared = shared.clone();
         let (stop, kill) = (stop.clone(), kill.clone());
@@ -553,7 +551,8 @@ async fn accept_loop(
             let _permit = permit;
             serve_connection(stream, peer, route, shared, stop, kill).await;
         });
-    }
+    })
+    .await;
 }
 
 async fn serve_connection(
