@@ -124,16 +124,18 @@ pub fn scope(
     }
 }
 
+/// The registry `yaml` makes, for tests; panics on any problem.
+#[cfg(test)]
+pub(crate) fn load(yaml: &str) -> Registry {
+    let docs = sluice_api::parse_documents("t.yaml", yaml).unwrap();
+    let loaded = sluice_api::load(&docs);
+    assert!(loaded.errors().next().is_none(), "{:?}", loaded.diagnostics);
+    loaded.registry.unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn load(yaml: &str) -> Registry {
-        let docs = sluice_api::parse_documents("t.yaml", yaml).unwrap();
-        let loaded = sluice_api::load(&docs);
-        assert!(loaded.errors().next().is_none(), "{:?}", loaded.diagnostics);
-        loaded.registry.unwrap()
-    }
 
     #[test]
     fn outbounds_become_listeners_and_every_service_is_kept() {
@@ -185,8 +187,7 @@ mod scope_tests {
     use super::*;
 
     fn registry() -> Registry {
-        let docs = sluice_api::parse_documents(
-            "t.yaml",
+        load(
             r#"
 type: MeshExternalService
 name: a
@@ -217,10 +218,6 @@ networking:
   outbound: [{port: 10002, backendRef: {kind: MeshExternalService, name: c}}]
 "#,
         )
-        .unwrap();
-        let loaded = sluice_api::load(&docs);
-        assert!(loaded.errors().next().is_none(), "{:?}", loaded.diagnostics);
-        loaded.registry.unwrap()
     }
 
     #[test]

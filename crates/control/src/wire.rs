@@ -486,8 +486,7 @@ mod tests {
     use prost::Message;
 
     fn config() -> ProxyConfig {
-        let docs = sluice_api::parse_documents(
-            "t.yaml",
+        let registry = crate::load(
             r#"
 type: Secret
 name: key
@@ -518,11 +517,8 @@ name: web
 networking:
   outbound: [{port: 10001, address: 127.0.0.9, backendRef: {kind: MeshExternalService, name: api}}]
 "#,
-        )
-        .unwrap();
-        let loaded = sluice_api::load(&docs);
-        assert!(loaded.errors().next().is_none(), "{:?}", loaded.diagnostics);
-        let mut config = crate::compile(&loaded.registry.unwrap());
+        );
+        let mut config = crate::compile(&registry);
         config.outbound_traffic_policy = Some(OutboundTrafficPolicy::Restricted);
         config
     }
