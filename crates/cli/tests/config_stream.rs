@@ -108,31 +108,17 @@ async fn two_proxies_get_what_they_use_and_follow_a_tls_change_while_a_stream_fi
     );
 
     // The CLI shows the same, as a table and for one proxy.
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["inspect", "proxy", "web"])
-        .env("SLUICE_CONTROL_PLANE", cp.url())
-        .env("SLUICE_TOKEN", cp.token("admin"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = cp.cli(&["inspect", "proxy", "web"]);
+    let text = &out.stdout;
+    assert!(out.ok, "{}", out.stderr);
     assert!(
         text.contains(&format!("ackedVersion: {revision}")),
         "{text}"
     );
     assert!(text.contains("maxVersion: TLS12"), "{text}");
     assert!(!text.contains("BEGIN CERTIFICATE"), "{text}");
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["inspect", "proxy"])
-        .env("SLUICE_CONTROL_PLANE", cp.url())
-        .env("SLUICE_TOKEN", cp.token("admin"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let out = cp.cli(&["inspect", "proxy"]);
+    let text = &out.stdout;
     assert_eq!(text.lines().count(), 3, "{text}");
     assert!(text.lines().any(|l| l.contains(" batch ")), "{text}");
 
@@ -420,23 +406,12 @@ async fn the_outbound_traffic_policy_set_on_the_control_plane_reaches_every_prox
             .unwrap_or_default()
     };
     assert!(policy().await.contains("ALLOW_ANY"));
-    let set = |mode: &str| {
-        Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["outbound-traffic-policy", mode])
-            .env("SLUICE_CONTROL_PLANE", cp.url())
-            .env("SLUICE_TOKEN", cp.token("admin"))
-            .output()
-            .unwrap()
-    };
+    let set = |mode: &str| cp.cli(&["outbound-traffic-policy", mode]);
 
     let out = set("restricted");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.ok, "{}", out.stderr);
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
+        out.stdout,
         "mesh wide outbound traffic policy is set to 'REGISTRY_ONLY'\n"
     );
     let followed = wait_until_async(DEFAULT_TIMEOUT, || async {
@@ -460,7 +435,7 @@ async fn the_outbound_traffic_policy_set_on_the_control_plane_reaches_every_prox
     assert!(answer.contains("restricted"), "{answer}");
 
     let out = set("allowed");
-    assert!(out.status.success());
+    assert!(out.ok, "{}", out.stderr);
     let followed = wait_until_async(DEFAULT_TIMEOUT, || async {
         policy().await.contains("ALLOW_ANY")
     })

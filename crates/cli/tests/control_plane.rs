@@ -5,7 +5,6 @@
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
-use std::process::Command;
 
 use support::*;
 
@@ -57,18 +56,9 @@ async fn admin_token_is_generated_once_and_guards_the_api() {
     assert_eq!(std::fs::read_to_string(&token_path).unwrap().trim(), token);
 }
 
-fn sluice_cli(args: &[&str], cp: &ControlPlane, token: &str) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(args)
-        .env("SLUICE_CONTROL_PLANE", format!("http://{}", cp.addr))
-        .env("SLUICE_TOKEN", token)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
+fn run_cli(args: &[&str], cp: &ControlPlane, token: &str) -> (bool, String, String) {
+    let out = cp.cli_as(token, args);
+    (out.ok, out.stdout, out.stderr)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,14 +76,13 @@ async fn apply_get_delete_from_the_command_line() {
     )
     .unwrap();
     let f = file.to_str().unwrap();
-    let (ok, out, err) =
-        tokio::task::block_in_place(|| sluice_cli(&["apply", "-f", f], &cp, &token));
+    let (ok, out, err) = run_cli(&["apply", "-f", f], &cp, &token);
     assert!(ok, "{err}");
     assert_eq!(
         out,
         "meshexternalservice/api created\ndataplane/app created\n"
     );
-    let (ok, out, _) = tokio::task::block_in_place(|| sluice_cli(&["apply", "-f", f], &cp, &token));
+    let (ok, out, _) = run_cli(&["apply", "-f", f], &cp, &token);
     assert!(ok);
     assert_eq!(
         out,
@@ -108,9 +97,7 @@ async fn apply_get_delete_from_the_command_line() {
             .replace("port: 443}", "port: 0}"),
     )
     .unwrap();
-    let (ok, out, err) = tokio::task::block_in_place(|| {
-        sluice_cli(&["apply", "-f", bad.to_str().unwrap()], &cp, &token)
-    });
+    let (ok, out, err) = run_cli(&["apply", "-f", bad.to_str().unwrap()], &cp, &token);
     assert!(!ok);
     assert!(out.is_empty());
     assert!(
@@ -132,17 +119,13 @@ async fn apply_get_delete_from_the_command_line() {
         ),
     )
     .unwrap();
-    let (ok, _, err) = tokio::task::block_in_place(|| {
-        sluice_cli(&["apply", "-f", mixed.to_str().unwrap()], &cp, &token)
-    });
+    let (ok, _, err) = run_cli(&["apply", "-f", mixed.to_str().unwrap()], &cp, &token);
     assert!(!ok);
     assert!(
         err.contains("no MeshExternalService named \"missing\""),
         "{err}"
     );
-    let (_, _, err) = tokio::task::block_in_place(|| {
-        sluice_cli(&["get", "MeshExternalService", "api2"], &cp, &token)
-    });
+    let (_, _, err) = run_cli(&["get", "MeshExternalService", "api2"], &cp, &token);
     assert!(err.contains("answered 404"), "all or nothing: {err}");
 
     // A Dataplane alone, naming a service the control plane already has: accepted.
@@ -152,34 +135,26 @@ async fn apply_get_delete_from_the_command_line() {
         "type: Dataplane\nname: app3\nnetworking:\n  outbound:\n    - port: 10082\n      backendRef: {kind: MeshExternalService, name: api}\n",
     )
     .unwrap();
-    let (ok, out, err) = tokio::task::block_in_place(|| {
-        sluice_cli(&["apply", "-f", alone.to_str().unwrap()], &cp, &token)
-    });
+    let (ok, out, err) = run_cli(&["apply", "-f", alone.to_str().unwrap()], &cp, &token);
     assert!(ok, "{err}");
     assert_eq!(out, "dataplane/app3 created\n");
 
-    let (ok, out, _) =
-        tokio::task::block_in_place(|| sluice_cli(&["get", "MeshExternalService"], &cp, &token));
+    let (ok, out, _) = run_cli(&["get", "MeshExternalService"], &cp, &token);
     assert!(ok);
     assert!(out.lines().nth(1).unwrap().starts_with("default"), "{out}");
     assert!(out.contains(" api "), "{out}");
-    let (ok, _, _) =
-        tokio::task::block_in_place(|| sluice_cli(&["delete", "Dataplane", "app3"], &cp, &token));
+    let (ok, _, _) = run_cli(&["delete", "Dataplane", "app3"], &cp, &token);
     assert!(ok);
-    let (ok, out, _) =
-        tokio::task::block_in_place(|| sluice_cli(&["get", "Dataplane", "app"], &cp, &token));
+    let (ok, out, _) = run_cli(&["get", "Dataplane", "app"], &cp, &token);
     assert!(ok);
     assert!(out.contains("\"backendRef\""), "{out}");
-    let (ok, out, _) =
-        tokio::task::block_in_place(|| sluice_cli(&["delete", "Dataplane", "app"], &cp, &token));
+    let (ok, out, _) = run_cli(&["delete", "Dataplane", "app"], &cp, &token);
     assert!(ok);
     assert_eq!(out, "dataplane/app deleted\n");
-    let (ok, _, err) =
-        tokio::task::block_in_place(|| sluice_cli(&["get", "Dataplane", "app"], &cp, &token));
+    let (ok, _, err) = run_cli(&["get", "Dataplane", "app"], &cp, &token);
     assert!(!ok);
     assert!(err.contains("answered 404"), "{err}");
-    let (ok, _, err) =
-        tokio::task::block_in_place(|| sluice_cli(&["get", "Dataplane"], &cp, "wrong-token-xxxx"));
+    let (ok, _, err) = run_cli(&["get", "Dataplane"], &cp, "wrong-token-xxxx");
     assert!(!ok);
     assert!(err.contains("answered 401"), "{err}");
 }

@@ -363,29 +363,24 @@ async fn live_switch_keeps_open_tunnels_and_applies_to_the_next() {
     let tp = w.tls.port();
     let (status, _, s) = connect(proxy, &format!("localhost:{tp}")).await;
     assert_eq!(status, 200);
-    let mut open = tls_through(s, "localhost").await.unwrap();
+    let open = tls_through(s, "localhost").await.unwrap();
 
     let token = w.sluice.admin_token();
+    let admin = w.sluice.admin_addr().to_string();
     let set = |mode: &str, token: &str| {
-        Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args([
-                "outbound-traffic-policy",
-                mode,
-                "--admin",
-                &w.sluice.admin_addr().to_string(),
-            ])
-            .env("SLUICE_TOKEN", token)
-            .output()
-            .unwrap()
+        sluice_cli(
+            &["outbound-traffic-policy", mode, "--admin", &admin],
+            &[("SLUICE_TOKEN", token)],
+        )
     };
     // Another process on loopback (the app itself, say) cannot lift the policy.
     for wrong in ["", "not-the-admin-token"] {
         let out = set("restricted", wrong);
-        assert!(!out.status.success());
+        assert!(!out.ok);
         assert!(
-            String::from_utf8_lossy(&out.stderr).contains("changing the policy needs the token"),
+            out.stderr.contains("changing the policy needs the token"),
             "{}",
-            String::from_utf8_lossy(&out.stderr)
+            out.stderr
         );
     }
     assert!(w
@@ -397,30 +392,23 @@ async fn live_switch_keeps_open_tunnels_and_applies_to_the_next() {
         .contains("ALLOW_ANY"));
 
     let out = set("restricted", &token);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.ok, "{}", out.stderr);
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
+        out.stdout,
         "mesh wide outbound traffic policy is set to 'REGISTRY_ONLY'\n"
     );
     // The open tunnel is not cut.
-    open.write_all(b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    open.read_to_end(&mut answer).await.unwrap();
-    assert!(String::from_utf8_lossy(&answer).contains("origin:tls"));
+    let answer = get_over(open, "localhost").await;
+    assert!(answer.contains("origin:tls"), "{answer}");
     // The next one follows the new mode.
     let (status, body, _) = connect(proxy, &format!("localhost:{}", w.unregistered.port())).await;
     assert_eq!(status, 403);
     assert!(body.contains("restricted"), "{body}");
 
     let out = set("allowed", &token);
+    assert!(out.ok, "{}", out.stderr);
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
+        out.stdout,
         "mesh wide outbound traffic policy is set to 'ALLOW_ANY'\n"
     );
 }

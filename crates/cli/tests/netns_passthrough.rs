@@ -166,21 +166,12 @@ async fn passthrough_in_allowed_mode_is_logged_and_counted_and_refused_when_rest
     .await;
     assert!(logged, "{:?}", sluice.access_log_lines());
 
-    let switched = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args([
-            "outbound-traffic-policy",
-            "restricted",
-            "--admin",
-            &sluice.admin_addr().to_string(),
-        ])
-        .env("SLUICE_TOKEN", sluice.admin_token())
-        .output()
-        .unwrap();
-    assert!(
-        switched.status.success(),
-        "{}",
-        String::from_utf8_lossy(&switched.stderr)
+    let admin = sluice.admin_addr().to_string();
+    let switched = sluice_cli(
+        &["outbound-traffic-policy", "restricted", "--admin", &admin],
+        &[("SLUICE_TOKEN", &sluice.admin_token())],
     );
+    assert!(switched.ok, "{}", switched.stderr);
     let (status, text) = get(proxy, &url).await;
     assert_eq!(status, 403, "{text}");
     assert!(

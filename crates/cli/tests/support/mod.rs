@@ -38,7 +38,9 @@ pub use origin::{
     TlsRecord,
 };
 pub use pki::{pki, CertKey, Pki, CLIENT_SPIFFE_ID, ORIGIN_DNS, ORIGIN_SPIFFE_ID};
-pub use process::{api_request, free_port, ControlPlane, Sluice, SluiceBuilder, CONFIG_FILE};
+pub use process::{
+    api_request, free_port, sluice_cli, CliOutput, ControlPlane, Sluice, SluiceBuilder, CONFIG_FILE,
+};
 pub use resources::{dataplane, ep, mes, pem_source, verification};
 pub use tls::{client_tls_config, tls_connect, ClientAuth, ClientTls, TlsSettings, TlsVersions};
 

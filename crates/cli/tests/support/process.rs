@@ -589,6 +589,22 @@ impl ControlPlane {
         api_request(self.addr, &self.token("admin"), method, path, body).await
     }
 
+    /// The `sluice` command line pointed at this control plane with `token`.
+    pub fn cli_as(&self, token: &str, args: &[&str]) -> CliOutput {
+        sluice_cli(
+            args,
+            &[
+                ("SLUICE_CONTROL_PLANE", &self.url()),
+                ("SLUICE_TOKEN", token),
+            ],
+        )
+    }
+
+    /// The `sluice` command line pointed at this control plane with its admin token.
+    pub fn cli(&self, args: &[&str]) -> CliOutput {
+        self.cli_as(&self.token("admin"), args)
+    }
+
     /// Applies a multi-document YAML body; returns the store revision it was written at.
     pub async fn apply(&self, yaml: &str) -> u64 {
         let r = self.api(http::Method::POST, "/api/v1/apply", yaml).await;
@@ -649,4 +665,43 @@ pub async fn api_request(
         .body(super::full(body.to_string()))
         .expect("request");
     client.send(req).await.expect("API request")
+}
+
+/// What a `sluice` command printed, and whether it succeeded.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the `sluice` command line with `envs`; panics if it runs past the default timeout. It
+/// blocks, so the (multi-threaded) test runtime is told to move its other work away meanwhile.
+pub fn sluice_cli(args: &[&str], envs: &[(&str, &str)]) -> CliOutput {
+    tokio::task::block_in_place(|| run_sluice(args, envs))
+}
+
+fn run_sluice(args: &[&str], envs: &[(&str, &str)]) -> CliOutput {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sluice");
+    let deadline = Instant::now() + DEFAULT_TIMEOUT;
+    while child.try_wait().expect("wait for sluice").is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("sluice {args:?} did not finish within {DEFAULT_TIMEOUT:?}");
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+    let out = child.wait_with_output().expect("sluice output");
+    CliOutput {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
 }
