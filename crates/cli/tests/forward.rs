@@ -122,7 +122,7 @@ async fn read_head(s: &mut TcpStream) -> (u16, String) {
         .unwrap_or(0);
     let mut body = vec![0u8; len];
     if len > 0 {
-        s.read_exact(&mut body).await.unwrap();
+        read_exact_in_time(s, &mut body).await;
     }
     (status, String::from_utf8_lossy(&body).to_string())
 }

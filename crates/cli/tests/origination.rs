@@ -825,7 +825,7 @@ async fn open_tcp_tunnel_survives_a_reload_that_changes_its_service() {
     let mut app = tokio::net::TcpStream::connect(local(port)).await.unwrap();
     app.write_all(b"before ").await.unwrap();
     let mut buf = [0u8; 7];
-    app.read_exact(&mut buf).await.unwrap();
+    read_exact_in_time(&mut app, &mut buf).await;
     sluice.rewrite_config(&config(
         &[mes("echo", "tcp", &[ep(other.addr())], None)],
         &[(port, "echo")],
@@ -884,7 +884,7 @@ async fn connection_limit_closes_connections_beyond_it() {
     let mut first = tokio::net::TcpStream::connect(local(port)).await.unwrap();
     first.write_all(b"one").await.unwrap();
     let mut buf = [0u8; 3];
-    first.read_exact(&mut buf).await.unwrap();
+    read_exact_in_time(&mut first, &mut buf).await;
     let mut second = tokio::net::TcpStream::connect(local(port)).await.unwrap();
     assert_closed_by_proxy(&mut second).await;
     // The one over the limit never reached the origin.
@@ -940,13 +940,13 @@ async fn an_idle_tcp_connection_is_closed_and_a_busy_one_is_not() {
     let mut busy = tokio::net::TcpStream::connect(local(port)).await.unwrap();
     idle.write_all(b"hi").await.unwrap();
     let mut two = [0u8; 2];
-    idle.read_exact(&mut two).await.unwrap();
+    read_exact_in_time(&mut idle, &mut two).await;
     // Keep one connection talking well past the idle timeout.
     let started = std::time::Instant::now();
     while started.elapsed() < std::time::Duration::from_millis(900) {
         busy.write_all(b"x").await.unwrap();
         let mut one = [0u8; 1];
-        busy.read_exact(&mut one).await.unwrap();
+        read_exact_in_time(&mut busy, &mut one).await;
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert_closed_by_proxy(&mut idle).await;

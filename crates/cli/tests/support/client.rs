@@ -381,3 +381,17 @@ pub async fn stops_accepting(port: u16) -> bool {
     })
     .await
 }
+
+/// Fills `buf` from `stream`, or panics after the default timeout.
+pub async fn read_exact_in_time<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, buf: &mut [u8]) {
+    use tokio::io::AsyncReadExt;
+    match tokio::time::timeout(super::DEFAULT_TIMEOUT, stream.read_exact(buf)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => panic!("reading {} bytes: {e}", buf.len()),
+        Err(_) => panic!(
+            "{} bytes did not arrive within {:?}",
+            buf.len(),
+            super::DEFAULT_TIMEOUT
+        ),
+    }
+}
