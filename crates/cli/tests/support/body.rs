@@ -64,11 +64,6 @@ impl BodySender {
     pub async fn send_data(&self, data: impl Into<Bytes>) -> bool {
         self.tx.send(Frame::data(data.into())).await.is_ok()
     }
-
-    /// Sends the trailers (which end the body); false if the body was dropped.
-    pub async fn send_trailers(self, trailers: HeaderMap) -> bool {
-        self.tx.send(Frame::trailers(trailers)).await.is_ok()
-    }
 }
 
 struct ChannelBody {

@@ -230,17 +230,6 @@ impl Recorder {
     pub fn echoes(&self) -> Vec<EchoRecord> {
         lock(&self.echoes).clone()
     }
-
-    /// Forgets everything recorded so far (counters included).
-    pub fn reset(&self) {
-        self.accepted.store(0, Ordering::SeqCst);
-        self.handshakes.store(0, Ordering::SeqCst);
-        self.trailers_sent.store(0, Ordering::SeqCst);
-        lock(&self.handshake_errors).clear();
-        lock(&self.tls).clear();
-        lock(&self.requests).clear();
-        lock(&self.echoes).clear();
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -381,11 +370,6 @@ impl Origin {
         }
     }
 
-    /// The configured name (what the default route answers with).
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// The bound TCP address. Panics for a unix-socket origin.
     pub fn addr(&self) -> SocketAddr {
         self.addr.expect("not a TCP origin")
@@ -399,11 +383,6 @@ impl Origin {
     /// The socket path. Panics for a TCP origin.
     pub fn unix_path(&self) -> &Path {
         self.unix_path.as_deref().expect("not a unix-socket origin")
-    }
-
-    /// The shared record (also reachable through `Deref`).
-    pub fn recorder(&self) -> Arc<Recorder> {
-        self.rec.clone()
     }
 
     /// Closes every open connection (keeps listening); returns once they are gone.

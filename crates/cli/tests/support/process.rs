@@ -50,7 +50,6 @@ pub struct SluiceBuilder {
     api: bool,
     files: Vec<(String, String)>,
     args: Vec<String>,
-    envs: Vec<(String, String)>,
     ready_timeout: Duration,
 }
 
@@ -62,7 +61,6 @@ impl Default for SluiceBuilder {
             api: false,
             files: Vec::new(),
             args: Vec::new(),
-            envs: Vec::new(),
             ready_timeout: DEFAULT_TIMEOUT,
         }
     }
@@ -102,24 +100,12 @@ impl SluiceBuilder {
         self
     }
 
-    /// Adds an extra command-line argument (after the standard ones).
-    pub fn arg(mut self, arg: impl Into<String>) -> Self {
-        self.args.push(arg.into());
-        self
-    }
-
     pub fn args<I, S>(mut self, args: I) -> Self
     where
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
         self.args.extend(args.into_iter().map(Into::into));
-        self
-    }
-
-    /// Sets an environment variable for the child (e.g. `RUST_LOG`).
-    pub fn env(mut self, key: &str, value: &str) -> Self {
-        self.envs.push((key.to_owned(), value.to_owned()));
         self
     }
 
@@ -187,9 +173,6 @@ impl SluiceBuilder {
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr);
-        for (k, v) in &self.envs {
-            cmd.env(k, v);
-        }
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {}: {e}", env!("CARGO_BIN_EXE_sluice")));
@@ -305,11 +288,6 @@ impl Sluice {
         &self.access_log
     }
 
-    /// The temp dir holding config, logs and captured output.
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -396,12 +374,6 @@ impl Sluice {
             .unwrap_or_else(|e| panic!("renaming {name} into place: {e}"));
     }
 
-    /// Removes config file `name`.
-    pub fn remove_config_file(&self, name: &str) {
-        std::fs::remove_file(self.config_dir.join(name))
-            .unwrap_or_else(|e| panic!("removing {name}: {e}"));
-    }
-
     /// Sends SIGHUP (`kill -HUP <pid>`).
     pub fn sighup(&self) {
         self.signal("HUP");
@@ -427,11 +399,6 @@ impl Sluice {
     /// Everything the process wrote to stderr so far.
     pub fn stderr(&self) -> String {
         read_lossy(&self.stderr_path)
-    }
-
-    /// Everything the process wrote to stdout so far.
-    pub fn stdout(&self) -> String {
-        read_lossy(&self.stdout_path)
     }
 
     /// The exit status if the process has exited.
