@@ -212,4 +212,47 @@ impl OutboundTrafficPolicy {
             OutboundTrafficPolicy::Restricted => "REGISTRY_ONLY",
         }
     }
+
+    /// The names Sluice's own flags and commands use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutboundTrafficPolicy::Allowed => "allowed",
+            OutboundTrafficPolicy::Restricted => "restricted",
+        }
+    }
+}
+
+/// Either name: `allowed`/`ALLOW_ANY` or `restricted`/`REGISTRY_ONLY`.
+impl std::str::FromStr for OutboundTrafficPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "allowed" | "ALLOW_ANY" => Ok(OutboundTrafficPolicy::Allowed),
+            "restricted" | "REGISTRY_ONLY" => Ok(OutboundTrafficPolicy::Restricted),
+            _ => Err(format!(
+                "\"{s}\" is not a policy; use allowed or restricted"
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policies_read_by_either_name() {
+        for mode in [
+            OutboundTrafficPolicy::Allowed,
+            OutboundTrafficPolicy::Restricted,
+        ] {
+            assert_eq!(mode.as_str().parse(), Ok(mode));
+            assert_eq!(mode.istio_name().parse(), Ok(mode));
+        }
+        assert_eq!(
+            "open".parse::<OutboundTrafficPolicy>(),
+            Err("\"open\" is not a policy; use allowed or restricted".to_string())
+        );
+    }
 }

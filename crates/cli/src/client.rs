@@ -310,7 +310,8 @@ pub fn inspect_proxy(name: Option<&str>, mesh: &str, output: &str, target: &Targ
 /// `sluice outbound-traffic-policy MODE`: sets `networking.outbound.passthrough` in the mesh's
 /// Mesh resource (creating it if there is none), keeping everything else it says. The write is
 /// conditional on the version read, so a concurrent change is not overwritten.
-pub fn set_mesh_policy(restricted: bool, mesh: &str, target: &Target) -> ExitCode {
+pub fn set_mesh_policy(mode: sluice_proxy::policy::Mode, mesh: &str, target: &Target) -> ExitCode {
+    let restricted = mode == sluice_proxy::policy::Mode::Restricted;
     let listed = match target.read("/api/v1/Mesh?mesh=default") {
         Ok(b) => b,
         Err(code) => return code,
@@ -365,11 +366,7 @@ pub fn set_mesh_policy(restricted: bool, mesh: &str, target: &Target) -> ExitCod
         Ok((200 | 201, _)) => {
             println!(
                 "mesh wide outbound traffic policy is set to '{}'",
-                if restricted {
-                    "REGISTRY_ONLY"
-                } else {
-                    "ALLOW_ANY"
-                }
+                mode.istio_name()
             );
             ExitCode::SUCCESS
         }

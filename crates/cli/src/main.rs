@@ -151,11 +151,7 @@ fn main() -> ExitCode {
             target,
         } => match admin {
             Some(admin) => set_policy(mode, &admin, &target),
-            None => client::set_mesh_policy(
-                mode == sluice_proxy::policy::Mode::Restricted,
-                &mesh,
-                &target,
-            ),
+            None => client::set_mesh_policy(mode, &mesh, &target),
         },
     }
 }
@@ -193,10 +189,7 @@ fn validate(files: &[PathBuf]) -> ExitCode {
 
 /// Asks the running proxy's admin endpoint to change the policy; prints its one-line answer.
 fn set_policy(mode: sluice_proxy::policy::Mode, admin: &str, target: &client::Target) -> ExitCode {
-    let body = match mode {
-        sluice_proxy::policy::Mode::Allowed => "allowed",
-        sluice_proxy::policy::Mode::Restricted => "restricted",
-    };
+    let body = mode.as_str();
     match client::call(
         admin,
         "PUT",

@@ -84,13 +84,7 @@ pub struct ProxyFlags {
 }
 
 pub fn parse_mode(s: &str) -> Result<Mode, String> {
-    match s {
-        "allowed" | "ALLOW_ANY" => Ok(Mode::Allowed),
-        "restricted" | "REGISTRY_ONLY" => Ok(Mode::Restricted),
-        _ => Err(format!(
-            "\"{s}\" is not a policy; use allowed or restricted"
-        )),
-    }
+    s.parse()
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

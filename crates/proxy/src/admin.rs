@@ -131,14 +131,10 @@ async fn outbound_traffic_policy(
                 Ok(b) => b.to_bytes(),
                 Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "body too large\n".into()),
             };
-            let mode = match String::from_utf8_lossy(&body).trim() {
-                "allowed" | "ALLOW_ANY" => Mode::Allowed,
-                "restricted" | "REGISTRY_ONLY" => Mode::Restricted,
-                other => {
-                    return text(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        format!("\"{other}\" is not a policy; send allowed or restricted\n"),
-                    )
+            let mode: Mode = match String::from_utf8_lossy(&body).trim().parse() {
+                Ok(m) => m,
+                Err(problem) => {
+                    return text(StatusCode::UNPROCESSABLE_ENTITY, format!("{problem}\n"))
                 }
             };
             proxy.set_outbound_traffic_policy(mode).await;
