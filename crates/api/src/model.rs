@@ -23,6 +23,9 @@ impl fmt::Display for ResourceKey {
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
+    /// The app speaks TLS itself: passed through, and a tunnel must open with a ClientHello
+    /// naming the destination (Istio's HTTPS and TLS ports).
+    Tls,
     Http,
     Http2,
     Grpc,
@@ -30,7 +33,7 @@ pub enum Protocol {
 
 impl Protocol {
     pub fn is_http(self) -> bool {
-        !matches!(self, Protocol::Tcp)
+        !matches!(self, Protocol::Tcp | Protocol::Tls)
     }
 
     /// `http2` and `grpc` always speak HTTP/2 to the endpoint.
@@ -41,6 +44,7 @@ impl Protocol {
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Tcp => "tcp",
+            Protocol::Tls => "tls",
             Protocol::Http => "http",
             Protocol::Http2 => "http2",
             Protocol::Grpc => "grpc",
@@ -54,8 +58,136 @@ pub struct ExternalService {
     pub key: ResourceKey,
     pub port: u16,
     pub protocol: Protocol,
+    /// Where traffic goes. Empty only for a service addressed by `hosts` or `addresses` whose
+    /// traffic goes to the name or address the app gave, once checked (Istio's resolution NONE).
     pub endpoints: Vec<Endpoint>,
     pub tls: Option<TlsOrigination>,
+    /// Names the app may address the service by at `port`, besides its endpoints: DNS names or
+    /// `*.suffix` wildcards (Istio's and Gloo's `hosts`).
+    pub hosts: Vec<String>,
+    /// Addresses and ranges the app may address the service by at `port` (Istio's and Gloo's
+    /// `addresses`).
+    pub addresses: Vec<Cidr>,
+    pub load_balancer: LoadBalancer,
+}
+
+/// How a connection picks one of several endpoints.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LoadBalancer {
+    #[default]
+    RoundRobin,
+    /// The endpoint with the fewest open connections of two picked at random.
+    LeastRequest,
+    Random,
+}
+
+/// An IP network: an address and how many leading bits of it are fixed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Cidr {
+    pub ip: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// `a.b.c.d`, `a.b.c.d/n`, an IPv6 address or `v6/n`. Host bits must be zero, as Istio and
+    /// Kubernetes require, so a range is written one way only.
+    pub fn parse(text: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let ip: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{text:?} is not an IP address or CIDR range"))?;
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => match p.parse::<u8>() {
+                Ok(n) if n <= max && !p.starts_with('+') => n,
+                _ => {
+                    return Err(format!(
+                        "{text:?}: the prefix length must be a number from 0 to {max}"
+                    ))
+                }
+            },
+        };
+        let cidr = Cidr { ip, prefix };
+        if cidr.network() != ip {
+            return Err(format!(
+                "{text:?} has bits set past its /{prefix} prefix; write it as {}/{prefix}",
+                cidr.network()
+            ));
+        }
+        Ok(cidr)
+    }
+
+    fn bits(ip: IpAddr) -> (u128, u8) {
+        match ip {
+            IpAddr::V4(v4) => (u128::from(u32::from(v4)), 32),
+            IpAddr::V6(v6) => (u128::from(v6), 128),
+        }
+    }
+
+    fn mask(width: u8, prefix: u8) -> u128 {
+        let all = if width == 32 {
+            u128::from(u32::MAX)
+        } else {
+            u128::MAX
+        };
+        if prefix == 0 {
+            0
+        } else {
+            all & !((1u128 << (width - prefix.min(width))) - 1)
+        }
+    }
+
+    /// The range's first address.
+    pub fn network(&self) -> IpAddr {
+        let (value, width) = Self::bits(self.ip);
+        let net = value & Self::mask(width, self.prefix);
+        match self.ip {
+            IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::from(net as u32)),
+            IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::from(net)),
+        }
+    }
+
+    /// Whether `ip` is in the range; an IPv4 address is never in an IPv6 range or the reverse.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let (value, width) = Self::bits(ip);
+        let (net, net_width) = Self::bits(self.ip);
+        if width != net_width {
+            return false;
+        }
+        let mask = Self::mask(width, self.prefix);
+        value & mask == net & mask
+    }
+
+    /// Whether the range is one address.
+    pub fn is_single(&self) -> bool {
+        self.prefix == Self::bits(self.ip).1
+    }
+
+    /// Whether the two ranges share an address.
+    pub fn overlaps(&self, other: &Cidr) -> bool {
+        self.contains(other.ip) || other.contains(self.ip)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_single() {
+            write!(f, "{}", self.ip)
+        } else {
+            write!(f, "{}/{}", self.ip, self.prefix)
+        }
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
@@ -240,6 +372,46 @@ impl std::str::FromStr for OutboundTrafficPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cidrs() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        for (text, inside, outside) in [
+            ("10.0.0.0/8", "10.255.1.2", "11.0.0.1"),
+            ("192.168.1.7", "192.168.1.7", "192.168.1.8"),
+            ("0.0.0.0/0", "8.8.8.8", "::1"),
+            ("2001:db8::/32", "2001:db8:ffff::1", "2001:db9::1"),
+            ("fd00::1", "fd00::1", "10.0.0.1"),
+        ] {
+            let c = Cidr::parse(text).unwrap();
+            assert!(c.contains(ip(inside)), "{text} holds {inside}");
+            assert!(!c.contains(ip(outside)), "{text} lacks {outside}");
+            assert_eq!(c.to_string(), text);
+        }
+        for (text, error) in [
+            (
+                "10.0.0.1/8",
+                "\"10.0.0.1/8\" has bits set past its /8 prefix; write it as 10.0.0.0/8",
+            ),
+            (
+                "10.0.0.0/33",
+                "\"10.0.0.0/33\": the prefix length must be a number from 0 to 32",
+            ),
+            (
+                "10.0.0.0/+8",
+                "\"10.0.0.0/+8\": the prefix length must be a number from 0 to 32",
+            ),
+            (
+                "db.example.com",
+                "\"db.example.com\" is not an IP address or CIDR range",
+            ),
+        ] {
+            assert_eq!(Cidr::parse(text), Err(error.to_string()), "{text}");
+        }
+        let a = Cidr::parse("10.0.0.0/8").unwrap();
+        assert!(a.overlaps(&Cidr::parse("10.1.0.0/16").unwrap()));
+        assert!(!a.overlaps(&Cidr::parse("11.0.0.0/8").unwrap()));
+    }
 
     #[test]
     fn policies_read_by_either_name() {

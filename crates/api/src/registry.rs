@@ -4,10 +4,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::diag::{Diagnostic, Diagnostics, DocRef, Severity};
 use crate::document::Document;
-use crate::kuma::{self, DataSource, MeshExternalServiceResource, Sourced};
+use crate::kuma::{
+    self, Backend, DataSource, ExternalServiceResource, MesSpec, MeshExternalServiceResource,
+    Sourced,
+};
 use crate::model::{
-    ClientIdentity, ExternalService, Material, Outbound, OutboundTrafficPolicy, ResourceKey,
-    TlsOrigination,
+    ClientIdentity, ExternalService, LoadBalancer, Material, Outbound, OutboundTrafficPolicy,
+    ResourceKey, TlsOrigination,
 };
 use crate::node::At;
 use crate::resource::{Located, Resource, SecretResource};
@@ -187,6 +190,10 @@ fn resolve_located(located: &[&Located], out: &mut Vec<Diagnostic>) -> Registry 
     let mut services: Index<u16> = Index::new("MeshExternalService");
     let mut mes: Vec<(&DocRef, &MeshExternalServiceResource, bool)> = Vec::new();
     let mut dataplanes = Vec::new();
+    let mut legacy: Vec<(&DocRef, &ExternalServiceResource, bool)> = Vec::new();
+    // Kuma ExternalServices by mesh and kuma.io/service tag: the first one's name and document.
+    let mut tags: HashMap<(&str, &str), (&str, &DocRef)> = HashMap::new();
+    let mut tag_keys: HashMap<(&str, &str), Option<&ResourceKey>> = HashMap::new();
     for l in located {
         let key = &l.resource.meta().key;
         if let Some(first) = seen.get(&(l.resource.kind(), key)) {
@@ -214,6 +221,23 @@ fn resolve_located(located: &[&Located], out: &mut Vec<Diagnostic>) -> Registry 
                 services.by_key.insert(key, value);
                 mes.push((&l.doc, m, l.valid));
             }
+            Resource::ExternalService(es) => {
+                if let Some(tag) = &es.service {
+                    let mesh = es.meta.key.mesh.as_str();
+                    if let Some((first, at)) = tags.get(&(mesh, tag.as_str())) {
+                        let mut d = Diagnostics::for_doc(l.doc.clone());
+                        d.error(
+                            &format!("tags[\"{}\"]", kuma::SERVICE_TAG),
+                            format!("{tag:?} is already the kuma.io/service of ExternalService {first:?} at {at}; Sluice sends one tag to one ExternalService: give this one its own kuma.io/service"),
+                        );
+                        out.extend(d.into_vec());
+                    } else {
+                        tags.insert((mesh, tag.as_str()), (es.meta.key.name.as_str(), &l.doc));
+                        tag_keys.insert((mesh, tag.as_str()), l.valid.then_some(&es.meta.key));
+                    }
+                }
+                legacy.push((&l.doc, es.as_ref(), l.valid));
+            }
             Resource::Dataplane(dp) => dataplanes.push((&l.doc, dp)),
             Resource::Mesh(m) => {
                 // One proxy enforces it for every mesh: the strictest setting wins.
@@ -230,43 +254,41 @@ fn resolve_located(located: &[&Located], out: &mut Vec<Diagnostic>) -> Registry 
         outbound_traffic_policy: policy,
         ..Registry::default()
     };
+    // Which document made each internal service, so two kinds cannot claim one name.
+    let mut made: HashMap<ResourceKey, (&'static str, DocRef)> = HashMap::new();
+    let mut add = |registry: &mut Registry,
+                   kind: &'static str,
+                   doc: &DocRef,
+                   service: ExternalService,
+                   d: &mut Diagnostics| {
+        if let Some((other, at)) = made.get(&service.key) {
+            d.error(
+                "",
+                format!(
+                    "{kind} {:?} in mesh {:?} has the name of {other} {:?} at {at}: they would be one service; rename one of them",
+                    service.key.name, service.key.mesh, service.key.name
+                ),
+            );
+            return;
+        }
+        made.insert(service.key.clone(), (kind, doc.clone()));
+        registry.services.insert(service.key.clone(), service);
+    };
     for (doc, m, valid) in mes {
         let mut d = Diagnostics::for_doc(doc.clone());
-        let tls = m.spec.tls.as_ref().map(|t| {
-            let mesh = &m.meta.key.mesh;
-            let mut material = |s: &Option<Sourced>| {
-                s.as_ref()
-                    .and_then(|s| resolve_material(s, mesh, &secrets, &mut d))
-            };
-            let ca_cert = material(&t.ca_cert);
-            let cert = material(&t.client_cert);
-            let key = material(&t.client_key);
-            TlsOrigination {
-                min_version: t.min,
-                max_version: t.max,
-                allow_renegotiation: t.allow_renegotiation,
-                mode: t.mode,
-                server_name: t.server_name.clone(),
-                subject_alt_names: t.subject_alt_names.clone(),
-                ca_cert,
-                client_cert: cert
-                    .zip(key)
-                    .map(|(cert, key)| ClientIdentity { cert, key }),
-            }
-        });
-        out.extend(d.into_vec());
-        if let (true, Some(port)) = (valid, m.spec.port) {
-            registry.services.insert(
-                m.meta.key.clone(),
-                ExternalService {
-                    key: m.meta.key.clone(),
-                    port,
-                    protocol: m.spec.protocol,
-                    endpoints: m.spec.endpoints.clone(),
-                    tls,
-                },
-            );
+        let service = external_service(&m.meta, &m.spec, &secrets, &mut d);
+        if let (true, Some(service)) = (valid, service) {
+            add(&mut registry, "MeshExternalService", doc, service, &mut d);
         }
+        out.extend(d.into_vec());
+    }
+    for (doc, es, valid) in &legacy {
+        let mut d = Diagnostics::for_doc((*doc).clone());
+        let service = external_service(&es.meta, &es.spec, &secrets, &mut d);
+        if let (true, Some(service)) = (valid, service) {
+            add(&mut registry, "ExternalService", doc, service, &mut d);
+        }
+        out.extend(d.into_vec());
     }
 
     for (doc, dp) in dataplanes {
@@ -275,33 +297,92 @@ fn resolve_located(located: &[&Located], out: &mut Vec<Diagnostic>) -> Registry 
         registry.dataplanes.insert(dp.meta.key.clone());
         for o in &dp.outbounds {
             let name = &o.backend.name;
-            match services.find(mesh, name, "Dataplane") {
-                Err(message) => d.error(&format!("{}.backendRef.name", o.path), message),
-                Ok(Some(port)) => {
-                    if let Some(p) = o.backend.port.filter(|p| p != port) {
-                        d.error(
-                            &format!("{}.backendRef.port", o.path),
-                            format!(
-                                "{p} is not the port of MeshExternalService {name:?} (its match.port is {port}); use {port} or remove backendRef.port"
-                            ),
-                        );
+            let service = match o.backend.kind {
+                Backend::MeshExternalService => {
+                    match services.find(mesh, name, "Dataplane") {
+                        Err(message) => d.error(&format!("{}.backendRef.name", o.path), message),
+                        Ok(Some(port)) => {
+                            if let Some(p) = o.backend.port.filter(|p| p != port) {
+                                d.error(
+                                    &format!("{}.backendRef.port", o.path),
+                                    format!(
+                                        "{p} is not the port of MeshExternalService {name:?} (its match.port is {port}); use {port} or remove backendRef.port"
+                                    ),
+                                );
+                            }
+                        }
+                        Ok(_) => {}
+                    }
+                    ResourceKey {
+                        mesh: mesh.clone(),
+                        name: name.clone(),
                     }
                 }
-                Ok(_) => {}
-            }
+                Backend::ServiceTag => match tag_keys.get(&(mesh.as_str(), name.as_str())) {
+                    Some(Some(key)) => (*key).clone(),
+                    // The ExternalService's own errors say what to fix.
+                    Some(None) => continue,
+                    None => {
+                        d.error(
+                            &format!("{}.tags[\"{}\"]", o.path, kuma::SERVICE_TAG),
+                            format!("no ExternalService in mesh {mesh:?} has kuma.io/service {name:?}; define one with that tag or fix the tag"),
+                        );
+                        continue;
+                    }
+                },
+            };
             registry.outbounds.push(Outbound {
                 dataplane: dp.meta.key.clone(),
                 address: o.address,
                 port: o.port,
-                service: ResourceKey {
-                    mesh: mesh.clone(),
-                    name: name.clone(),
-                },
+                service,
             });
         }
         out.extend(d.into_vec());
     }
     registry
+}
+
+/// The internal service a MeshExternalService's (or a Kuma ExternalService's) spec makes, with
+/// its certificates and keys resolved; `None` without a port (an error was reported).
+fn external_service(
+    meta: &crate::resource::Meta,
+    spec: &MesSpec,
+    secrets: &Index<&SecretResource>,
+    d: &mut Diagnostics,
+) -> Option<ExternalService> {
+    let tls = spec.tls.as_ref().map(|t| {
+        let mesh = &meta.key.mesh;
+        let mut material = |s: &Option<Sourced>| {
+            s.as_ref()
+                .and_then(|s| resolve_material(s, mesh, secrets, d))
+        };
+        let ca_cert = material(&t.ca_cert);
+        let cert = material(&t.client_cert);
+        let key = material(&t.client_key);
+        TlsOrigination {
+            min_version: t.min,
+            max_version: t.max,
+            allow_renegotiation: t.allow_renegotiation,
+            mode: t.mode,
+            server_name: t.server_name.clone(),
+            subject_alt_names: t.subject_alt_names.clone(),
+            ca_cert,
+            client_cert: cert
+                .zip(key)
+                .map(|(cert, key)| ClientIdentity { cert, key }),
+        }
+    });
+    Some(ExternalService {
+        key: meta.key.clone(),
+        port: spec.port?,
+        protocol: spec.protocol,
+        endpoints: spec.endpoints.clone(),
+        tls,
+        hosts: Vec::new(),
+        addresses: Vec::new(),
+        load_balancer: LoadBalancer::RoundRobin,
+    })
 }
 
 /// The material a data source names. Inline material was checked when its document was read;

@@ -1,7 +1,7 @@
 //! Resources as read from documents, before references between them are resolved.
 
 use crate::diag::DocRef;
-use crate::kuma::{DataplaneResource, MeshExternalServiceResource};
+use crate::kuma::{DataplaneResource, ExternalServiceResource, MeshExternalServiceResource};
 use crate::model::{OutboundTrafficPolicy, ResourceKey};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,6 +14,7 @@ pub struct Meta {
 /// Every kind a resource may have: what [`Resource::kind`] returns.
 pub const KINDS: &[&str] = &[
     "MeshExternalService",
+    "ExternalService",
     "Dataplane",
     "Secret",
     "Mesh",
@@ -24,6 +25,7 @@ pub const KINDS: &[&str] = &[
 #[derive(Debug, Clone)]
 pub enum Resource {
     MeshExternalService(Box<MeshExternalServiceResource>),
+    ExternalService(Box<ExternalServiceResource>),
     Dataplane(DataplaneResource),
     Secret(SecretResource),
     Mesh(MeshResource),
@@ -42,6 +44,7 @@ impl Resource {
     pub fn kind(&self) -> &'static str {
         match self {
             Resource::MeshExternalService(_) => "MeshExternalService",
+            Resource::ExternalService(_) => "ExternalService",
             Resource::Dataplane(_) => "Dataplane",
             Resource::Secret(_) => "Secret",
             Resource::Mesh(m) => m.kind,
@@ -51,6 +54,7 @@ impl Resource {
     pub fn meta(&self) -> &Meta {
         match self {
             Resource::MeshExternalService(r) => &r.meta,
+            Resource::ExternalService(r) => &r.meta,
             Resource::Dataplane(r) => &r.meta,
             Resource::Secret(r) => &r.meta,
             Resource::Mesh(r) => &r.meta,

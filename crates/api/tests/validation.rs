@@ -7,7 +7,9 @@
 use std::fs;
 use std::path::Path;
 
-use sluice_api::model::{ExternalService, Material, SanMatch, TlsOrigination, TlsVersion};
+use sluice_api::model::{
+    ExternalService, LoadBalancer, Material, SanMatch, TlsOrigination, TlsVersion,
+};
 
 #[test]
 fn validation_cases() {
@@ -92,13 +94,24 @@ fn describe(s: &ExternalService) -> String {
         None => "off".to_string(),
         Some(t) => describe_tls(t),
     };
-    format!(
+    let mut text = format!(
         "service {} {} port {}; endpoints {}; tls {tls}",
         s.key,
         s.protocol.as_str(),
         s.port,
         endpoints.join(", ")
-    )
+    );
+    if !s.hosts.is_empty() {
+        text.push_str(&format!("; hosts {}", s.hosts.join(", ")));
+    }
+    if !s.addresses.is_empty() {
+        let addresses: Vec<String> = s.addresses.iter().map(ToString::to_string).collect();
+        text.push_str(&format!("; addresses {}", addresses.join(", ")));
+    }
+    if s.load_balancer != LoadBalancer::RoundRobin {
+        text.push_str(&format!("; lb {:?}", s.load_balancer));
+    }
+    text
 }
 
 fn describe_tls(t: &TlsOrigination) -> String {

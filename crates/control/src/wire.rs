@@ -9,9 +9,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use sluice_api::model::{
-    ClientIdentity, Endpoint as ModelEndpoint, ExternalService, Material as ModelMaterial,
-    OutboundTrafficPolicy, Protocol as ModelProtocol, ResourceKey, SanMatch as ModelSan,
-    TlsOrigination, TlsVersion as ModelTlsVersion, VerificationMode,
+    Cidr, ClientIdentity, Endpoint as ModelEndpoint, ExternalService,
+    LoadBalancer as ModelLoadBalancer, Material as ModelMaterial, OutboundTrafficPolicy,
+    Protocol as ModelProtocol, ResourceKey, SanMatch as ModelSan, TlsOrigination,
+    TlsVersion as ModelTlsVersion, VerificationMode,
 };
 
 use crate::{service_label, ListenerConfig, ProxyConfig};
@@ -106,6 +107,15 @@ pub enum Protocol {
     Http = 1,
     Http2 = 2,
     Grpc = 3,
+    Tls = 4,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum LoadBalancer {
+    RoundRobin = 0,
+    LeastRequest = 1,
+    Random = 2,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -122,6 +132,12 @@ pub struct Service {
     pub endpoints: Vec<Endpoint>,
     #[prost(message, optional, tag = "6")]
     pub tls: Option<Tls>,
+    #[prost(string, repeated, tag = "7")]
+    pub hosts: Vec<String>,
+    #[prost(string, repeated, tag = "8")]
+    pub addresses: Vec<String>,
+    #[prost(enumeration = "LoadBalancer", tag = "9")]
+    pub load_balancer: i32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -266,6 +282,7 @@ fn service(s: &ExternalService) -> Service {
         port: u32::from(s.port),
         protocol: match s.protocol {
             ModelProtocol::Tcp => Protocol::Tcp,
+            ModelProtocol::Tls => Protocol::Tls,
             ModelProtocol::Http => Protocol::Http,
             ModelProtocol::Http2 => Protocol::Http2,
             ModelProtocol::Grpc => Protocol::Grpc,
@@ -290,6 +307,13 @@ fn service(s: &ExternalService) -> Service {
             })
             .collect(),
         tls: s.tls.as_ref().map(tls),
+        hosts: s.hosts.clone(),
+        addresses: s.addresses.iter().map(ToString::to_string).collect(),
+        load_balancer: match s.load_balancer {
+            ModelLoadBalancer::RoundRobin => LoadBalancer::RoundRobin,
+            ModelLoadBalancer::LeastRequest => LoadBalancer::LeastRequest,
+            ModelLoadBalancer::Random => LoadBalancer::Random,
+        } as i32,
     }
 }
 
@@ -394,6 +418,7 @@ fn port(p: u32, field: &str) -> Result<u16, String> {
 fn read_service(s: &Service) -> Result<ExternalService, String> {
     let protocol = match Protocol::try_from(s.protocol) {
         Ok(Protocol::Tcp) => ModelProtocol::Tcp,
+        Ok(Protocol::Tls) => ModelProtocol::Tls,
         Ok(Protocol::Http) => ModelProtocol::Http,
         Ok(Protocol::Http2) => ModelProtocol::Http2,
         Ok(Protocol::Grpc) => ModelProtocol::Grpc,
@@ -418,9 +443,21 @@ fn read_service(s: &Service) -> Result<ExternalService, String> {
             None => return Err(format!("{field}: no address")),
         });
     }
-    if endpoints.is_empty() {
-        return Err("endpoints: none".to_string());
+    let addresses = s
+        .addresses
+        .iter()
+        .enumerate()
+        .map(|(i, a)| Cidr::parse(a).map_err(|e| format!("addresses[{i}]: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    if endpoints.is_empty() && s.hosts.is_empty() && addresses.is_empty() {
+        return Err("endpoints: none, and no hosts or addresses to send to".to_string());
     }
+    let load_balancer = match LoadBalancer::try_from(s.load_balancer) {
+        Ok(LoadBalancer::RoundRobin) => ModelLoadBalancer::RoundRobin,
+        Ok(LoadBalancer::LeastRequest) => ModelLoadBalancer::LeastRequest,
+        Ok(LoadBalancer::Random) => ModelLoadBalancer::Random,
+        Err(_) => return Err(format!("load_balancer: unknown value {}", s.load_balancer)),
+    };
     Ok(ExternalService {
         key: ResourceKey {
             mesh: s.mesh.clone(),
@@ -430,6 +467,9 @@ fn read_service(s: &Service) -> Result<ExternalService, String> {
         protocol,
         endpoints,
         tls: s.tls.as_ref().map(read_tls).transpose()?,
+        hosts: s.hosts.clone(),
+        addresses,
+        load_balancer,
     })
 }
 
@@ -520,6 +560,16 @@ networking:
         );
         let mut config = crate::compile(&registry);
         config.outbound_traffic_policy = Some(OutboundTrafficPolicy::Restricted);
+        // What only Istio and Gloo resources set.
+        let db = config.services.get_mut("other/db").unwrap();
+        let db = Arc::make_mut(db);
+        db.protocol = ModelProtocol::Tls;
+        db.hosts = vec!["db.example".into(), "*.db.example".into()];
+        db.addresses = vec![
+            Cidr::parse("10.0.0.0/8").unwrap(),
+            Cidr::parse("2001:db8::5").unwrap(),
+        ];
+        db.load_balancer = ModelLoadBalancer::LeastRequest;
         config
     }
 
@@ -555,7 +605,7 @@ networking:
             ),
             (
                 Box::new(|s| s.services[0].endpoints.clear()),
-                "services[0] (default/api): endpoints: none",
+                "services[0] (default/api): endpoints: none, and no hosts or addresses to send to",
             ),
             (
                 Box::new(|s| s.services[0].tls.as_mut().unwrap().mode = 7),

@@ -307,7 +307,9 @@ async fn connect(
     let decision = policy::decide(state.mode, &state.table, &host, port);
     let (service, raw_tcp) = match &decision {
         Decision::Deny(d) => return Err(Refusal::denied(&req, d)),
-        Decision::Registered(Opening::Endpoint { service, raw_tcp }) => (service.clone(), *raw_tcp),
+        Decision::Registered(Opening::Endpoint {
+            service, raw_tcp, ..
+        }) => (service.clone(), *raw_tcp),
         // That port is opened for plain HTTP that the proxy sends on as HTTPS; a tunnel there
         // would reach a port of the host that no service opens.
         Decision::Registered(Opening::Originate { service }) => {
@@ -651,7 +653,15 @@ async fn absolute(
     }
     match policy::decide(state.mode, &state.table, &host, port) {
         Decision::Deny(d) => Err(Refusal::denied(&req, &d)),
-        Decision::Registered(Opening::Originate { service }) => {
+        // Plain HTTP to a port the registry says speaks TLS is sent as HTTPS, never in clear.
+        Decision::Registered(
+            Opening::Originate { service }
+            | Opening::Endpoint {
+                service,
+                originates: true,
+                ..
+            },
+        ) => {
             let Some(upstream) = state.upstreams.get(&service).cloned() else {
                 return Err(Refusal::upstream(
                     &req,

@@ -577,6 +577,9 @@ mod tests {
                 ca_cert: None,
                 client_cert: None,
             }),
+            hosts: vec![],
+            addresses: vec![],
+            load_balancer: Default::default(),
         }
     }
 

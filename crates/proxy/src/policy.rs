@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use sluice_api::model::{Endpoint, ExternalService};
+use sluice_api::model::{Endpoint, ExternalService, Protocol};
 use sluice_api::names::is_dns_name;
 use sluice_control::{service_label, ProxyConfig};
 
@@ -58,7 +58,13 @@ pub fn parse_host(text: &str) -> Result<Host, String> {
 pub enum Opening {
     /// The endpoint itself: tunnel (CONNECT) or plain HTTP straight to it. `raw_tcp` when the
     /// service says its traffic is not TLS, so a tunnel need not start with a ClientHello.
-    Endpoint { service: Arc<str>, raw_tcp: bool },
+    /// `originates` when the service originates TLS for HTTP: plain HTTP sent to the endpoint's
+    /// own port then goes through the service's pool as HTTPS, never in clear to a TLS port.
+    Endpoint {
+        service: Arc<str>,
+        raw_tcp: bool,
+        originates: bool,
+    },
     /// The service's own port with TLS origination: plain HTTP from the app, HTTPS to the
     /// service's endpoints through its pool.
     Originate { service: Arc<str> },
@@ -134,10 +140,12 @@ impl Table {
 
     fn add(&mut self, service: &ExternalService) {
         let label: Arc<str> = Arc::from(service_label(&service.key));
-        let raw_tcp = !service.protocol.is_http() && service.tls.is_none();
+        let raw_tcp = service.protocol == Protocol::Tcp && service.tls.is_none();
+        let originates = service.tls.is_some() && service.protocol.is_http();
         let endpoint = || Opening::Endpoint {
             service: label.clone(),
             raw_tcp,
+            originates,
         };
         let mut names = Vec::new();
         for e in &service.endpoints {
@@ -312,6 +320,7 @@ spec:
             Decision::Registered(Opening::Endpoint {
                 service: Arc::from(s),
                 raw_tcp: raw,
+                originates: s == "httpbin-tls",
             })
         };
         let cases: Vec<(Mode, Host, u16, Decision)> = vec![

@@ -25,8 +25,18 @@ pub struct OutboundSpec {
 
 #[derive(Debug, Clone)]
 pub struct BackendRef {
+    pub kind: Backend,
     pub name: String,
     pub port: Option<u16>,
+}
+
+/// What an outbound sends to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `backendRef: {kind: MeshExternalService, name}`.
+    MeshExternalService,
+    /// `tags: {kuma.io/service: NAME}`: the Kuma ExternalService with that tag.
+    ServiceTag,
 }
 
 /// Outbounds listen on loopback unless they say otherwise, as in Kuma universal mode.
@@ -126,16 +136,25 @@ fn parse_outbound(item: &At<'_>, d: &mut Diagnostics) -> Option<OutboundSpec> {
         None => Some(DEFAULT_OUTBOUND_ADDRESS),
     };
     let port = o.required("port", d).and_then(|p| p.port(d));
-    if let Some(tags) = o.get("tags") {
-        tags.string_map(d);
-        d.error(
-            tags.path(),
-            "selecting an external service by tags is not supported; use backendRef: {kind: MeshExternalService, name: NAME}",
-        );
-    }
-    let backend = o
-        .required("backendRef", d)
-        .and_then(|b| parse_backend_ref(&b, d));
+    // The legacy universal form selects a Kuma ExternalService by its kuma.io/service tag.
+    let backend = match (o.get("tags"), o.get("backendRef")) {
+        (Some(tags), Some(b)) => {
+            d.error(
+                b.path(),
+                format!("is set with {}; select the service one way: backendRef for a MeshExternalService, tags for an ExternalService", tags.path()),
+            );
+            None
+        }
+        (Some(tags), None) => parse_tags(&tags, d),
+        (None, Some(b)) => parse_backend_ref(&b, d),
+        (None, None) => {
+            d.error(
+                &o.child_path("backendRef"),
+                "is required: give backendRef: {kind: MeshExternalService, name: NAME}, or tags: {kuma.io/service: NAME} for an ExternalService",
+            );
+            None
+        }
+    };
     o.finish(d);
     Some(OutboundSpec {
         path: item.path().to_string(),
@@ -165,7 +184,47 @@ fn parse_backend_ref(b: &At<'_>, d: &mut Diagnostics) -> Option<BackendRef> {
     let port = b.get("port").and_then(|p| p.port(d));
     b.finish(d);
     kind_ok?;
-    Some(BackendRef { name: name?, port })
+    Some(BackendRef {
+        kind: Backend::MeshExternalService,
+        name: name?,
+        port,
+    })
+}
+
+/// `tags: {kuma.io/service: NAME}`; Sluice selects by that tag alone.
+fn parse_tags(at: &At<'_>, d: &mut Diagnostics) -> Option<BackendRef> {
+    if !at.value.is_object() {
+        at.obj(d);
+        return None;
+    }
+    let tags = at.string_map(d);
+    let service_path = crate::node::child_path(at.path(), super::SERVICE_TAG);
+    let mut service = None;
+    for (key, value) in &tags {
+        let path = crate::node::child_path(at.path(), key);
+        if key == super::SERVICE_TAG {
+            service = Some(value.clone());
+        } else {
+            d.error(
+                &path,
+                format!(
+                    "Sluice selects an ExternalService by {} alone; remove this tag",
+                    super::SERVICE_TAG
+                ),
+            );
+        }
+    }
+    if service.is_none() {
+        d.error(
+            &service_path,
+            "is required: the tag of the ExternalService to send to",
+        );
+    }
+    Some(BackendRef {
+        kind: Backend::ServiceTag,
+        name: service?,
+        port: None,
+    })
 }
 
 #[cfg(test)]
@@ -178,6 +237,7 @@ mod tests {
             address: address.parse().unwrap(),
             port,
             backend: BackendRef {
+                kind: Backend::MeshExternalService,
                 name: "x".into(),
                 port: None,
             },

@@ -48,6 +48,23 @@ pub struct TlsSpec {
     pub client_key: Option<Sourced>,
 }
 
+/// Verified against the system roots, any version, no client certificate.
+impl Default for TlsSpec {
+    fn default() -> Self {
+        Self {
+            min: None,
+            max: None,
+            allow_renegotiation: false,
+            mode: VerificationMode::Secured,
+            server_name: None,
+            subject_alt_names: Vec::new(),
+            ca_cert: None,
+            client_cert: None,
+            client_key: None,
+        }
+    }
+}
+
 /// A data source and the path of the field that gave it (`...caCert.secret`), for errors
 /// found when resolving it.
 #[derive(Debug, Clone)]
@@ -285,12 +302,7 @@ fn parse_tls(at: &At<'_>, d: &mut Diagnostics) -> Option<TlsSpec> {
         min,
         max,
         allow_renegotiation,
-        mode: VerificationMode::Secured,
-        server_name: None,
-        subject_alt_names: Vec::new(),
-        ca_cert: None,
-        client_cert: None,
-        client_key: None,
+        ..TlsSpec::default()
     };
     if let Some(v) = &verification {
         parse_verification(v, &mut spec, d);
@@ -433,18 +445,7 @@ fn parse_verification(v: &At<'_>, spec: &mut TlsSpec, d: &mut Diagnostics) {
         }
     }
     if let Some(s) = v.get("serverName") {
-        if let Some(name) = s.text(d) {
-            if let Some(ip) = parse_ip(name) {
-                spec.server_name = Some(ip.to_string());
-            } else if is_dns_name(name) {
-                spec.server_name = Some(name.trim_end_matches('.').to_ascii_lowercase());
-            } else {
-                d.error(
-                    s.path(),
-                    format!("{name:?} is not a valid DNS name or IP address; give the name the server's certificate carries"),
-                );
-            }
-        }
+        spec.server_name = server_name(&s, d);
     }
     if let Some(list) = v.get("subjectAltNames") {
         for item in list.list(d) {
@@ -498,12 +499,28 @@ fn parse_verification(v: &At<'_>, spec: &mut TlsSpec, d: &mut Diagnostics) {
     v.finish(d);
 }
 
+/// A name to send as SNI and to verify: a DNS name (folded to lower case) or an IP address.
+pub(crate) fn server_name(at: &At<'_>, d: &mut Diagnostics) -> Option<String> {
+    let name = at.text(d)?;
+    if let Some(ip) = parse_ip(name) {
+        Some(ip.to_string())
+    } else if is_dns_name(name) {
+        Some(name.trim_end_matches('.').to_ascii_lowercase())
+    } else {
+        d.error(
+            at.path(),
+            format!("{name:?} is not a valid DNS name or IP address; give the name the server's certificate carries"),
+        );
+        None
+    }
+}
+
 const HOST_SOURCE: &str = "is not a supported data source: Sluice reads certificates and keys only from resources; put the PEM in a Secret and reference it with secret: NAME, or use inlineString";
 
 /// Exactly one of `inline` (base64), `inlineString` (text) or `secret` (a Secret's name). Inline
 /// material must hold `want` (checked here, once per document); a Secret's is checked where it
 /// is referenced.
-fn parse_data_source(at: &At<'_>, want: Pem, d: &mut Diagnostics) -> Option<Sourced> {
+pub(crate) fn parse_data_source(at: &At<'_>, want: Pem, d: &mut Diagnostics) -> Option<Sourced> {
     let mut o = at.obj(d)?;
     let mut refused = false;
     for key in ["file", "env", "envVar"] {

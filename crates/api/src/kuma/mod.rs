@@ -2,6 +2,7 @@
 //! universal form (`type`/`name`/`mesh` at top level) and the `apiVersion`/`kind`/`metadata` form.
 
 mod dataplane;
+mod external_service;
 mod mesh;
 mod mesh_external_service;
 
@@ -13,7 +14,8 @@ use crate::names::is_resource_name;
 use crate::node::{kind_of, At, Obj};
 use crate::resource::{MeshResource, Meta, Resource, SecretResource};
 
-pub use dataplane::{BackendRef, DataplaneResource, OutboundSpec};
+pub use dataplane::{Backend, BackendRef, DataplaneResource, OutboundSpec};
+pub use external_service::{ExternalServiceResource, SERVICE_TAG};
 pub use mesh_external_service::{
     DataSource, MesSpec, MeshExternalServiceResource, Sourced, TlsSpec,
 };
@@ -23,7 +25,13 @@ pub const MESH_LABEL: &str = "kuma.io/mesh";
 pub const DEFAULT_MESH: &str = "default";
 
 /// The kinds this module reads; anything else is an unknown kind.
-pub const KINDS: &[&str] = &["MeshExternalService", "Dataplane", "Secret", "Mesh"];
+pub const KINDS: &[&str] = &[
+    "MeshExternalService",
+    "ExternalService",
+    "Dataplane",
+    "Secret",
+    "Mesh",
+];
 
 /// Every kind a document may be, for messages about kinds.
 fn supported_kinds() -> String {
@@ -98,6 +106,27 @@ pub fn parse(root: &At<'_>, d: &mut Diagnostics) -> Option<Resource> {
                 Resource::MeshExternalService(Box::new(MeshExternalServiceResource { meta, spec }))
             })
         }
+        "ExternalService" => {
+            let (service, spec) = match form {
+                Form::Universal => external_service::parse(&mut top, d),
+                Form::Metadata => top
+                    .required("spec", d)
+                    .and_then(|spec| {
+                        let mut spec = spec.obj(d)?;
+                        let parsed = external_service::parse(&mut spec, d);
+                        spec.finish(d);
+                        Some(parsed)
+                    })
+                    .unwrap_or_default(),
+            };
+            meta.map(|meta| {
+                Resource::ExternalService(Box::new(ExternalServiceResource {
+                    meta,
+                    service,
+                    spec,
+                }))
+            })
+        }
         "Dataplane" => {
             let networking = match form {
                 Form::Universal => top.required("networking", d),
@@ -170,8 +199,9 @@ fn metadata_form(top: &mut Obj<'_>, kind: &str, d: &mut Diagnostics) -> Option<M
         }
         Some(())
     });
-    // Kuma writes a Kubernetes Dataplane's mesh at the top level, not as a label.
-    let top_mesh = if kind == "Dataplane" {
+    // Kuma writes a Kubernetes Dataplane's and ExternalService's mesh at the top level, not as
+    // a label.
+    let top_mesh = if kind == "Dataplane" || kind == "ExternalService" {
         top.get("mesh").map(|m| (name(&m, d), m.path().to_string()))
     } else {
         None
