@@ -301,14 +301,18 @@ async fn stale_writes_oversized_bodies_and_unknown_kinds() {
     let a = send_bytes(&s, "PUT", path, ADMIN, huge, &[]).await;
     assert_eq!(a.status, 413);
 
-    let a = send(&s, "GET", "/api/v1/ServiceEntry", ADMIN, "").await;
+    let a = send(&s, "GET", "/api/v1/NoSuchKind", ADMIN, "").await;
     assert_eq!(a.status, 404);
-    assert!(
-        a.body
-            .contains("kinds are MeshExternalService, Dataplane, Secret, Mesh"),
-        "{}",
-        a.body
+    assert_eq!(
+        a.body,
+        format!(
+            "unknown kind \"NoSuchKind\"; kinds are {}\n",
+            sluice_api::resource::KINDS.join(", ")
+        )
     );
+    assert!(a
+        .body
+        .contains("MeshExternalService, ExternalService, Dataplane"));
 }
 
 #[tokio::test]
