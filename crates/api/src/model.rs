@@ -294,6 +294,28 @@ pub struct ClientIdentity {
 pub struct Material {
     pub origin: String,
     pub pem: Vec<u8>,
+    /// A PEM file on the proxy's host, read by the proxy when it applies the service (Istio's
+    /// `caCertificates`, `clientCertificate` and `privateKey`); `pem` is then empty.
+    pub file: Option<PathBuf>,
+}
+
+impl Material {
+    pub fn inline(origin: impl Into<String>, pem: Vec<u8>) -> Self {
+        Self {
+            origin: origin.into(),
+            pem,
+            file: None,
+        }
+    }
+
+    pub fn file(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        Self {
+            origin: format!("file {}", path.display()),
+            pem: Vec::new(),
+            file: Some(path),
+        }
+    }
 }
 
 impl fmt::Debug for Material {

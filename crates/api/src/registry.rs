@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::diag::{Diagnostic, Diagnostics, DocRef, Severity};
 use crate::document::Document;
+use crate::istio;
 use crate::kuma::{
     self, Backend, DataSource, ExternalServiceResource, MesSpec, MeshExternalServiceResource,
     Sourced,
@@ -194,6 +195,7 @@ fn resolve_located(located: &[&Located], out: &mut Vec<Diagnostic>) -> Registry 
     // Kuma ExternalServices by mesh and kuma.io/service tag: the first one's name and document.
     let mut tags: HashMap<(&str, &str), (&str, &DocRef)> = HashMap::new();
     let mut tag_keys: HashMap<(&str, &str), Option<&ResourceKey>> = HashMap::new();
+    let mut istio = istio::translate::Inputs::default();
     for l in located {
         let key = &l.resource.meta().key;
         if let Some(first) = seen.get(&(l.resource.kind(), key)) {
@@ -239,6 +241,13 @@ fn resolve_located(located: &[&Located], out: &mut Vec<Diagnostic>) -> Registry 
                 legacy.push((&l.doc, es.as_ref(), l.valid));
             }
             Resource::Dataplane(dp) => dataplanes.push((&l.doc, dp)),
+            Resource::ServiceEntry(r) if l.valid => istio.entries.push((&l.doc, r)),
+            Resource::DestinationRule(r) if l.valid => istio.rules.push((&l.doc, r)),
+            Resource::VirtualService(r) if l.valid => istio.virtual_services.push((&l.doc, r)),
+            // Their own errors say what to fix; nothing is made of them.
+            Resource::ServiceEntry(_)
+            | Resource::DestinationRule(_)
+            | Resource::VirtualService(_) => {}
             Resource::Mesh(m) => {
                 // One proxy enforces it for every mesh: the strictest setting wins.
                 policy = match (policy, m.outbound_traffic_policy) {
@@ -288,6 +297,24 @@ fn resolve_located(located: &[&Located], out: &mut Vec<Diagnostic>) -> Registry 
         if let (true, Some(service)) = (valid, service) {
             add(&mut registry, "ExternalService", doc, service, &mut d);
         }
+        out.extend(d.into_vec());
+    }
+    let credentials = |mesh: &str, name: &str| {
+        match secrets.find(mesh, name, "DestinationRule") {
+            Ok(found) => Ok(found.copied()),
+            // Istio looks in the rule's namespace, which a Kubernetes Secret records.
+            Err(message) => secrets
+                .by_key
+                .iter()
+                .find(|(k, _)| k.name == name)
+                .and_then(|(_, s)| s.filter(|s| s.meta.namespace.as_deref() == Some(mesh)))
+                .map(Some)
+                .ok_or(message),
+        }
+    };
+    for (doc, service) in istio::translate::services(&istio, &credentials, out) {
+        let mut d = Diagnostics::for_doc(doc.clone());
+        add(&mut registry, "ServiceEntry", &doc, service, &mut d);
         out.extend(d.into_vec());
     }
 
@@ -413,7 +440,7 @@ fn resolve_material(
             Ok(Some(secret)) => (format!("secret {name}"), secret.data.clone()),
         },
     };
-    Some(Material { origin, pem })
+    Some(Material::inline(origin, pem))
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Resources as read from documents, before references between them are resolved.
 
 use crate::diag::DocRef;
+use crate::istio::{DestinationRuleResource, ServiceEntryResource, VirtualServiceResource};
 use crate::kuma::{DataplaneResource, ExternalServiceResource, MeshExternalServiceResource};
 use crate::model::{OutboundTrafficPolicy, ResourceKey};
 
@@ -20,6 +21,9 @@ pub const KINDS: &[&str] = &[
     "Mesh",
     "IstioOperator",
     "ConfigMap",
+    "ServiceEntry",
+    "DestinationRule",
+    "VirtualService",
 ];
 
 #[derive(Debug, Clone)]
@@ -29,6 +33,9 @@ pub enum Resource {
     Dataplane(DataplaneResource),
     Secret(SecretResource),
     Mesh(MeshResource),
+    ServiceEntry(Box<ServiceEntryResource>),
+    DestinationRule(Box<DestinationRuleResource>),
+    VirtualService(Box<VirtualServiceResource>),
 }
 
 /// Mesh-wide settings: a Kuma Mesh, an IstioOperator or the istio mesh ConfigMap.
@@ -48,6 +55,9 @@ impl Resource {
             Resource::Dataplane(_) => "Dataplane",
             Resource::Secret(_) => "Secret",
             Resource::Mesh(m) => m.kind,
+            Resource::ServiceEntry(_) => "ServiceEntry",
+            Resource::DestinationRule(_) => "DestinationRule",
+            Resource::VirtualService(_) => "VirtualService",
         }
     }
 
@@ -58,6 +68,9 @@ impl Resource {
             Resource::Dataplane(r) => &r.meta,
             Resource::Secret(r) => &r.meta,
             Resource::Mesh(r) => &r.meta,
+            Resource::ServiceEntry(r) => &r.meta,
+            Resource::DestinationRule(r) => &r.meta,
+            Resource::VirtualService(r) => &r.meta,
         }
     }
 }
@@ -99,7 +112,10 @@ impl Pem {
 #[derive(Clone)]
 pub struct SecretResource {
     pub meta: Meta,
+    /// The one value of a Kuma Secret; empty for a Kubernetes Secret of named entries.
     pub data: Vec<u8>,
+    /// A Kubernetes Secret's entries (`tls.crt`, `tls.key`, `ca.crt`, ...), decoded.
+    pub entries: Vec<(String, Vec<u8>)>,
     /// Read once with the Secret, not at each reference to it: whether `data` holds
     /// certificates, and whether it holds a private key.
     pub certificates: bool,
@@ -113,7 +129,23 @@ impl SecretResource {
             private_key: Pem::PrivateKey.found_in(&data),
             meta,
             data,
+            entries: Vec::new(),
         }
+    }
+
+    pub fn with_entries(mut self, entries: Vec<(String, Vec<u8>)>) -> Self {
+        self.entries = entries;
+        self
+    }
+
+    /// The first of `keys` this Secret has an entry for, with its bytes.
+    pub fn entry<'a>(&'a self, keys: &[&'a str]) -> Option<(&'a str, &'a [u8])> {
+        keys.iter().find_map(|k| {
+            self.entries
+                .iter()
+                .find(|(name, _)| name == k)
+                .map(|(name, bytes)| (name.as_str(), bytes.as_slice()))
+        })
     }
 
     pub fn holds(&self, pem: Pem) -> bool {
@@ -131,6 +163,14 @@ impl std::fmt::Debug for SecretResource {
             .field(
                 "data",
                 &format_args!("<{} bytes redacted>", self.data.len()),
+            )
+            .field(
+                "entries",
+                &self
+                    .entries
+                    .iter()
+                    .map(|(k, v)| format!("{k}: <{} bytes redacted>", v.len()))
+                    .collect::<Vec<_>>(),
             )
             .finish()
     }

@@ -237,6 +237,9 @@ pub struct Material {
     pub origin: String,
     #[prost(bytes = "vec", tag = "2")]
     pub pem: Vec<u8>,
+    /// A file on the proxy's host to read instead; empty for none.
+    #[prost(string, tag = "3")]
+    pub file: String,
 }
 
 impl std::fmt::Debug for Material {
@@ -328,6 +331,11 @@ fn tls(t: &TlsOrigination) -> Tls {
     let material = |m: &ModelMaterial| Material {
         origin: m.origin.clone(),
         pem: m.pem.clone(),
+        file: m
+            .file
+            .as_ref()
+            .map(|f| f.display().to_string())
+            .unwrap_or_default(),
     };
     Tls {
         min_version: version(t.min_version),
@@ -483,6 +491,7 @@ fn read_tls(t: &Tls) -> Result<TlsOrigination, String> {
     let material = |m: &Material| ModelMaterial {
         origin: m.origin.clone(),
         pem: m.pem.clone(),
+        file: (!m.file.is_empty()).then(|| m.file.clone().into()),
     };
     let client_cert = match (&t.client_cert, &t.client_key) {
         (Some(cert), Some(key)) => Some(ClientIdentity {
@@ -628,6 +637,7 @@ networking:
         let m = Material {
             origin: "secret:key".into(),
             pem: b"-----BEGIN PRIVATE KEY-----".to_vec(),
+            file: String::new(),
         };
         assert_eq!(format!("{m:?}"), "Material(secret:key, 27 bytes redacted)");
     }

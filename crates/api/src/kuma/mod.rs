@@ -35,7 +35,8 @@ pub const KINDS: &[&str] = &[
 
 /// Every kind a document may be, for messages about kinds.
 fn supported_kinds() -> String {
-    KINDS.join(", ") + ", IstioOperator and the istio mesh ConfigMap"
+    KINDS.join(", ")
+        + ", Istio's ServiceEntry, DestinationRule, VirtualService, IstioOperator and the istio mesh ConfigMap"
 }
 
 /// Reads one document, reporting every problem in `d`.
@@ -168,7 +169,9 @@ pub fn parse(root: &At<'_>, d: &mut Diagnostics) -> Option<Resource> {
         }
         _ => {
             let data = secret(&mut top, form, d).unwrap_or_default();
-            meta.map(|meta| Resource::Secret(SecretResource::new(meta, data)))
+            meta.map(|meta| {
+                Resource::Secret(SecretResource::new(meta, data.value).with_entries(data.entries))
+            })
         }
     };
     top.finish(d);
@@ -288,21 +291,58 @@ fn invalid_name(n: &str) -> String {
     format!("{n:?} is not a valid name: use letters, digits, '-', '_' and '.', starting and ending with a letter or digit")
 }
 
-/// `data` holds base64 (as Kuma writes it) or PEM text; k8s-style `data: {value: ...}` too.
-fn secret(top: &mut Obj<'_>, form: Form, d: &mut Diagnostics) -> Option<Vec<u8>> {
+/// What a Secret holds: one value (`data` as Kuma writes it, or `data: {value: ...}`), or the
+/// named entries of a Kubernetes Secret (`data: {tls.crt: ..., tls.key: ...}`), as Istio's
+/// `credentialName` reads them.
+#[derive(Default)]
+struct SecretData {
+    value: Vec<u8>,
+    entries: Vec<(String, Vec<u8>)>,
+}
+
+fn secret(top: &mut Obj<'_>, form: Form, d: &mut Diagnostics) -> Option<SecretData> {
     if form == Form::Metadata {
         if let Some(t) = top.get("type") {
             if let Some(v) = t.text(d) {
-                if v != "system.kuma.io/secret" && v != "Opaque" {
+                if !matches!(
+                    v,
+                    "system.kuma.io/secret"
+                        | "Opaque"
+                        | "kubernetes.io/tls"
+                        | "istio.io/key-and-cert"
+                ) {
                     d.error(
                         t.path(),
-                        format!("must be \"system.kuma.io/secret\" or \"Opaque\", found {v:?}"),
+                        format!("must be \"system.kuma.io/secret\", \"Opaque\" or \"kubernetes.io/tls\", found {v:?}"),
                     );
                 }
             }
         }
     }
     let data = top.required("data", d)?;
+    if let Some(map) = data.value.as_object().filter(|m| !m.contains_key("value")) {
+        if map.is_empty() {
+            d.error(data.path(), "must hold at least one key");
+            return None;
+        }
+        let mut entries = Vec::with_capacity(map.len());
+        for (key, value) in map {
+            let at = At {
+                value,
+                path: crate::node::child_path(data.path(), key),
+            };
+            let Some(text) = at.text(d) else { continue };
+            let invalid =
+                "is not valid base64: a Kubernetes Secret's data values are base64-encoded";
+            if let Some(bytes) = decode_base64(text, at.path(), invalid, d) {
+                entries.push((key.clone(), bytes));
+            }
+        }
+        return Some(SecretData {
+            value: Vec::new(),
+            entries,
+        });
+    }
     let (text, path) = if data.value.is_object() {
         let mut map = data.obj(d)?;
         let value = map.required("value", d);
@@ -312,7 +352,10 @@ fn secret(top: &mut Obj<'_>, form: Form, d: &mut Diagnostics) -> Option<Vec<u8>>
     } else {
         (data.text(d)?, data.path().to_string())
     };
-    decode_pem_or_base64(text, &path, d)
+    decode_pem_or_base64(text, &path, d).map(|value| SecretData {
+        value,
+        entries: Vec::new(),
+    })
 }
 
 /// A Secret's data: PEM text as it is, or base64 (of PEM) as Kuma stores it.

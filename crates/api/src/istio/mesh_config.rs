@@ -5,27 +5,17 @@
 use serde_json::Value;
 
 use crate::diag::Diagnostics;
-use crate::model::{OutboundTrafficPolicy, ResourceKey};
+use crate::model::OutboundTrafficPolicy;
 use crate::node::{At, Obj};
+use crate::resource::{MeshResource, Resource};
 
 const ISTIO_ONLY: &str = "configures Istio itself and has no effect in Sluice";
-use crate::resource::{MeshResource, Meta, Resource};
 
-/// Whether a document belongs to this module (by apiVersion and kind).
-pub fn claims(value: &Value) -> bool {
-    let api = value
-        .get("apiVersion")
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    let kind = value.get("kind").and_then(Value::as_str).unwrap_or("");
-    api.starts_with("install.istio.io/") || (api == "v1" && kind == "ConfigMap")
-}
+/// The namespace Istio's own settings live in.
+const ISTIO_NAMESPACE: &str = "istio-system";
 
-pub fn parse(root: &At<'_>, d: &mut Diagnostics) -> Option<Resource> {
-    let mut top = root.obj(d)?;
-    top.required("apiVersion", d);
-    let kind = top.required("kind", d).and_then(|k| k.text(d))?;
-    let meta = metadata(&mut top, d);
+pub fn parse(mut top: Obj<'_>, kind: &str, d: &mut Diagnostics) -> Option<Resource> {
+    let meta = super::metadata(&mut top, ISTIO_NAMESPACE, d);
     let policy = match kind {
         "IstioOperator" => {
             let policy = top.required("spec", d).and_then(|spec| {
@@ -71,26 +61,6 @@ pub fn parse(root: &At<'_>, d: &mut Diagnostics) -> Option<Resource> {
         },
         outbound_traffic_policy: policy,
     }))
-}
-
-fn metadata(top: &mut Obj<'_>, d: &mut Diagnostics) -> Option<Meta> {
-    let mut m = top.required("metadata", d)?.obj(d)?;
-    // Both become the resource's key, so both follow the rules for names.
-    let name = m.required("name", d).and_then(|n| crate::kuma::name(&n, d));
-    let namespace = m.get("namespace").and_then(|n| crate::kuma::name(&n, d));
-    let labels = m.get("labels").map(|l| l.string_map(d)).unwrap_or_default();
-    if let Some(a) = m.get("annotations") {
-        a.string_map(d);
-    }
-    m.finish(d);
-    Some(Meta {
-        key: ResourceKey {
-            mesh: namespace.clone().unwrap_or_else(|| "istio-system".into()),
-            name: name?,
-        },
-        namespace,
-        labels,
-    })
 }
 
 /// `outboundTrafficPolicy: {mode: ALLOW_ANY | REGISTRY_ONLY}`.
