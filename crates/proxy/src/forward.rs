@@ -23,6 +23,7 @@ use crate::access_log::{AccessLog, Entry};
 use crate::http::{BoxError, HttpUpstream, ProxyBody, RequestContext};
 use crate::metrics::{DecisionLabels, DestinationLabels, Metrics};
 use crate::policy::{self, Decision, Denied, Host, Mode, Opening, Table};
+use sluice_api::model::Protocol;
 
 /// Distinct passthrough destinations counted by name; later ones are counted as `other`, so a
 /// client cannot grow the metrics without bound.
@@ -35,8 +36,11 @@ const MAX_CLIENT_HELLO: usize = 16 * 1024;
 pub struct State {
     pub mode: Mode,
     pub table: Table,
-    /// Pools of services that originate TLS, by service label.
+    /// Pools of HTTP services, by service label.
     pub upstreams: std::collections::HashMap<Arc<str>, Arc<HttpUpstream>>,
+    /// How every service's endpoints are reached, by service label: tunnels to a service called
+    /// by its name go through it.
+    pub connectors: std::collections::HashMap<Arc<str>, Arc<crate::upstream::Connector>>,
 }
 
 /// Shared by every forward-proxy connection.
@@ -238,6 +242,12 @@ async fn checked_address(
     host: &Host,
     port: u16,
 ) -> Result<SocketAddr, Result<Denied, String>> {
+    if let Some(pinned) = match host {
+        Host::Name(name) => crate::pins::pinned(name, port),
+        Host::Ip(_) => None,
+    } {
+        return Ok(pinned);
+    }
     let ips: Vec<IpAddr> = match host {
         Host::Ip(ip) => vec![*ip],
         Host::Name(name) => {
@@ -305,14 +315,22 @@ async fn connect(
 ) -> Result<Response<ProxyBody>, Refusal> {
     let (host, port) = target_of(req.uri(), None).map_err(|e| Refusal::bad(&req, e))?;
     let decision = policy::decide(state.mode, &state.table, &host, port);
-    let (service, raw_tcp) = match &decision {
+    // Whether the app may send other than a TLS ClientHello, and whether the tunnel goes to
+    // the service's endpoints rather than to the host the app named.
+    let (service, raw_tcp, to_endpoints) = match &decision {
         Decision::Deny(d) => return Err(Refusal::denied(&req, d)),
         Decision::Registered(Opening::Endpoint {
             service, raw_tcp, ..
-        }) => (service.clone(), *raw_tcp),
+        }) => (service.clone(), *raw_tcp, false),
         // That port is opened for plain HTTP that the proxy sends on as HTTPS; a tunnel there
         // would reach a port of the host that no service opens.
-        Decision::Registered(Opening::Originate { service }) => {
+        Decision::Registered(Opening::Originate { service })
+        | Decision::Registered(Opening::Service {
+            service,
+            originates: true,
+            protocol: Protocol::Http | Protocol::Http2 | Protocol::Grpc,
+            ..
+        }) => {
             return Err(Refusal::denied(
                 &req,
                 &Denied::BadTarget(format!(
@@ -320,18 +338,45 @@ async fn connect(
                 )),
             ))
         }
-        Decision::Passthrough => (Arc::from("passthrough"), true),
+        Decision::Registered(Opening::Service {
+            service,
+            protocol,
+            endpoints,
+            ..
+        }) => (service.clone(), *protocol != Protocol::Tls, *endpoints),
+        Decision::Passthrough => (Arc::from("passthrough"), true, false),
     };
-    let addr = match checked_address(shared, state, &host, port).await {
-        Ok(a) => a,
-        Err(Ok(denied)) => return Err(Refusal::denied(&req, &denied)),
-        Err(Err(msg)) => {
-            return Err(Refusal::upstream(&req, StatusCode::BAD_GATEWAY, msg));
+    let (upstream, upstream_address): (Box<dyn crate::upstream::Io>, Arc<str>) = if to_endpoints {
+        let Some(connector) = state.connectors.get(&service) else {
+            return Err(Refusal::upstream(
+                &req,
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("external service {service} is not ready"),
+            ));
+        };
+        match connector.connect().await {
+            Ok(u) => (u.io, u.info.address),
+            Err(e) => {
+                return Err(Refusal::upstream(
+                    &req,
+                    crate::http::status_for(e.kind),
+                    e.message,
+                ))
+            }
         }
+    } else {
+        let addr = match checked_address(shared, state, &host, port).await {
+            Ok(a) => a,
+            Err(Ok(denied)) => return Err(Refusal::denied(&req, &denied)),
+            Err(Err(msg)) => {
+                return Err(Refusal::upstream(&req, StatusCode::BAD_GATEWAY, msg));
+            }
+        };
+        let stream = dial(shared, addr)
+            .await
+            .map_err(|(s, m)| Refusal::upstream(&req, s, m))?;
+        (Box::new(stream), Arc::from(addr.to_string()))
     };
-    let upstream = dial(shared, addr)
-        .await
-        .map_err(|(s, m)| Refusal::upstream(&req, s, m))?;
     let passthrough = matches!(decision, Decision::Passthrough);
     let shared = shared.clone();
     let authority = format!("{host}:{port}");
@@ -342,7 +387,7 @@ async fn connect(
         let mut entry = Entry::new("tunnel", shared.listener.clone(), peer, service);
         entry.method = Some(Method::CONNECT);
         entry.authority = Some(authority);
-        entry.upstream = Some(Arc::from(addr.to_string()));
+        entry.upstream = Some(upstream_address);
         let upgraded = match hyper::upgrade::on(req).await {
             Ok(u) => Some(u),
             Err(e) => {
@@ -653,12 +698,29 @@ async fn absolute(
     }
     match policy::decide(state.mode, &state.table, &host, port) {
         Decision::Deny(d) => Err(Refusal::denied(&req, &d)),
-        // Plain HTTP to a port the registry says speaks TLS is sent as HTTPS, never in clear.
+        Decision::Registered(Opening::Service {
+            service,
+            protocol: Protocol::Tls,
+            ..
+        }) => Err(Refusal::denied(
+            &req,
+            &Denied::BadTarget(format!(
+                "{host}:{port} is a TLS port of external service {service}: the app must speak TLS to it, through CONNECT (an https:// URL)"
+            )),
+        )),
+        // Plain HTTP to a port the registry says speaks TLS is sent as HTTPS, never in clear;
+        // an HTTP service called by its name goes to its endpoints through its pool.
         Decision::Registered(
             Opening::Originate { service }
             | Opening::Endpoint {
                 service,
                 originates: true,
+                ..
+            }
+            | Opening::Service {
+                service,
+                protocol: Protocol::Http | Protocol::Http2 | Protocol::Grpc,
+                endpoints: true,
                 ..
             },
         ) => {
@@ -685,24 +747,61 @@ async fn absolute(
                 Decision::Registered(o) => (o.service().clone(), "allowed"),
                 _ => (Arc::from("passthrough"), "passthrough"),
             };
-            let addr = match checked_address(shared, state, &host, port).await {
-                Ok(a) => a,
-                Err(Ok(d)) => return Err(Refusal::denied(&req, &d)),
-                Err(Err(m)) => return Err(Refusal::upstream(&req, StatusCode::BAD_GATEWAY, m)),
+            // A TCP service with endpoints carries the request to them; anything else goes to
+            // the host the app named, resolved and checked here.
+            let connector = match &decision {
+                Decision::Registered(Opening::Service {
+                    endpoints: true, ..
+                }) => match state.connectors.get(&service) {
+                    Some(c) => Some(c.clone()),
+                    None => {
+                        return Err(Refusal::upstream(
+                            &req,
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("external service {service} is not ready"),
+                        ))
+                    }
+                },
+                _ => None,
             };
-            count(shared, label, "http");
-            if matches!(decision, Decision::Passthrough) {
-                count_passthrough(shared, &host, port);
-            }
-            let stream = dial(shared, addr)
-                .await
-                .map_err(|(s, m)| Refusal::upstream(&req, s, m))?;
+            let (stream, address): (Box<dyn crate::upstream::Io>, Arc<str>) = match connector {
+                Some(connector) => {
+                    count(shared, label, "http");
+                    match connector.connect().await {
+                        Ok(u) => (u.io, u.info.address),
+                        Err(e) => {
+                            return Err(Refusal::upstream(
+                                &req,
+                                crate::http::status_for(e.kind),
+                                e.message,
+                            ))
+                        }
+                    }
+                }
+                None => {
+                    let addr = match checked_address(shared, state, &host, port).await {
+                        Ok(a) => a,
+                        Err(Ok(d)) => return Err(Refusal::denied(&req, &d)),
+                        Err(Err(m)) => {
+                            return Err(Refusal::upstream(&req, StatusCode::BAD_GATEWAY, m))
+                        }
+                    };
+                    count(shared, label, "http");
+                    if matches!(decision, Decision::Passthrough) {
+                        count_passthrough(shared, &host, port);
+                    }
+                    let stream = dial(shared, addr)
+                        .await
+                        .map_err(|(s, m)| Refusal::upstream(&req, s, m))?;
+                    (Box::new(stream), Arc::from(addr.to_string()))
+                }
+            };
             let started = Instant::now();
             let mut entry = Entry::new("forward", shared.listener.clone(), peer, service);
             entry.method = Some(req.method().clone());
             entry.authority = Some(format!("{host}:{port}"));
             entry.path = req.uri().path_and_query().map(|p| p.to_string());
-            entry.upstream = Some(Arc::from(addr.to_string()));
+            entry.upstream = Some(address);
             // Origin-form to the server, as a direct client would send.
             let path = req
                 .uri()
@@ -754,7 +853,7 @@ async fn absolute(
 
 /// One request on a fresh connection to the address that was checked.
 async fn send_once(
-    stream: TcpStream,
+    stream: Box<dyn crate::upstream::Io>,
     req: Request<Incoming>,
 ) -> Result<Response<Incoming>, String> {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))

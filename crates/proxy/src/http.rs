@@ -50,6 +50,8 @@ impl Default for HttpTimeouts {
 /// The pooled client for one external service and how requests to it are rewritten.
 pub struct HttpUpstream {
     client: Client<HttpConnector, CountedBody>,
+    /// The one the pool opens connections with; tunnels to the service use it too.
+    pub connector: Arc<Connector>,
     scheme: Scheme,
     /// What Host and `:authority` become; `None` keeps the app's (unix socket without serverName).
     authority: Option<Authority>,
@@ -130,7 +132,8 @@ impl HttpUpstream {
             all: metrics,
         });
         Self {
-            client: builder.build(HttpConnector(connector)),
+            client: builder.build(HttpConnector(connector.clone())),
+            connector,
             scheme: if tls { Scheme::HTTPS } else { Scheme::HTTP },
             host: authority
                 .as_ref()
@@ -143,11 +146,15 @@ impl HttpUpstream {
 }
 
 /// `serverName` when set, else the first endpoint's host; the port is shown unless it is the
-/// scheme's default.
+/// scheme's default. A service the app calls by one of its `hosts` keeps the app's Host, as
+/// Istio and Gloo do.
 fn rewritten_authority(
     service: &sluice_api::model::ExternalService,
     tls: bool,
 ) -> Option<Authority> {
+    if !service.hosts.is_empty() || !service.addresses.is_empty() {
+        return None;
+    }
     let server_name = service.tls.as_ref().and_then(|t| t.server_name.clone());
     let first = service.endpoints.first()?;
     let (host, port) = match first {
@@ -333,17 +340,21 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// What the app sees when no upstream connection could be made.
+pub fn status_for(kind: FailureKind) -> StatusCode {
+    match kind {
+        FailureKind::Unreachable => StatusCode::SERVICE_UNAVAILABLE,
+        FailureKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        FailureKind::Tls => StatusCode::BAD_GATEWAY,
+    }
+}
+
 /// Maps a client error to the status the app sees and a one-line reason.
 fn classify(e: &hyper_util::client::legacy::Error) -> (StatusCode, String) {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
         if let Some(c) = err.downcast_ref::<ConnectError>() {
-            let status = match c.kind {
-                FailureKind::Unreachable => StatusCode::SERVICE_UNAVAILABLE,
-                FailureKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
-                FailureKind::Tls => StatusCode::BAD_GATEWAY,
-            };
-            return (status, c.message.clone());
+            return (status_for(c.kind), c.message.clone());
         }
         source = err.source();
     }

@@ -8,6 +8,7 @@ mod forward;
 mod guard;
 pub mod http;
 pub mod metrics;
+mod pins;
 pub mod policy;
 pub mod runtime;
 pub mod subscribe;

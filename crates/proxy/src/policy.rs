@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use sluice_api::model::{Endpoint, ExternalService, Protocol};
+use sluice_api::model::{Cidr, Endpoint, ExternalService, Protocol};
 use sluice_api::names::is_dns_name;
 use sluice_control::{service_label, ProxyConfig};
 
@@ -68,12 +68,24 @@ pub enum Opening {
     /// The service's own port with TLS origination: plain HTTP from the app, HTTPS to the
     /// service's endpoints through its pool.
     Originate { service: Arc<str> },
+    /// A service called by one of its names or addresses (Istio's and Gloo's `hosts` and
+    /// `addresses`): traffic goes to its endpoints through its pool or connector, or, when it
+    /// has none (resolution NONE), to the host the app named, resolved and checked here.
+    Service {
+        service: Arc<str>,
+        protocol: Protocol,
+        /// The proxy originates TLS to the endpoints.
+        originates: bool,
+        endpoints: bool,
+    },
 }
 
 impl Opening {
     pub fn service(&self) -> &Arc<str> {
         match self {
-            Opening::Endpoint { service, .. } | Opening::Originate { service } => service,
+            Opening::Endpoint { service, .. }
+            | Opening::Originate { service }
+            | Opening::Service { service, .. } => service,
         }
     }
 }
@@ -104,7 +116,7 @@ impl std::fmt::Display for Denied {
         match self {
             Denied::NotRegistered { host, port } => write!(
                 f,
-                "{host}:{port} is not a registered external service and the outbound traffic policy is restricted; register it with a MeshExternalService whose endpoints include {host}:{port}"
+                "{host}:{port} is not a registered external service and the outbound traffic policy is restricted; register it with a MeshExternalService whose endpoints include {host}:{port}, or a ServiceEntry with that host and port"
             ),
             Denied::Address { ip, class } => write!(
                 f,
@@ -122,6 +134,10 @@ impl std::fmt::Display for Denied {
 pub struct Table {
     names: HashMap<(String, u16), Opening>,
     ips: HashMap<(IpAddr, u16), Opening>,
+    /// `*.suffix` hosts by port: (`.suffix`, opening), longest suffix first.
+    wildcards: HashMap<u16, Vec<(String, Opening)>>,
+    /// Address ranges by port, narrowest first.
+    ranges: HashMap<u16, Vec<(Cidr, Opening)>>,
     /// Addresses the proxy listens on: never a destination.
     own: HashSet<SocketAddr>,
 }
@@ -132,10 +148,61 @@ impl Table {
             own: own.into_iter().collect(),
             ..Table::default()
         };
+        // A service's own names come first: an endpoint of one service is not a way around the
+        // names of another.
         for service in config.services.values() {
-            table.add(service);
+            table.add_names(service);
+        }
+        for service in config.services.values() {
+            if service.hosts.is_empty() && service.addresses.is_empty() {
+                table.add(service);
+            }
+        }
+        for list in table.wildcards.values_mut() {
+            list.sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
+        }
+        for list in table.ranges.values_mut() {
+            list.sort_by_key(|(cidr, _)| std::cmp::Reverse(cidr.prefix));
         }
         table
+    }
+
+    /// Opens a service's `hosts` and `addresses` at its port.
+    fn add_names(&mut self, service: &ExternalService) {
+        let opening = || Opening::Service {
+            service: Arc::from(service_label(&service.key)),
+            protocol: service.protocol,
+            originates: service.tls.is_some(),
+            endpoints: !service.endpoints.is_empty(),
+        };
+        let port = service.port;
+        for host in &service.hosts {
+            match host.strip_prefix('*') {
+                Some(suffix) => {
+                    let list = self.wildcards.entry(port).or_default();
+                    if !list.iter().any(|(s, _)| s == suffix) {
+                        list.push((suffix.to_string(), opening()));
+                    }
+                }
+                None => {
+                    self.names
+                        .entry((host.clone(), port))
+                        .or_insert_with(opening);
+                }
+            }
+        }
+        for cidr in &service.addresses {
+            if cidr.is_single() {
+                self.ips
+                    .entry((canonical(cidr.ip), port))
+                    .or_insert_with(opening);
+            } else {
+                self.ranges
+                    .entry(port)
+                    .or_default()
+                    .push((*cidr, opening()));
+            }
+        }
     }
 
     fn add(&mut self, service: &ExternalService) {
@@ -191,9 +258,25 @@ impl Table {
     /// The registry's answer for a destination, before any address is known.
     pub fn lookup(&self, host: &Host, port: u16) -> Option<&Opening> {
         match host {
-            Host::Name(n) => self.names.get(&(n.clone(), port)),
-            Host::Ip(ip) => self.ips.get(&(canonical(*ip), port)),
+            Host::Name(n) => self.names.get(&(n.clone(), port)).or_else(|| {
+                self.wildcards.get(&port)?.iter().find_map(|(suffix, o)| {
+                    (n.len() > suffix.len() && n.ends_with(suffix.as_str())).then_some(o)
+                })
+            }),
+            Host::Ip(ip) => {
+                let ip = canonical(*ip);
+                self.ips
+                    .get(&(ip, port))
+                    .or_else(|| self.in_range(ip, port))
+            }
         }
+    }
+
+    fn in_range(&self, ip: IpAddr, port: u16) -> Option<&Opening> {
+        self.ranges
+            .get(&port)?
+            .iter()
+            .find_map(|(cidr, o)| cidr.contains(ip).then_some(o))
     }
 
     /// Whether the proxy listens on every address for this port (0.0.0.0 or [::]): then any local
@@ -212,7 +295,9 @@ impl Table {
             return Err(Denied::Proxy { addr });
         }
         if let Some(class) = guard::refused(addr.ip()) {
-            if !self.ips.contains_key(&(ip, addr.port())) {
+            if !self.ips.contains_key(&(ip, addr.port()))
+                && self.in_range(ip, addr.port()).is_none()
+            {
                 return Err(Denied::Address {
                     ip: addr.ip(),
                     class,

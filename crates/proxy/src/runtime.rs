@@ -223,6 +223,7 @@ impl Proxy {
                 mode: settings_mode,
                 table: Table::default(),
                 upstreams: HashMap::new(),
+                connectors: HashMap::new(),
             })),
         })
     }
@@ -325,18 +326,24 @@ impl Proxy {
             .keys()
             .copied()
             .chain(state.own.iter().copied());
-        let upstreams = state
-            .upstreams
-            .iter()
-            .filter_map(|(label, (_, u))| match &**u {
-                Upstream::Http(h) => Some((Arc::from(label.as_str()), h.clone())),
-                Upstream::Tcp(_) => None,
-            })
-            .collect();
+        let mut upstreams = HashMap::new();
+        let mut connectors = HashMap::new();
+        for (label, (_, u)) in &state.upstreams {
+            let label: Arc<str> = Arc::from(label.as_str());
+            let connector = match &**u {
+                Upstream::Http(h) => {
+                    upstreams.insert(label.clone(), h.clone());
+                    h.connector.clone()
+                }
+                Upstream::Tcp(t) => t.connector.clone(),
+            };
+            connectors.insert(label, connector);
+        }
         self.forward.send_replace(Arc::new(forward::State {
             mode: state.mode,
             table: Table::new(config, own),
             upstreams,
+            connectors,
         }));
     }
 

@@ -1,6 +1,7 @@
 //! TLS origination: one rustls client configuration per external service, with the four Kuma
 //! verification modes and `subjectAltNames` narrowing on top of the chain check.
 
+use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -12,7 +13,7 @@ use rustls::server::ParsedCertificate;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
-use sluice_api::model::{SanMatch, TlsOrigination, TlsVersion, VerificationMode};
+use sluice_api::model::{Material, SanMatch, TlsOrigination, TlsVersion, VerificationMode};
 use x509_parser::extensions::GeneralName;
 
 /// A TLS setting that cannot be turned into a working client configuration.
@@ -28,6 +29,32 @@ pub enum TlsSetupError {
     NoSystemRoots,
     #[error("TLS setup: {0}")]
     Other(String),
+    #[error("{origin}: {reason}")]
+    File { origin: String, reason: String },
+}
+
+/// PEM files on the proxy's host are no larger than this.
+const MAX_PEM_FILE: u64 = 1024 * 1024;
+
+/// The bytes of `m`: inline, or read from its file now (when the service is applied).
+fn pem_of(m: &Material) -> Result<Cow<'_, [u8]>, TlsSetupError> {
+    let Some(path) = &m.file else {
+        return Ok(Cow::Borrowed(&m.pem));
+    };
+    let failed = |reason: String| TlsSetupError::File {
+        origin: m.origin.clone(),
+        reason,
+    };
+    let file = std::fs::File::open(path).map_err(|e| failed(format!("cannot be read: {e}")))?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_PEM_FILE + 1), &mut bytes)
+        .map_err(|e| failed(format!("cannot be read: {e}")))?;
+    if bytes.len() as u64 > MAX_PEM_FILE {
+        return Err(failed(format!(
+            "is larger than {MAX_PEM_FILE} bytes, too large for PEM certificates or a key"
+        )));
+    }
+    Ok(Cow::Owned(bytes))
 }
 
 pub fn provider() -> Arc<CryptoProvider> {
@@ -63,7 +90,8 @@ pub fn client_config(
     let roots = match &tls.ca_cert {
         Some(ca) => {
             let mut store = RootCertStore::empty();
-            let certs = CertificateDer::pem_slice_iter(&ca.pem)
+            let pem = pem_of(ca)?;
+            let certs = CertificateDer::pem_slice_iter(&pem)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| TlsSetupError::Ca {
                     origin: ca.origin.clone(),
@@ -107,11 +135,21 @@ pub fn client_config(
     let mut config = match &tls.client_cert {
         None => builder.with_no_client_auth(),
         Some(identity) => {
-            let certs = CertificateDer::pem_slice_iter(&identity.cert.pem)
+            let (cert, key) = (pem_of(&identity.cert)?, pem_of(&identity.key)?);
+            let certs = CertificateDer::pem_slice_iter(&cert)
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| TlsSetupError::ClientIdentity(format!("clientCert: {e}")))?;
-            let key = PrivateKeyDer::from_pem_slice(&identity.key.pem)
-                .map_err(|e| TlsSetupError::ClientIdentity(format!("clientKey: {e}")))?;
+                .map_err(|e| {
+                    TlsSetupError::ClientIdentity(format!("{}: {e}", identity.cert.origin))
+                })?;
+            if certs.is_empty() {
+                return Err(TlsSetupError::ClientIdentity(format!(
+                    "{}: no PEM certificate in it",
+                    identity.cert.origin
+                )));
+            }
+            let key = PrivateKeyDer::from_pem_slice(&key).map_err(|e| {
+                TlsSetupError::ClientIdentity(format!("{}: {e}", identity.key.origin))
+            })?;
             builder
                 .with_client_auth_cert(certs, key)
                 .map_err(|e| TlsSetupError::ClientIdentity(e.to_string()))?

@@ -1,13 +1,16 @@
-//! Reaching an external service: endpoint choice (round robin, next endpoint on connect failure),
-//! DNS resolution within TTL bounds, TCP or unix socket, then TLS origination when configured.
+//! Reaching an external service: endpoint choice (round robin, random or least request; the next
+//! endpoints in turn on a connect failure), DNS resolution within TTL bounds, TCP or unix socket,
+//! then TLS origination when configured.
 
+use std::collections::hash_map::RandomState;
 use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use hickory_resolver::TokioResolver;
 use hyper_util::client::legacy::connect::{Connected, Connection};
@@ -15,10 +18,11 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
-use sluice_api::model::{Endpoint, ExternalService};
+use sluice_api::model::{Endpoint, ExternalService, LoadBalancer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::TlsConnector;
+use tokio_util::either::Either;
 
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::tls::{self, TlsSetupError};
@@ -26,6 +30,9 @@ use crate::tls::{self, TlsSetupError};
 /// A byte stream to an endpoint, plain or TLS, over TCP or a unix socket.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// A connected socket, before TLS; boxed once, when the connection is handed out.
+type Socket = Either<TcpStream, UnixStream>;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -77,6 +84,8 @@ struct Target {
     endpoint: Endpoint,
     /// SNI and name to verify: `serverName` when set, else the endpoint's own host.
     server_name: Option<ServerName<'static>>,
+    /// Connections to this endpoint handed out and not yet dropped (counted for least request).
+    open: Arc<AtomicUsize>,
 }
 
 /// Connection logic for one external service; shared by every listener that routes to it.
@@ -87,7 +96,10 @@ pub struct Connector {
     pub log_label: Arc<str>,
     targets: Vec<Target>,
     tls: Option<TlsConnector>,
+    /// Round robin's turn.
     next: AtomicUsize,
+    /// splitmix64 state, for random and least request picks.
+    rng: AtomicU64,
     resolver: Arc<TokioResolver>,
     timeouts: Timeouts,
     metrics: Arc<Metrics>,
@@ -126,6 +138,7 @@ impl Connector {
                         })?),
                         None => None,
                     },
+                    open: Arc::default(),
                 })
             })
             .collect::<Result<Vec<_>, TlsSetupError>>()?;
@@ -140,6 +153,7 @@ impl Connector {
             label,
             targets,
             next: AtomicUsize::new(0),
+            rng: AtomicU64::new(seed()),
             resolver,
             timeouts,
             metrics,
@@ -147,7 +161,8 @@ impl Connector {
         })
     }
 
-    /// Opens a connection to the next endpoint in turn; on a connect failure tries the others.
+    /// Opens a connection to the endpoint the service's load balancer picks; on a connect failure
+    /// tries the others in turn.
     pub async fn connect(&self) -> Result<Upstream, ConnectError> {
         let n = self.targets.len();
         if n == 0 {
@@ -156,7 +171,7 @@ impl Connector {
                 message: format!("external service {} has no endpoints", self.label),
             });
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let start = self.first(n);
         let mut failures = Vec::new();
         let mut timed_out = false;
         for i in 0..n {
@@ -190,20 +205,63 @@ impl Connector {
         })
     }
 
+    /// The endpoint to try first, of `n` (at least one).
+    fn first(&self, n: usize) -> usize {
+        match self.service.load_balancer {
+            LoadBalancer::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % n,
+            LoadBalancer::Random => below((self.random() >> 32) as u32, n),
+            LoadBalancer::LeastRequest if n == 1 => 0,
+            // Power of two choices: the less loaded of two endpoints, the first on a tie.
+            LoadBalancer::LeastRequest => {
+                let (a, b) = two_distinct(self.random(), n);
+                let open = |i: usize| self.targets[i].open.load(Ordering::Relaxed);
+                if open(b) < open(a) {
+                    b
+                } else {
+                    a
+                }
+            }
+        }
+    }
+
+    /// splitmix64 over a shared state: one atomic add, no lock.
+    fn random(&self) -> u64 {
+        const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut z = self
+            .rng
+            .fetch_add(GAMMA, Ordering::Relaxed)
+            .wrapping_add(GAMMA);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Open connections per endpoint, in endpoint order (counted under least request only).
+    #[cfg(test)]
+    fn open_counts(&self) -> Vec<usize> {
+        self.targets
+            .iter()
+            .map(|t| t.open.load(Ordering::Relaxed))
+            .collect()
+    }
+
     /// TCP or unix connection to one endpoint; the error says which address failed and how.
-    async fn open(&self, endpoint: &Endpoint) -> Result<(Box<dyn Io>, String), (String, bool)> {
+    async fn open(&self, endpoint: &Endpoint) -> Result<(Socket, String), (String, bool)> {
         let addrs: Vec<SocketAddr> = match endpoint {
             Endpoint::Unix { path } => {
                 let shown = format!("unix://{}", path.display());
                 return match tokio::time::timeout(self.timeouts.connect, UnixStream::connect(path))
                     .await
                 {
-                    Ok(Ok(s)) => Ok((Box::new(s), shown)),
+                    Ok(Ok(s)) => Ok((Either::Right(s), shown)),
                     Ok(Err(e)) => Err((format!("{shown}: {e}"), false)),
                     Err(_) => Err((format!("{shown}: connect timed out"), true)),
                 };
             }
             Endpoint::Ip { ip, port } => vec![SocketAddr::new(*ip, *port)],
+            Endpoint::Dns { host, port } if crate::pins::pinned(host, *port).is_some() => {
+                crate::pins::pinned(host, *port).into_iter().collect()
+            }
             Endpoint::Dns { host, port } => match self.resolve(host).await {
                 Ok(ips) => ips
                     .into_iter()
@@ -217,7 +275,7 @@ impl Connector {
             match tokio::time::timeout(self.timeouts.connect, TcpStream::connect(addr)).await {
                 Ok(Ok(s)) => {
                     let _ = s.set_nodelay(true);
-                    return Ok((Box::new(s), addr.to_string()));
+                    return Ok((Either::Left(s), addr.to_string()));
                 }
                 Ok(Err(e)) => last = (format!("{addr}: {e}"), false),
                 Err(_) => {
@@ -254,19 +312,16 @@ impl Connector {
     async fn handshake(
         &self,
         target: &Target,
-        io: Box<dyn Io>,
+        io: Socket,
         address: String,
     ) -> Result<Upstream, ConnectError> {
         let Some(tls) = &self.tls else {
-            self.opened.inc();
-            return Ok(Upstream {
-                io,
-                info: ConnInfo {
-                    address: Arc::from(address),
-                    tls_version: None,
-                    h2: false,
-                },
-            });
+            let info = ConnInfo {
+                address: Arc::from(address),
+                tls_version: None,
+                h2: false,
+            };
+            return Ok(self.hand_out(target, io, info));
         };
         let Some(server_name) = target.server_name.clone() else {
             return Err(ConnectError {
@@ -314,11 +369,18 @@ impl Connector {
             }),
             h2: conn.alpn_protocol() == Some(b"h2"),
         };
+        Ok(self.hand_out(target, stream, info))
+    }
+
+    /// Boxes a connection for its user; under least request it counts as open to its endpoint
+    /// until dropped.
+    fn hand_out<T: Io>(&self, target: &Target, io: T, info: ConnInfo) -> Upstream {
         self.opened.inc();
-        Ok(Upstream {
-            io: Box::new(stream),
-            info,
-        })
+        let io: Box<dyn Io> = match self.service.load_balancer {
+            LoadBalancer::LeastRequest => Box::new(Counted::new(io, &target.open)),
+            LoadBalancer::RoundRobin | LoadBalancer::Random => Box::new(io),
+        };
+        Upstream { io, info }
     }
 
     fn tls_failed(&self, reason: &'static str) {
@@ -329,6 +391,90 @@ impl Connector {
                 reason,
             })
             .inc();
+    }
+}
+
+/// A seed for a connector's picks: std's per-process random hash keys (distinct for every
+/// `RandomState`) over the time.
+fn seed() -> u64 {
+    let mut hasher = RandomState::new().build_hasher();
+    if let Ok(since) = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
+        hasher.write_u128(since.as_nanos());
+    }
+    hasher.finish()
+}
+
+/// `x` scaled to `0..n`: the high half of `x * n`, with a bias below `n / 2^32`.
+fn below(x: u32, n: usize) -> usize {
+    ((u64::from(x) * n as u64) >> 32) as usize
+}
+
+/// Two different indexes in `0..n`, `n` at least 2, from one random draw.
+fn two_distinct(x: u64, n: usize) -> (usize, usize) {
+    let a = below(x as u32, n);
+    let b = below((x >> 32) as u32, n - 1);
+    (a, if b >= a { b + 1 } else { b })
+}
+
+/// A connection counted in its endpoint's open connections while it lives.
+struct Counted<T> {
+    inner: T,
+    open: Arc<AtomicUsize>,
+}
+
+impl<T> Counted<T> {
+    fn new(inner: T, open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        Self {
+            inner,
+            open: open.clone(),
+        }
+    }
+}
+
+impl<T> Drop for Counted<T> {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 }
 
@@ -411,5 +557,318 @@ impl hyper::rt::Write for PooledIo {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_resolver::config::ResolverConfig;
+    use hickory_resolver::net::runtime::TokioRuntimeProvider;
+    use sluice_api::model::{Protocol, ResourceKey};
+    use tokio::net::{TcpListener, TcpSocket};
+    use tokio::sync::watch;
+
+    /// The bound on every wait.
+    const WAIT: Duration = Duration::from_secs(10);
+    const LABEL: &str = "default/s";
+
+    /// Loopback endpoints: listeners that accept and keep every connection, counting accepts per
+    /// endpoint, and refusing ones (a bound socket that does not listen, so its port stays taken).
+    struct Endpoints {
+        addrs: Vec<SocketAddr>,
+        accepted: watch::Receiver<Vec<usize>>,
+        _refusing: Vec<TcpSocket>,
+    }
+
+    impl Endpoints {
+        async fn start(live: &[bool]) -> Self {
+            let (tx, accepted) = watch::channel(vec![0; live.len()]);
+            let tx = Arc::new(tx);
+            let mut addrs = Vec::new();
+            let mut refusing = Vec::new();
+            for (i, &live) in live.iter().enumerate() {
+                if live {
+                    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                    addrs.push(listener.local_addr().unwrap());
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let mut kept = Vec::new();
+                        while let Ok((stream, _)) = listener.accept().await {
+                            kept.push(stream);
+                            tx.send_modify(|a| a[i] += 1);
+                        }
+                    });
+                } else {
+                    let socket = TcpSocket::new_v4().unwrap();
+                    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+                    addrs.push(socket.local_addr().unwrap());
+                    refusing.push(socket);
+                }
+            }
+            Self {
+                addrs,
+                accepted,
+                _refusing: refusing,
+            }
+        }
+
+        fn connector(&self, load_balancer: LoadBalancer) -> Connector {
+            let service = ExternalService {
+                key: ResourceKey {
+                    mesh: "default".into(),
+                    name: "s".into(),
+                },
+                port: 80,
+                protocol: Protocol::Tcp,
+                endpoints: self
+                    .addrs
+                    .iter()
+                    .map(|a| Endpoint::Ip {
+                        ip: a.ip(),
+                        port: a.port(),
+                    })
+                    .collect(),
+                tls: None,
+                hosts: vec![],
+                addresses: vec![],
+                load_balancer,
+            };
+            let resolver = TokioResolver::builder_with_config(
+                ResolverConfig::from_parts(None, Vec::new(), Vec::new()),
+                TokioRuntimeProvider::default(),
+            )
+            .build()
+            .unwrap();
+            Connector::new(
+                Arc::new(service),
+                LABEL.into(),
+                &[],
+                Arc::new(resolver),
+                Timeouts {
+                    connect: WAIT,
+                    handshake: WAIT,
+                },
+                Arc::new(Metrics::default()),
+            )
+            .unwrap()
+        }
+
+        /// Accepts per endpoint, once `total` connections have been accepted in all.
+        async fn accepted(&mut self, total: usize) -> Vec<usize> {
+            let counts = tokio::time::timeout(
+                WAIT,
+                self.accepted.wait_for(|a| a.iter().sum::<usize>() >= total),
+            )
+            .await
+            .expect("accepted in time")
+            .expect("listeners running")
+            .clone();
+            assert_eq!(counts.iter().sum::<usize>(), total, "{counts:?}");
+            counts
+        }
+
+        /// Which endpoint a connection went to.
+        fn index(&self, up: &Upstream) -> usize {
+            self.addrs
+                .iter()
+                .position(|a| a.to_string() == *up.info.address)
+                .unwrap()
+        }
+
+        /// Connects, and says which endpoint the connection went to.
+        async fn connect(&self, c: &Connector) -> (usize, Upstream) {
+            let up = tokio::time::timeout(WAIT, c.connect())
+                .await
+                .expect("connected in time")
+                .expect("connected");
+            (self.index(&up), up)
+        }
+    }
+
+    fn tally(n: usize, picks: impl IntoIterator<Item = usize>) -> Vec<usize> {
+        let mut counts = vec![0; n];
+        for i in picks {
+            counts[i] += 1;
+        }
+        counts
+    }
+
+    fn connect_failures(c: &Connector) -> u64 {
+        c.metrics
+            .upstream_connect_failures
+            .get_or_create(&ReasonLabels {
+                service: LABEL.into(),
+                reason: "unreachable",
+            })
+            .get()
+    }
+
+    #[tokio::test]
+    async fn round_robin_takes_turns() {
+        let mut eps = Endpoints::start(&[true; 3]).await;
+        let c = eps.connector(LoadBalancer::RoundRobin);
+        let mut held = Vec::new();
+        for _ in 0..9 {
+            held.push(eps.connect(&c).await);
+        }
+        let order: Vec<usize> = held.iter().map(|(i, _)| *i).collect();
+        assert_eq!(order, [0, 1, 2, 0, 1, 2, 0, 1, 2]);
+        assert_eq!(eps.accepted(9).await, [3, 3, 3]);
+        // Only least request counts open connections.
+        assert_eq!(c.open_counts(), [0, 0, 0]);
+    }
+
+    #[tokio::test]
+    async fn random_spreads_over_every_endpoint() {
+        let mut eps = Endpoints::start(&[true; 3]).await;
+        let c = eps.connector(LoadBalancer::Random);
+        let mut order = Vec::new();
+        for _ in 0..300 {
+            order.push(eps.connect(&c).await.0);
+        }
+        let accepted = eps.accepted(300).await;
+        assert_eq!(accepted, tally(3, order.iter().copied()));
+        // 100 expected each, standard deviation 8: 50 is six deviations off.
+        assert!(accepted.iter().all(|&n| n >= 50), "{accepted:?}");
+        // Not a turn in disguise: about a third of picks repeat the one before (99.7 expected,
+        // deviation 8); round robin never does.
+        let repeats = order.windows(2).filter(|w| w[0] == w[1]).count();
+        assert!(repeats >= 40, "{repeats} repeats in {order:?}");
+        // Every connector has its own seed: 30 equal picks in a row have chance 3^-30.
+        let other = eps.connector(LoadBalancer::Random);
+        let mut other_order = Vec::new();
+        for _ in 0..30 {
+            other_order.push(eps.connect(&other).await.0);
+        }
+        assert_ne!(other_order, order[..30]);
+        eps.accepted(330).await;
+        assert_eq!(c.open_counts(), [0, 0, 0]);
+    }
+
+    #[tokio::test]
+    async fn least_request_picks_the_less_loaded() {
+        let mut eps = Endpoints::start(&[true; 3]).await;
+        let c = eps.connector(LoadBalancer::LeastRequest);
+        // Of two distinct endpoints of three, the less loaded is taken: an endpoint with more
+        // open connections than both others is never picked.
+        let mut held = Vec::new();
+        for _ in 0..30 {
+            let before = c.open_counts();
+            let (i, up) = eps.connect(&c).await;
+            let others = (0..3).filter(|&j| j != i);
+            assert!(
+                others.clone().any(|j| before[j] >= before[i]),
+                "picked {i} with open connections {before:?}"
+            );
+            held.push((i, up));
+        }
+        let counts = tally(3, held.iter().map(|(i, _)| *i));
+        assert_eq!(c.open_counts(), counts);
+        assert_eq!(eps.accepted(30).await, counts);
+
+        // Dropping connections lowers the counts: only the busiest endpoint keeps its own (at
+        // least 10), and it gets none of the next ones until another has as many.
+        let busiest = (0..3).max_by_key(|&i| counts[i]).unwrap();
+        let kept = counts[busiest];
+        held.retain(|(i, _)| *i == busiest);
+        let mut expected = vec![0; 3];
+        expected[busiest] = kept;
+        assert_eq!(c.open_counts(), expected);
+        for _ in 0..kept {
+            let (i, up) = eps.connect(&c).await;
+            assert_ne!(i, busiest, "open connections {:?}", c.open_counts());
+            held.push((i, up));
+        }
+        let now = c.open_counts();
+        assert_eq!(now[busiest], kept);
+        assert_eq!(now.iter().sum::<usize>(), 2 * kept);
+        eps.accepted(30 + kept).await;
+
+        drop(held);
+        assert_eq!(c.open_counts(), [0, 0, 0]);
+    }
+
+    #[tokio::test]
+    async fn least_request_counts_pooled_connections_until_dropped() {
+        let mut eps = Endpoints::start(&[true]).await;
+        let c = Arc::new(eps.connector(LoadBalancer::LeastRequest));
+        let mut http = HttpConnector(c.clone());
+        let pooled = tokio::time::timeout(
+            WAIT,
+            tower_service::Service::call(&mut http, http::Uri::from_static("http://s/")),
+        )
+        .await
+        .expect("connected in time")
+        .expect("connected");
+        eps.accepted(1).await;
+        assert_eq!(c.open_counts(), [1]);
+        drop(pooled);
+        assert_eq!(c.open_counts(), [0]);
+    }
+
+    #[tokio::test]
+    async fn every_balancer_fails_over() {
+        for lb in [
+            LoadBalancer::RoundRobin,
+            LoadBalancer::Random,
+            LoadBalancer::LeastRequest,
+        ] {
+            let mut eps = Endpoints::start(&[true, false, true]).await;
+            let c = eps.connector(lb);
+            let mut held = Vec::new();
+            for _ in 0..9 {
+                held.push(eps.connect(&c).await);
+            }
+            let accepted = eps.accepted(9).await;
+            assert_eq!(accepted[1], 0, "{lb:?}");
+            assert_eq!(accepted, tally(3, held.iter().map(|(i, _)| *i)), "{lb:?}");
+            if lb == LoadBalancer::RoundRobin {
+                // The refusing endpoint's turns go to the one after it.
+                assert_eq!(accepted, [3, 0, 6]);
+                assert_eq!(connect_failures(&c), 3);
+            }
+            if lb == LoadBalancer::LeastRequest {
+                assert_eq!(c.open_counts(), accepted);
+            }
+
+            let dead = Endpoints::start(&[false; 3]).await;
+            let c = dead.connector(lb);
+            let e = match tokio::time::timeout(WAIT, c.connect()).await {
+                Ok(Err(e)) => e,
+                Ok(Ok(up)) => panic!("{lb:?}: connected to {}", up.info.address),
+                Err(_) => panic!("{lb:?}: connect timed out"),
+            };
+            assert_eq!(e.kind, FailureKind::Unreachable, "{lb:?}");
+            let prefix = format!("no endpoint of {LABEL} could be reached: ");
+            assert!(e.message.starts_with(&prefix), "{}", e.message);
+            assert_eq!(e.message.matches("; ").count(), 2, "{}", e.message);
+            assert_eq!(connect_failures(&c), 3);
+        }
+    }
+
+    #[test]
+    fn picks_stay_in_range() {
+        assert_eq!(below(0, 3), 0);
+        assert_eq!(below(u32::MAX, 3), 2);
+        assert_eq!(below(u32::MAX, 1), 0);
+        let mut x: u64 = 1;
+        for n in 2..=5 {
+            let mut seen = vec![vec![0u32; n]; n];
+            for _ in 0..20_000 {
+                x = x
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                let (a, b) = two_distinct(x ^ (x >> 29), n);
+                assert!(a < n && b < n && a != b, "{a} {b} of {n}");
+                seen[a][b] += 1;
+            }
+            // Every ordered pair comes up.
+            for (a, row) in seen.iter().enumerate() {
+                for (b, &k) in row.iter().enumerate() {
+                    assert_eq!(k > 0, a != b, "{a} {b} of {n}: {seen:?}");
+                }
+            }
+        }
     }
 }

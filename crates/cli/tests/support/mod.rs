@@ -37,7 +37,7 @@ pub use origin::{
     start_unix_origin, EchoRecord, Origin, OriginBuilder, Protocols, Recorder, RequestRecord,
     TlsRecord,
 };
-pub use pki::{pki, CertKey, Pki, CLIENT_SPIFFE_ID, ORIGIN_DNS, ORIGIN_SPIFFE_ID};
+pub use pki::{pki, CertKey, Pki, CLIENT_SPIFFE_ID, ORIGIN_DNS, ORIGIN_SPIFFE_ID, PUBLIC_NAMES};
 pub use process::{
     api_request, free_port, sluice_cli, CliOutput, ControlPlane, Sluice, SluiceBuilder, CONFIG_FILE,
 };

@@ -18,6 +18,8 @@ pub const ORIGIN_SPIFFE_ID: &str = "spiffe://example.com/ns/production/sa/origin
 pub const CLIENT_SPIFFE_ID: &str = "spiffe://example.com/ns/production/sa/client";
 /// DNS name every test server certificate carries (except `uri_only`).
 pub const ORIGIN_DNS: &str = "origin.test";
+/// The public names of [`Pki::public`].
+pub const PUBLIC_NAMES: &[&str] = &["www.googleapis.com", "httpbin.org", "www.httpbin.org"];
 
 /// A certificate with its private key, in PEM and DER forms.
 #[derive(Clone, Debug)]
@@ -59,6 +61,9 @@ pub struct Pki {
     pub uri_only: CertKey,
     /// Client certificate signed by `ca` (EKU clientAuth), URI [`CLIENT_SPIFFE_ID`].
     pub client: CertKey,
+    /// Server certificate signed by `ca` for the public names the seeds call
+    /// ([`PUBLIC_NAMES`]), served by local origins that stand in for them.
+    pub public: CertKey,
     /// An unrelated CA.
     pub other_ca: CertKey,
     /// Server certificate for `origin.test`, `localhost`, `127.0.0.1` signed by `other_ca`.
@@ -115,6 +120,13 @@ impl Pki {
             vec![uri(CLIENT_SPIFFE_ID)],
             ExtendedKeyUsagePurpose::ClientAuth,
         );
+        let public = make_leaf(
+            &ca,
+            "public",
+            PUBLIC_NAMES[0],
+            PUBLIC_NAMES.iter().map(|n| dns(n)).collect(),
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
         let other_origin = make_leaf(
             &other_ca,
             "other_origin",
@@ -135,6 +147,7 @@ impl Pki {
             origin,
             uri_only,
             client,
+            public,
             other_ca: other_ca.cert,
             other_origin,
             other_client,
@@ -163,6 +176,7 @@ impl Pki {
             &self.origin,
             &self.uri_only,
             &self.client,
+            &self.public,
             &self.other_ca,
             &self.other_origin,
             &self.other_client,

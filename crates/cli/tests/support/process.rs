@@ -50,6 +50,7 @@ pub struct SluiceBuilder {
     api: bool,
     files: Vec<(String, String)>,
     args: Vec<String>,
+    envs: Vec<(String, String)>,
     ready_timeout: Duration,
 }
 
@@ -61,6 +62,7 @@ impl Default for SluiceBuilder {
             api: false,
             files: Vec::new(),
             args: Vec::new(),
+            envs: Vec::new(),
             ready_timeout: DEFAULT_TIMEOUT,
         }
     }
@@ -106,6 +108,12 @@ impl SluiceBuilder {
         S: Into<String>,
     {
         self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// An environment variable of the process (`SLUICE_TEST_CONNECT_TO`, `SSL_CERT_FILE`).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.to_owned(), value.to_owned()));
         self
     }
 
@@ -170,6 +178,7 @@ impl SluiceBuilder {
                 Vec::new()
             })
             .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr);
