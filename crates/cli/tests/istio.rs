@@ -282,3 +282,91 @@ async fn backyards_httpbin_entry_opens_both_hosts_on_port_80_only() {
     .await;
     assert!(logged, "{:?}", sluice.access_log_lines());
 }
+
+/// Sends `CONNECT target` and returns the status and the open stream.
+async fn connect(proxy: std::net::SocketAddr, target: &str) -> (u16, tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(DEFAULT_TIMEOUT, s.read(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed before a response head");
+        head.push(byte[0]);
+    }
+    let status = String::from_utf8_lossy(&head[9..12]).parse().unwrap();
+    (status, s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolution_none_dials_the_name_it_checked_never_an_address_the_app_chose() {
+    let origin = public_tls_origin("googleapis").await;
+    let sluice = Sluice::builder()
+        .config(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: google
+spec:
+  hosts: [\"*.googleapis.com\"]
+  ports:
+  - {number: 443, name: tls, protocol: TLS}
+  resolution: NONE
+",
+        )
+        .args(["--outbound-traffic-policy", "restricted"])
+        .env(
+            "SLUICE_TEST_CONNECT_TO",
+            &format!("www.googleapis.com:443={}", origin.addr()),
+        )
+        .start()
+        .await;
+    let proxy = sluice.http_proxy_addr();
+    let config = ClientTls::default().build();
+
+    // A name under the wildcard: resolved by the proxy, and the hello must name it.
+    let (status, tunnel) = connect(proxy, "www.googleapis.com:443").await;
+    assert_eq!(status, 200);
+    let name = rustls::pki_types::ServerName::try_from("www.googleapis.com").unwrap();
+    let tls = tokio::time::timeout(
+        DEFAULT_TIMEOUT,
+        tokio_rustls::TlsConnector::from(config.clone()).connect(name, tunnel),
+    )
+    .await
+    .unwrap();
+    assert!(tls.is_ok(), "{tls:?}");
+    assert!(wait_until(DEFAULT_TIMEOUT, || origin.handshakes() == 1).await);
+    assert_eq!(
+        origin.last_tls().unwrap().sni.as_deref(),
+        Some("www.googleapis.com")
+    );
+    let handshakes = origin.handshakes();
+
+    // Istio's hole: the address of the origin with an allowed SNI. Not an address the entry
+    // names, so refused before any byte moves.
+    let (status, _) = connect(proxy, &origin.addr().to_string()).await;
+    assert_eq!(status, 403);
+    // A hello that names another host under the same wildcard than the tunnel's.
+    let (status, tunnel) = connect(proxy, "www.googleapis.com:443").await;
+    assert_eq!(status, 200);
+    let other = rustls::pki_types::ServerName::try_from("storage.googleapis.com").unwrap();
+    let refused = tokio::time::timeout(
+        DEFAULT_TIMEOUT,
+        tokio_rustls::TlsConnector::from(config).connect(other, tunnel),
+    )
+    .await
+    .unwrap();
+    assert!(refused.is_err());
+    // Names outside the wildcard, and the bare domain.
+    for target in ["googleapis.com:443", "www.googleapis.com.evil.example:443"] {
+        let (status, _) = connect(proxy, target).await;
+        assert_eq!(status, 403, "{target}");
+    }
+    assert_eq!(origin.handshakes(), handshakes);
+}

@@ -972,3 +972,91 @@ async fn an_idle_tcp_connection_is_closed_and_a_busy_one_is_not() {
     assert!(sent > "still open".len() as u64, "{busy_line}");
     assert_eq!(busy_line["bytes_out"].as_u64(), Some(sent));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kuma_legacy_external_service_by_its_tag_and_by_its_address() {
+    let origin = start_tls_origin("legacy").await;
+    let port = free_port();
+    let ca: String = pki()
+        .ca_pem()
+        .lines()
+        .map(|l| format!("          {l}\n"))
+        .collect();
+    let yaml = format!(
+        "type: ExternalService
+mesh: default
+name: legacy-api
+tags:
+  kuma.io/service: legacy-api
+  kuma.io/protocol: http
+networking:
+  address: localhost:{op}
+  tls:
+    enabled: true
+    serverName: origin.test
+    caCert:
+      inlineString: |
+{ca}---
+type: Dataplane
+mesh: default
+name: app
+networking:
+  address: 127.0.0.1
+  outbound:
+    - port: {port}
+      tags:
+        kuma.io/service: legacy-api
+",
+        op = origin.port()
+    );
+    let sluice = Sluice::start(&yaml).await;
+
+    // The universal outbound selects the service by its tag; TLS is originated and verified.
+    let mut app = H1Client::connect(local(port)).await.unwrap();
+    let r = app.get("/by-tag").await.unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let seen = origin.last_request().unwrap();
+    assert_eq!(seen.path, "/by-tag");
+    let authority = format!("origin.test:{}", origin.port());
+    assert_eq!(seen.effective_authority(), Some(authority.as_str()));
+    assert_eq!(
+        origin.last_tls().unwrap().sni.as_deref(),
+        Some("origin.test")
+    );
+
+    // Through the forward proxy by its real address: plain HTTP to the TLS port is originated,
+    // never sent in clear.
+    let mut s = tokio::net::TcpStream::connect(sluice.http_proxy_addr())
+        .await
+        .unwrap();
+    let target = format!("localhost:{}", origin.port());
+    s.write_all(
+        format!("GET http://{target}/by-address HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(DEFAULT_TIMEOUT, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert_eq!(origin.last_request().unwrap().path, "/by-address");
+    assert_eq!(
+        origin.handshakes(),
+        1,
+        "one pooled TLS connection carries both"
+    );
+    let logged = wait_until(DEFAULT_TIMEOUT, || {
+        sluice
+            .access_log_lines()
+            .iter()
+            .filter(|l| l["service"] == "legacy-api" && l["status"] == 200)
+            .count()
+            == 2
+    })
+    .await;
+    assert!(logged, "{:?}", sluice.access_log_lines());
+}

@@ -498,3 +498,181 @@ spec:
         }
     }
 }
+
+#[cfg(test)]
+mod istio_tests {
+    use super::*;
+
+    const ENTRIES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: wiki}
+spec:
+  hosts: ["*.wikipedia.org", "*.en.wikipedia.org"]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: special}
+spec:
+  hosts: [upload.en.wikipedia.org]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: partners}
+spec:
+  hosts: [partners.example]
+  addresses: [10.20.0.0/16, 10.20.30.0/24, 192.0.2.9]
+  ports: [{number: 22, name: sftp, protocol: TCP}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: partners-web}
+spec:
+  hosts: [partners.example]
+  addresses: [10.20.30.0/24]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 10.20.30.40}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api}
+spec:
+  hosts: [api.example.com]
+  ports: [{number: 443, name: https, protocol: HTTPS}, {number: 80, name: http, protocol: HTTP, targetPort: 443}]
+  resolution: DNS
+  endpoints: [{address: eu.api.example.com}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api}
+spec:
+  host: api.example.com
+  trafficPolicy:
+    portLevelSettings: [{port: {number: 80}, tls: {mode: SIMPLE}}]
+"#;
+
+    fn table() -> Table {
+        let docs = sluice_api::parse_documents("t.yaml", ENTRIES).unwrap();
+        let loaded = sluice_api::load(&docs);
+        assert!(loaded.errors().next().is_none(), "{:?}", loaded.diagnostics);
+        let config = sluice_control::compile(&loaded.registry.unwrap());
+        Table::new(&config, ["127.0.0.1:3128".parse().unwrap()])
+    }
+
+    fn service(name: &str, protocol: Protocol, originates: bool, endpoints: bool) -> Decision {
+        Decision::Registered(Opening::Service {
+            service: Arc::from(name),
+            protocol,
+            originates,
+            endpoints,
+        })
+    }
+
+    #[test]
+    fn names_wildcards_and_ranges() {
+        let t = table();
+        let name = |n: &str| Host::Name(n.into());
+        let ip = |s: &str| Host::Ip(s.parse().unwrap());
+        let not_registered = |host: &str, port| {
+            Decision::Deny(Denied::NotRegistered {
+                host: host.into(),
+                port,
+            })
+        };
+        let wiki = service("wiki_443", Protocol::Tls, false, false);
+        let cases: Vec<(Host, u16, Decision)> = vec![
+            (name("en.wikipedia.org"), 443, wiki.clone()),
+            (name("a.b.en.wikipedia.org"), 443, wiki.clone()),
+            // An exact name wins over a wildcard that covers it.
+            (
+                name("upload.en.wikipedia.org"),
+                443,
+                service("special_443", Protocol::Tls, false, true),
+            ),
+            (
+                name("wikipedia.org"),
+                443,
+                not_registered("wikipedia.org", 443),
+            ),
+            (
+                name("en.wikipedia.org"),
+                80,
+                not_registered("en.wikipedia.org", 80),
+            ),
+            (
+                name("evilwikipedia.org"),
+                443,
+                not_registered("evilwikipedia.org", 443),
+            ),
+            // The narrowest range of a port decides.
+            (
+                ip("10.20.30.5"),
+                80,
+                service("partners-web_80", Protocol::Http, false, true),
+            ),
+            (
+                ip("10.20.30.5"),
+                22,
+                service("partners_22", Protocol::Tcp, false, false),
+            ),
+            (
+                ip("10.20.1.1"),
+                22,
+                service("partners_22", Protocol::Tcp, false, false),
+            ),
+            (
+                ip("::ffff:10.20.1.1"),
+                22,
+                service("partners_22", Protocol::Tcp, false, false),
+            ),
+            (
+                ip("192.0.2.9"),
+                22,
+                service("partners_22", Protocol::Tcp, false, false),
+            ),
+            (ip("10.21.0.1"), 22, not_registered("10.21.0.1", 22)),
+            (ip("10.20.1.1"), 80, not_registered("10.20.1.1", 80)),
+            // Endpoints of an entry are not names of it.
+            (
+                name("eu.api.example.com"),
+                443,
+                not_registered("eu.api.example.com", 443),
+            ),
+            (
+                name("api.example.com"),
+                80,
+                service("api_80", Protocol::Http, true, true),
+            ),
+            (
+                name("api.example.com"),
+                443,
+                service("api_443", Protocol::Tls, false, true),
+            ),
+        ];
+        for (host, port, want) in cases {
+            assert_eq!(
+                decide(Mode::Restricted, &t, &host, port),
+                want,
+                "{host}:{port}"
+            );
+        }
+    }
+
+    #[test]
+    fn ranges_an_entry_names_may_be_dialled() {
+        let t = table();
+        let check = |a: &str| t.check_address(a.parse().unwrap()).map_err(|d| d.reason());
+        for (addr, want) in [
+            ("10.20.7.7:22", Ok(())),
+            ("10.20.30.40:80", Ok(())),
+            ("10.20.7.7:80", Err("address_refused")),
+            ("10.21.0.1:22", Err("address_refused")),
+        ] {
+            assert_eq!(check(addr), want, "{addr}");
+        }
+    }
+}
