@@ -5,6 +5,7 @@
 
 pub mod diag;
 pub mod document;
+pub mod gloo;
 pub mod istio;
 pub mod kuma;
 pub mod model;

@@ -79,6 +79,8 @@ pub fn parse(document: &Document) -> Parsed {
     let root = At::root(&document.value);
     let parsed = if crate::istio::claims(&document.value) {
         crate::istio::parse(&root, &mut d)
+    } else if crate::gloo::claims(&document.value) {
+        crate::gloo::parse(&root, &mut d)
     } else {
         kuma::parse(&root, &mut d)
     };
@@ -196,6 +198,7 @@ fn resolve_located(located: &[&Located], out: &mut Vec<Diagnostic>) -> Registry 
     let mut tags: HashMap<(&str, &str), (&str, &DocRef)> = HashMap::new();
     let mut tag_keys: HashMap<(&str, &str), Option<&ResourceKey>> = HashMap::new();
     let mut istio = istio::translate::Inputs::default();
+    let mut gloo = crate::gloo::translate::Inputs::default();
     for l in located {
         let key = &l.resource.meta().key;
         if let Some(first) = seen.get(&(l.resource.kind(), key)) {
@@ -244,10 +247,16 @@ fn resolve_located(located: &[&Located], out: &mut Vec<Diagnostic>) -> Registry 
             Resource::ServiceEntry(r) if l.valid => istio.entries.push((&l.doc, r)),
             Resource::DestinationRule(r) if l.valid => istio.rules.push((&l.doc, r)),
             Resource::VirtualService(r) if l.valid => istio.virtual_services.push((&l.doc, r)),
+            Resource::GlooExternalService(r) if l.valid => gloo.services.push((&l.doc, r)),
+            Resource::ExternalEndpoint(r) if l.valid => gloo.endpoints.push(r),
+            Resource::Workspace(r) if l.valid => gloo.workspaces.push(r),
             // Their own errors say what to fix; nothing is made of them.
             Resource::ServiceEntry(_)
             | Resource::DestinationRule(_)
-            | Resource::VirtualService(_) => {}
+            | Resource::VirtualService(_)
+            | Resource::GlooExternalService(_)
+            | Resource::ExternalEndpoint(_)
+            | Resource::Workspace(_) => {}
             Resource::Mesh(m) => {
                 // One proxy enforces it for every mesh: the strictest setting wins.
                 policy = match (policy, m.outbound_traffic_policy) {
@@ -300,7 +309,7 @@ fn resolve_located(located: &[&Located], out: &mut Vec<Diagnostic>) -> Registry 
         out.extend(d.into_vec());
     }
     let credentials = |mesh: &str, name: &str| {
-        match secrets.find(mesh, name, "DestinationRule") {
+        match secrets.find(mesh, name, "credentialName") {
             Ok(found) => Ok(found.copied()),
             // Istio looks in the rule's namespace, which a Kubernetes Secret records.
             Err(message) => secrets
@@ -315,6 +324,11 @@ fn resolve_located(located: &[&Located], out: &mut Vec<Diagnostic>) -> Registry 
     for (doc, service) in istio::translate::services(&istio, &credentials, out) {
         let mut d = Diagnostics::for_doc(doc.clone());
         add(&mut registry, "ServiceEntry", &doc, service, &mut d);
+        out.extend(d.into_vec());
+    }
+    for (doc, service) in crate::gloo::translate::services(&gloo, &credentials, out) {
+        let mut d = Diagnostics::for_doc(doc.clone());
+        add(&mut registry, "Gloo ExternalService", &doc, service, &mut d);
         out.extend(d.into_vec());
     }
 

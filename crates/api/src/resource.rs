@@ -1,6 +1,7 @@
 //! Resources as read from documents, before references between them are resolved.
 
 use crate::diag::DocRef;
+use crate::gloo::{ExternalEndpointResource, GlooExternalServiceResource, WorkspaceResource};
 use crate::istio::{DestinationRuleResource, ServiceEntryResource, VirtualServiceResource};
 use crate::kuma::{DataplaneResource, ExternalServiceResource, MeshExternalServiceResource};
 use crate::model::{OutboundTrafficPolicy, ResourceKey};
@@ -24,6 +25,9 @@ pub const KINDS: &[&str] = &[
     "ServiceEntry",
     "DestinationRule",
     "VirtualService",
+    crate::gloo::EXTERNAL_SERVICE_KIND,
+    "ExternalEndpoint",
+    "Workspace",
 ];
 
 #[derive(Debug, Clone)]
@@ -36,6 +40,9 @@ pub enum Resource {
     ServiceEntry(Box<ServiceEntryResource>),
     DestinationRule(Box<DestinationRuleResource>),
     VirtualService(Box<VirtualServiceResource>),
+    GlooExternalService(Box<GlooExternalServiceResource>),
+    ExternalEndpoint(Box<ExternalEndpointResource>),
+    Workspace(Box<WorkspaceResource>),
 }
 
 /// Mesh-wide settings: a Kuma Mesh, an IstioOperator or the istio mesh ConfigMap.
@@ -58,6 +65,9 @@ impl Resource {
             Resource::ServiceEntry(_) => "ServiceEntry",
             Resource::DestinationRule(_) => "DestinationRule",
             Resource::VirtualService(_) => "VirtualService",
+            Resource::GlooExternalService(_) => crate::gloo::EXTERNAL_SERVICE_KIND,
+            Resource::ExternalEndpoint(_) => "ExternalEndpoint",
+            Resource::Workspace(_) => "Workspace",
         }
     }
 
@@ -71,6 +81,9 @@ impl Resource {
             Resource::ServiceEntry(r) => &r.meta,
             Resource::DestinationRule(r) => &r.meta,
             Resource::VirtualService(r) => &r.meta,
+            Resource::GlooExternalService(r) => &r.meta,
+            Resource::ExternalEndpoint(r) => &r.meta,
+            Resource::Workspace(r) => &r.meta,
         }
     }
 }

@@ -116,7 +116,9 @@ pub fn parse(spec: &At<'_>, d: &mut Diagnostics) -> Option<DestinationRuleSpec> 
 
 fn port_policy(p: &mut Obj<'_>, d: &mut Diagnostics) -> PortPolicy {
     let load_balancer = p.get("loadBalancer").and_then(|lb| load_balancer(&lb, d));
-    let tls = p.get("tls").and_then(|t| client_tls(&t, d));
+    let tls = p
+        .get("tls")
+        .and_then(|t| client_tls(&t, TlsMode::Disable, d));
     for key in ["connectionPool", "outlierDetection"] {
         if let Some(v) = p.get(key) {
             d.warn(
@@ -172,10 +174,12 @@ fn load_balancer(at: &At<'_>, d: &mut Diagnostics) -> Option<LoadBalancer> {
     chosen
 }
 
-fn client_tls(at: &At<'_>, d: &mut Diagnostics) -> Option<ClientTls> {
+/// `tls` of a DestinationRule (mode `DISABLE` when unset) or `clientsideTls` of a Gloo
+/// ExternalService port (`SIMPLE` when unset).
+pub(crate) fn client_tls(at: &At<'_>, default: TlsMode, d: &mut Diagnostics) -> Option<ClientTls> {
     let mut t = at.obj(d)?;
     let mode = match t.get("mode") {
-        None => Some(TlsMode::Disable),
+        None => Some(default),
         Some(m) => match m.text(d) {
             Some("DISABLE") => Some(TlsMode::Disable),
             Some("SIMPLE") => Some(TlsMode::Simple),

@@ -17,6 +17,7 @@ use crate::names::is_dns_name;
 use crate::node::{At, Obj};
 use crate::resource::{Meta, Resource};
 
+pub(crate) use destination_rule::client_tls;
 pub use destination_rule::{ClientTls, DestinationRuleResource, PortPolicy, TlsMode};
 pub use service_entry::{Resolution, SeEndpoint, SePort, ServiceEntryResource, ServiceEntrySpec};
 pub use virtual_service::{Destination, Route, VirtualServiceResource};

@@ -315,12 +315,11 @@ fn follow<'a>(
             }
             tls = Some(origination(
                 t,
-                &dest_host,
-                dest_entry,
-                rule_doc,
+                Some(dest_host.clone()),
+                &dest_entry.spec.subject_alt_names,
                 mesh,
                 credentials,
-                report,
+                report.at(rule_doc),
             )?);
         }
     }
@@ -455,18 +454,18 @@ const CERT_KEYS: &[&str] = &["cert", "tls.crt"];
 const KEY_KEYS: &[&str] = &["key", "tls.key"];
 const CA_KEYS: &[&str] = &["cacert", "ca.crt"];
 
-#[allow(clippy::too_many_arguments)]
-fn origination(
+/// The TLS `t` asks for: `server_name` unless `t.sni` says otherwise (`None`: each endpoint's
+/// own name), `default_sans` unless `t` lists its own; `None` after an error, reported in `d`.
+pub(crate) fn origination(
     t: &ClientTls,
-    host: &str,
-    entry: &ServiceEntryResource,
-    rule_doc: &DocRef,
+    server_name: Option<String>,
+    default_sans: &[String],
     mesh: &str,
     credentials: &Credentials<'_>,
-    report: &mut Report,
+    d: &mut Diagnostics,
 ) -> Option<TlsOrigination> {
     let sans = if t.subject_alt_names.is_empty() {
-        &entry.spec.subject_alt_names
+        default_sans
     } else {
         &t.subject_alt_names
     };
@@ -485,7 +484,7 @@ fn origination(
             // The Secret's own errors are reported at its document.
             Ok(None) => return None,
             Err(message) => {
-                report.at(rule_doc).error(&path, message);
+                d.error(&path, message);
                 return None;
             }
         };
@@ -505,7 +504,6 @@ fn origination(
                 }
             }
         };
-        let d = report.at(rule_doc);
         ca_cert = read(CA_KEYS, Pem::Certificates, d)?;
         if ca_cert.is_none() {
             if let Ok(Some(ca)) = credentials(mesh, &format!("{name}-cacert")) {
@@ -541,7 +539,7 @@ fn origination(
         } else {
             VerificationMode::Secured
         },
-        server_name: Some(t.sni.clone().unwrap_or_else(|| host.to_string())),
+        server_name: t.sni.clone().or(server_name),
         subject_alt_names: sans.iter().cloned().map(SanMatch::Exact).collect(),
         ca_cert,
         client_cert,

@@ -36,7 +36,7 @@ pub const KINDS: &[&str] = &[
 /// Every kind a document may be, for messages about kinds.
 fn supported_kinds() -> String {
     KINDS.join(", ")
-        + ", Istio's ServiceEntry, DestinationRule, VirtualService, IstioOperator and the istio mesh ConfigMap"
+        + ", Istio's ServiceEntry, DestinationRule, VirtualService, IstioOperator and the istio mesh ConfigMap, Gloo's ExternalService, ExternalEndpoint and Workspace"
 }
 
 /// Reads one document, reporting every problem in `d`.
