@@ -3,6 +3,7 @@
 
 mod client;
 mod control_plane;
+mod convert;
 mod load;
 mod proxy;
 mod run;
@@ -87,6 +88,15 @@ enum Command {
         #[command(flatten)]
         target: client::Target,
     },
+    /// Print what resources become: Sluice's internal model, or Kuma resources (--to kuma);
+    /// what does not translate is told on standard error. Keys are never printed.
+    Convert {
+        /// Files or directories of YAML resources; `-` reads standard input.
+        #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
+        #[arg(long, value_enum, default_value = "sluice")]
+        to: convert::Target,
+    },
     /// Check resources and print every problem; exits non-zero if any is an error.
     Validate {
         /// Files or directories of YAML resources; `-` reads standard input.
@@ -114,6 +124,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { files } => validate(&files),
+        Command::Convert { files, to } => convert::main(&files, to),
         Command::Run(args) => run::main(*args),
         Command::ControlPlane(args) => control_plane::main(args),
         Command::Proxy(args) => proxy::main(*args),

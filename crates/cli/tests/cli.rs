@@ -212,3 +212,107 @@ async fn slow_and_oversized_request_heads_are_bounded() {
     );
     assert_eq!(origin.request_count(), 0);
 }
+
+fn case(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../api/tests/cases")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+#[test]
+fn convert_prints_the_internal_model_and_kuma_resources_that_validate() {
+    let seed = case("seed-istio-egress-https-origination.yaml");
+    let out = sluice(&["convert", "-f", &seed], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let model: serde_json::Value = serde_saphyr::from_str(&text(&out.stdout)).unwrap();
+    let services = model["services"].as_array().unwrap();
+    let names: Vec<&str> = services
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["googleapis_443", "googleapis_80"]);
+    let http = &services[1];
+    assert_eq!(http["port"], 80);
+    assert_eq!(http["endpoints"][0], "www.googleapis.com:443");
+    assert_eq!(http["tls"]["serverName"], "www.googleapis.com");
+    assert_eq!(http["tls"]["verification"], "Secured");
+    assert_eq!(http["tls"]["ca"], "the system's roots");
+    assert_eq!(text(&out.stderr), "");
+
+    // As Kuma resources: what fits is written, and reads back as valid Kuma YAML; the names
+    // Kuma cannot carry are told.
+    let out = sluice(&["convert", "--to", "kuma", "-f", &seed], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let kuma = text(&out.stdout);
+    assert!(
+        kuma.starts_with("type: MeshExternalService\nname: googleapis_443\n"),
+        "{kuma}"
+    );
+    assert!(
+        text(&out.stderr).contains(
+            "not converted: service default/googleapis_80: apps call it as www.googleapis.com"
+        ),
+        "{}",
+        text(&out.stderr)
+    );
+    let back = sluice(&["validate", "-f", "-"], Some(&kuma));
+    assert!(back.status.success(), "{}\n{kuma}", text(&back.stderr));
+    assert_eq!(text(&back.stdout), "valid: 2 MeshExternalService\n");
+    let again = sluice(&["convert", "-f", "-"], Some(&kuma));
+    let again: serde_json::Value = serde_saphyr::from_str(&text(&again.stdout)).unwrap();
+    assert_eq!(again["services"][1]["tls"], model["services"][1]["tls"]);
+}
+
+#[test]
+fn convert_never_prints_keys_and_refuses_invalid_input() {
+    let key = pki().client.key_pem.clone();
+    let indented =
+        |pem: &str| -> String { pem.lines().map(|l| format!("          {l}\n")).collect() };
+    let yaml = format!(
+        "type: MeshExternalService
+name: mtls
+spec:
+  match: {{port: 443, protocol: http}}
+  endpoints: [{{address: api.example.com, port: 443}}]
+  tls:
+    enabled: true
+    verification:
+      clientCert:
+        inlineString: |
+{}      clientKey:
+        inlineString: |
+{}",
+        indented(&pki().client.cert_pem),
+        indented(&key)
+    );
+    let key_body = key.lines().nth(1).unwrap();
+    for to in ["sluice", "kuma"] {
+        let out = sluice(&["convert", "--to", to, "-f", "-"], Some(&yaml));
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        assert!(!all.contains(key_body), "{to}: the key was printed:\n{all}");
+        assert!(!all.contains("PRIVATE KEY"), "{to}:\n{all}");
+    }
+    let out = sluice(&["convert", "--to", "kuma", "-f", "-"], Some(&yaml));
+    assert!(
+        text(&out.stdout).contains("clientKey:\n        secret: mtls-client-key"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stderr).contains("create Secret \"mtls-client-key\" holding it"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = sluice(&["convert", "-f", "-"], Some(BAD));
+    assert!(!out.status.success());
+    assert_eq!(text(&out.stdout), "");
+    assert!(
+        text(&out.stderr).contains("-[0] spec.endpoints[1].port: must be between 1 and 65535"),
+        "{}",
+        text(&out.stderr)
+    );
+}
