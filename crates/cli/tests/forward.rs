@@ -84,54 +84,11 @@ async fn world(mode: &str) -> World {
     }
 }
 
-/// Sends `CONNECT target` and returns the status code and the stream after the response head.
-async fn connect(proxy: SocketAddr, target: &str) -> (u16, String, TcpStream) {
-    let mut s = TcpStream::connect(proxy).await.unwrap();
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let (status, body) = read_head(&mut s).await;
-    (status, body, s)
-}
-
-/// Reads a response head (and, for non-2xx, the short body that follows) byte by byte.
-async fn read_head(s: &mut TcpStream) -> (u16, String) {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(DEFAULT_TIMEOUT, s.read(&mut byte))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(
-            n > 0,
-            "closed before a response head: {}",
-            String::from_utf8_lossy(&head)
-        );
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).to_string();
-    let status: u16 = head[9..12].parse().unwrap();
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-length: ")
-                .map(|v| v.trim().parse().unwrap())
-        })
-        .unwrap_or(0);
-    let mut body = vec![0u8; len];
-    if len > 0 {
-        read_exact_in_time(s, &mut body).await;
-    }
-    (status, String::from_utf8_lossy(&body).to_string())
-}
-
 /// A raw request line sent to the proxy; returns status and body.
 async fn raw(proxy: SocketAddr, request: &str) -> (u16, String) {
     let mut s = TcpStream::connect(proxy).await.unwrap();
     s.write_all(request.as_bytes()).await.unwrap();
-    read_head(&mut s).await
+    read_response_head(&mut s).await
 }
 
 /// TLS through an open tunnel; `sni` is a DNS name or an IP (no SNI).
@@ -169,7 +126,7 @@ async fn connect_tunnels_only_what_was_checked() {
     let tp = w.tls.port();
 
     // Registered name, matching SNI: the app's own TLS goes through untouched.
-    let (status, _, s) = connect(proxy, &format!("localhost:{tp}")).await;
+    let (status, _, s) = proxy_connect(proxy, &format!("localhost:{tp}")).await;
     assert_eq!(status, 200);
     let answer = get_over(tls_through(s, "localhost").await.unwrap(), "localhost").await;
     assert!(answer.contains("origin:tls"), "{answer}");
@@ -177,21 +134,21 @@ async fn connect_tunnels_only_what_was_checked() {
 
     // Domain fronting: the ClientHello names another host than the CONNECT target.
     let before = w.tls.accepted();
-    let (status, _, s) = connect(proxy, &format!("localhost:{tp}")).await;
+    let (status, _, s) = proxy_connect(proxy, &format!("localhost:{tp}")).await;
     assert_eq!(status, 200);
     assert!(
         tls_through(s, "origin.test").await.is_err(),
         "a fronted SNI must close the tunnel"
     );
     // No SNI at all.
-    let (status, _, s) = connect(proxy, &format!("localhost:{tp}")).await;
+    let (status, _, s) = proxy_connect(proxy, &format!("localhost:{tp}")).await;
     assert_eq!(status, 200);
     assert!(
         tls_through(s, "127.0.0.1").await.is_err(),
         "a missing SNI must close the tunnel"
     );
     // Plain bytes where TLS is expected.
-    let (status, _, mut s) = connect(proxy, &format!("localhost:{}", w.plain.port())).await;
+    let (status, _, mut s) = proxy_connect(proxy, &format!("localhost:{}", w.plain.port())).await;
     assert_eq!(status, 200);
     s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
@@ -210,7 +167,7 @@ async fn connect_tunnels_only_what_was_checked() {
     assert_eq!(w.plain.request_count(), 0);
 
     // An IP the registry names, no SNI: allowed.
-    let (status, _, s) = connect(proxy, &format!("127.0.0.1:{tp}")).await;
+    let (status, _, s) = proxy_connect(proxy, &format!("127.0.0.1:{tp}")).await;
     assert_eq!(status, 200);
     assert!(
         get_over(tls_through(s, "127.0.0.1").await.unwrap(), "127.0.0.1")
@@ -282,11 +239,11 @@ async fn hidden_loopback_and_the_proxy_itself_are_refused_even_when_allowed() {
         format!("127.0.0.1:{up}"),
     ];
     for target in rows {
-        let (status, body, _) = connect(proxy, &target).await;
+        let (status, body, _) = proxy_connect(proxy, &target).await;
         assert_eq!(status, 403, "{target}: {body}");
         assert!(body.contains("loopback address"), "{target}: {body}");
     }
-    let (status, body, _) = connect(proxy, &format!("localhost:{}", proxy.port())).await;
+    let (status, body, _) = proxy_connect(proxy, &format!("localhost:{}", proxy.port())).await;
     assert_eq!(status, 403);
     assert!(body.contains("this proxy itself"), "{body}");
     assert_eq!(w.unregistered.accepted(), 0);
@@ -304,7 +261,7 @@ async fn each_request_on_a_connection_is_checked_and_tls_is_originated_for_plain
     )
     .await
     .unwrap();
-    let (status, body) = read_head(&mut s).await;
+    let (status, body) = read_response_head(&mut s).await;
     assert_eq!(status, 200, "{body}");
     // Same connection, another authority.
     let up = w.unregistered.port();
@@ -313,7 +270,7 @@ async fn each_request_on_a_connection_is_checked_and_tls_is_originated_for_plain
     )
     .await
     .unwrap();
-    let (status, body) = read_head(&mut s).await;
+    let (status, body) = read_response_head(&mut s).await;
     assert_eq!(status, 403, "{body}");
     assert_eq!(w.unregistered.request_count(), 0);
 
@@ -361,7 +318,7 @@ async fn live_switch_keeps_open_tunnels_and_applies_to_the_next() {
     let w = world("allowed").await;
     let proxy = w.sluice.http_proxy_addr();
     let tp = w.tls.port();
-    let (status, _, s) = connect(proxy, &format!("localhost:{tp}")).await;
+    let (status, _, s) = proxy_connect(proxy, &format!("localhost:{tp}")).await;
     assert_eq!(status, 200);
     let open = tls_through(s, "localhost").await.unwrap();
 
@@ -401,7 +358,8 @@ async fn live_switch_keeps_open_tunnels_and_applies_to_the_next() {
     let answer = get_over(open, "localhost").await;
     assert!(answer.contains("origin:tls"), "{answer}");
     // The next one follows the new mode.
-    let (status, body, _) = connect(proxy, &format!("localhost:{}", w.unregistered.port())).await;
+    let (status, body, _) =
+        proxy_connect(proxy, &format!("localhost:{}", w.unregistered.port())).await;
     assert_eq!(status, 403);
     assert!(body.contains("restricted"), "{body}");
 
@@ -859,8 +817,8 @@ async fn tunnels_count_against_the_connection_limit() {
     .await;
     let proxy = sluice.http_proxy_addr();
     let target = format!("localhost:{}", tls.port());
-    let (s1, _, t1) = connect(proxy, &target).await;
-    let (s2, _, t2) = connect(proxy, &target).await;
+    let (s1, _, t1) = proxy_connect(proxy, &target).await;
+    let (s2, _, t2) = proxy_connect(proxy, &target).await;
     assert_eq!((s1, s2), (200, 200));
     let _open = (
         tls_through(t1, "localhost").await.unwrap(),
@@ -928,7 +886,7 @@ async fn a_proxy_bound_everywhere_refuses_itself() {
     )
     .await;
     let (status, body, _) =
-        connect(([127, 0, 0, 1], port).into(), &format!("127.0.0.1:{port}")).await;
+        proxy_connect(([127, 0, 0, 1], port).into(), &format!("127.0.0.1:{port}")).await;
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("this proxy itself"), "{body}");
     drop(sluice);
@@ -997,7 +955,7 @@ async fn sigterm_closes_open_tunnels_at_the_drain_deadline() {
     )
     .await;
     let proxy = sluice.http_proxy_addr();
-    let (status, _, s) = connect(proxy, &format!("localhost:{}", tls.port())).await;
+    let (status, _, s) = proxy_connect(proxy, &format!("localhost:{}", tls.port())).await;
     assert_eq!(status, 200);
     let mut open = tls_through(s, "localhost").await.unwrap();
     let started = std::time::Instant::now();

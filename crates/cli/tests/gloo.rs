@@ -11,26 +11,6 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Sends `CONNECT target` and returns the status and the open stream.
-async fn connect(proxy: SocketAddr, target: &str) -> (u16, TcpStream) {
-    let mut s = TcpStream::connect(proxy).await.unwrap();
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(DEFAULT_TIMEOUT, s.read(&mut byte))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "closed before a response head");
-        head.push(byte[0]);
-    }
-    let status = String::from_utf8_lossy(&head[9..12]).parse().unwrap();
-    (status, s)
-}
-
 fn endpoint(name: &str, labels: &str, port_name: &str, addr: SocketAddr) -> String {
     format!(
         "apiVersion: networking.gloo.solo.io/v2
@@ -91,7 +71,7 @@ spec:
     let proxy = sluice.http_proxy_addr();
 
     for i in 0..4 {
-        let (status, mut tunnel) = connect(proxy, "orders-db.internal:5432").await;
+        let (status, _, mut tunnel) = proxy_connect(proxy, "orders-db.internal:5432").await;
         assert_eq!(status, 200);
         let ping = format!("ping {i}");
         tunnel.write_all(ping.as_bytes()).await.unwrap();
@@ -102,9 +82,9 @@ spec:
     // Round robin over exactly the two selected endpoints.
     assert_eq!((eu.accepted(), us.accepted(), stray.accepted()), (2, 2, 0));
     // The endpoints' own addresses are not names of the service.
-    let (status, _) = connect(proxy, &eu.addr().to_string()).await;
+    let (status, _, _) = proxy_connect(proxy, &eu.addr().to_string()).await;
     assert_eq!(status, 403);
-    let (status, _) = connect(proxy, "orders-db.internal:5433").await;
+    let (status, _, _) = proxy_connect(proxy, "orders-db.internal:5433").await;
     assert_eq!(status, 403);
     let logged = wait_until(DEFAULT_TIMEOUT, || {
         sluice

@@ -283,27 +283,6 @@ async fn backyards_httpbin_entry_opens_both_hosts_on_port_80_only() {
     assert!(logged, "{:?}", sluice.access_log_lines());
 }
 
-/// Sends `CONNECT target` and returns the status and the open stream.
-async fn connect(proxy: std::net::SocketAddr, target: &str) -> (u16, tokio::net::TcpStream) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(DEFAULT_TIMEOUT, s.read(&mut byte))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "closed before a response head");
-        head.push(byte[0]);
-    }
-    let status = String::from_utf8_lossy(&head[9..12]).parse().unwrap();
-    (status, s)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resolution_none_dials_the_name_it_checked_never_an_address_the_app_chose() {
     let origin = public_tls_origin("googleapis").await;
@@ -331,7 +310,7 @@ spec:
     let config = ClientTls::default().build();
 
     // A name under the wildcard: resolved by the proxy, and the hello must name it.
-    let (status, tunnel) = connect(proxy, "www.googleapis.com:443").await;
+    let (status, _, tunnel) = proxy_connect(proxy, "www.googleapis.com:443").await;
     assert_eq!(status, 200);
     let name = rustls::pki_types::ServerName::try_from("www.googleapis.com").unwrap();
     let tls = tokio::time::timeout(
@@ -350,10 +329,10 @@ spec:
 
     // Istio's hole: the address of the origin with an allowed SNI. Not an address the entry
     // names, so refused before any byte moves.
-    let (status, _) = connect(proxy, &origin.addr().to_string()).await;
+    let (status, _, _) = proxy_connect(proxy, &origin.addr().to_string()).await;
     assert_eq!(status, 403);
     // A hello that names another host under the same wildcard than the tunnel's.
-    let (status, tunnel) = connect(proxy, "www.googleapis.com:443").await;
+    let (status, _, tunnel) = proxy_connect(proxy, "www.googleapis.com:443").await;
     assert_eq!(status, 200);
     let other = rustls::pki_types::ServerName::try_from("storage.googleapis.com").unwrap();
     let refused = tokio::time::timeout(
@@ -365,7 +344,7 @@ spec:
     assert!(refused.is_err());
     // Names outside the wildcard, and the bare domain.
     for target in ["googleapis.com:443", "www.googleapis.com.evil.example:443"] {
-        let (status, _) = connect(proxy, target).await;
+        let (status, _, _) = proxy_connect(proxy, target).await;
         assert_eq!(status, 403, "{target}");
     }
     assert_eq!(origin.handshakes(), handshakes);

@@ -306,6 +306,59 @@ async fn dial(shared: &Shared, addr: SocketAddr) -> Result<TcpStream, (StatusCod
     }
 }
 
+/// The address `host:port` resolves to that the policy lets bytes go to.
+async fn checked(
+    shared: &Shared,
+    state: &State,
+    host: &Host,
+    port: u16,
+    req: &Request<Incoming>,
+) -> Result<SocketAddr, Refusal> {
+    match checked_address(shared, state, host, port).await {
+        Ok(a) => Ok(a),
+        Err(Ok(denied)) => Err(Refusal::denied(req, &denied)),
+        Err(Err(msg)) => Err(Refusal::upstream(req, StatusCode::BAD_GATEWAY, msg)),
+    }
+}
+
+/// A connection upstream and its address as logged.
+type Stream = (Box<dyn crate::upstream::Io>, Arc<str>);
+
+/// A connection to an address that was checked.
+async fn dial_checked(
+    shared: &Shared,
+    addr: SocketAddr,
+    req: &Request<Incoming>,
+) -> Result<Stream, Refusal> {
+    let stream = dial(shared, addr)
+        .await
+        .map_err(|(s, m)| Refusal::upstream(req, s, m))?;
+    Ok((Box::new(stream), Arc::from(addr.to_string())))
+}
+
+/// A connection to one of `service`'s endpoints, picked by its load balancer.
+async fn to_endpoints_of(
+    state: &State,
+    service: &Arc<str>,
+    req: &Request<Incoming>,
+) -> Result<Stream, Refusal> {
+    let Some(connector) = state.connectors.get(service) else {
+        return Err(Refusal::upstream(
+            req,
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("external service {service} is not ready"),
+        ));
+    };
+    match connector.connect().await {
+        Ok(u) => Ok((u.io, u.info.address)),
+        Err(e) => Err(Refusal::upstream(
+            req,
+            crate::http::status_for(e.kind),
+            e.message,
+        )),
+    }
+}
+
 async fn connect(
     req: Request<Incoming>,
     peer: SocketAddr,
@@ -346,36 +399,11 @@ async fn connect(
         }) => (service.clone(), *protocol != Protocol::Tls, *endpoints),
         Decision::Passthrough => (Arc::from("passthrough"), true, false),
     };
-    let (upstream, upstream_address): (Box<dyn crate::upstream::Io>, Arc<str>) = if to_endpoints {
-        let Some(connector) = state.connectors.get(&service) else {
-            return Err(Refusal::upstream(
-                &req,
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("external service {service} is not ready"),
-            ));
-        };
-        match connector.connect().await {
-            Ok(u) => (u.io, u.info.address),
-            Err(e) => {
-                return Err(Refusal::upstream(
-                    &req,
-                    crate::http::status_for(e.kind),
-                    e.message,
-                ))
-            }
-        }
+    let (upstream, upstream_address) = if to_endpoints {
+        to_endpoints_of(state, &service, &req).await?
     } else {
-        let addr = match checked_address(shared, state, &host, port).await {
-            Ok(a) => a,
-            Err(Ok(denied)) => return Err(Refusal::denied(&req, &denied)),
-            Err(Err(msg)) => {
-                return Err(Refusal::upstream(&req, StatusCode::BAD_GATEWAY, msg));
-            }
-        };
-        let stream = dial(shared, addr)
-            .await
-            .map_err(|(s, m)| Refusal::upstream(&req, s, m))?;
-        (Box::new(stream), Arc::from(addr.to_string()))
+        let addr = checked(shared, state, &host, port, &req).await?;
+        dial_checked(shared, addr, &req).await?
     };
     let passthrough = matches!(decision, Decision::Passthrough);
     let shared = shared.clone();
@@ -749,51 +777,20 @@ async fn absolute(
             };
             // A TCP service with endpoints carries the request to them; anything else goes to
             // the host the app named, resolved and checked here.
-            let connector = match &decision {
+            let (stream, address) = match &decision {
                 Decision::Registered(Opening::Service {
                     endpoints: true, ..
-                }) => match state.connectors.get(&service) {
-                    Some(c) => Some(c.clone()),
-                    None => {
-                        return Err(Refusal::upstream(
-                            &req,
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            format!("external service {service} is not ready"),
-                        ))
-                    }
-                },
-                _ => None,
-            };
-            let (stream, address): (Box<dyn crate::upstream::Io>, Arc<str>) = match connector {
-                Some(connector) => {
+                }) => {
                     count(shared, label, "http");
-                    match connector.connect().await {
-                        Ok(u) => (u.io, u.info.address),
-                        Err(e) => {
-                            return Err(Refusal::upstream(
-                                &req,
-                                crate::http::status_for(e.kind),
-                                e.message,
-                            ))
-                        }
-                    }
+                    to_endpoints_of(state, &service, &req).await?
                 }
-                None => {
-                    let addr = match checked_address(shared, state, &host, port).await {
-                        Ok(a) => a,
-                        Err(Ok(d)) => return Err(Refusal::denied(&req, &d)),
-                        Err(Err(m)) => {
-                            return Err(Refusal::upstream(&req, StatusCode::BAD_GATEWAY, m))
-                        }
-                    };
+                _ => {
+                    let addr = checked(shared, state, &host, port, &req).await?;
                     count(shared, label, "http");
                     if matches!(decision, Decision::Passthrough) {
                         count_passthrough(shared, &host, port);
                     }
-                    let stream = dial(shared, addr)
-                        .await
-                        .map_err(|(s, m)| Refusal::upstream(&req, s, m))?;
-                    (Box::new(stream), Arc::from(addr.to_string()))
+                    dial_checked(shared, addr, &req).await?
                 }
             };
             let started = Instant::now();

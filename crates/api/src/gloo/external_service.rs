@@ -53,15 +53,7 @@ pub fn parse(spec: &At<'_>, d: &mut Diagnostics) -> GlooExternalServiceSpec {
     let hosts = s.get("hosts");
     let addresses = s.get("addresses");
     if let Some(list) = &hosts {
-        for item in list.list(d) {
-            if let Some(h) = crate::istio::host_pattern(&item, d) {
-                if out.hosts.contains(&h) {
-                    d.error(item.path(), format!("{h:?} is listed twice; keep one"));
-                } else {
-                    out.hosts.push(h);
-                }
-            }
-        }
+        out.hosts = crate::istio::host_list(list, d);
     }
     if let Some(list) = &addresses {
         for item in list.list(d) {
@@ -96,20 +88,8 @@ pub fn parse(spec: &At<'_>, d: &mut Diagnostics) -> GlooExternalServiceSpec {
             let Some(p) = parse_port(&item, d) else {
                 continue;
             };
-            if out.ports.iter().any(|q| q.number == p.number) {
-                d.error(
-                    &format!("{}.number", item.path()),
-                    format!("port {} is already defined; give each port once", p.number),
-                );
-            } else if out.ports.iter().any(|q| q.name == p.name) {
-                d.error(
-                    &format!("{}.name", item.path()),
-                    format!(
-                        "port name {:?} is already defined; give each port its own name",
-                        p.name
-                    ),
-                );
-            } else {
+            let known = out.ports.iter().map(|q| (q.number, q.name.as_str()));
+            if crate::istio::new_port(known, p.number, &p.name, item.path(), d) {
                 out.ports.push(p);
             }
         }

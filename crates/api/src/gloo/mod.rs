@@ -11,8 +11,8 @@ mod workspace;
 use serde_json::Value;
 
 use crate::diag::Diagnostics;
-use crate::node::{At, Obj};
-use crate::resource::{Meta, Resource};
+use crate::node::At;
+use crate::resource::Resource;
 
 pub use external_endpoint::{ExternalEndpointResource, ExternalEndpointSpec};
 pub use external_service::{
@@ -60,7 +60,7 @@ pub fn parse(root: &At<'_>, d: &mut Diagnostics) -> Option<Resource> {
             format!("must be {want} for kind {kind}, found {api:?}"),
         );
     }
-    let meta = metadata(&mut top, d);
+    let meta = crate::istio::metadata(&mut top, crate::istio::DEFAULT_NAMESPACE, d);
     let resource = match kind {
         "ExternalService" => {
             let spec = top
@@ -102,35 +102,4 @@ pub fn parse(root: &At<'_>, d: &mut Diagnostics) -> Option<Resource> {
     }
     top.finish(d);
     resource
-}
-
-/// `metadata`, as Kubernetes writes it: the namespace (default `default`) is the mesh.
-fn metadata(top: &mut Obj<'_>, d: &mut Diagnostics) -> Option<Meta> {
-    let mut m = top.required("metadata", d)?.obj(d)?;
-    let name = m.required("name", d).and_then(|n| crate::kuma::name(&n, d));
-    let namespace = m.get("namespace").and_then(|n| crate::kuma::name(&n, d));
-    let labels = m.get("labels").map(|l| l.string_map(d)).unwrap_or_default();
-    if let Some(a) = m.get("annotations") {
-        a.string_map(d);
-    }
-    for key in [
-        "uid",
-        "resourceVersion",
-        "generation",
-        "creationTimestamp",
-        "managedFields",
-    ] {
-        m.allow(key);
-    }
-    m.finish(d);
-    Some(Meta {
-        key: crate::model::ResourceKey {
-            mesh: namespace
-                .clone()
-                .unwrap_or_else(|| crate::istio::DEFAULT_NAMESPACE.to_string()),
-            name: name?,
-        },
-        namespace,
-        labels,
-    })
 }

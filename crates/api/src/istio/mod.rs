@@ -179,7 +179,11 @@ fn ignore_status(top: &mut Obj<'_>, d: &mut Diagnostics) {
 
 /// `metadata`: the namespace is the resource's mesh in Sluice, so that names are unique per
 /// namespace as in Kubernetes.
-fn metadata(top: &mut Obj<'_>, default_namespace: &str, d: &mut Diagnostics) -> Option<Meta> {
+pub(crate) fn metadata(
+    top: &mut Obj<'_>,
+    default_namespace: &str,
+    d: &mut Diagnostics,
+) -> Option<Meta> {
     let mut m = top.required("metadata", d)?.obj(d)?;
     // Both become the resource's key, so both follow the rules for names.
     let name = m.required("name", d).and_then(|n| crate::kuma::name(&n, d));
@@ -239,6 +243,46 @@ pub(crate) fn host_pattern(at: &At<'_>, d: &mut Diagnostics) -> Option<String> {
         return None;
     }
     Some(folded)
+}
+
+/// A list of hosts (`hosts`, `sniHosts`), each once.
+pub(crate) fn host_list(list: &At<'_>, d: &mut Diagnostics) -> Vec<String> {
+    let mut hosts: Vec<String> = Vec::new();
+    for item in list.list(d) {
+        if let Some(h) = host_pattern(&item, d) {
+            if hosts.contains(&h) {
+                d.error(item.path(), format!("{h:?} is listed twice; keep one"));
+            } else {
+                hosts.push(h);
+            }
+        }
+    }
+    hosts
+}
+
+/// Whether a port (`number`, `name`) at `path` is new among `known`; reports it otherwise.
+pub(crate) fn new_port<'a>(
+    mut known: impl Iterator<Item = (u16, &'a str)> + Clone,
+    number: u16,
+    name: &str,
+    path: &str,
+    d: &mut Diagnostics,
+) -> bool {
+    if known.clone().any(|(n, _)| n == number) {
+        d.error(
+            &format!("{path}.number"),
+            format!("port {number} is already defined; give each port once"),
+        );
+        false
+    } else if known.any(|(_, n)| n == name) {
+        d.error(
+            &format!("{path}.name"),
+            format!("port name {name:?} is already defined; give each port its own name"),
+        );
+        false
+    } else {
+        true
+    }
 }
 
 /// Whether `host` (a name) is matched by `pattern` (a name or `*.suffix`): a wildcard matches

@@ -72,22 +72,13 @@ pub fn parse(spec: &At<'_>, d: &mut Diagnostics) -> ServiceEntrySpec {
         return out;
     };
     if let Some(list) = s.required("hosts", d) {
-        let items = list.list(d);
-        if items.is_empty() && list.value.is_array() {
+        if list.value.as_array().is_some_and(Vec::is_empty) {
             d.error(
                 list.path(),
                 "must list at least one host: the name apps call the service by",
             );
         }
-        for item in items {
-            if let Some(h) = super::host_pattern(&item, d) {
-                if out.hosts.contains(&h) {
-                    d.error(item.path(), format!("{h:?} is listed twice; keep one"));
-                } else {
-                    out.hosts.push(h);
-                }
-            }
-        }
+        out.hosts = super::host_list(&list, d);
     }
     let resolution_at = s.get("resolution");
     out.resolution = match resolution_at
@@ -126,20 +117,8 @@ pub fn parse(spec: &At<'_>, d: &mut Diagnostics) -> ServiceEntrySpec {
         }
         for item in items {
             if let Some(p) = parse_port(&item, out.resolution, d) {
-                if out.ports.iter().any(|q| q.number == p.number) {
-                    d.error(
-                        &format!("{}.number", item.path()),
-                        format!("port {} is already defined; give each port once", p.number),
-                    );
-                } else if out.ports.iter().any(|q| q.name == p.name) {
-                    d.error(
-                        &format!("{}.name", item.path()),
-                        format!(
-                            "port name {:?} is already defined; give each port its own name",
-                            p.name
-                        ),
-                    );
-                } else {
+                let known = out.ports.iter().map(|q| (q.number, q.name.as_str()));
+                if crate::istio::new_port(known, p.number, &p.name, item.path(), d) {
                     out.ports.push(p);
                 }
             }

@@ -78,15 +78,7 @@ pub fn parse(spec: &At<'_>, d: &mut Diagnostics) -> Option<VirtualServiceSpec> {
     let mut s = spec.obj(d)?;
     let mut out = VirtualServiceSpec::default();
     if let Some(list) = s.required("hosts", d) {
-        for item in list.list(d) {
-            if let Some(h) = super::host_pattern(&item, d) {
-                if out.hosts.contains(&h) {
-                    d.error(item.path(), format!("{h:?} is listed twice; keep one"));
-                } else {
-                    out.hosts.push(h);
-                }
-            }
-        }
+        out.hosts = super::host_list(&list, d);
     }
     if let Some(g) = s.get("gateways") {
         for item in g.list(d) {

@@ -395,3 +395,47 @@ pub async fn read_exact_in_time<S: tokio::io::AsyncRead + Unpin>(stream: &mut S,
         ),
     }
 }
+
+/// Sends `CONNECT target` to a forward proxy and returns the status code, the body of a
+/// refusal, and the stream after the response head.
+pub async fn proxy_connect(proxy: SocketAddr, target: &str) -> (u16, String, TcpStream) {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let (status, body) = read_response_head(&mut s).await;
+    (status, body, s)
+}
+
+/// Reads a response head (and, for non-2xx, the short body that follows) byte by byte.
+pub async fn read_response_head(s: &mut TcpStream) -> (u16, String) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(DEFAULT_TIMEOUT, s.read(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before a response head: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let status: u16 = head[9..12].parse().unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    if len > 0 {
+        read_exact_in_time(s, &mut body).await;
+    }
+    (status, String::from_utf8_lossy(&body).to_string())
+}

@@ -28,8 +28,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use body::{big_body, body_channel, empty, full, Body, BodySender, BoxError};
 pub use client::{
-    collect_response, half_close_roundtrip, http1_get, http2_get, read_exact_in_time, serves,
-    stops_accepting, H1Client, H2Client, HttpResponse,
+    collect_response, half_close_roundtrip, http1_get, http2_get, proxy_connect,
+    read_exact_in_time, read_response_head, serves, stops_accepting, H1Client, H2Client,
+    HttpResponse,
 };
 pub use origin::{
     closing_listener, silent_listener, start_grpc_origin, start_h2c_grpc_origin,
