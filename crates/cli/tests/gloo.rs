@@ -8,8 +8,7 @@ mod support;
 use std::net::SocketAddr;
 
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
 
 fn endpoint(name: &str, labels: &str, port_name: &str, addr: SocketAddr) -> String {
     format!(
@@ -141,20 +140,7 @@ spec:
     let sluice =
         Sluice::start_with_args(&service(&ca), &["--outbound-traffic-policy", "restricted"]).await;
     let proxy = sluice.http_proxy_addr();
-    let get = || async {
-        let mut s = TcpStream::connect(proxy).await.unwrap();
-        s.write_all(
-            b"GET http://api.internal/orders?id=7 HTTP/1.1\r\nHost: api.internal\r\nConnection: close\r\n\r\n",
-        )
-        .await
-        .unwrap();
-        let mut out = Vec::new();
-        tokio::time::timeout(DEFAULT_TIMEOUT, s.read_to_end(&mut out))
-            .await
-            .unwrap()
-            .unwrap();
-        String::from_utf8_lossy(&out).to_string()
-    };
+    let get = || async { proxy_get(proxy, "http://api.internal/orders?id=7").await.1 };
     let answer = get().await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let seen = origin.last_request().unwrap();

@@ -106,25 +106,6 @@ impl Drop for TestHost {
     }
 }
 
-async fn get(proxy: std::net::SocketAddr, url: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
-    let host = url.trim_start_matches("http://").split('/').next().unwrap();
-    s.write_all(
-        format!("GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(DEFAULT_TIMEOUT, s.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out).to_string();
-    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (status, text)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passthrough_in_allowed_mode_is_logged_and_counted_and_refused_when_restricted() {
     let Some(mut host) = TestHost::create() else {
@@ -138,7 +119,7 @@ async fn passthrough_in_allowed_mode_is_logged_and_counted_and_refused_when_rest
     let sluice = Sluice::start_with_args(yaml, &["--outbound-traffic-policy", "allowed"]).await;
     let proxy = sluice.http_proxy_addr();
     let up = wait_until_async(DEFAULT_TIMEOUT, || async {
-        get(proxy, &url).await.0 == 200
+        proxy_get(proxy, &url).await.0 == 200
     })
     .await;
     assert!(
@@ -146,7 +127,7 @@ async fn passthrough_in_allowed_mode_is_logged_and_counted_and_refused_when_rest
         "the test host's server never answered through the proxy: {}",
         sluice.stderr()
     );
-    let (status, text) = get(proxy, &url).await;
+    let (status, text) = proxy_get(proxy, &url).await;
     assert_eq!(status, 200);
     assert!(text.ends_with("hello from the test host"), "{text}");
     let metrics = sluice.admin_get("/metrics").await.unwrap().text();
@@ -172,7 +153,7 @@ async fn passthrough_in_allowed_mode_is_logged_and_counted_and_refused_when_rest
         &[("SLUICE_TOKEN", &sluice.admin_token())],
     );
     assert!(switched.ok, "{}", switched.stderr);
-    let (status, text) = get(proxy, &url).await;
+    let (status, text) = proxy_get(proxy, &url).await;
     assert_eq!(status, 403, "{text}");
     assert!(
         text.contains(&format!(

@@ -1026,22 +1026,11 @@ networking:
 
     // Through the forward proxy by its real address: plain HTTP to the TLS port is originated,
     // never sent in clear.
-    let mut s = tokio::net::TcpStream::connect(sluice.http_proxy_addr())
-        .await
-        .unwrap();
-    let target = format!("localhost:{}", origin.port());
-    s.write_all(
-        format!("GET http://{target}/by-address HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n")
-            .as_bytes(),
+    let (_, text) = proxy_get(
+        sluice.http_proxy_addr(),
+        &format!("http://localhost:{}/by-address", origin.port()),
     )
-    .await
-    .unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(DEFAULT_TIMEOUT, s.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out);
+    .await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert_eq!(origin.last_request().unwrap().path, "/by-address");
     assert_eq!(

@@ -439,3 +439,23 @@ pub async fn read_response_head(s: &mut TcpStream) -> (u16, String) {
     }
     (status, String::from_utf8_lossy(&body).to_string())
 }
+
+/// `GET url` through a forward proxy on a connection of its own: the status and the whole
+/// answer as text.
+pub async fn proxy_get(proxy: SocketAddr, url: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    let host = url.trim_start_matches("http://").split('/').next().unwrap();
+    s.write_all(
+        format!("GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(DEFAULT_TIMEOUT, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, text)
+}

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use body::{big_body, body_channel, empty, full, Body, BodySender, BoxError};
 pub use client::{
-    collect_response, half_close_roundtrip, http1_get, http2_get, proxy_connect,
+    collect_response, half_close_roundtrip, http1_get, http2_get, proxy_connect, proxy_get,
     read_exact_in_time, read_response_head, serves, stops_accepting, H1Client, H2Client,
     HttpResponse,
 };
