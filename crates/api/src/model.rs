@@ -69,6 +69,9 @@ pub struct ExternalService {
     /// `addresses`).
     pub addresses: Vec<Cidr>,
     pub load_balancer: LoadBalancer,
+    /// How much traffic each endpoint takes, one weight per endpoint in order (Istio's
+    /// `endpoints[].weight`); empty when they all take the same.
+    pub endpoint_weights: Vec<u32>,
 }
 
 /// How a connection picks one of several endpoints.

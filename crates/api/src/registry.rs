@@ -423,6 +423,7 @@ fn external_service(
         hosts: Vec::new(),
         addresses: Vec::new(),
         load_balancer: LoadBalancer::RoundRobin,
+        endpoint_weights: Vec::new(),
     })
 }
 

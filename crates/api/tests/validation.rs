@@ -111,6 +111,10 @@ fn describe(s: &ExternalService) -> String {
     if s.load_balancer != LoadBalancer::RoundRobin {
         text.push_str(&format!("; lb {:?}", s.load_balancer));
     }
+    if !s.endpoint_weights.is_empty() {
+        let w: Vec<String> = s.endpoint_weights.iter().map(ToString::to_string).collect();
+        text.push_str(&format!("; weights {}", w.join(", ")));
+    }
     text
 }
 

@@ -165,6 +165,9 @@ fn service_view(s: &ExternalService) -> Ordered {
         let e: Vec<String> = s.endpoints.iter().map(ToString::to_string).collect();
         m.push(kv("endpoints", json!(e)));
     }
+    if !s.endpoint_weights.is_empty() {
+        m.push(kv("endpointWeights", json!(s.endpoint_weights)));
+    }
     if s.endpoints.len() > 1 {
         m.push(kv(
             "loadBalancer",
@@ -266,6 +269,11 @@ fn kuma(registry: &Registry, notes: &mut Vec<String>) -> Vec<Ordered> {
             notes.push(format!(
                 "{who}: apps call it as {}; Kuma names a MeshExternalService with a HostnameGenerator instead, so those names are not written",
                 names.join(", ")
+            ));
+        }
+        if !s.endpoint_weights.is_empty() {
+            notes.push(format!(
+                "{who}: its endpoint weights have no place in a MeshExternalService; not written"
             ));
         }
         if s.load_balancer != LoadBalancer::RoundRobin {

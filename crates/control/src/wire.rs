@@ -138,6 +138,8 @@ pub struct Service {
     pub addresses: Vec<String>,
     #[prost(enumeration = "LoadBalancer", tag = "9")]
     pub load_balancer: i32,
+    #[prost(uint32, repeated, tag = "10")]
+    pub endpoint_weights: Vec<u32>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -317,6 +319,7 @@ fn service(s: &ExternalService) -> Service {
             ModelLoadBalancer::LeastRequest => LoadBalancer::LeastRequest,
             ModelLoadBalancer::Random => LoadBalancer::Random,
         } as i32,
+        endpoint_weights: s.endpoint_weights.clone(),
     }
 }
 
@@ -466,6 +469,17 @@ fn read_service(s: &Service) -> Result<ExternalService, String> {
         Ok(LoadBalancer::Random) => ModelLoadBalancer::Random,
         Err(_) => return Err(format!("load_balancer: unknown value {}", s.load_balancer)),
     };
+    let weights = &s.endpoint_weights;
+    if !weights.is_empty() && weights.len() != endpoints.len() {
+        return Err(format!(
+            "endpoint_weights: {} weights for {} endpoints; give one per endpoint, or none",
+            weights.len(),
+            endpoints.len()
+        ));
+    }
+    if weights.contains(&0) {
+        return Err("endpoint_weights: a weight is 0; every endpoint weighs at least 1".into());
+    }
     Ok(ExternalService {
         key: ResourceKey {
             mesh: s.mesh.clone(),
@@ -478,6 +492,7 @@ fn read_service(s: &Service) -> Result<ExternalService, String> {
         hosts: s.hosts.clone(),
         addresses,
         load_balancer,
+        endpoint_weights: s.endpoint_weights.clone(),
     })
 }
 
@@ -579,6 +594,9 @@ networking:
             Cidr::parse("2001:db8::5").unwrap(),
         ];
         db.load_balancer = ModelLoadBalancer::LeastRequest;
+        let api = config.services.get_mut("api").unwrap();
+        Arc::make_mut(api).endpoint_weights = vec![3, 1];
+        config.listeners[0].service = api.clone();
         config
     }
 
@@ -619,6 +637,14 @@ networking:
             (
                 Box::new(|s| s.services[0].tls.as_mut().unwrap().mode = 7),
                 "services[0] (default/api): tls.mode: unknown value 7",
+            ),
+            (
+                Box::new(|s| s.services[0].endpoint_weights = vec![1]),
+                "services[0] (default/api): endpoint_weights: 1 weights for 2 endpoints; give one per endpoint, or none",
+            ),
+            (
+                Box::new(|s| s.services[0].endpoint_weights = vec![0, 1]),
+                "services[0] (default/api): endpoint_weights: a weight is 0; every endpoint weighs at least 1",
             ),
             (
                 Box::new(|s| s.outbound_traffic_policy = 5),

@@ -591,6 +591,7 @@ mod tests {
             hosts: vec![],
             addresses: vec![],
             load_balancer: Default::default(),
+            endpoint_weights: Vec::new(),
         }
     }
 

@@ -86,6 +86,8 @@ struct Target {
     server_name: Option<ServerName<'static>>,
     /// Connections to this endpoint handed out and not yet dropped (counted for least request).
     open: Arc<AtomicUsize>,
+    /// Its share of new connections (1 unless the service weighs its endpoints).
+    weight: u64,
 }
 
 /// Connection logic for one external service; shared by every listener that routes to it.
@@ -95,6 +97,9 @@ pub struct Connector {
     /// The same, shared by every access-log line.
     pub log_label: Arc<str>,
     targets: Vec<Target>,
+    /// With weighted endpoints, target indices in the order round robin takes them (each as
+    /// often as its weight, spread out); empty when every endpoint weighs the same.
+    schedule: Vec<usize>,
     tls: Option<TlsConnector>,
     /// Round robin's turn.
     next: AtomicUsize,
@@ -139,9 +144,18 @@ impl Connector {
                         None => None,
                     },
                     open: Arc::default(),
+                    weight: 1,
                 })
             })
             .collect::<Result<Vec<_>, TlsSetupError>>()?;
+        let mut targets = targets;
+        let weights = &service.endpoint_weights;
+        if weights.len() == targets.len() {
+            for (t, w) in targets.iter_mut().zip(weights) {
+                t.weight = u64::from((*w).max(1));
+            }
+        }
+        let schedule = schedule(&targets.iter().map(|t| t.weight).collect::<Vec<_>>());
         let opened = metrics
             .upstream_connections
             .get_or_create(&Metrics::service(&label))
@@ -152,6 +166,7 @@ impl Connector {
             log_label: Arc::from(label.as_str()),
             label,
             targets,
+            schedule,
             next: AtomicUsize::new(0),
             rng: AtomicU64::new(seed()),
             resolver,
@@ -207,15 +222,33 @@ impl Connector {
 
     /// The endpoint to try first, of `n` (at least one).
     fn first(&self, n: usize) -> usize {
+        let schedule = &self.schedule;
         match self.service.load_balancer {
-            LoadBalancer::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % n,
-            LoadBalancer::Random => below((self.random() >> 32) as u32, n),
+            LoadBalancer::RoundRobin if schedule.is_empty() => {
+                self.next.fetch_add(1, Ordering::Relaxed) % n
+            }
+            LoadBalancer::RoundRobin => {
+                schedule[self.next.fetch_add(1, Ordering::Relaxed) % schedule.len()]
+            }
+            LoadBalancer::Random if schedule.is_empty() => below((self.random() >> 32) as u32, n),
+            LoadBalancer::Random => schedule[below((self.random() >> 32) as u32, schedule.len())],
             LoadBalancer::LeastRequest if n == 1 => 0,
-            // Power of two choices: the less loaded of two endpoints, the first on a tie.
+            // Power of two choices: the less loaded of two endpoints (open connections per unit
+            // of weight), the first on a tie; weighted endpoints are drawn by weight.
             LoadBalancer::LeastRequest => {
-                let (a, b) = two_distinct(self.random(), n);
-                let open = |i: usize| self.targets[i].open.load(Ordering::Relaxed);
-                if open(b) < open(a) {
+                let x = self.random();
+                let (a, b) = if schedule.is_empty() {
+                    two_distinct(x, n)
+                } else {
+                    let len = schedule.len();
+                    (
+                        schedule[below(x as u32, len)],
+                        schedule[below((x >> 32) as u32, len)],
+                    )
+                };
+                let load = |i: usize| self.targets[i].open.load(Ordering::Relaxed) as u64;
+                let weight = |i: usize| self.targets[i].weight;
+                if load(b) * weight(a) < load(a) * weight(b) {
                     b
                 } else {
                     a
@@ -402,6 +435,46 @@ fn seed() -> u64 {
         hasher.write_u128(since.as_nanos());
     }
     hasher.finish()
+}
+
+/// The longest weighted schedule: finer weights are scaled down to it.
+const MAX_SCHEDULE: u64 = 1000;
+
+/// Target indices in smooth weighted round-robin order: each index as often as its weight
+/// (scaled so the whole stays within [`MAX_SCHEDULE`]), the heavy ones spread between the
+/// light ones rather than in a run. Empty when all weights are equal.
+fn schedule(weights: &[u64]) -> Vec<usize> {
+    if weights.windows(2).all(|w| w[0] == w[1]) {
+        return Vec::new();
+    }
+    let total: u64 = weights.iter().sum();
+    let scaled: Vec<i64> = weights
+        .iter()
+        .map(|w| {
+            let w = if total > MAX_SCHEDULE {
+                (w * MAX_SCHEDULE / total).max(1)
+            } else {
+                *w
+            };
+            w as i64
+        })
+        .collect();
+    let sum: i64 = scaled.iter().sum();
+    let mut current = vec![0i64; scaled.len()];
+    let mut out = Vec::with_capacity(sum as usize);
+    for _ in 0..sum {
+        for (c, w) in current.iter_mut().zip(&scaled) {
+            *c += w;
+        }
+        let (pick, _) = current
+            .iter()
+            .enumerate()
+            .max_by_key(|(i, c)| (**c, std::cmp::Reverse(*i)))
+            .unwrap_or((0, &0));
+        current[pick] -= sum;
+        out.push(pick);
+    }
+    out
 }
 
 /// `x` scaled to `0..n`: the high half of `x * n`, with a bias below `n / 2^32`.
@@ -614,6 +687,10 @@ mod tests {
         }
 
         fn connector(&self, load_balancer: LoadBalancer) -> Connector {
+            self.weighted(load_balancer, Vec::new())
+        }
+
+        fn weighted(&self, load_balancer: LoadBalancer, endpoint_weights: Vec<u32>) -> Connector {
             let service = ExternalService {
                 key: ResourceKey {
                     mesh: "default".into(),
@@ -633,6 +710,7 @@ mod tests {
                 hosts: vec![],
                 addresses: vec![],
                 load_balancer,
+                endpoint_weights,
             };
             let resolver = TokioResolver::builder_with_config(
                 ResolverConfig::from_parts(None, Vec::new(), Vec::new()),
@@ -870,5 +948,37 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn weighted_schedules_spread_the_heavy_between_the_light() {
+        assert_eq!(schedule(&[1, 1, 1]), Vec::<usize>::new());
+        assert_eq!(schedule(&[3, 1]), [0, 0, 1, 0]);
+        assert_eq!(schedule(&[1, 2, 1]), [1, 0, 2, 1]);
+        let long = schedule(&[5000, 1]);
+        assert!(long.len() <= MAX_SCHEDULE as usize, "{}", long.len());
+        assert_eq!(long.iter().filter(|i| **i == 1).count(), 1);
+    }
+
+    #[tokio::test]
+    async fn weights_share_new_connections() {
+        let mut eps = Endpoints::start(&[true, true]).await;
+        let c = eps.weighted(LoadBalancer::RoundRobin, vec![3, 1]);
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            held.push(eps.connect(&c).await);
+        }
+        assert_eq!(eps.accepted(8).await, [6, 2]);
+
+        // Least request weighs load by weight: with every connection held, the heavy endpoint
+        // ends up with about three times as many.
+        let mut eps = Endpoints::start(&[true, true]).await;
+        let c = eps.weighted(LoadBalancer::LeastRequest, vec![3, 1]);
+        let mut held = Vec::new();
+        for _ in 0..40 {
+            held.push(eps.connect(&c).await);
+        }
+        let counts = eps.accepted(40).await;
+        assert!((26..=34).contains(&counts[0]), "{counts:?}");
     }
 }

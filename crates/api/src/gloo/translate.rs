@@ -234,6 +234,7 @@ fn translate(
                 hosts: group.hosts,
                 addresses: group.addresses,
                 load_balancer: LoadBalancer::RoundRobin,
+                endpoint_weights: Vec::new(),
             });
         }
     }

@@ -55,6 +55,8 @@ pub struct SeEndpoint {
     pub address: EndpointAddress,
     /// Port name of the entry -> the port this endpoint listens on for it.
     pub ports: HashMap<String, u16>,
+    /// Its share of the traffic, against the other endpoints' weights.
+    pub weight: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -63,6 +65,9 @@ pub enum EndpointAddress {
     Dns(String),
     Unix(std::path::PathBuf),
 }
+
+/// Weights are shares: beyond this they say nothing finer.
+pub const MAX_WEIGHT: u32 = 10_000;
 
 const RESOLUTIONS: &str = "NONE, STATIC, DNS, DNS_ROUND_ROBIN or DYNAMIC_DNS";
 
@@ -363,16 +368,19 @@ fn parse_endpoint(
             );
         }
     }
-    if let Some(w) = e.get("weight") {
-        if !matches!(w.value.as_u64(), Some(1..=u64::MAX)) {
-            d.error(w.path(), "must be a whole number of at least 1");
-        } else {
-            d.warn(
-                w.path(),
-                "has no effect: Sluice balances endpoints by the DestinationRule's loadBalancer, not by weight; remove it to silence this",
-            );
-        }
-    }
+    let weight =
+        e.get("weight").and_then(
+            |w| match w.value.as_u64().and_then(|n| u32::try_from(n).ok()) {
+                Some(n @ 1..=MAX_WEIGHT) => Some(n),
+                _ => {
+                    d.error(
+                        w.path(),
+                        format!("must be a whole number from 1 to {MAX_WEIGHT}"),
+                    );
+                    None
+                }
+            },
+        );
     if let Some(l) = e.get("labels") {
         l.string_map(d);
         d.warn(
@@ -404,5 +412,6 @@ fn parse_endpoint(
         path: at.path().to_string(),
         address: address?,
         ports,
+        weight,
     })
 }

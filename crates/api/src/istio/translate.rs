@@ -41,6 +41,7 @@ struct Target {
     endpoints: Vec<Endpoint>,
     tls: Option<TlsOrigination>,
     load_balancer: LoadBalancer,
+    endpoint_weights: Vec<u32>,
 }
 
 /// The internal services, each with the document of the entry that made it.
@@ -150,6 +151,7 @@ pub fn services(
                         hosts,
                         addresses: spec.addresses.clone(),
                         load_balancer: target.load_balancer,
+                        endpoint_weights: target.endpoint_weights,
                     },
                 ));
             }
@@ -295,6 +297,7 @@ fn follow<'a>(
         }
     };
     let endpoints = endpoints(dest_entry, dest_port, &dest_host);
+    let endpoint_weights = weights(dest_entry, &endpoints);
     let rule = find_rule(inputs, mesh, &dest_host);
     let policy = rule.map(|(_, _, r)| r.spec.policy(dest_port.number));
     let load_balancer = policy.and_then(|p| p.load_balancer).unwrap_or_default();
@@ -344,6 +347,7 @@ fn follow<'a>(
         endpoints,
         tls,
         load_balancer,
+        endpoint_weights,
     })
 }
 
@@ -419,6 +423,21 @@ fn find_rule<'a>(
         })
         .max_by_key(|(len, i, _, _)| (*len, std::cmp::Reverse(*i)))
         .map(|(_, i, doc, r)| (i, doc, r))
+}
+
+/// The entry's endpoint weights when they differ (an endpoint without one weighs 1); empty when
+/// all weigh the same, or the endpoints are not the entry's own.
+fn weights(entry: &ServiceEntryResource, endpoints: &[Endpoint]) -> Vec<u32> {
+    let listed = &entry.spec.endpoints;
+    if listed.len() != endpoints.len() {
+        return Vec::new();
+    }
+    let weights: Vec<u32> = listed.iter().map(|e| e.weight.unwrap_or(1)).collect();
+    if weights.windows(2).all(|w| w[0] == w[1]) {
+        Vec::new()
+    } else {
+        weights
+    }
 }
 
 fn endpoints(entry: &ServiceEntryResource, port: &SePort, host: &str) -> Vec<Endpoint> {
