@@ -70,6 +70,14 @@ pub fn services(
     let mut made = Vec::new();
     let mut hosts: HashMap<(Workspace<'_>, &str), Claim<'_>> = HashMap::new();
     let mut ranges: Vec<(Workspace<'_>, Cidr, Claim<'_>)> = Vec::new();
+    // Endpoints are selected within their namespace.
+    let mut endpoints: HashMap<&str, Vec<&ExternalEndpointResource>> = HashMap::new();
+    for e in &inputs.endpoints {
+        endpoints
+            .entry(e.meta.key.mesh.as_str())
+            .or_default()
+            .push(e);
+    }
     for (doc, es) in &inputs.services {
         let mut d = Diagnostics::for_doc((*doc).clone());
         let namespace = es.meta.key.mesh.as_str();
@@ -129,7 +137,7 @@ pub fn services(
         }
         if !claimed {
             made.extend(
-                translate(inputs, es, credentials, &mut d)
+                translate(&endpoints, es, credentials, &mut d)
                     .into_iter()
                     .map(|s| ((*doc).clone(), s)),
             );
@@ -149,7 +157,7 @@ struct Group {
 }
 
 fn translate(
-    inputs: &Inputs<'_>,
+    endpoints: &HashMap<&str, Vec<&ExternalEndpointResource>>,
     es: &GlooExternalServiceResource,
     credentials: &Credentials<'_>,
     d: &mut Diagnostics,
@@ -159,14 +167,14 @@ fn translate(
     let selected: Vec<&ExternalEndpointResource> = match &spec.selector {
         None => Vec::new(),
         Some(labels) if labels.is_empty() => Vec::new(),
-        Some(labels) => inputs
-            .endpoints
-            .iter()
+        Some(labels) => endpoints
+            .get(namespace)
+            .into_iter()
+            .flatten()
             .filter(|e| {
-                e.meta.key.mesh == namespace
-                    && labels
-                        .iter()
-                        .all(|(k, v)| e.meta.labels.iter().any(|(l, w)| l == k && w == v))
+                labels
+                    .iter()
+                    .all(|(k, v)| e.meta.labels.iter().any(|(l, w)| l == k && w == v))
             })
             .copied()
             .collect(),

@@ -19,9 +19,9 @@ use crate::model::{
 use crate::resource::{Pem, SecretResource};
 
 use super::destination_rule::{ClientTls, DestinationRuleResource, TlsMode};
+use super::host_covers;
 use super::service_entry::{EndpointAddress, Resolution, SePort, ServiceEntryResource};
 use super::virtual_service::{Route, RouteKind, VirtualServiceResource};
-use super::{host_covers, host_matches};
 
 /// The Istio resources of every namespace, each with its document; only valid ones.
 #[derive(Default)]
@@ -29,6 +29,98 @@ pub struct Inputs<'a> {
     pub entries: Vec<(&'a DocRef, &'a ServiceEntryResource)>,
     pub rules: Vec<(&'a DocRef, &'a DestinationRuleResource)>,
     pub virtual_services: Vec<(&'a DocRef, &'a VirtualServiceResource)>,
+}
+
+/// Resources by the hosts they name, per namespace: exact names by lookup, wildcards in order.
+struct Hosts<'a> {
+    exact: HashMap<(&'a str, &'a str), Vec<usize>>,
+    wild: HashMap<&'a str, Vec<(&'a str, usize)>>,
+}
+
+impl<'a> Hosts<'a> {
+    fn new(items: impl Iterator<Item = (&'a str, &'a str, usize)>) -> Self {
+        let mut hosts = Hosts {
+            exact: HashMap::new(),
+            wild: HashMap::new(),
+        };
+        for (mesh, host, i) in items {
+            if host.starts_with('*') {
+                hosts.wild.entry(mesh).or_default().push((host, i));
+            } else {
+                hosts.exact.entry((mesh, host)).or_default().push(i);
+            }
+        }
+        hosts
+    }
+
+    /// What names `host` exactly, in order, then the wildcards that cover it, in order, each
+    /// with the pattern it matched by.
+    fn matching<'s>(
+        &'s self,
+        mesh: &'s str,
+        host: &'s str,
+    ) -> impl Iterator<Item = (&'s str, usize)> + 's {
+        let exact = self
+            .exact
+            .get_key_value(&(mesh, host))
+            .into_iter()
+            .flat_map(|((_, h), list)| list.iter().map(move |i| (*h, *i)));
+        let wild = self
+            .wild
+            .get(mesh)
+            .into_iter()
+            .flatten()
+            .filter(move |(p, _)| host_covers(p, host))
+            .copied();
+        exact.chain(wild)
+    }
+
+    /// Whether anything names a host that `pattern` covers or that covers it.
+    fn touches(&self, mesh: &str, pattern: &str) -> bool {
+        let wild = self.wild.get(mesh).into_iter().flatten();
+        if pattern.starts_with('*') {
+            wild.clone()
+                .any(|(p, _)| host_covers(p, pattern) || host_covers(pattern, p))
+                || self
+                    .exact
+                    .keys()
+                    .any(|(m, h)| *m == mesh && host_covers(pattern, h))
+        } else {
+            self.exact.contains_key(&(mesh, pattern))
+                || wild.clone().any(|(p, _)| host_covers(p, pattern))
+        }
+    }
+}
+
+/// The inputs indexed by host, built once.
+struct Indexed<'a> {
+    entries: Hosts<'a>,
+    virtual_services: Hosts<'a>,
+    rules: Hosts<'a>,
+}
+
+impl<'a> Indexed<'a> {
+    fn new(inputs: &'a Inputs<'a>) -> Self {
+        Indexed {
+            entries: Hosts::new(inputs.entries.iter().enumerate().flat_map(|(i, (_, e))| {
+                e.spec
+                    .hosts
+                    .iter()
+                    .map(move |h| (e.meta.key.mesh.as_str(), h.as_str(), i))
+            })),
+            virtual_services: Hosts::new(inputs.virtual_services.iter().enumerate().flat_map(
+                |(i, (_, vs))| {
+                    vs.spec
+                        .hosts
+                        .iter()
+                        .map(move |h| (vs.meta.key.mesh.as_str(), h.as_str(), i))
+                },
+            )),
+            rules: Hosts::new(inputs.rules.iter().enumerate().filter_map(|(i, (_, r))| {
+                Some((r.meta.key.mesh.as_str(), r.spec.host.as_deref()?, i))
+            })),
+        }
+    }
 }
 
 /// Finds the Secret `credentialName` names for a rule in `mesh` (its namespace).
@@ -51,6 +143,7 @@ pub fn services(
     out: &mut Vec<Diagnostic>,
 ) -> Vec<(DocRef, ExternalService)> {
     let mut report = Report::default();
+    let index = Indexed::new(inputs);
     let mut used_routes: HashSet<(usize, usize)> = HashSet::new();
     let mut used_tls: HashSet<(usize, u16)> = HashSet::new();
     let mut made = Vec::new();
@@ -95,6 +188,7 @@ pub fn services(
             for host in &spec.hosts {
                 let target = follow(
                     inputs,
+                    &index,
                     (doc, entry),
                     port,
                     host,
@@ -161,14 +255,7 @@ pub fn services(
     for (vi, (doc, vs)) in inputs.virtual_services.iter().enumerate() {
         let mesh = vs.meta.key.mesh.as_str();
         for host in &vs.spec.hosts {
-            let known = inputs.entries.iter().any(|(_, e)| {
-                e.meta.key.mesh == mesh
-                    && e.spec
-                        .hosts
-                        .iter()
-                        .any(|h| host_covers(h, host) || host_covers(host, h))
-            });
-            if !known {
+            if !index.entries.touches(mesh, host) {
                 report.at(doc).warn(
                     "spec.hosts",
                     format!("no ServiceEntry in namespace {mesh:?} has host {host:?}, so its routes have no effect; add a ServiceEntry for it"),
@@ -191,14 +278,7 @@ pub fn services(
         let spec = &rule.spec;
         let Some(host) = &spec.host else { continue };
         let mesh = rule.meta.key.mesh.as_str();
-        let known = inputs.entries.iter().any(|(_, e)| {
-            e.meta.key.mesh == mesh
-                && e.spec
-                    .hosts
-                    .iter()
-                    .any(|h| host_covers(host, h) || host_covers(h, host))
-        });
-        if !known {
+        if !index.entries.touches(mesh, host) {
             report.at(doc).warn(
                 "spec.host",
                 format!("no ServiceEntry in namespace {mesh:?} has host {host:?}, so the rule has no effect; add a ServiceEntry for it"),
@@ -252,6 +332,7 @@ impl Report {
 #[allow(clippy::too_many_arguments)]
 fn follow<'a>(
     inputs: &Inputs<'a>,
+    index: &Indexed<'_>,
     (doc, entry): (&DocRef, &ServiceEntryResource),
     port: &SePort,
     host: &str,
@@ -261,7 +342,7 @@ fn follow<'a>(
     report: &mut Report,
 ) -> Option<Target> {
     let mesh = entry.meta.key.mesh.as_str();
-    let route = find_route(inputs, mesh, host, port);
+    let route = find_route(inputs, index, mesh, host, port);
     let (dest_host, dest_port, dest_entry, route_at) = match route {
         None => (host.to_string(), port, entry, None),
         Some((vi, ri, route)) => {
@@ -269,17 +350,13 @@ fn follow<'a>(
             let vs_doc = inputs.virtual_services[vi].0;
             let dest = &route.destination;
             let number = dest.port.unwrap_or(port.number);
-            let found = inputs.entries.iter().find_map(|(_, e)| {
-                (e.meta.key.mesh == mesh
-                    && e.spec.hosts.iter().any(|h| host_matches(h, &dest.host)))
-                .then(|| {
-                    e.spec
-                        .ports
-                        .iter()
-                        .find(|p| p.number == number)
-                        .map(|p| (*e, p))
-                })
-                .flatten()
+            let found = index.entries.matching(mesh, &dest.host).find_map(|(_, i)| {
+                let e = inputs.entries[i].1;
+                e.spec
+                    .ports
+                    .iter()
+                    .find(|p| p.number == number)
+                    .map(|p| (e, p))
             });
             let Some((dest_entry, dest_port)) = found else {
                 report.at(vs_doc).error(
@@ -298,7 +375,7 @@ fn follow<'a>(
     };
     let endpoints = endpoints(dest_entry, dest_port, &dest_host);
     let endpoint_weights = weights(dest_entry, &endpoints);
-    let rule = find_rule(inputs, mesh, &dest_host);
+    let rule = find_rule(inputs, index, mesh, &dest_host);
     let policy = rule.map(|(_, _, r)| r.spec.policy(dest_port.number));
     let load_balancer = policy.and_then(|p| p.load_balancer).unwrap_or_default();
     let mut tls = None;
@@ -364,6 +441,7 @@ fn port_index(entry: &ServiceEntryResource, port: &SePort) -> usize {
 /// exactly, else from the first whose wildcard covers it.
 fn find_route<'a>(
     inputs: &'a Inputs<'a>,
+    index: &Indexed<'_>,
     mesh: &str,
     host: &str,
     port: &SePort,
@@ -373,20 +451,8 @@ fn find_route<'a>(
         Protocol::Tls => &[RouteKind::Tls, RouteKind::Tcp],
         _ => &[RouteKind::Tcp],
     };
-    let candidates = inputs
-        .virtual_services
-        .iter()
-        .enumerate()
-        .filter(|(_, (_, vs))| vs.meta.key.mesh == mesh);
-    let exact = candidates
-        .clone()
-        .find(|(_, (_, vs))| vs.spec.hosts.iter().any(|h| h == host));
-    let wildcard = || {
-        candidates
-            .clone()
-            .find(|(_, (_, vs))| vs.spec.hosts.iter().any(|h| host_covers(h, host)))
-    };
-    let (vi, (_, vs)) = exact.or_else(wildcard)?;
+    let (_, vi) = index.virtual_services.matching(mesh, host).next()?;
+    let vs = inputs.virtual_services[vi].1;
     for kind in kinds {
         for (ri, route) in vs.spec.routes.iter().enumerate() {
             if route.kind != *kind {
@@ -409,20 +475,22 @@ fn find_route<'a>(
 /// The rule for `host`: the one naming it exactly, else the most specific wildcard.
 fn find_rule<'a>(
     inputs: &'a Inputs<'a>,
+    index: &Indexed<'_>,
     mesh: &str,
     host: &str,
 ) -> Option<(usize, &'a DocRef, &'a DestinationRuleResource)> {
-    inputs
+    let exact = index
         .rules
-        .iter()
-        .enumerate()
-        .filter(|(_, (_, r))| r.meta.key.mesh == mesh)
-        .filter_map(|(i, (doc, r))| {
-            let h = r.spec.host.as_deref()?;
-            host_covers(h, host).then_some((h.len(), i, *doc, *r))
-        })
-        .max_by_key(|(len, i, _, _)| (*len, std::cmp::Reverse(*i)))
-        .map(|(_, i, doc, r)| (i, doc, r))
+        .matching(mesh, host)
+        .find(|(p, _)| !p.starts_with('*'));
+    let (_, i) = exact.or_else(|| {
+        index
+            .rules
+            .matching(mesh, host)
+            .max_by_key(|(p, i)| (p.len(), std::cmp::Reverse(*i)))
+    })?;
+    let (doc, rule) = inputs.rules[i];
+    Some((i, doc, rule))
 }
 
 /// The entry's endpoint weights when they differ (an endpoint without one weighs 1); empty when
