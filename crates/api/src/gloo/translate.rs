@@ -70,13 +70,15 @@ pub fn services(
     let mut made = Vec::new();
     let mut hosts: HashMap<(Workspace<'_>, &str), Claim<'_>> = HashMap::new();
     let mut ranges: Vec<(Workspace<'_>, Cidr, Claim<'_>)> = Vec::new();
-    // Endpoints are selected within their namespace.
-    let mut endpoints: HashMap<&str, Vec<&ExternalEndpointResource>> = HashMap::new();
+    // Endpoints are selected within their namespace, by label: indexed by each label they carry.
+    let mut endpoints: Labelled<'_> = HashMap::new();
     for e in &inputs.endpoints {
-        endpoints
-            .entry(e.meta.key.mesh.as_str())
-            .or_default()
-            .push(e);
+        for (k, v) in &e.meta.labels {
+            endpoints
+                .entry((e.meta.key.mesh.as_str(), k.as_str(), v.as_str()))
+                .or_default()
+                .push(e);
+        }
     }
     for (doc, es) in &inputs.services {
         let mut d = Diagnostics::for_doc((*doc).clone());
@@ -156,8 +158,11 @@ struct Group {
     label: String,
 }
 
+/// ExternalEndpoints by (namespace, label name, label value), in document order.
+type Labelled<'a> = HashMap<(&'a str, &'a str, &'a str), Vec<&'a ExternalEndpointResource>>;
+
 fn translate(
-    endpoints: &HashMap<&str, Vec<&ExternalEndpointResource>>,
+    endpoints: &Labelled<'_>,
     es: &GlooExternalServiceResource,
     credentials: &Credentials<'_>,
     d: &mut Diagnostics,
@@ -167,17 +172,20 @@ fn translate(
     let selected: Vec<&ExternalEndpointResource> = match &spec.selector {
         None => Vec::new(),
         Some(labels) if labels.is_empty() => Vec::new(),
-        Some(labels) => endpoints
-            .get(namespace)
-            .into_iter()
-            .flatten()
-            .filter(|e| {
-                labels
-                    .iter()
-                    .all(|(k, v)| e.meta.labels.iter().any(|(l, w)| l == k && w == v))
-            })
-            .copied()
-            .collect(),
+        Some(labels) => {
+            let (k, v) = &labels[0];
+            endpoints
+                .get(&(namespace, k.as_str(), v.as_str()))
+                .into_iter()
+                .flatten()
+                .filter(|e| {
+                    labels[1..]
+                        .iter()
+                        .all(|(k, v)| e.meta.labels.iter().any(|(l, w)| l == k && w == v))
+                })
+                .copied()
+                .collect()
+        }
     };
     if let Some(labels) = spec.selector.as_ref().filter(|l| !l.is_empty()) {
         if selected.is_empty() {
