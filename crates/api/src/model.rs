@@ -122,6 +122,16 @@ impl Cidr {
                 cidr.network()
             ));
         }
+        // An IPv4 range written in IPv6's mapped form is that IPv4 range: connections are
+        // checked by their IPv4 address.
+        if let (IpAddr::V6(v6), true) = (ip, prefix >= 96) {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return Ok(Cidr {
+                    ip: IpAddr::V4(v4),
+                    prefix: prefix - 96,
+                });
+            }
+        }
         Ok(cidr)
     }
 
@@ -407,11 +417,14 @@ mod tests {
             ("0.0.0.0/0", "8.8.8.8", "::1"),
             ("2001:db8::/32", "2001:db8:ffff::1", "2001:db9::1"),
             ("fd00::1", "fd00::1", "10.0.0.1"),
+            ("::ffff:10.0.0.0/104", "10.1.2.3", "11.0.0.1"),
         ] {
             let c = Cidr::parse(text).unwrap();
             assert!(c.contains(ip(inside)), "{text} holds {inside}");
             assert!(!c.contains(ip(outside)), "{text} lacks {outside}");
-            assert_eq!(c.to_string(), text);
+            if !text.starts_with("::ffff:") {
+                assert_eq!(c.to_string(), text);
+            }
         }
         for (text, error) in [
             (

@@ -308,18 +308,11 @@ fn resolve_located(located: &[&Located], out: &mut Vec<Diagnostic>) -> Registry 
         }
         out.extend(d.into_vec());
     }
+    // A Secret of the rule's (or the ExternalService's) own namespace.
     let credentials = |mesh: &str, name: &str| {
-        match secrets.find(mesh, name, "credentialName") {
-            Ok(found) => Ok(found.copied()),
-            // Istio looks in the rule's namespace, which a Kubernetes Secret records.
-            Err(message) => secrets
-                .by_key
-                .iter()
-                .find(|(k, _)| k.name == name)
-                .and_then(|(_, s)| s.filter(|s| s.meta.namespace.as_deref() == Some(mesh)))
-                .map(Some)
-                .ok_or(message),
-        }
+        secrets
+            .find(mesh, name, "credentialName")
+            .map(|found| found.copied())
     };
     for (doc, service) in istio::translate::services(&istio, &credentials, out) {
         let mut d = Diagnostics::for_doc(doc.clone());

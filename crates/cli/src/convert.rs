@@ -385,7 +385,9 @@ fn kuma_tls(
         {
             return json!({"secret": name});
         }
-        if public && m.file.is_none() {
+        // Certificates are public; a bundle that also holds a key is not.
+        let holds_key = sluice_api::resource::Pem::PrivateKey.found_in(&m.pem);
+        if public && m.file.is_none() && !holds_key {
             if let Ok(text) = std::str::from_utf8(&m.pem) {
                 return json!({"inlineString": text});
             }

@@ -81,6 +81,10 @@ pub struct ProxyFlags {
     /// A TCP outbound connection with no bytes moving either way for this long is closed.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     tcp_idle_timeout: Duration,
+    /// The directory certificate and key files named by resources (Istio's caCertificates,
+    /// clientCertificate, privateKey) must be in; without it the proxy reads no such file.
+    #[arg(long)]
+    tls_file_dir: Option<PathBuf>,
 }
 
 pub fn parse_mode(s: &str) -> Result<Mode, String> {
@@ -199,6 +203,7 @@ pub async fn start_proxy(
         tcp_idle_timeout: flags.tcp_idle_timeout,
         outbound_traffic_policy: flags.outbound_traffic_policy,
         dns_server: flags.dns_server,
+        tls_file_dir: flags.tls_file_dir.clone(),
     };
     let metrics = Arc::new(Metrics::default());
     let proxy = Arc::new(Proxy::new(settings, metrics, access_log).map_err(anyhow::Error::msg)?);

@@ -288,6 +288,9 @@ spec:
         indented(&key)
     );
     let key_body = key.lines().nth(1).unwrap();
+    // A certificate bundle that carries its key too is kept out as well.
+    let bundle = format!("{}{key}", pki().client.cert_pem);
+    let yaml = yaml.replacen(&indented(&pki().client.cert_pem), &indented(&bundle), 1);
     for to in ["sluice", "kuma"] {
         let out = sluice(&["convert", "--to", to, "-f", "-"], Some(&yaml));
         assert!(out.status.success(), "{}", text(&out.stderr));

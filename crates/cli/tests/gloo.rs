@@ -108,7 +108,7 @@ async fn reloads(sluice: &Sluice, result: &str) -> f64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_side_tls_reads_its_ca_file_and_a_missing_file_keeps_the_last_config() {
+async fn client_side_tls_reads_its_ca_file_only_under_the_tls_file_dir() {
     let origin = start_tls_origin("api").await;
     let dir = TempDir::new("gloo-tls");
     let ca = dir.join("ca.pem");
@@ -137,8 +137,16 @@ spec:
             endpoint("api-1", "app: api", "https", origin.addr())
         )
     };
-    let sluice =
-        Sluice::start_with_args(&service(&ca), &["--outbound-traffic-policy", "restricted"]).await;
+    let sluice = Sluice::start_with_args(
+        &service(&ca),
+        &[
+            "--outbound-traffic-policy",
+            "restricted",
+            "--tls-file-dir",
+            dir.path().to_str().unwrap(),
+        ],
+    )
+    .await;
     let proxy = sluice.http_proxy_addr();
     let get = || async { proxy_get(proxy, "http://api.internal/orders?id=7").await.1 };
     let answer = get().await;
@@ -151,19 +159,24 @@ spec:
         Some("origin.test")
     );
 
-    // A CA file the proxy cannot read: the change is refused and the last config serves on.
-    let rejected = reloads(&sluice, "rejected").await;
-    sluice.rewrite_config(&service(&dir.join("missing-ca.pem")));
-    let refused = wait_until_async(DEFAULT_TIMEOUT, || async {
-        reloads(&sluice, "rejected").await > rejected
-    })
-    .await;
-    assert!(refused, "{}", sluice.stderr());
-    assert!(
-        sluice.stderr().contains("missing-ca.pem: cannot be read"),
-        "{}",
-        sluice.stderr()
-    );
-    let answer = get().await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // A CA file the proxy cannot read, or one outside --tls-file-dir: the change is refused and
+    // the last config serves on.
+    let elsewhere = TempDir::new("gloo-tls-elsewhere");
+    let outside = elsewhere.join("ca.pem");
+    std::fs::write(&outside, pki().ca_pem()).unwrap();
+    for (file, why) in [
+        (dir.join("missing-ca.pem"), "missing-ca.pem: cannot be read"),
+        (outside, "ca.pem: is outside --tls-file-dir"),
+    ] {
+        let rejected = reloads(&sluice, "rejected").await;
+        sluice.rewrite_config(&service(&file));
+        let refused = wait_until_async(DEFAULT_TIMEOUT, || async {
+            reloads(&sluice, "rejected").await > rejected
+        })
+        .await;
+        assert!(refused, "{}", sluice.stderr());
+        assert!(sluice.stderr().contains(why), "{why}: {}", sluice.stderr());
+        let answer = get().await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
 }

@@ -269,6 +269,13 @@ async fn backyards_httpbin_entry_opens_both_hosts_on_port_80_only() {
         apex.last_request().unwrap().effective_authority(),
         Some("httpbin.org")
     );
+    // An HTTP port takes requests the proxy can read, not tunnels.
+    let (status, body, _) = proxy_connect(sluice.http_proxy_addr(), "httpbin.org:80").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("is an HTTP port of external service"),
+        "{body}"
+    );
     // Port 80 only, and only the entry's hosts.
     assert_eq!(get("http://httpbin.org:8080/get").await.unwrap(), "403");
     assert_eq!(get("http://eu.httpbin.org/get").await.unwrap(), "403");

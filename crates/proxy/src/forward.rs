@@ -377,17 +377,25 @@ async fn connect(
         }) => (service.clone(), *raw_tcp, false),
         // That port is opened for plain HTTP that the proxy sends on as HTTPS; a tunnel there
         // would reach a port of the host that no service opens.
-        Decision::Registered(Opening::Originate { service })
-        | Decision::Registered(Opening::Service {
+        Decision::Registered(Opening::Originate { service }) => {
+            return Err(Refusal::denied(
+                &req,
+                &Denied::BadTarget(format!(
+                    "{host}:{port} is the plain-HTTP port of external service {service}, which originates TLS itself: send http:// requests there, or CONNECT to one of its endpoints"
+                )),
+            ))
+        }
+        // An HTTP port takes requests the proxy reads (absolute form), whose Host it checks; a
+        // tunnel would carry requests it cannot see.
+        Decision::Registered(Opening::Service {
             service,
-            originates: true,
             protocol: Protocol::Http | Protocol::Http2 | Protocol::Grpc,
             ..
         }) => {
             return Err(Refusal::denied(
                 &req,
                 &Denied::BadTarget(format!(
-                    "{host}:{port} is the plain-HTTP port of external service {service}, which originates TLS itself: send http:// requests there, or CONNECT to one of its endpoints"
+                    "{host}:{port} is an HTTP port of external service {service}: send http:// requests there through the proxy, not CONNECT"
                 )),
             ))
         }
@@ -396,7 +404,7 @@ async fn connect(
             protocol,
             endpoints,
             ..
-        }) => (service.clone(), *protocol != Protocol::Tls, *endpoints),
+        }) => (service.clone(), *protocol == Protocol::Tcp, *endpoints),
         Decision::Passthrough => (Arc::from("passthrough"), true, false),
     };
     let (upstream, upstream_address) = if to_endpoints {

@@ -12,6 +12,19 @@ pub fn pinned(_host: &str, _port: u16) -> Option<SocketAddr> {
     None
 }
 
+/// Says, once at start, that names are pinned: only a test build can.
+#[cfg(not(feature = "test-overrides"))]
+pub fn announce() {}
+
+#[cfg(feature = "test-overrides")]
+pub fn announce() {
+    if let Ok(pins) = std::env::var("SLUICE_TEST_CONNECT_TO") {
+        if !pins.is_empty() {
+            tracing::warn!(%pins, "this is a test build: SLUICE_TEST_CONNECT_TO sends these names to fixed addresses, unchecked; never run it in production");
+        }
+    }
+}
+
 #[cfg(feature = "test-overrides")]
 pub fn pinned(host: &str, port: u16) -> Option<SocketAddr> {
     use std::collections::HashMap;

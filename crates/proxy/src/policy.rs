@@ -184,11 +184,20 @@ impl Table {
                         list.push((suffix.to_string(), opening()));
                     }
                 }
-                None => {
-                    self.names
-                        .entry((host.clone(), port))
-                        .or_insert_with(opening);
-                }
+                None => match self.names.entry((host.clone(), port)) {
+                    std::collections::hash_map::Entry::Occupied(first) => {
+                        tracing::warn!(
+                            host = %host,
+                            port,
+                            first = %first.get().service(),
+                            shadowed = %service_label(&service.key),
+                            "two external services open one host and port; the first takes the traffic"
+                        );
+                    }
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(opening());
+                    }
+                },
             }
         }
         for cidr in &service.addresses {

@@ -49,6 +49,9 @@ pub struct Settings {
     pub outbound_traffic_policy: Mode,
     /// A DNS server to ask instead of the system's resolver configuration.
     pub dns_server: Option<SocketAddr>,
+    /// The directory certificate and key files named by resources must be in (Istio's
+    /// `caCertificates`, `clientCertificate`, `privateKey`); without it no file is read.
+    pub tls_file_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Settings {
@@ -62,6 +65,7 @@ impl Default for Settings {
             tcp_idle_timeout: Duration::from_secs(3600),
             outbound_traffic_policy: Mode::Allowed,
             dns_server: None,
+            tls_file_dir: None,
         }
     }
 }
@@ -202,6 +206,7 @@ impl Proxy {
         let resolver = builder
             .build()
             .map_err(|e| format!("cannot start the DNS resolver: {e}"))?;
+        crate::pins::announce();
         let settings_mode = settings.outbound_traffic_policy;
         Ok(Self {
             shared: Arc::new(Shared {
@@ -484,6 +489,7 @@ impl Proxy {
             self.resolver.clone(),
             self.shared.settings.upstream,
             self.shared.metrics.clone(),
+            self.shared.settings.tls_file_dir.as_deref(),
         )
         .map_err(|e| e.to_string())?;
         let connector = Arc::new(connector);

@@ -2,6 +2,7 @@
 //! verification modes and `subjectAltNames` narrowing on top of the chain check.
 
 use std::borrow::Cow;
+use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -36,8 +37,9 @@ pub enum TlsSetupError {
 /// PEM files on the proxy's host are no larger than this.
 const MAX_PEM_FILE: u64 = 1024 * 1024;
 
-/// The bytes of `m`: inline, or read from its file now (when the service is applied).
-fn pem_of(m: &Material) -> Result<Cow<'_, [u8]>, TlsSetupError> {
+/// The bytes of `m`: inline, or read now (when the service is applied) from its file, which
+/// must be under `files`, the one directory the proxy reads key material from.
+fn pem_of<'m>(m: &'m Material, files: Option<&Path>) -> Result<Cow<'m, [u8]>, TlsSetupError> {
     let Some(path) = &m.file else {
         return Ok(Cow::Borrowed(&m.pem));
     };
@@ -45,7 +47,22 @@ fn pem_of(m: &Material) -> Result<Cow<'_, [u8]>, TlsSetupError> {
         origin: m.origin.clone(),
         reason,
     };
-    let file = std::fs::File::open(path).map_err(|e| failed(format!("cannot be read: {e}")))?;
+    let Some(dir) = files else {
+        return Err(failed(
+            "the proxy reads no certificate or key files unless told where: start it with --tls-file-dir DIR to read files under DIR".into(),
+        ));
+    };
+    // Both resolved, so neither `..` nor a symbolic link leads out of the directory.
+    let real = std::fs::canonicalize(path).map_err(|e| failed(format!("cannot be read: {e}")))?;
+    let root = std::fs::canonicalize(dir)
+        .map_err(|e| failed(format!("--tls-file-dir {}: {e}", dir.display())))?;
+    if !real.starts_with(&root) {
+        return Err(failed(format!(
+            "is outside --tls-file-dir {}; move it there, or point --tls-file-dir at its directory",
+            dir.display()
+        )));
+    }
+    let file = std::fs::File::open(&real).map_err(|e| failed(format!("cannot be read: {e}")))?;
     let mut bytes = Vec::new();
     std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_PEM_FILE + 1), &mut bytes)
         .map_err(|e| failed(format!("cannot be read: {e}")))?;
@@ -85,12 +102,13 @@ fn system_roots() -> Arc<RootCertStore> {
 pub fn client_config(
     tls: &TlsOrigination,
     alpn: &[&[u8]],
+    files: Option<&Path>,
 ) -> Result<Arc<ClientConfig>, TlsSetupError> {
     let provider = provider();
     let roots = match &tls.ca_cert {
         Some(ca) => {
             let mut store = RootCertStore::empty();
-            let pem = pem_of(ca)?;
+            let pem = pem_of(ca, files)?;
             let certs = CertificateDer::pem_slice_iter(&pem)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| TlsSetupError::Ca {
@@ -135,7 +153,10 @@ pub fn client_config(
     let mut config = match &tls.client_cert {
         None => builder.with_no_client_auth(),
         Some(identity) => {
-            let (cert, key) = (pem_of(&identity.cert)?, pem_of(&identity.key)?);
+            let (cert, key) = (
+                pem_of(&identity.cert, files)?,
+                pem_of(&identity.key, files)?,
+            );
             let certs = CertificateDer::pem_slice_iter(&cert)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| {

@@ -119,9 +119,10 @@ impl Connector {
         resolver: Arc<TokioResolver>,
         timeouts: Timeouts,
         metrics: Arc<Metrics>,
+        tls_file_dir: Option<&std::path::Path>,
     ) -> Result<Self, TlsSetupError> {
         let tls_config: Option<Arc<ClientConfig>> = match &service.tls {
-            Some(t) => Some(tls::client_config(t, alpn)?),
+            Some(t) => Some(tls::client_config(t, alpn, tls_file_dir)?),
             None => None,
         };
         let override_name = service.tls.as_ref().and_then(|t| t.server_name.clone());
@@ -233,19 +234,10 @@ impl Connector {
             LoadBalancer::Random if schedule.is_empty() => below((self.random() >> 32) as u32, n),
             LoadBalancer::Random => schedule[below((self.random() >> 32) as u32, schedule.len())],
             LoadBalancer::LeastRequest if n == 1 => 0,
-            // Power of two choices: the less loaded of two endpoints (open connections per unit
-            // of weight), the first on a tie; weighted endpoints are drawn by weight.
+            // Power of two choices: of two endpoints drawn alike, the less loaded (open
+            // connections per unit of weight), the first on a tie.
             LoadBalancer::LeastRequest => {
-                let x = self.random();
-                let (a, b) = if schedule.is_empty() {
-                    two_distinct(x, n)
-                } else {
-                    let len = schedule.len();
-                    (
-                        schedule[below(x as u32, len)],
-                        schedule[below((x >> 32) as u32, len)],
-                    )
-                };
+                let (a, b) = two_distinct(self.random(), n);
                 let load = |i: usize| self.targets[i].open.load(Ordering::Relaxed) as u64;
                 let weight = |i: usize| self.targets[i].weight;
                 if load(b) * weight(a) < load(a) * weight(b) {
@@ -296,7 +288,8 @@ impl Connector {
                 crate::pins::pinned(host, *port).into_iter().collect()
             }
             Endpoint::Dns { host, port } => match self.resolve(host).await {
-                Ok(ips) => ips
+                Ok(ips) => self
+                    .allowed(host, ips)?
                     .into_iter()
                     .map(|ip| SocketAddr::new(ip, *port))
                     .collect(),
@@ -323,6 +316,31 @@ impl Connector {
             }
         }
         Err(last)
+    }
+
+    /// The addresses of `host` the connector may dial. A name the app calls the service by
+    /// (one of its `hosts`, resolved because the entry lists no endpoints) is checked as the
+    /// forward proxy checks names: private, loopback, link-local and other refused addresses
+    /// only where the service's `addresses` name them, so a changed DNS record cannot point the
+    /// service at the inside. Endpoints the registry lists by name are dialled as declared.
+    fn allowed(&self, host: &str, ips: Vec<IpAddr>) -> Result<Vec<IpAddr>, (String, bool)> {
+        if !self.service.hosts.iter().any(|h| h == host) {
+            return Ok(ips);
+        }
+        let named = |ip: IpAddr| self.service.addresses.iter().any(|c| c.contains(ip));
+        let (ok, refused): (Vec<IpAddr>, Vec<IpAddr>) = ips
+            .into_iter()
+            .partition(|ip| crate::guard::refused(*ip).is_none() || named(*ip));
+        match (ok.is_empty(), refused.first()) {
+            (true, Some(ip)) => Err((
+                format!(
+                    "{host} resolves only to refused addresses ({ip} is {}); name the address in the entry's addresses or endpoints to allow it",
+                    crate::guard::refused(*ip).map_or("refused", |c| c.as_str())
+                ),
+                false,
+            )),
+            _ => Ok(ok),
+        }
     }
 
     /// Answers come from the resolver's cache while their TTL lasts.
@@ -728,6 +746,7 @@ mod tests {
                     handshake: WAIT,
                 },
                 Arc::new(Metrics::default()),
+                None,
             )
             .unwrap()
         }
@@ -971,7 +990,7 @@ mod tests {
         assert_eq!(eps.accepted(8).await, [6, 2]);
 
         // Least request weighs load by weight: with every connection held, the heavy endpoint
-        // ends up with about three times as many.
+        // ends up with three times as many, give or take the one the tie rule hands out.
         let mut eps = Endpoints::start(&[true, true]).await;
         let c = eps.weighted(LoadBalancer::LeastRequest, vec![3, 1]);
         let mut held = Vec::new();
@@ -979,6 +998,51 @@ mod tests {
             held.push(eps.connect(&c).await);
         }
         let counts = eps.accepted(40).await;
-        assert!((26..=34).contains(&counts[0]), "{counts:?}");
+        assert!((29..=31).contains(&counts[0]), "{counts:?}");
+    }
+
+    #[tokio::test]
+    async fn a_name_the_app_calls_is_dialled_only_where_it_may_go() {
+        let eps = Endpoints::start(&[true]).await;
+        let port = eps.addrs[0].port();
+        let service = |addresses: Vec<sluice_api::model::Cidr>| {
+            let mut c = eps.connector(LoadBalancer::RoundRobin);
+            let mut s = (*c.service).clone();
+            s.endpoints = vec![Endpoint::Dns {
+                host: "localhost".into(),
+                port,
+            }];
+            s.hosts = vec!["localhost".into()];
+            s.addresses = addresses;
+            c = Connector::new(
+                Arc::new(s),
+                LABEL.into(),
+                &[],
+                c.resolver.clone(),
+                c.timeouts,
+                Arc::new(Metrics::default()),
+                None,
+            )
+            .unwrap();
+            c
+        };
+        let refused = tokio::time::timeout(WAIT, service(Vec::new()).connect())
+            .await
+            .unwrap()
+            .err()
+            .expect("loopback refused");
+        assert!(
+            refused
+                .message
+                .contains("localhost resolves only to refused addresses (")
+                && refused.message.contains(" is loopback); name the address"),
+            "{}",
+            refused.message
+        );
+        let named = sluice_api::model::Cidr::parse("127.0.0.1").unwrap();
+        let up = tokio::time::timeout(WAIT, service(vec![named]).connect())
+            .await
+            .unwrap();
+        assert!(up.is_ok(), "{:?}", up.err());
     }
 }

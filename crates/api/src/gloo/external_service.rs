@@ -59,6 +59,12 @@ pub fn parse(spec: &At<'_>, d: &mut Diagnostics) -> GlooExternalServiceSpec {
         for item in list.list(d) {
             let Some(text) = item.text(d) else { continue };
             match Cidr::parse(text) {
+                Ok(c) if c.prefix == 0 => d.error(
+                    item.path(),
+                    format!(
+                        "{text} would open every address; list the ranges that hold the service"
+                    ),
+                ),
                 Ok(c) => out.addresses.push(c),
                 Err(e) => d.error(item.path(), e),
             }

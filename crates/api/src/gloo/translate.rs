@@ -331,7 +331,7 @@ fn groups(
             endpoints: Vec::new(),
             hosts: wildcards.iter().map(|h| (*h).clone()).collect(),
             addresses: Vec::new(),
-            label: wildcards[0].replace('*', "any"),
+            label: wildcards[0].to_string(),
         });
     }
     let (ranges, single): (Vec<&Cidr>, Vec<&Cidr>) =

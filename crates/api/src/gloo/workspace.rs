@@ -22,17 +22,39 @@ impl WorkspaceSpec {
     }
 }
 
-/// `*` matches any run of characters, everything else itself.
+/// `*` matches any run of characters, everything else itself. Linear in the text for each star
+/// (a star only ever moves forward), so no pattern can make it slow.
 fn glob(pattern: &str, text: &str) -> bool {
-    match pattern.split_once('*') {
-        None => pattern == text,
-        Some((head, rest)) => {
-            let Some(after) = text.strip_prefix(head) else {
-                return false;
-            };
-            (0..=after.len())
-                .filter(|i| after.is_char_boundary(*i))
-                .any(|i| glob(rest, &after[i..]))
+    let (p, t) = (pattern.as_bytes(), text.as_bytes());
+    let (mut pi, mut ti) = (0, 0);
+    // The last star seen, and where in the text its match ends so far.
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == t[ti] {
+            pi += 1;
+            ti += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
+/// Sluice reads every selected namespace's resources: turning that off is not supported.
+fn config_enabled(o: &mut crate::node::Obj<'_>, d: &mut Diagnostics) {
+    if let Some(ce) = o.get("configEnabled") {
+        if ce.bool(d) == Some(false) {
+            d.warn(
+                ce.path(),
+                "false has no effect: Sluice reads the resources of every namespace the workspace selects; leave the namespace out instead",
+            );
         }
     }
 }
@@ -52,9 +74,7 @@ pub fn parse(spec: &At<'_>, d: &mut Diagnostics) -> Option<WorkspaceSpec> {
             if let Some(sel) = c.get("selector") {
                 sel.string_map(d);
             }
-            if let Some(ce) = c.get("configEnabled") {
-                ce.bool(d);
-            }
+            config_enabled(&mut c, d);
             if let Some(namespaces) = c.get("namespaces") {
                 for ns in namespaces.list(d) {
                     let Some(mut n) = ns.obj(d) else { continue };
@@ -66,9 +86,7 @@ pub fn parse(spec: &At<'_>, d: &mut Diagnostics) -> Option<WorkspaceSpec> {
                         "is not supported: Sluice selects a workspace's namespaces by name; list them by name",
                         d,
                     );
-                    if let Some(ce) = n.get("configEnabled") {
-                        ce.bool(d);
-                    }
+                    config_enabled(&mut n, d);
                     n.finish(d);
                 }
             }
@@ -99,8 +117,16 @@ mod tests {
             ("a*b*c", "axxbyy", false),
             ("prod", "prod", true),
             ("prod", "prod2", false),
+            ("", "", true),
+            ("*", "", true),
+            ("a*", "a", true),
+            ("*a", "ba", true),
+            ("*a", "ab", false),
         ] {
             assert_eq!(glob(pattern, text), want, "{pattern} {text}");
         }
+        // Many stars against a long name that almost matches: answered at once.
+        let pattern = format!("{}*b", "*a".repeat(25));
+        assert!(!glob(&pattern, &"a".repeat(60)));
     }
 }

@@ -270,7 +270,12 @@ pub(crate) fn client_tls(at: &At<'_>, default: TlsMode, d: &mut Diagnostics) -> 
         || tls.private_key.is_some();
     match tls.mode {
         TlsMode::Disable => {
-            if files || tls.credential_name.is_some() || tls.sni.is_some() {
+            if files
+                || tls.credential_name.is_some()
+                || tls.sni.is_some()
+                || !tls.subject_alt_names.is_empty()
+                || tls.insecure_skip_verify
+            {
                 d.warn(
                     &path,
                     "mode is DISABLE, so no TLS is originated and its other settings have no effect; set mode SIMPLE or MUTUAL to use them",
@@ -306,10 +311,15 @@ pub(crate) fn client_tls(at: &At<'_>, default: TlsMode, d: &mut Diagnostics) -> 
                 );
             }
             if tls.insecure_skip_verify {
-                if tls.ca_certificates.is_some() || !tls.subject_alt_names.is_empty() {
+                let simple_credential =
+                    tls.mode == TlsMode::Simple && tls.credential_name.is_some();
+                if tls.ca_certificates.is_some()
+                    || !tls.subject_alt_names.is_empty()
+                    || simple_credential
+                {
                     d.error(
                         &format!("{path}.insecureSkipVerify"),
-                        "is set with caCertificates or subjectAltNames, which it turns off; remove one or the other",
+                        "is set with caCertificates, credentialName or subjectAltNames, whose checks it turns off; remove one or the other",
                     );
                 } else {
                     d.warn(

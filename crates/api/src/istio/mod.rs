@@ -48,7 +48,14 @@ pub fn parse(root: &At<'_>, d: &mut Diagnostics) -> Option<Resource> {
     let root = match spec {
         Some(spec) => {
             let mut value = root.value.clone();
-            value["spec"] = camel_case_keys(spec.clone());
+            let mut clashes = Vec::new();
+            value["spec"] = camel_case_keys(spec.clone(), &mut clashes);
+            for (a, b) in clashes {
+                d.error(
+                    "spec",
+                    format!("sets both {a} and {b}, which Istio reads as one field; keep one"),
+                );
+            }
             normalized = value;
             At::root(&normalized)
         }
@@ -140,29 +147,40 @@ fn has_snake_case_key(value: &Value) -> bool {
 }
 
 /// `port_level_settings` -> `portLevelSettings`, at every depth except inside data mappings.
-fn camel_case_keys(value: Value) -> Value {
+fn camel_case_keys(value: Value, clashes: &mut Vec<(String, String)>) -> Value {
     match value {
-        Value::Object(map) => Value::Object(
-            map.into_iter()
-                .map(|(k, v)| {
-                    let data = DATA_MAPS.contains(&k.as_str()) && v.is_object();
-                    let mut key = String::with_capacity(k.len());
-                    let mut upper = false;
-                    for c in k.chars() {
-                        match (c, upper) {
-                            ('_', _) if !key.is_empty() => upper = true,
-                            (c, true) => {
-                                key.push(c.to_ascii_uppercase());
-                                upper = false;
-                            }
-                            (c, false) => key.push(c),
+        Value::Object(map) => {
+            let mut out = serde_json::Map::new();
+            let mut given: Vec<(String, String)> = Vec::new();
+            for (k, v) in map {
+                let data = DATA_MAPS.contains(&k.as_str()) && v.is_object();
+                let mut key = String::with_capacity(k.len());
+                let mut upper = false;
+                for c in k.chars() {
+                    match (c, upper) {
+                        ('_', _) if !key.is_empty() => upper = true,
+                        (c, true) => {
+                            key.push(c.to_ascii_uppercase());
+                            upper = false;
                         }
+                        (c, false) => key.push(c),
                     }
-                    (key, if data { v } else { camel_case_keys(v) })
-                })
+                }
+                let v = if data { v } else { camel_case_keys(v, clashes) };
+                if let Some((_, first)) = given.iter().find(|(camel, _)| *camel == key) {
+                    clashes.push((first.clone(), k.clone()));
+                }
+                given.push((key.clone(), k));
+                out.insert(key, v);
+            }
+            Value::Object(out)
+        }
+        Value::Array(items) => Value::Array(
+            items
+                .into_iter()
+                .map(|v| camel_case_keys(v, clashes))
                 .collect(),
         ),
-        Value::Array(items) => Value::Array(items.into_iter().map(camel_case_keys).collect()),
         other => other,
     }
 }
@@ -321,8 +339,9 @@ mod tests {
             "ports": {"http_alt": 8080},
         });
         assert!(has_snake_case_key(&value));
+        let mut clashes = Vec::new();
         assert_eq!(
-            camel_case_keys(value),
+            camel_case_keys(value, &mut clashes),
             serde_json::json!({
                 "portLevelSettings": [{"tls": {"clientCertificate": "/a"}}],
                 "sniHosts": ["a"],

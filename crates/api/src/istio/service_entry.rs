@@ -110,6 +110,10 @@ pub fn parse(spec: &At<'_>, d: &mut Diagnostics) -> ServiceEntrySpec {
                     item.path(),
                     format!("{text}: a CIDR range needs resolution NONE or STATIC; with DNS each address is one service address"),
                 ),
+                Ok(c) if c.prefix == 0 => d.error(
+                    item.path(),
+                    format!("{text} would open every address; list the ranges that hold the service"),
+                ),
                 Ok(c) => out.addresses.push(c),
                 Err(e) => d.error(item.path(), e),
             }

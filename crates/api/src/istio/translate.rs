@@ -224,12 +224,7 @@ pub fn services(
                 let name = if single {
                     format!("{}_{}", entry.meta.key.name, port.number)
                 } else {
-                    format!(
-                        "{}_{}_{}",
-                        entry.meta.key.name,
-                        port.number,
-                        hosts[0].replace('*', "any")
-                    )
+                    format!("{}_{}_{}", entry.meta.key.name, port.number, hosts[0])
                 };
                 made.push((
                     (*doc).clone(),
@@ -321,9 +316,16 @@ impl Report {
             .or_insert_with(|| Diagnostics::for_doc(doc.clone()))
     }
 
+    /// The diagnostics, each once: a route taken by several ports reports its problem once.
     fn into(self, out: &mut Vec<Diagnostic>) {
         for (_, d) in self.0 {
-            out.extend(d.into_vec());
+            let mut seen: Vec<Diagnostic> = Vec::new();
+            for item in d.into_vec() {
+                if !seen.contains(&item) {
+                    seen.push(item);
+                }
+            }
+            out.extend(seen);
         }
     }
 }
@@ -349,7 +351,16 @@ fn follow<'a>(
             used_routes.insert((vi, ri));
             let vs_doc = inputs.virtual_services[vi].0;
             let dest = &route.destination;
-            let number = dest.port.unwrap_or(port.number);
+            // Without a port, a destination with one port is sent to that one, as Istio does;
+            // otherwise to the port the app called.
+            let only = index
+                .entries
+                .matching(mesh, &dest.host)
+                .next()
+                .map(|(_, i)| &inputs.entries[i].1.spec.ports)
+                .filter(|ports| ports.len() == 1)
+                .map(|ports| ports[0].number);
+            let number = dest.port.or(only).unwrap_or(port.number);
             let found = index.entries.matching(mesh, &dest.host).find_map(|(_, i)| {
                 let e = inputs.entries[i].1;
                 e.spec
@@ -365,6 +376,17 @@ fn follow<'a>(
                 );
                 return None;
             };
+            let elsewhere = dest.host != host || dest_port.number != port.number;
+            if elsewhere && dest_entry.spec.resolution == Resolution::None {
+                report.at(vs_doc).error(
+                    &dest.path,
+                    format!(
+                        "routes to {}:{number}, whose ServiceEntry has resolution NONE: that sends traffic to the host and port the app called, not to the route's; give the entry for {:?} resolution DNS or STATIC",
+                        dest.host, dest.host
+                    ),
+                );
+                return None;
+            }
             (
                 dest.host.clone(),
                 dest_port,
@@ -395,7 +417,8 @@ fn follow<'a>(
             }
             tls = Some(origination(
                 t,
-                Some(dest_host.clone()),
+                // A wildcard names no one server: each endpoint's own name is sent instead.
+                Some(dest_host.clone()).filter(|h| !h.starts_with('*')),
                 &dest_entry.spec.subject_alt_names,
                 mesh,
                 credentials,
@@ -451,7 +474,17 @@ fn find_route<'a>(
         Protocol::Tls => &[RouteKind::Tls, RouteKind::Tcp],
         _ => &[RouteKind::Tcp],
     };
-    let (_, vi) = index.virtual_services.matching(mesh, host).next()?;
+    // The VirtualService naming the host exactly, else the one with the narrowest wildcard.
+    let exact = index
+        .virtual_services
+        .matching(mesh, host)
+        .find(|(p, _)| !p.starts_with('*'));
+    let (_, vi) = exact.or_else(|| {
+        index
+            .virtual_services
+            .matching(mesh, host)
+            .max_by_key(|(p, i)| (p.len(), std::cmp::Reverse(*i)))
+    })?;
     let vs = inputs.virtual_services[vi].1;
     for kind in kinds {
         for (ri, route) in vs.spec.routes.iter().enumerate() {

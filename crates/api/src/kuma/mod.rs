@@ -169,7 +169,15 @@ pub fn parse(root: &At<'_>, d: &mut Diagnostics) -> Option<Resource> {
         }
         _ => {
             let data = secret(&mut top, form, d).unwrap_or_default();
-            meta.map(|meta| {
+            meta.map(|mut meta| {
+                // A Kubernetes Secret of named entries (what Istio's credentialName reads) belongs
+                // to its namespace, as in Kubernetes, unless a Kuma mesh label says otherwise.
+                let labelled = meta.labels.iter().any(|(k, _)| k == MESH_LABEL);
+                if let (false, false, Some(ns)) =
+                    (data.entries.is_empty(), labelled, meta.namespace.clone())
+                {
+                    meta.key.mesh = ns;
+                }
                 Resource::Secret(SecretResource::new(meta, data.value).with_entries(data.entries))
             })
         }
