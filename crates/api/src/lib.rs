@@ -6,6 +6,7 @@
 pub mod diag;
 pub mod document;
 pub mod gloo;
+pub mod hostname;
 pub mod istio;
 pub mod kuma;
 pub mod model;

@@ -5,6 +5,7 @@
 pub mod catalog;
 pub mod config_server;
 pub mod server;
+pub mod vip;
 pub mod wire;
 
 use std::collections::{BTreeMap, BTreeSet};
