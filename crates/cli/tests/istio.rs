@@ -34,6 +34,23 @@ async fn public_tls_origin(name: &str) -> Origin {
         .await
 }
 
+/// Sluice in restricted mode over `yaml`, with `pins` (`NAME:PORT=ADDR,...`) standing local
+/// origins in for public names.
+fn restricted(yaml: &str, pins: &str) -> SluiceBuilder {
+    Sluice::builder()
+        .config(yaml)
+        .args(["--outbound-traffic-policy", "restricted"])
+        .env("SLUICE_TEST_CONNECT_TO", pins)
+}
+
+/// A directory holding the test CA as `ca.pem`, and that file's path.
+fn ca_file(name: &str) -> (TempDir, std::path::PathBuf) {
+    let dir = TempDir::new(name);
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, pki().ca_pem()).unwrap();
+    (dir, ca)
+}
+
 /// curl through the proxy; stdout ends with the status code on a line of its own.
 async fn curl(proxy: std::net::SocketAddr, ca: &std::path::Path, url: &str) -> Output {
     let args = [
@@ -72,18 +89,9 @@ async fn https_passthrough_is_routed_by_sni_and_follows_the_service_entry_live()
         return;
     }
     let origin = public_tls_origin("googleapis").await;
-    let dir = TempDir::new("istio-passthrough");
-    let ca = dir.join("ca.pem");
-    std::fs::write(&ca, pki().ca_pem()).unwrap();
-    let sluice = Sluice::builder()
-        .config(PASSTHROUGH)
-        .args(["--outbound-traffic-policy", "restricted"])
-        .env(
-            "SLUICE_TEST_CONNECT_TO",
-            &format!("www.googleapis.com:443={}", origin.addr()),
-        )
-        .start()
-        .await;
+    let (_dir, ca) = ca_file("istio-passthrough");
+    let pin = format!("www.googleapis.com:443={}", origin.addr());
+    let sluice = restricted(PASSTHROUGH, &pin).start().await;
     let proxy = sluice.http_proxy_addr();
     let url = format!("https://www.googleapis.com{BOOKS}");
 
@@ -149,15 +157,10 @@ async fn plain_http_on_port_80_is_sent_as_verified_https_to_443_with_the_path_lo
         return;
     }
     let origin = public_tls_origin("googleapis").await;
-    let dir = TempDir::new("istio-origination");
-    let ca = dir.join("ca.pem");
-    std::fs::write(&ca, pki().ca_pem()).unwrap();
+    let (dir, ca) = ca_file("istio-origination");
     let pin = format!("www.googleapis.com:443={}", origin.addr());
     // The DestinationRule names no CA: the system's roots decide, here the test CA.
-    let sluice = Sluice::builder()
-        .config(ORIGINATION)
-        .args(["--outbound-traffic-policy", "restricted"])
-        .env("SLUICE_TEST_CONNECT_TO", &pin)
+    let sluice = restricted(ORIGINATION, &pin)
         .env("SSL_CERT_FILE", ca.to_str().unwrap())
         .start()
         .await;
@@ -198,10 +201,7 @@ async fn plain_http_on_port_80_is_sent_as_verified_https_to_443_with_the_path_lo
     assert_eq!(origin.handshakes(), before + 1);
 
     // Verification is on: without the test CA among the roots the origin is refused.
-    let unverified = Sluice::builder()
-        .config(ORIGINATION)
-        .args(["--outbound-traffic-policy", "restricted"])
-        .env("SLUICE_TEST_CONNECT_TO", &pin)
+    let unverified = restricted(ORIGINATION, &pin)
         .env(
             "SSL_CERT_FILE",
             dir.join("no-such-roots.pem").to_str().unwrap(),
@@ -226,19 +226,12 @@ async fn backyards_httpbin_entry_opens_both_hosts_on_port_80_only() {
     }
     let apex = start_plain_origin("httpbin").await;
     let www = start_plain_origin("www-httpbin").await;
-    let sluice = Sluice::builder()
-        .config(BACKYARDS)
-        .args(["--outbound-traffic-policy", "restricted"])
-        .env(
-            "SLUICE_TEST_CONNECT_TO",
-            &format!(
-                "httpbin.org:80={},www.httpbin.org:80={}",
-                apex.addr(),
-                www.addr()
-            ),
-        )
-        .start()
-        .await;
+    let pins = format!(
+        "httpbin.org:80={},www.httpbin.org:80={}",
+        apex.addr(),
+        www.addr()
+    );
+    let sluice = restricted(BACKYARDS, &pins).start().await;
     let proxy = format!("http://{}", sluice.http_proxy_addr());
     let get = |url: &'static str| {
         let proxy = proxy.clone();
@@ -293,9 +286,7 @@ async fn backyards_httpbin_entry_opens_both_hosts_on_port_80_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resolution_none_dials_the_name_it_checked_never_an_address_the_app_chose() {
     let origin = public_tls_origin("googleapis").await;
-    let sluice = Sluice::builder()
-        .config(
-            "apiVersion: networking.istio.io/v1
+    let entry = "apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata:
   name: google
@@ -304,15 +295,9 @@ spec:
   ports:
   - {number: 443, name: tls, protocol: TLS}
   resolution: NONE
-",
-        )
-        .args(["--outbound-traffic-policy", "restricted"])
-        .env(
-            "SLUICE_TEST_CONNECT_TO",
-            &format!("www.googleapis.com:443={}", origin.addr()),
-        )
-        .start()
-        .await;
+";
+    let pin = format!("www.googleapis.com:443={}", origin.addr());
+    let sluice = restricted(entry, &pin).start().await;
     let proxy = sluice.http_proxy_addr();
     let config = ClientTls::default().build();
 

@@ -74,8 +74,6 @@ pub enum Opening {
     Service {
         service: Arc<str>,
         protocol: Protocol,
-        /// The proxy originates TLS to the endpoints.
-        originates: bool,
         endpoints: bool,
     },
 }
@@ -172,7 +170,6 @@ impl Table {
         let opening = || Opening::Service {
             service: Arc::from(service_label(&service.key)),
             protocol: service.protocol,
-            originates: service.tls.is_some(),
             endpoints: !service.endpoints.is_empty(),
         };
         let port = service.port;
@@ -572,11 +569,10 @@ spec:
         Table::new(&config, ["127.0.0.1:3128".parse().unwrap()])
     }
 
-    fn service(name: &str, protocol: Protocol, originates: bool, endpoints: bool) -> Decision {
+    fn service(name: &str, protocol: Protocol, endpoints: bool) -> Decision {
         Decision::Registered(Opening::Service {
             service: Arc::from(name),
             protocol,
-            originates,
             endpoints,
         })
     }
@@ -592,7 +588,7 @@ spec:
                 port,
             })
         };
-        let wiki = service("wiki_443", Protocol::Tls, false, false);
+        let wiki = service("wiki_443", Protocol::Tls, false);
         let cases: Vec<(Host, u16, Decision)> = vec![
             (name("en.wikipedia.org"), 443, wiki.clone()),
             (name("a.b.en.wikipedia.org"), 443, wiki.clone()),
@@ -600,7 +596,7 @@ spec:
             (
                 name("upload.en.wikipedia.org"),
                 443,
-                service("special_443", Protocol::Tls, false, true),
+                service("special_443", Protocol::Tls, true),
             ),
             (
                 name("wikipedia.org"),
@@ -621,27 +617,27 @@ spec:
             (
                 ip("10.20.30.5"),
                 80,
-                service("partners-web_80", Protocol::Http, false, true),
+                service("partners-web_80", Protocol::Http, true),
             ),
             (
                 ip("10.20.30.5"),
                 22,
-                service("partners_22", Protocol::Tcp, false, false),
+                service("partners_22", Protocol::Tcp, false),
             ),
             (
                 ip("10.20.1.1"),
                 22,
-                service("partners_22", Protocol::Tcp, false, false),
+                service("partners_22", Protocol::Tcp, false),
             ),
             (
                 ip("::ffff:10.20.1.1"),
                 22,
-                service("partners_22", Protocol::Tcp, false, false),
+                service("partners_22", Protocol::Tcp, false),
             ),
             (
                 ip("192.0.2.9"),
                 22,
-                service("partners_22", Protocol::Tcp, false, false),
+                service("partners_22", Protocol::Tcp, false),
             ),
             (ip("10.21.0.1"), 22, not_registered("10.21.0.1", 22)),
             (ip("10.20.1.1"), 80, not_registered("10.20.1.1", 80)),
@@ -654,12 +650,12 @@ spec:
             (
                 name("api.example.com"),
                 80,
-                service("api_80", Protocol::Http, true, true),
+                service("api_80", Protocol::Http, true),
             ),
             (
                 name("api.example.com"),
                 443,
-                service("api_443", Protocol::Tls, false, true),
+                service("api_443", Protocol::Tls, true),
             ),
         ];
         for (host, port, want) in cases {

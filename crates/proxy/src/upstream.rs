@@ -284,16 +284,16 @@ impl Connector {
                 };
             }
             Endpoint::Ip { ip, port } => vec![SocketAddr::new(*ip, *port)],
-            Endpoint::Dns { host, port } if crate::pins::pinned(host, *port).is_some() => {
-                crate::pins::pinned(host, *port).into_iter().collect()
-            }
-            Endpoint::Dns { host, port } => match self.resolve(host).await {
-                Ok(ips) => self
-                    .allowed(host, ips)?
-                    .into_iter()
-                    .map(|ip| SocketAddr::new(ip, *port))
-                    .collect(),
-                Err(e) => return Err((format!("{host}: {e}"), false)),
+            Endpoint::Dns { host, port } => match crate::pins::pinned(host, *port) {
+                Some(pinned) => vec![pinned],
+                None => match self.resolve(host).await {
+                    Ok(ips) => self
+                        .allowed(host, ips)?
+                        .into_iter()
+                        .map(|ip| SocketAddr::new(ip, *port))
+                        .collect(),
+                    Err(e) => return Err((format!("{host}: {e}"), false)),
+                },
             },
         };
         let mut last = (format!("{endpoint}: no address"), false);
