@@ -26,6 +26,58 @@ pub struct Registry {
     /// Set by a Kuma Mesh's `networking.outbound.passthrough`; with several meshes the strictest
     /// wins, since one proxy enforces it for all of them.
     pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
+    /// What transparent mode calls services by.
+    pub naming: Naming,
+}
+
+/// The names the built-in DNS answers for, before VIPs are given out: generated names, the
+/// services generators read, and the names services carry themselves.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Naming {
+    /// HostnameGenerators by name, Kuma's default among them unless one replaces it.
+    pub generators: Vec<GeneratorSpec>,
+    /// MeshExternalServices, in name order, each named by the generators selecting it.
+    pub subjects: Vec<NamingSubject>,
+    /// Real hostnames (Istio's and Gloo's hosts, a Kuma ExternalService's address) and Kuma's
+    /// `SERVICE.mesh`, each at the port the app calls.
+    pub fixed: Vec<FixedName>,
+}
+
+/// The resource a name or VIP belongs to, as its status shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Origin {
+    pub kind: &'static str,
+    pub key: ResourceKey,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GeneratorSpec {
+    pub name: String,
+    pub match_labels: Vec<(String, String)>,
+    pub template: crate::hostname::Template,
+}
+
+/// What a template reads of a MeshExternalService, and where its traffic goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamingSubject {
+    pub origin: Origin,
+    pub display_name: String,
+    pub name: String,
+    pub namespace: String,
+    pub zone: String,
+    /// Its labels, with those Kuma sets on every resource (`kuma.io/origin: zone`,
+    /// `kuma.io/mesh`, `kuma.io/display-name`, `k8s.kuma.io/namespace`) where it does not.
+    pub labels: Vec<(String, String)>,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FixedName {
+    pub origin: Origin,
+    pub name: String,
+    pub port: u16,
+    /// The internal service the name and port lead to.
+    pub service: ResourceKey,
 }
 
 /// The outcome of loading a set of documents: the registry if they are all valid, and every
@@ -199,6 +251,21 @@ fn resolve_located(located: &[&Located], out: &mut Vec<Diagnostic>) -> Registry 
     let mut tag_keys: HashMap<(&str, &str), Option<&ResourceKey>> = HashMap::new();
     let mut istio = istio::translate::Inputs::default();
     let mut gloo = crate::gloo::translate::Inputs::default();
+    let mut generators: Vec<GeneratorSpec> = Vec::new();
+    // Every generator defined, valid or not: one named like the default replaces it.
+    let mut generator_names: BTreeSet<&str> = BTreeSet::new();
+    let origins: HashMap<&DocRef, Origin> = located
+        .iter()
+        .map(|l| {
+            (
+                &l.doc,
+                Origin {
+                    kind: l.resource.kind(),
+                    key: l.resource.meta().key.clone(),
+                },
+            )
+        })
+        .collect();
     for l in located {
         let key = &l.resource.meta().key;
         if let Some(first) = seen.get(&(l.resource.kind(), key)) {
@@ -244,6 +311,19 @@ fn resolve_located(located: &[&Located], out: &mut Vec<Diagnostic>) -> Registry 
                 legacy.push((&l.doc, es.as_ref(), l.valid));
             }
             Resource::Dataplane(dp) => dataplanes.push((&l.doc, dp)),
+            Resource::HostnameGenerator(g) => {
+                // One selecting no MeshExternalService names nothing here.
+                if let (true, Some(template), Some(labels)) =
+                    (l.valid, &g.template, &g.match_labels)
+                {
+                    generators.push(GeneratorSpec {
+                        name: g.meta.key.name.clone(),
+                        match_labels: labels.clone(),
+                        template: template.clone(),
+                    });
+                }
+                generator_names.insert(g.meta.key.name.as_str());
+            }
             Resource::ServiceEntry(r) if l.valid => istio.entries.push((&l.doc, r)),
             Resource::DestinationRule(r) if l.valid => istio.rules.push((&l.doc, r)),
             Resource::VirtualService(r) if l.valid => istio.virtual_services.push((&l.doc, r)),
@@ -274,6 +354,7 @@ fn resolve_located(located: &[&Located], out: &mut Vec<Diagnostic>) -> Registry 
     };
     // Which document made each internal service, so two kinds cannot claim one name.
     let mut made: HashMap<ResourceKey, (&'static str, DocRef)> = HashMap::new();
+    let mut made_by: HashMap<ResourceKey, DocRef> = HashMap::new();
     let mut add = |registry: &mut Registry,
                    kind: &'static str,
                    doc: &DocRef,
@@ -290,8 +371,10 @@ fn resolve_located(located: &[&Located], out: &mut Vec<Diagnostic>) -> Registry 
             return;
         }
         made.insert(service.key.clone(), (kind, doc.clone()));
+        made_by.insert(service.key.clone(), doc.clone());
         registry.services.insert(service.key.clone(), service);
     };
+    let mes_named: Vec<&MeshExternalServiceResource> = mes.iter().map(|(_, m, _)| *m).collect();
     for (doc, m, valid) in mes {
         let mut d = Diagnostics::for_doc(doc.clone());
         let service = external_service(&m.meta, &m.spec, &secrets, &mut d);
@@ -324,6 +407,20 @@ fn resolve_located(located: &[&Located], out: &mut Vec<Diagnostic>) -> Registry 
         add(&mut registry, "Gloo ExternalService", &doc, service, &mut d);
         out.extend(d.into_vec());
     }
+
+    if !generator_names.contains(kuma::DEFAULT_NAME) {
+        if let Ok(template) = crate::hostname::Template::parse(kuma::DEFAULT_TEMPLATE) {
+            generators.push(GeneratorSpec {
+                name: kuma::DEFAULT_NAME.to_string(),
+                match_labels: vec![("kuma.io/origin".to_string(), "zone".to_string())],
+                template,
+            });
+        }
+    }
+    generators.sort_by(|a, b| a.name.cmp(&b.name));
+    registry.naming.generators = generators;
+    registry.naming.subjects = naming_subjects(&mes_named, &registry);
+    registry.naming.fixed = fixed_names(&legacy, &made_by, &origins, &registry);
 
     for (doc, dp) in dataplanes {
         let mut d = Diagnostics::for_doc(doc.clone());
@@ -375,6 +472,115 @@ fn resolve_located(located: &[&Located], out: &mut Vec<Diagnostic>) -> Registry 
         out.extend(d.into_vec());
     }
     registry
+}
+
+/// Every MeshExternalService that made a service, with what generator templates read of it.
+fn naming_subjects(
+    mes: &[&MeshExternalServiceResource],
+    registry: &Registry,
+) -> Vec<NamingSubject> {
+    let mut subjects: Vec<NamingSubject> = mes
+        .iter()
+        .filter_map(|m| {
+            let service = registry.services.get(&m.meta.key)?;
+            let meta = &m.meta;
+            let label = |k: &str| {
+                meta.labels
+                    .iter()
+                    .find(|(l, _)| l == k)
+                    .map(|(_, v)| v.clone())
+            };
+            let namespace = meta.namespace.clone().unwrap_or_default();
+            let display_name =
+                label("kuma.io/display-name").unwrap_or_else(|| meta.key.name.clone());
+            let mut labels = meta.labels.clone();
+            for (k, v) in [
+                ("kuma.io/origin", "zone".to_string()),
+                ("kuma.io/mesh", meta.key.mesh.clone()),
+                ("kuma.io/display-name", display_name.clone()),
+                ("k8s.kuma.io/namespace", namespace.clone()),
+            ] {
+                if (k != "k8s.kuma.io/namespace" || !namespace.is_empty()) && label(k).is_none() {
+                    labels.push((k.to_string(), v));
+                }
+            }
+            Some(NamingSubject {
+                origin: Origin {
+                    kind: "MeshExternalService",
+                    key: meta.key.clone(),
+                },
+                // Kuma's name of a namespaced resource carries its namespace.
+                name: if namespace.is_empty() {
+                    meta.key.name.clone()
+                } else {
+                    format!("{}.{namespace}", meta.key.name)
+                },
+                display_name,
+                namespace,
+                zone: label("kuma.io/zone").unwrap_or_default(),
+                labels,
+                port: service.port,
+            })
+        })
+        .collect();
+    subjects.sort_by(|a, b| a.origin.cmp(&b.origin));
+    subjects
+}
+
+/// The names services carry themselves: a Kuma ExternalService's `SERVICE.mesh` on port 80 and
+/// its address's hostname on the address's port; Istio's and Gloo's exact hosts on each port
+/// (wildcards name no single address, and entries with addresses are reached by them).
+fn fixed_names(
+    legacy: &[(&DocRef, &ExternalServiceResource, bool)],
+    made_by: &HashMap<ResourceKey, DocRef>,
+    origins: &HashMap<&DocRef, Origin>,
+    registry: &Registry,
+) -> Vec<FixedName> {
+    let mut fixed = Vec::new();
+    for (_, es, _) in legacy {
+        let Some(service) = registry.services.get(&es.meta.key) else {
+            continue;
+        };
+        let origin = Origin {
+            kind: "ExternalService",
+            key: es.meta.key.clone(),
+        };
+        if let Some(tag) = &es.service {
+            fixed.push(FixedName {
+                origin: origin.clone(),
+                name: format!("{}.mesh", tag.to_ascii_lowercase()),
+                port: service.port,
+                service: service.key.clone(),
+            });
+        }
+        for e in &service.endpoints {
+            if let crate::model::Endpoint::Dns { host, port } = e {
+                fixed.push(FixedName {
+                    origin: origin.clone(),
+                    name: host.to_ascii_lowercase(),
+                    port: *port,
+                    service: service.key.clone(),
+                });
+            }
+        }
+    }
+    for service in registry.services.values() {
+        if service.hosts.is_empty() || !service.addresses.is_empty() {
+            continue;
+        }
+        let Some(origin) = made_by.get(&service.key).and_then(|doc| origins.get(doc)) else {
+            continue;
+        };
+        for host in service.hosts.iter().filter(|h| !h.starts_with('*')) {
+            fixed.push(FixedName {
+                origin: origin.clone(),
+                name: host.to_ascii_lowercase(),
+                port: service.port,
+                service: service.key.clone(),
+            });
+        }
+    }
+    fixed
 }
 
 /// The internal service a MeshExternalService's (or a Kuma ExternalService's) spec makes, with

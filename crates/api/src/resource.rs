@@ -3,7 +3,10 @@
 use crate::diag::DocRef;
 use crate::gloo::{ExternalEndpointResource, GlooExternalServiceResource, WorkspaceResource};
 use crate::istio::{DestinationRuleResource, ServiceEntryResource, VirtualServiceResource};
-use crate::kuma::{DataplaneResource, ExternalServiceResource, MeshExternalServiceResource};
+use crate::kuma::{
+    DataplaneResource, ExternalServiceResource, HostnameGeneratorResource,
+    MeshExternalServiceResource,
+};
 use crate::model::{OutboundTrafficPolicy, ResourceKey};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +31,7 @@ pub const KINDS: &[&str] = &[
     crate::gloo::EXTERNAL_SERVICE_KIND,
     "ExternalEndpoint",
     "Workspace",
+    "HostnameGenerator",
 ];
 
 #[derive(Debug, Clone)]
@@ -43,6 +47,7 @@ pub enum Resource {
     GlooExternalService(Box<GlooExternalServiceResource>),
     ExternalEndpoint(Box<ExternalEndpointResource>),
     Workspace(Box<WorkspaceResource>),
+    HostnameGenerator(Box<HostnameGeneratorResource>),
 }
 
 /// Mesh-wide settings: a Kuma Mesh, an IstioOperator or the istio mesh ConfigMap.
@@ -68,6 +73,7 @@ impl Resource {
             Resource::GlooExternalService(_) => crate::gloo::EXTERNAL_SERVICE_KIND,
             Resource::ExternalEndpoint(_) => "ExternalEndpoint",
             Resource::Workspace(_) => "Workspace",
+            Resource::HostnameGenerator(_) => "HostnameGenerator",
         }
     }
 
@@ -84,6 +90,7 @@ impl Resource {
             Resource::GlooExternalService(r) => &r.meta,
             Resource::ExternalEndpoint(r) => &r.meta,
             Resource::Workspace(r) => &r.meta,
+            Resource::HostnameGenerator(r) => &r.meta,
         }
     }
 }

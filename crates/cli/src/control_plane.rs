@@ -1,5 +1,6 @@
 //! `sluice control-plane`: the registry's REST API over a store.
 
+use sluice_api::model::Cidr;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
@@ -28,6 +29,16 @@ pub struct ControlPlaneArgs {
     /// Time a client has to send a complete request head.
     #[arg(long, default_value = "10s", value_parser = crate::run::parse_duration)]
     header_read_timeout: std::time::Duration,
+    /// Where VIPs for transparent mode come from (IPv4 or IPv6 CIDR).
+    #[arg(long, default_value = sluice_control::vip::DEFAULT_RANGE, value_parser = parse_vip_range)]
+    vip_range: Cidr,
+}
+
+/// A VIP range: a CIDR of at least two addresses.
+pub fn parse_vip_range(text: &str) -> Result<Cidr, String> {
+    let range = Cidr::parse(text)?;
+    sluice_control::vip::Pool::new(range).map_err(|e| e.to_string())?;
+    Ok(range)
 }
 
 pub fn main(args: ControlPlaneArgs) -> ExitCode {
@@ -46,6 +57,7 @@ async fn serve(args: ControlPlaneArgs) -> anyhow::Result<()> {
         &args.tokens,
         Some(args.listen),
         args.header_read_timeout,
+        args.vip_range,
     )
     .await?
     else {
@@ -66,6 +78,7 @@ pub async fn start(
     tokens: &Tokens,
     listen: Option<SocketAddr>,
     header_read_timeout: std::time::Duration,
+    vip_range: Cidr,
 ) -> anyhow::Result<(Arc<Api>, Option<tokio::task::JoinHandle<()>>)> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("data dir {}: cannot create", data_dir.display()))?;
@@ -79,7 +92,7 @@ pub async fn start(
         })?),
         None => None,
     };
-    let api = Api::start(store, admin_token, read_token, proxy_token)
+    let api = Api::start(store, admin_token, read_token, proxy_token, vip_range)
         .await
         .with_context(|| format!("store {}", redact_url(url)))?;
     let serving = match listener {

@@ -39,6 +39,9 @@ pub struct RunArgs {
     listen: String,
     #[command(flatten)]
     tokens: crate::control_plane::Tokens,
+    /// Where VIPs for transparent mode come from (IPv4 or IPv6 CIDR).
+    #[arg(long, default_value = sluice_control::vip::DEFAULT_RANGE, value_parser = crate::control_plane::parse_vip_range)]
+    vip_range: sluice_api::model::Cidr,
     #[command(flatten)]
     proxy: ProxyFlags,
 }
@@ -337,6 +340,7 @@ async fn start_control_plane(args: &RunArgs) -> anyhow::Result<Arc<Api>> {
         &args.tokens,
         listen,
         Duration::from_secs(10),
+        args.vip_range,
     )
     .await?;
     Ok(api)

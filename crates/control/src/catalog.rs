@@ -7,13 +7,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use sluice_api::model::{Cidr, ResourceKey};
+use sluice_api::registry::Origin;
 use sluice_api::{parse_documents, Document, Parsed, Registry};
-use sluice_store::{Key, Store, StoreError};
+use sluice_store::{Key, Store, StoreError, VipRow};
 use tokio::sync::{watch, Mutex};
 
+use crate::naming::{self, Addressed};
 use crate::server::KINDS;
+use crate::vip::Pool;
 use crate::{compile, scope, ProxyConfig};
-use sluice_api::model::ResourceKey;
 
 /// The registry at one store revision.
 #[derive(Debug, Default)]
@@ -28,6 +31,8 @@ pub struct View {
     /// Problems the stored resources have together (none, unless a newer release reads an
     /// older store): a write is not blamed for them.
     pub errors: BTreeSet<String>,
+    /// What the control plane writes in resources' `status`: generated names and VIPs.
+    pub status: Arc<BTreeMap<Key, serde_json::Value>>,
 }
 
 impl View {
@@ -50,32 +55,49 @@ impl View {
 pub struct Entry {
     pub doc: Document,
     pub parsed: Parsed,
+    /// The store revision that created it: the older of two resources keeps a name.
+    pub created: i64,
+}
+
+/// The VIPs as last stored, and the version they were stored at.
+struct Vips {
+    pool: Pool,
+    version: i64,
 }
 
 pub struct Catalog {
     /// Held while syncing, so that changes are read and published in order.
     sync: Mutex<()>,
     view: watch::Sender<Arc<View>>,
+    vips: Mutex<Vips>,
 }
 
 impl Catalog {
-    /// Reads everything stored.
+    /// Reads everything stored, with VIPs from Kuma's default range.
     pub async fn load(store: &Store) -> Result<Catalog, StoreError> {
+        let range = Cidr::parse(crate::vip::DEFAULT_RANGE).map_err(StoreError::Config)?;
+        Self::load_with(store, range).await
+    }
+
+    /// Reads everything stored; VIPs come from `range`.
+    pub async fn load_with(store: &Store, range: Cidr) -> Result<Catalog, StoreError> {
         // The revision first: a change racing with the listing is read again by the next sync.
         let revision = store.revision().await?;
         let mut docs = BTreeMap::new();
         for kind in KINDS {
             for stored in store.list(kind, None).await? {
-                if let Some(doc) = parse(&stored.key, &stored.body) {
+                if let Some(doc) = parse(&stored.key, &stored.body, stored.created) {
                     docs.insert(stored.key, doc);
                 }
             }
         }
+        let pool = Pool::new(range).map_err(|e| StoreError::Config(e.to_string()))?;
         let catalog = Catalog {
             sync: Mutex::new(()),
             view: watch::Sender::new(Arc::new(View::default())),
+            vips: Mutex::new(Vips { pool, version: -1 }),
         };
-        catalog.publish(revision, docs, None);
+        catalog.publish(store, revision, docs, None).await;
         Ok(catalog)
     }
 
@@ -114,16 +136,20 @@ impl Catalog {
                 .eq(revisions.iter().copied())
             {
                 let mut docs = current.docs.clone();
-                for (key, body) in written {
-                    change(&mut docs, key, *body);
+                for ((key, body), revision) in written.iter().zip(revisions) {
+                    let created = docs.get(key).map_or(*revision, |e| e.created);
+                    change(&mut docs, key, *body, created);
                 }
+                let mut config = compile(&registry);
+                let status = self.address(store, &registry, &docs, &mut config).await;
                 return Ok(self.install(View {
                     revision: revisions[revisions.len() - 1],
-                    config: Arc::new(compile(&registry)),
+                    config: Arc::new(config),
                     registry: Arc::new(registry),
                     docs,
                     mesh_scopes: Default::default(),
                     errors: BTreeSet::new(),
+                    status,
                 }));
             }
         }
@@ -143,13 +169,94 @@ impl Catalog {
         for key in changed {
             // As it is now, which may be newer than `last`: the next sync reads it again.
             let stored = store.get(key).await?;
-            change(&mut docs, key, stored.as_ref().map(|s| s.body.as_str()));
+            change(
+                &mut docs,
+                key,
+                stored.as_ref().map(|s| s.body.as_str()),
+                stored.as_ref().map_or(0, |s| s.created),
+            );
         }
-        Ok(self.publish(last, docs, Some(&current)))
+        Ok(self.publish(store, last, docs, Some(&current)).await)
     }
 
-    fn publish(
+    /// Names and VIPs for `registry`, stored before any proxy is told of them; sets them in
+    /// `config` and returns each resource's status.
+    async fn address(
         &self,
+        store: &Store,
+        registry: &Registry,
+        docs: &BTreeMap<Key, Arc<Entry>>,
+        config: &mut ProxyConfig,
+    ) -> Arc<BTreeMap<Key, serde_json::Value>> {
+        let created = |o: &Origin| {
+            docs.get(&Key {
+                kind: o.kind.to_string(),
+                mesh: o.key.mesh.clone(),
+                name: o.key.name.clone(),
+            })
+            .map_or(i64::MAX, |e| e.created)
+        };
+        let plan = naming::plan(&registry.naming, &created);
+        let mut vips = self.vips.lock().await;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut addressed = Addressed::default();
+        // Another control plane may have given out addresses since they were read: read them
+        // again and redo, a few times.
+        for _ in 0..5 {
+            if vips.version < 0 {
+                if let Err(e) = reload(store, &mut vips).await {
+                    tracing::error!(error = %e, "cannot read the stored VIPs");
+                }
+            }
+            let mut pool = vips.pool.clone();
+            addressed = naming::address(&plan, &mut pool, now);
+            let changed = changes(&vips.pool, &pool);
+            if changed.is_empty() {
+                vips.pool = pool;
+                break;
+            }
+            match store.save_vips(vips.version, &changed).await {
+                Ok(version) => {
+                    *vips = Vips { pool, version };
+                    break;
+                }
+                Err(StoreError::StaleVips { .. }) => vips.version = -1,
+                Err(e) => {
+                    // Served from memory; the next change tries to store them again.
+                    tracing::error!(error = %e, "cannot store VIPs; they may change at restart");
+                    vips.version = -1;
+                    break;
+                }
+            }
+        }
+        for e in &addressed.errors {
+            tracing::error!("{e}");
+        }
+        config.virtual_ips = std::mem::take(&mut addressed.virtual_ips);
+        config.vip_ranges = vec![vips.pool.range()];
+        Arc::new(
+            addressed
+                .status
+                .into_iter()
+                .map(|(o, v)| {
+                    (
+                        Key {
+                            kind: o.kind.to_string(),
+                            mesh: o.key.mesh,
+                            name: o.key.name,
+                        },
+                        v,
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    async fn publish(
+        &self,
+        store: &Store,
         revision: i64,
         docs: BTreeMap<Key, Arc<Entry>>,
         previous: Option<&View>,
@@ -167,9 +274,13 @@ impl Catalog {
                 previous.map(|p| p.registry.clone()).unwrap_or_default()
             }
         };
-        let config = match previous {
-            Some(p) if Arc::ptr_eq(&p.registry, &registry) => p.config.clone(),
-            _ => Arc::new(compile(&registry)),
+        let (config, status) = match previous {
+            Some(p) if Arc::ptr_eq(&p.registry, &registry) => (p.config.clone(), p.status.clone()),
+            _ => {
+                let mut config = compile(&registry);
+                let status = self.address(store, &registry, &docs, &mut config).await;
+                (Arc::new(config), status)
+            }
         };
         self.install(View {
             revision,
@@ -178,6 +289,7 @@ impl Catalog {
             config,
             mesh_scopes: Default::default(),
             errors,
+            status,
         })
     }
 
@@ -217,21 +329,64 @@ fn retire(old: Arc<View>) {
     }
 }
 
+/// The pool as stored, read again.
+async fn reload(store: &Store, vips: &mut Vips) -> Result<(), StoreError> {
+    let stored = store.vips().await?;
+    let mut pool = Pool::new(vips.pool.range()).map_err(|e| StoreError::Config(e.to_string()))?;
+    for row in &stored.rows {
+        let Ok(ip) = row.ip.parse() else { continue };
+        match (&row.owner, row.held_until) {
+            (Some(owner), _) => {
+                if !pool.restore(owner, ip) {
+                    tracing::warn!(%ip, %owner, range = %pool.range(), "stored VIP is outside the range; its owner gets a new one");
+                }
+            }
+            (None, Some(until)) => pool.restore_hold(ip, u64::try_from(until).unwrap_or(0)),
+            (None, None) => {}
+        }
+    }
+    *vips = Vips {
+        pool,
+        version: stored.version,
+    };
+    Ok(())
+}
+
+/// The rows to save to go from `before` to `after`.
+fn changes(before: &Pool, after: &Pool) -> Vec<VipRow> {
+    let (old, new) = (before.state(), after.state());
+    let mut rows = Vec::new();
+    for ip in old.keys().chain(new.keys()).collect::<BTreeSet<_>>() {
+        let (o, n) = (old.get(ip), new.get(ip));
+        if o == n {
+            continue;
+        }
+        let (owner, held) = n.copied().unwrap_or((None, None));
+        rows.push(VipRow {
+            ip: ip.to_string(),
+            owner: owner.map(str::to_string),
+            held_until: held.and_then(|h| i64::try_from(h).ok()),
+        });
+    }
+    rows
+}
+
 /// `docs` with `key` as `body` says (absent when `None`, or when it is not one document).
-fn change(docs: &mut BTreeMap<Key, Arc<Entry>>, key: &Key, body: Option<&str>) {
-    match body.and_then(|b| parse(key, b)) {
+fn change(docs: &mut BTreeMap<Key, Arc<Entry>>, key: &Key, body: Option<&str>, created: i64) {
+    match body.and_then(|b| parse(key, b, created)) {
         Some(entry) => docs.insert(key.clone(), entry),
         None => docs.remove(key),
     };
 }
 
-fn parse(key: &Key, body: &str) -> Option<Arc<Entry>> {
+fn parse(key: &Key, body: &str, created: i64) -> Option<Arc<Entry>> {
     let source = format!("{}/{}/{}", key.kind, key.mesh, key.name);
     match parse_documents(&source, body) {
         Ok(mut docs) if docs.len() == 1 => docs.pop().map(|doc| {
             Arc::new(Entry {
                 parsed: sluice_api::parse(&doc),
                 doc,
+                created,
             })
         }),
         Ok(_) | Err(_) => {

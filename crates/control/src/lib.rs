@@ -4,6 +4,7 @@
 
 pub mod catalog;
 pub mod config_server;
+pub mod naming;
 pub mod server;
 pub mod vip;
 pub mod wire;
@@ -13,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use serde::Serialize;
-use sluice_api::model::{ExternalService, OutboundTrafficPolicy, ResourceKey};
+use sluice_api::model::{Cidr, ExternalService, OutboundTrafficPolicy, ResourceKey};
 use sluice_api::Registry;
 
 /// Everything a proxy enforces, as one immutable snapshot. `Serialize` is the `/config_dump`
@@ -24,6 +25,19 @@ pub struct ProxyConfig {
     pub services: BTreeMap<String, Arc<ExternalService>>,
     /// Set when a resource (a Kuma Mesh) decides it; otherwise the proxy keeps its own setting.
     pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
+    /// What the built-in DNS answers and the transparent listener accepts, by address.
+    pub virtual_ips: Vec<VirtualIp>,
+    /// Where VIPs come from: an answer from outside that points in here is dropped.
+    pub vip_ranges: Vec<Cidr>,
+}
+
+/// One VIP: the names that resolve to it, and the service behind each port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VirtualIp {
+    pub ip: std::net::IpAddr,
+    pub names: Vec<String>,
+    /// Port the app calls to the label of the service (a key of [`ProxyConfig::services`]).
+    pub ports: BTreeMap<u16, String>,
 }
 
 /// A plaintext listener for the app, bound to one external service.
@@ -85,6 +99,8 @@ pub fn compile(registry: &Registry) -> ProxyConfig {
         listeners,
         services,
         outbound_traffic_policy: registry.outbound_traffic_policy,
+        virtual_ips: Vec::new(),
+        vip_ranges: Vec::new(),
     }
 }
 
@@ -97,31 +113,52 @@ pub fn scope(
     dataplanes: &BTreeSet<ResourceKey>,
     proxy: &ResourceKey,
 ) -> ProxyConfig {
-    let (listeners, services) = if dataplanes.contains(proxy) {
-        let listeners: Vec<ListenerConfig> = full
-            .listeners
-            .iter()
-            .filter(|l| l.dataplane == *proxy)
-            .cloned()
-            .collect();
-        let services = listeners
-            .iter()
-            .map(|l| (service_label(&l.service.key), l.service.clone()))
-            .collect();
-        (listeners, services)
-    } else {
-        let services = full
-            .services
-            .iter()
-            .filter(|(_, s)| s.key.mesh == proxy.mesh)
-            .map(|(label, s)| (label.clone(), s.clone()))
-            .collect();
-        (Vec::new(), services)
-    };
+    let (listeners, services): (Vec<ListenerConfig>, BTreeMap<String, Arc<ExternalService>>) =
+        if dataplanes.contains(proxy) {
+            let listeners: Vec<ListenerConfig> = full
+                .listeners
+                .iter()
+                .filter(|l| l.dataplane == *proxy)
+                .cloned()
+                .collect();
+            let services = listeners
+                .iter()
+                .map(|l| (service_label(&l.service.key), l.service.clone()))
+                .collect();
+            (listeners, services)
+        } else {
+            let services = full
+                .services
+                .iter()
+                .filter(|(_, s)| s.key.mesh == proxy.mesh)
+                .map(|(label, s)| (label.clone(), s.clone()))
+                .collect();
+            (Vec::new(), services)
+        };
+    // A VIP is kept for the ports whose services the proxy has.
+    let virtual_ips = full
+        .virtual_ips
+        .iter()
+        .filter_map(|v| {
+            let ports: BTreeMap<u16, String> = v
+                .ports
+                .iter()
+                .filter(|(_, label)| services.contains_key(*label))
+                .map(|(p, l)| (*p, l.clone()))
+                .collect();
+            (!ports.is_empty()).then(|| VirtualIp {
+                ip: v.ip,
+                names: v.names.clone(),
+                ports,
+            })
+        })
+        .collect();
     ProxyConfig {
         listeners,
         services,
         outbound_traffic_policy: full.outbound_traffic_policy,
+        virtual_ips,
+        vip_ranges: full.vip_ranges.clone(),
     }
 }
 

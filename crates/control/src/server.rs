@@ -69,9 +69,10 @@ impl Api {
         admin_token: String,
         read_token: Option<String>,
         proxy_token: Option<String>,
+        vip_range: sluice_api::model::Cidr,
     ) -> Result<Arc<Api>, StoreError> {
         let store = Arc::new(store);
-        let catalog = Arc::new(Catalog::load(&store).await?);
+        let catalog = Arc::new(Catalog::load_with(&store, vip_range).await?);
         tokio::spawn(catalog.clone().follow(store.clone()));
         let config = Arc::new(ConfigServer {
             catalog: catalog.clone(),
@@ -345,27 +346,49 @@ async fn read(
     let key = Key { kind, mesh, name };
     let reader = role(&api, &headers) == Some(Role::Reader);
     match api.store.get(&key).await {
-        Ok(Some(s)) => (
-            StatusCode::OK,
-            [
-                (header::CONTENT_TYPE, "application/yaml".to_string()),
-                (
-                    header::HeaderName::from_static("resource-version"),
-                    s.version.to_string(),
-                ),
-            ],
-            if reader {
+        Ok(Some(s)) => {
+            let body = if reader {
                 without_keys(&s.body)
             } else {
                 s.body
-            },
-        )
-            .into_response(),
+            };
+            let status = api.catalog.view().status.get(&key).cloned();
+            (
+                StatusCode::OK,
+                [
+                    (header::CONTENT_TYPE, "application/yaml".to_string()),
+                    (
+                        header::HeaderName::from_static("resource-version"),
+                        s.version.to_string(),
+                    ),
+                ],
+                match status {
+                    Some(status) => with_status(&body, status),
+                    None => body,
+                },
+            )
+                .into_response()
+        }
         Ok(None) => text(
             StatusCode::NOT_FOUND,
             format!("no {} {}/{}\n", key.kind, key.mesh, key.name),
         ),
         Err(e) => store_error(e),
+    }
+}
+
+/// A stored body with the `status` the control plane keeps for it (as JSON, which is YAML
+/// too); a `status` the body carried is replaced.
+fn with_status(body: &str, status: serde_json::Value) -> String {
+    match parse_documents("stored", body).map(|mut docs| docs.pop()) {
+        Ok(Some(mut doc)) => match doc.value.as_object_mut() {
+            Some(map) => {
+                map.insert("status".to_string(), status);
+                doc.value.to_string() + "\n"
+            }
+            None => body.to_string(),
+        },
+        _ => body.to_string(),
     }
 }
 

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use sluice_api::model::{Cidr, ResourceKey};
+use sluice_api::model::Cidr;
 
 /// Kuma's default range for external services.
 pub const DEFAULT_RANGE: &str = "242.0.0.0/8";
@@ -19,7 +19,8 @@ pub const HOLD_SECONDS: u64 = 600;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pool {
     range: Cidr,
-    assigned: BTreeMap<ResourceKey, IpAddr>,
+    /// By owner: a resource (`KIND/MESH/NAME`) or a name (`name/MESH/HOST`).
+    assigned: BTreeMap<String, IpAddr>,
     used: BTreeSet<IpAddr>,
     /// Addresses given up, with the time (seconds) they may be handed out again.
     held: BTreeMap<IpAddr, u64>,
@@ -59,12 +60,12 @@ impl Pool {
     }
 
     /// The address of `service`, if it has one.
-    pub fn get(&self, service: &ResourceKey) -> Option<IpAddr> {
+    pub fn get(&self, service: &str) -> Option<IpAddr> {
         self.assigned.get(service).copied()
     }
 
     /// The address of `service`, given one now if it has none.
-    pub fn assign(&mut self, service: &ResourceKey, now: u64) -> Result<IpAddr, VipError> {
+    pub fn assign(&mut self, service: &str, now: u64) -> Result<IpAddr, VipError> {
         if let Some(ip) = self.assigned.get(service) {
             return Ok(*ip);
         }
@@ -83,7 +84,7 @@ impl Pool {
             if !self.used.contains(&ip) && !self.held.contains_key(&ip) {
                 self.next = offset + 1;
                 self.used.insert(ip);
-                self.assigned.insert(service.clone(), ip);
+                self.assigned.insert(service.to_string(), ip);
                 return Ok(ip);
             }
         }
@@ -95,11 +96,50 @@ impl Pool {
     }
 
     /// `service` is gone: its address is held back until `now + HOLD_SECONDS`.
-    pub fn release(&mut self, service: &ResourceKey, now: u64) {
+    pub fn release(&mut self, service: &str, now: u64) {
         if let Some(ip) = self.assigned.remove(service) {
             self.used.remove(&ip);
             self.held.insert(ip, now + HOLD_SECONDS);
         }
+    }
+}
+
+impl Pool {
+    /// Takes back an address as stored. Addresses outside the range (the range was changed)
+    /// are left out, so their owners get new ones.
+    pub fn restore(&mut self, owner: &str, ip: IpAddr) -> bool {
+        if !self.range.contains(ip) || self.used.contains(&ip) || self.assigned.contains_key(owner)
+        {
+            return false;
+        }
+        self.used.insert(ip);
+        self.assigned.insert(owner.to_string(), ip);
+        true
+    }
+
+    /// Holds back an address as stored.
+    pub fn restore_hold(&mut self, ip: IpAddr, until: u64) {
+        if !self.used.contains(&ip) {
+            self.held.insert(ip, until);
+        }
+    }
+
+    /// Everyone holding an address.
+    pub fn owners(&self) -> impl Iterator<Item = (&str, IpAddr)> {
+        self.assigned.iter().map(|(o, ip)| (o.as_str(), *ip))
+    }
+
+    /// Every address given out or held back: its owner, or when its hold ends.
+    pub fn state(&self) -> BTreeMap<IpAddr, (Option<&str>, Option<u64>)> {
+        let mut state: BTreeMap<IpAddr, (Option<&str>, Option<u64>)> = self
+            .held
+            .iter()
+            .map(|(ip, until)| (*ip, (None, Some(*until))))
+            .collect();
+        for (owner, ip) in &self.assigned {
+            state.insert(*ip, (Some(owner.as_str()), None));
+        }
+        state
     }
 }
 
@@ -121,11 +161,8 @@ fn at(range: &Cidr, offset: u128) -> IpAddr {
 mod tests {
     use super::*;
 
-    fn key(name: &str) -> ResourceKey {
-        ResourceKey {
-            mesh: "default".into(),
-            name: name.into(),
-        }
+    fn key(name: &str) -> String {
+        format!("MeshExternalService/default/{name}")
     }
 
     fn pool(range: &str) -> Pool {

@@ -74,6 +74,28 @@ pub struct Snapshot {
     pub services: Vec<Service>,
     #[prost(enumeration = "Policy", tag = "4")]
     pub outbound_traffic_policy: i32,
+    #[prost(message, repeated, tag = "5")]
+    pub virtual_ips: Vec<VirtualIp>,
+    #[prost(string, repeated, tag = "6")]
+    pub vip_ranges: Vec<String>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct VirtualIp {
+    #[prost(string, tag = "1")]
+    pub ip: String,
+    #[prost(string, repeated, tag = "2")]
+    pub names: Vec<String>,
+    #[prost(message, repeated, tag = "3")]
+    pub ports: Vec<VipPort>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct VipPort {
+    #[prost(uint32, tag = "1")]
+    pub port: u32,
+    #[prost(string, tag = "2")]
+    pub service: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
@@ -277,6 +299,23 @@ pub fn to_wire(config: &ProxyConfig, version: u64) -> Snapshot {
             Some(OutboundTrafficPolicy::Allowed) => Policy::Allowed,
             Some(OutboundTrafficPolicy::Restricted) => Policy::Restricted,
         } as i32,
+        virtual_ips: config
+            .virtual_ips
+            .iter()
+            .map(|v| VirtualIp {
+                ip: v.ip.to_string(),
+                names: v.names.clone(),
+                ports: v
+                    .ports
+                    .iter()
+                    .map(|(port, service)| VipPort {
+                        port: u32::from(*port),
+                        service: service.clone(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        vip_ranges: config.vip_ranges.iter().map(ToString::to_string).collect(),
     }
 }
 
@@ -412,10 +451,36 @@ pub fn from_wire(snapshot: &Snapshot) -> Result<ProxyConfig, String> {
             ))
         }
     };
+    let mut virtual_ips = Vec::with_capacity(snapshot.virtual_ips.len());
+    for (i, v) in snapshot.virtual_ips.iter().enumerate() {
+        let at = |e: String| format!("virtual_ips[{i}] ({}): {e}", v.ip);
+        let ip =
+            v.ip.parse()
+                .map_err(|_| at("not an IP address".to_string()))?;
+        let mut ports = BTreeMap::new();
+        for p in &v.ports {
+            if !services.contains_key(&p.service) {
+                return Err(at(format!("service {} is not in the snapshot", p.service)));
+            }
+            ports.insert(port(p.port, "port").map_err(at)?, p.service.clone());
+        }
+        virtual_ips.push(crate::VirtualIp {
+            ip,
+            names: v.names.clone(),
+            ports,
+        });
+    }
+    let vip_ranges = snapshot
+        .vip_ranges
+        .iter()
+        .map(|r| Cidr::parse(r).map_err(|e| format!("vip_ranges: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(ProxyConfig {
         listeners,
         services,
         outbound_traffic_policy,
+        virtual_ips,
+        vip_ranges,
     })
 }
 
@@ -597,6 +662,12 @@ networking:
         let api = config.services.get_mut("api").unwrap();
         Arc::make_mut(api).endpoint_weights = vec![3, 1];
         config.listeners[0].service = api.clone();
+        config.virtual_ips = vec![crate::VirtualIp {
+            ip: "242.0.0.1".parse().unwrap(),
+            names: vec!["api.extsvc.mesh.local".into()],
+            ports: [(443, "api".to_string())].into(),
+        }];
+        config.vip_ranges = vec![Cidr::parse("242.0.0.0/8").unwrap()];
         config
     }
 

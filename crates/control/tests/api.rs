@@ -40,6 +40,7 @@ async fn start() -> Server {
         "admin-secret".into(),
         Some("reader-secret".into()),
         Some("proxy-secret".into()),
+        sluice_api::model::Cidr::parse(sluice_control::vip::DEFAULT_RANGE).unwrap(),
     )
     .await
     .unwrap();

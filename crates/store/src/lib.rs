@@ -37,6 +37,25 @@ pub struct Stored {
     pub version: i64,
     /// The store-wide revision of the last change.
     pub revision: i64,
+    /// The revision that created it (0 for resources stored before this was recorded): of two
+    /// resources claiming one generated name, the one created first keeps it.
+    pub created: i64,
+}
+
+/// One virtual IP as stored: handed to `owner`, or held back after release until `held_until`
+/// (seconds since the Unix epoch) so that cached DNS answers expire before it is reused.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct VipRow {
+    pub ip: String,
+    pub owner: Option<String>,
+    pub held_until: Option<i64>,
+}
+
+/// Every stored VIP with the version of the set, for [`Store::save_vips`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Vips {
+    pub version: i64,
+    pub rows: Vec<VipRow>,
 }
 
 /// What a put did, in the words `kubectl apply` uses.
@@ -107,14 +126,20 @@ pub enum StoreError {
     /// The store moved on from the revision a write was checked against.
     #[error("the store is at revision {current}, not {expected}: check the write again")]
     Stale { expected: i64, current: i64 },
+    /// Another control plane changed the VIPs since they were read.
+    #[error("the VIPs are at version {current}, not {expected}: read them again")]
+    StaleVips { expected: i64, current: i64 },
     #[error("store: {0}")]
     Database(#[from] sqlx::Error),
     #[error("store {0:?}: give sqlite://PATH or postgres://USER@HOST:PORT/DATABASE")]
     Url(String),
+    /// A setting the store's user was given cannot work (a VIP range too small, say).
+    #[error("{0}")]
+    Config(String),
 }
 
 /// The schema version a database has after its migrations.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// A store of either kind, chosen by URL.
 pub enum Store {
@@ -224,6 +249,28 @@ impl Store {
         }
     }
 
+    /// Every VIP handed out or held back.
+    pub async fn vips(&self) -> Result<Vips, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.vips().await,
+            Store::Postgres(s) => s.vips().await,
+        }
+    }
+
+    /// Replaces the rows of `changed` IPs (a row without owner and hold is deleted), only if
+    /// the set is still at `expected_version`: two control planes allocating at once cannot
+    /// hand one address to two services. Returns the new version.
+    pub async fn save_vips(
+        &self,
+        expected_version: i64,
+        changed: &[VipRow],
+    ) -> Result<i64, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.save_vips(expected_version, changed).await,
+            Store::Postgres(s) => s.save_vips(expected_version, changed).await,
+        }
+    }
+
     /// The latest revision (0 for an empty store).
     pub async fn revision(&self) -> Result<i64, StoreError> {
         match self {
@@ -258,11 +305,12 @@ pub fn redact_url(url: &str) -> String {
 /// The statements both backends run, in the `$N` parameters both accept.
 mod sql {
     pub const GET: &str =
-        "SELECT body, version, revision FROM resources WHERE kind = $1 AND mesh = $2 AND name = $3";
-    pub const LIST: &str = "SELECT mesh, name, body, version, revision FROM resources
+        "SELECT body, version, revision, created FROM resources WHERE kind = $1 AND mesh = $2 AND name = $3";
+    pub const LIST: &str = "SELECT mesh, name, body, version, revision, created FROM resources
         WHERE kind = $1 AND (CAST($2 AS TEXT) IS NULL OR mesh = $2) ORDER BY mesh, name";
-    pub const UPSERT: &str = "INSERT INTO resources (kind, mesh, name, body, version, revision)
-        VALUES ($1, $2, $3, $4, $5, $6)
+    pub const UPSERT: &str =
+        "INSERT INTO resources (kind, mesh, name, body, version, revision, created)
+        VALUES ($1, $2, $3, $4, $5, $6, $6)
         ON CONFLICT (kind, mesh, name) DO UPDATE
         SET body = excluded.body, version = excluded.version, revision = excluded.revision";
     pub const DELETE: &str = "DELETE FROM resources WHERE kind = $1 AND mesh = $2 AND name = $3";
@@ -275,23 +323,96 @@ mod sql {
         "CREATE TABLE IF NOT EXISTS sluice_schema (version BIGINT NOT NULL)";
     pub const SCHEMA_VERSION: &str = "SELECT COALESCE(MAX(version), 0) FROM sluice_schema";
     pub const RECORD_VERSION: &str = "INSERT INTO sluice_schema (version) VALUES ($1)";
+    pub const VIPS: &str = "SELECT ip, owner, held_until FROM vips ORDER BY ip";
+    pub const VIP_VERSION: &str = "SELECT version FROM vip_state";
+    pub const BUMP_VIP_VERSION: &str = "UPDATE vip_state SET version = version + 1";
+    pub const DELETE_VIP: &str = "DELETE FROM vips WHERE ip = $1";
+    pub const INSERT_VIP: &str = "INSERT INTO vips (ip, owner, held_until) VALUES ($1, $2, $3)";
+}
+
+/// Migration 2 on either backend: when each resource was created, and the VIP table.
+pub(crate) const MIGRATION_2: &[&str] = &[
+    "ALTER TABLE resources ADD COLUMN created BIGINT NOT NULL DEFAULT 0",
+    "UPDATE resources SET created = revision",
+    "CREATE TABLE vips (ip TEXT PRIMARY KEY, owner TEXT UNIQUE, held_until BIGINT)",
+    "CREATE TABLE vip_state (version BIGINT NOT NULL)",
+    "INSERT INTO vip_state (version) VALUES (0)",
+];
+
+/// [`Store::save_vips`] inside a transaction the caller holds, on either backend.
+pub(crate) async fn save_vips_in<DB>(
+    conn: &mut DB::Connection,
+    expected_version: i64,
+    changed: &[VipRow],
+) -> Result<i64, StoreError>
+where
+    DB: sqlx::Database,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    DB::Arguments: sqlx::IntoArguments<DB>,
+    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Option<&'q str>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> Option<i64>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'r> (i64,): sqlx::FromRow<'r, DB::Row>,
+{
+    let (current,): (i64,) = sqlx::query_as(sql::VIP_VERSION)
+        .fetch_one(&mut *conn)
+        .await?;
+    if current != expected_version {
+        return Err(StoreError::StaleVips {
+            expected: expected_version,
+            current,
+        });
+    }
+    // Deletes first: an owner may move from one row to another in the same save.
+    for row in changed {
+        sqlx::query(sql::DELETE_VIP)
+            .bind(row.ip.as_str())
+            .execute(&mut *conn)
+            .await?;
+    }
+    for row in changed
+        .iter()
+        .filter(|r| r.owner.is_some() || r.held_until.is_some())
+    {
+        sqlx::query(sql::INSERT_VIP)
+            .bind(row.ip.as_str())
+            .bind(row.owner.as_deref())
+            .bind(row.held_until)
+            .execute(&mut *conn)
+            .await?;
+    }
+    sqlx::query(sql::BUMP_VIP_VERSION)
+        .execute(&mut *conn)
+        .await?;
+    Ok(current + 1)
+}
+
+pub(crate) type VipDbRow = (String, Option<String>, Option<i64>);
+
+pub(crate) fn vip_row((ip, owner, held_until): VipDbRow) -> VipRow {
+    VipRow {
+        ip,
+        owner,
+        held_until,
+    }
 }
 
 /// Rows as both backends return them.
-type StoredRow = (String, i64, i64);
-type ListedRow = (String, String, String, i64, i64);
+type StoredRow = (String, i64, i64, i64);
+type ListedRow = (String, String, String, i64, i64, i64);
 type EventRow = (i64, String, String, String, bool);
 
-fn stored(key: &Key, (body, version, revision): StoredRow) -> Stored {
+fn stored(key: &Key, (body, version, revision, created): StoredRow) -> Stored {
     Stored {
         key: key.clone(),
         body,
         version,
         revision,
+        created,
     }
 }
 
-fn listed(kind: &str, (mesh, name, body, version, revision): ListedRow) -> Stored {
+fn listed(kind: &str, (mesh, name, body, version, revision, created): ListedRow) -> Stored {
     Stored {
         key: Key {
             kind: kind.to_string(),
@@ -301,6 +422,7 @@ fn listed(kind: &str, (mesh, name, body, version, revision): ListedRow) -> Store
         body,
         version,
         revision,
+        created,
     }
 }
 
@@ -345,7 +467,7 @@ where
                 .await?;
             (None, 0)
         }
-        Some(body) => match plan(key, body, change.expected_version, current)? {
+        Some(body) => match plan(key, body, change.expected_version, current.clone())? {
             Plan::Keep(stored) => return Ok(Written::Put(Outcome::Unchanged, stored)),
             Plan::Write { outcome, version } => (Some(outcome), version),
         },
@@ -360,6 +482,7 @@ where
     let (Some(outcome), Some(body)) = (outcome, &change.body) else {
         return Ok(Written::Deleted { revision });
     };
+    let created = current.map_or(revision, |c| c.3);
     sqlx::query(sql::UPSERT)
         .bind(kind)
         .bind(mesh)
@@ -371,7 +494,7 @@ where
         .await?;
     Ok(Written::Put(
         outcome,
-        stored(key, (body.clone(), version, revision)),
+        stored(key, (body.clone(), version, revision, created)),
     ))
 }
 
@@ -394,7 +517,7 @@ pub(crate) fn plan(
     key: &Key,
     body: &str,
     expected_version: Option<i64>,
-    current: Option<(String, i64, i64)>,
+    current: Option<StoredRow>,
 ) -> Result<Plan, StoreError> {
     let current_version = current.as_ref().map_or(0, |c| c.1);
     if let Some(expected) = expected_version.filter(|e| *e != current_version) {
@@ -405,11 +528,12 @@ pub(crate) fn plan(
         });
     }
     Ok(match current {
-        Some((stored, version, revision)) if stored == body => Plan::Keep(Stored {
+        Some((stored, version, revision, created)) if stored == body => Plan::Keep(Stored {
             key: key.clone(),
             body: stored,
             version,
             revision,
+            created,
         }),
         Some(_) => Plan::Write {
             outcome: Outcome::Configured,
@@ -445,7 +569,7 @@ mod tests {
             mesh: "default".into(),
             name: "s".into(),
         };
-        let stored = || Some(("a".to_string(), 3, 9));
+        let stored = || Some(("a".to_string(), 3, 9, 2));
         let show = |r: Result<Plan, StoreError>| match r {
             Ok(Plan::Keep(s)) => format!("keep v{} r{}", s.version, s.revision),
             Ok(Plan::Write { outcome, version }) => format!("{outcome:?} v{version}"),

@@ -8,22 +8,25 @@ use tokio::sync::broadcast;
 
 use crate::{
     event, listed, sql, stale, stored, write_in, Change, Event, EventRow, Key, ListedRow,
-    StoreError, Stored, StoredRow, Written, SCHEMA_VERSION,
+    StoreError, Stored, StoredRow, VipDbRow, VipRow, Vips, Written, SCHEMA_VERSION,
 };
 
 /// The same migrations as SQLite's, in PostgreSQL's dialect, with the same version numbers.
-const MIGRATIONS: &[(i64, &[&str])] = &[(
-    1,
-    &[
-        "CREATE TABLE resources (
+const MIGRATIONS: &[(i64, &[&str])] = &[
+    (
+        1,
+        &[
+            "CREATE TABLE resources (
             kind TEXT NOT NULL, mesh TEXT NOT NULL, name TEXT NOT NULL,
             body TEXT NOT NULL, version BIGINT NOT NULL, revision BIGINT NOT NULL,
             PRIMARY KEY (kind, mesh, name))",
-        "CREATE TABLE events (
+            "CREATE TABLE events (
             revision BIGSERIAL PRIMARY KEY,
             kind TEXT NOT NULL, mesh TEXT NOT NULL, name TEXT NOT NULL, deleted BOOLEAN NOT NULL)",
-    ],
-)];
+        ],
+    ),
+    (2, crate::MIGRATION_2),
+];
 
 const _: () = assert!(MIGRATIONS[MIGRATIONS.len() - 1].0 == SCHEMA_VERSION);
 
@@ -138,6 +141,29 @@ impl PgStore {
 
     pub async fn revision(&self) -> Result<i64, StoreError> {
         revision(&self.pool).await
+    }
+
+    pub async fn vips(&self) -> Result<Vips, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let (version,): (i64,) = sqlx::query_as(sql::VIP_VERSION).fetch_one(&mut *tx).await?;
+        let rows: Vec<VipDbRow> = sqlx::query_as(sql::VIPS).fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(Vips {
+            version,
+            rows: rows.into_iter().map(crate::vip_row).collect(),
+        })
+    }
+
+    /// Under the write lock, so replicas saving at once are ordered.
+    pub async fn save_vips(
+        &self,
+        expected_version: i64,
+        changed: &[VipRow],
+    ) -> Result<i64, StoreError> {
+        let mut tx = locked(&self.pool).await?;
+        let version = crate::save_vips_in::<Postgres>(&mut tx, expected_version, changed).await?;
+        tx.commit().await?;
+        Ok(version)
     }
 }
 

@@ -10,23 +10,26 @@ use tokio::sync::broadcast;
 
 use crate::{
     event, listed, sql, stale, stored, write_in, Change, Event, EventRow, Key, ListedRow,
-    StoreError, Stored, StoredRow, Written, SCHEMA_VERSION,
+    StoreError, Stored, StoredRow, VipDbRow, VipRow, Vips, Written, SCHEMA_VERSION,
 };
 
 /// Migrations by schema version, applied in order on open; a database records the last one it
 /// has, so each runs exactly once. New ones are appended, never edited.
-const MIGRATIONS: &[(i64, &[&str])] = &[(
-    1,
-    &[
-        "CREATE TABLE resources (
+const MIGRATIONS: &[(i64, &[&str])] = &[
+    (
+        1,
+        &[
+            "CREATE TABLE resources (
             kind TEXT NOT NULL, mesh TEXT NOT NULL, name TEXT NOT NULL,
             body TEXT NOT NULL, version INTEGER NOT NULL, revision INTEGER NOT NULL,
             PRIMARY KEY (kind, mesh, name))",
-        "CREATE TABLE events (
+            "CREATE TABLE events (
             revision INTEGER PRIMARY KEY AUTOINCREMENT,
             kind TEXT NOT NULL, mesh TEXT NOT NULL, name TEXT NOT NULL, deleted INTEGER NOT NULL)",
-    ],
-)];
+        ],
+    ),
+    (2, crate::MIGRATION_2),
+];
 
 const _: () = assert!(MIGRATIONS[MIGRATIONS.len() - 1].0 == SCHEMA_VERSION);
 
@@ -123,6 +126,28 @@ impl SqliteStore {
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.into_iter().map(event).collect())
+    }
+
+    pub async fn vips(&self) -> Result<Vips, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let (version,): (i64,) = sqlx::query_as(sql::VIP_VERSION).fetch_one(&mut *tx).await?;
+        let rows: Vec<VipDbRow> = sqlx::query_as(sql::VIPS).fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(Vips {
+            version,
+            rows: rows.into_iter().map(crate::vip_row).collect(),
+        })
+    }
+
+    pub async fn save_vips(
+        &self,
+        expected_version: i64,
+        changed: &[VipRow],
+    ) -> Result<i64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let version = crate::save_vips_in::<Sqlite>(&mut tx, expected_version, changed).await?;
+        tx.commit().await?;
+        Ok(version)
     }
 
     pub async fn revision(&self) -> Result<i64, StoreError> {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use sluice_store::{Change, Key, Outcome, Store, StoreError, Written};
+use sluice_store::{Change, Key, Outcome, Store, StoreError, VipRow, Written};
 
 /// A database file in a fresh directory, removed at the end.
 struct Db(PathBuf);
@@ -277,7 +277,10 @@ async fn migrate_check(url: &str) {
             .await
             .unwrap()
     };
-    assert_eq!(versions, [sluice_store::SCHEMA_VERSION]);
+    assert_eq!(
+        versions,
+        (1..=sluice_store::SCHEMA_VERSION).collect::<Vec<_>>()
+    );
 }
 
 /// put_all reports each item like put, in order, repeats included.
@@ -412,4 +415,85 @@ async fn write_check(url: &str) {
         }
     }
     assert_eq!(heard, [put, deleted]);
+}
+
+/// A resource keeps the revision that created it through updates; a new one after a delete
+/// is created anew.
+#[tokio::test]
+async fn creation_revisions_survive_updates() {
+    on_both!("created", created_check);
+}
+
+async fn created_check(url: &str) {
+    let store = Store::open(url).await.unwrap();
+    let a = key("MeshExternalService", "default", "a");
+    let b = key("MeshExternalService", "default", "b");
+    store.put(&a, "1", None).await.unwrap();
+    store.put(&b, "1", None).await.unwrap();
+    let (_, s) = store.put(&a, "2", None).await.unwrap();
+    assert_eq!((s.revision, s.created), (3, 1));
+    let listed = store.list("MeshExternalService", None).await.unwrap();
+    let created: Vec<i64> = listed.iter().map(|s| s.created).collect();
+    assert_eq!(created, [1, 2]);
+    store.delete(&a).await.unwrap();
+    let (_, s) = store.put(&a, "3", None).await.unwrap();
+    assert_eq!((s.revision, s.created), (5, 5));
+    assert_eq!(store.get(&a).await.unwrap().unwrap().created, 5);
+}
+
+/// VIPs are saved against the version they were read at: a save from a stale read is
+/// refused and changes nothing.
+#[tokio::test]
+async fn vips_are_saved_against_their_version() {
+    on_both!("vips", vips_check);
+}
+
+async fn vips_check(url: &str) {
+    let store = Store::open(url).await.unwrap();
+    let read = store.vips().await.unwrap();
+    assert_eq!((read.version, read.rows.len()), (0, 0));
+    let row = |ip: &str, owner: Option<&str>, held: Option<i64>| VipRow {
+        ip: ip.into(),
+        owner: owner.map(Into::into),
+        held_until: held,
+    };
+    let v = store
+        .save_vips(
+            0,
+            &[
+                row("242.0.0.1", Some("a"), None),
+                row("242.0.0.2", Some("b"), None),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(v, 1);
+    match store
+        .save_vips(0, &[row("242.0.0.3", Some("c"), None)])
+        .await
+    {
+        Err(StoreError::StaleVips { expected, current }) => assert_eq!((expected, current), (0, 1)),
+        other => panic!("expected a stale save, got {other:?}"),
+    }
+    // Released: held; the hold expired: gone.
+    store
+        .save_vips(
+            1,
+            &[
+                row("242.0.0.1", None, Some(1000)),
+                row("242.0.0.2", None, None),
+            ],
+        )
+        .await
+        .unwrap();
+    let read = store.vips().await.unwrap();
+    assert_eq!(read.version, 2);
+    assert_eq!(read.rows, [row("242.0.0.1", None, Some(1000))]);
+    drop(store);
+    let reopened = Store::open(url).await.unwrap();
+    assert_eq!(
+        reopened.vips().await.unwrap(),
+        read,
+        "VIPs survive a restart"
+    );
 }

@@ -3,6 +3,7 @@
 
 mod dataplane;
 mod external_service;
+mod hostname_generator;
 mod mesh;
 mod mesh_external_service;
 
@@ -16,6 +17,7 @@ use crate::resource::{MeshResource, Meta, Resource, SecretResource};
 
 pub use dataplane::{Backend, BackendRef, DataplaneResource, OutboundSpec};
 pub use external_service::{ExternalServiceResource, SERVICE_TAG};
+pub use hostname_generator::{HostnameGeneratorResource, DEFAULT_NAME, DEFAULT_TEMPLATE};
 pub use mesh_external_service::{
     DataSource, MesSpec, MeshExternalServiceResource, Sourced, TlsSpec,
 };
@@ -31,6 +33,7 @@ pub const KINDS: &[&str] = &[
     "Dataplane",
     "Secret",
     "Mesh",
+    "HostnameGenerator",
 ];
 
 /// Every kind a document may be, for messages about kinds.
@@ -142,6 +145,24 @@ pub fn parse(root: &At<'_>, d: &mut Diagnostics) -> Option<Resource> {
                 .and_then(|n| dataplane::parse(&n, d))
                 .unwrap_or_default();
             meta.map(|meta| Resource::Dataplane(DataplaneResource { meta, outbounds }))
+        }
+        "HostnameGenerator" => {
+            let (match_labels, template) = top
+                .required("spec", d)
+                .and_then(|spec| {
+                    let mut spec = spec.obj(d)?;
+                    let parsed = hostname_generator::parse(&mut spec, d);
+                    spec.finish(d);
+                    Some(parsed)
+                })
+                .unwrap_or_default();
+            meta.map(|meta| {
+                Resource::HostnameGenerator(Box::new(HostnameGeneratorResource {
+                    meta,
+                    match_labels,
+                    template,
+                }))
+            })
         }
         "Mesh" => {
             let passthrough = match form {
