@@ -377,19 +377,27 @@ async fn read(
     }
 }
 
-/// A stored body with the `status` the control plane keeps for it (as JSON, which is YAML
-/// too); a `status` the body carried is replaced.
+/// A stored body with the `status` the control plane keeps for it: the body as written with
+/// one `status:` line after it (JSON is YAML too), or, where that would not be one mapping
+/// (a flow-style body, or one carrying its own `status`), the whole document as JSON.
 fn with_status(body: &str, status: serde_json::Value) -> String {
-    match parse_documents("stored", body).map(|mut docs| docs.pop()) {
-        Ok(Some(mut doc)) => match doc.value.as_object_mut() {
-            Some(map) => {
-                map.insert("status".to_string(), status);
-                doc.value.to_string() + "\n"
-            }
-            None => body.to_string(),
-        },
-        _ => body.to_string(),
+    let Ok(Some(mut doc)) = parse_documents("stored", body).map(|mut docs| docs.pop()) else {
+        return body.to_string();
+    };
+    let Some(map) = doc.value.as_object_mut() else {
+        return body.to_string();
+    };
+    let block = !body.trim_start().starts_with('{') && !map.contains_key("status");
+    if block {
+        let mut out = body.to_string();
+        if !out.ends_with('\n') {
+            out.push('\n');
+        }
+        out.push_str(&format!("status: {status}\n"));
+        return out;
     }
+    map.insert("status".to_string(), status);
+    doc.value.to_string() + "\n"
 }
 
 /// Fields that hold private keys: a Secret's data, a client key's source.

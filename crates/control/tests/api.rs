@@ -146,7 +146,13 @@ async fn writes_report_created_configured_unchanged_and_reads_return_the_version
     );
     let a = send(&s, "GET", path, ADMIN, "").await;
     assert_eq!(a.status, 200);
-    assert_eq!(a.body, changed);
+    // The body as written, then the status the control plane keeps: its name and VIP.
+    let (body, status) = a.body.split_at(changed.len());
+    assert_eq!(body, changed);
+    let status: serde_json::Value =
+        serde_json::from_str(status.strip_prefix("status: ").unwrap()).unwrap();
+    assert_eq!(status["vip"]["ip"], "242.0.0.1");
+    assert_eq!(status["addresses"][0]["hostname"], "api.extsvc.mesh.local");
     assert_eq!(a.headers["resource-version"], "2");
     let a = send(&s, "GET", "/api/v1/MeshExternalService", ADMIN, "").await;
     assert_eq!(
