@@ -1,9 +1,11 @@
 #![forbid(unsafe_code)]
 //! Sluice's data plane: listeners for the app, routing to external services, TLS origination,
-//! pooled upstream connections, access log, metrics and the admin endpoint.
+//! pooled upstream connections, access log, metrics, the admin endpoint and the DNS server of
+//! transparent mode.
 
 pub mod access_log;
 pub mod admin;
+pub mod dns;
 mod forward;
 mod guard;
 pub mod http;

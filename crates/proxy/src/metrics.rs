@@ -49,6 +49,30 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsTransportLabels {
+    /// `udp` or `tcp`.
+    pub transport: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsAnswerLabels {
+    /// `vip`, `nodata`, `forwarded`, `servfail`, `formerr`, `notimp` or `dropped`.
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsFailureLabels {
+    /// `timeout`, `io`, `mismatch` or `malformed`.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsSourceLabels {
+    /// `local` (answered from the zone or refused) or `upstream` (forwarded).
+    pub source: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub http_requests: Family<RequestLabels, Counter>,
@@ -66,6 +90,11 @@ pub struct Metrics {
     pub config_stream_connected: Gauge,
     /// The version of the config from the control plane now applied.
     pub config_version: Gauge,
+    pub dns_queries: Family<DnsTransportLabels, Counter>,
+    pub dns_answers: Family<DnsAnswerLabels, Counter>,
+    pub dns_upstream_failures: Family<DnsFailureLabels, Counter>,
+    pub dns_vip_records_removed: Counter,
+    pub dns_query_duration: Family<DnsSourceLabels, Histogram>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -158,7 +187,44 @@ impl Default for Metrics {
             "Version of the control plane's config now applied (0: none yet)",
             config_version.clone(),
         );
+        let dns_queries = Family::<DnsTransportLabels, Counter>::default();
+        registry.register(
+            "dns_queries",
+            "DNS queries received, by transport",
+            dns_queries.clone(),
+        );
+        let dns_answers = Family::<DnsAnswerLabels, Counter>::default();
+        registry.register(
+            "dns_answers",
+            "DNS queries by how they were answered (dropped: not answered at all)",
+            dns_answers.clone(),
+        );
+        let dns_upstream_failures = Family::<DnsFailureLabels, Counter>::default();
+        registry.register(
+            "dns_upstream_failures",
+            "Failed exchanges with upstream resolvers and bad packets from them, by reason",
+            dns_upstream_failures.clone(),
+        );
+        let dns_vip_records_removed = Counter::default();
+        registry.register(
+            "dns_vip_records_removed",
+            "Address records in upstream answers pointing into the VIP ranges, removed",
+            dns_vip_records_removed.clone(),
+        );
+        let dns_query_duration = Family::<DnsSourceLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "dns_query_duration_seconds",
+            "Time from DNS query received to answer ready, answered locally or by an upstream",
+            dns_query_duration.clone(),
+        );
         Self {
+            dns_queries,
+            dns_answers,
+            dns_upstream_failures,
+            dns_vip_records_removed,
+            dns_query_duration,
             config_stream_connected,
             config_version,
             passthrough,
