@@ -773,6 +773,7 @@ async fn absolute(
                 peer,
                 upstream,
                 access_log: shared.access_log.clone(),
+                hosts: None,
             });
             Ok(crate::http::handle(req, ctx)
                 .await

@@ -182,6 +182,9 @@ pub struct RequestContext {
     pub peer: SocketAddr,
     pub upstream: Arc<HttpUpstream>,
     pub access_log: AccessLog,
+    /// Reached through a VIP: the Host must be one of the names resolving to it (or the VIP
+    /// itself), so a request cannot name one service and ride another's address.
+    pub hosts: Option<Arc<[String]>>,
 }
 
 pub async fn handle(
@@ -228,6 +231,21 @@ pub async fn handle(
         access_log: ctx.access_log.clone(),
     }));
 
+    if let Some(hosts) = &ctx.hosts {
+        let host = authority
+            .as_deref()
+            .map(host_of)
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        if !hosts.iter().any(|h| *h == host) {
+            let msg = format!(
+                "Host {:?} is not a name of the address this request was sent to ({}); call the service by one of those names",
+                authority.as_deref().unwrap_or(""),
+                hosts.join(", ")
+            );
+            return Ok(log.respond_error(StatusCode::MISDIRECTED_REQUEST, msg));
+        }
+    }
     let outbound = match rewrite_request(req, up, authority.as_deref(), &path, bytes_in) {
         Ok(r) => r,
         Err(msg) => return Ok(log.respond_error(StatusCode::BAD_REQUEST, msg)),
@@ -264,6 +282,15 @@ pub async fn handle(
     }
     let body = LogBody::new(body, pending);
     Ok(Response::from_parts(parts, body.boxed()))
+}
+
+/// The host of an authority, without port or IPv6 brackets or a trailing dot.
+fn host_of(authority: &str) -> &str {
+    let host = match authority.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(rest),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host.strip_suffix('.').unwrap_or(host)
 }
 
 fn rewrite_request(

@@ -16,6 +16,7 @@ pub mod runtime;
 pub mod subscribe;
 mod tcp;
 mod tls;
+pub mod transparent;
 pub mod upstream;
 
 pub use runtime::{ApplyError, Proxy, Settings};

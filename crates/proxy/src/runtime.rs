@@ -21,7 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access_log::AccessLog;
+use crate::dns;
 use crate::forward;
+use crate::transparent::{self, RealIp};
 use crate::http::{HttpTimeouts, HttpUpstream, RequestContext};
 use crate::metrics::{Metrics, ResultLabels};
 use crate::policy::{Mode, Table};
@@ -159,6 +161,8 @@ struct State {
     own: Vec<SocketAddr>,
     /// The forward proxy's lifecycle, once started.
     forward: Option<Lifecycle>,
+    transparent: Option<Lifecycle>,
+    dns: Option<Lifecycle>,
 }
 
 pub struct Proxy {
@@ -167,6 +171,22 @@ pub struct Proxy {
     state: Mutex<State>,
     config: watch::Sender<Option<Arc<ProxyConfig>>>,
     forward: watch::Sender<Arc<forward::State>>,
+    /// What the transparent listener routes VIPs by, and what the DNS server answers.
+    vips: watch::Sender<Arc<VipRoutes>>,
+    zone: watch::Sender<Arc<dns::Zone>>,
+}
+
+/// Each VIP's names and, per port, the route to its service; every service's route by label,
+/// for real addresses a service opens.
+#[derive(Default)]
+struct VipRoutes {
+    by_ip: HashMap<std::net::IpAddr, Vip>,
+    by_label: HashMap<Arc<str>, Arc<Route>>,
+}
+
+struct Vip {
+    names: Arc<[String]>,
+    ports: HashMap<u16, Arc<Route>>,
 }
 
 impl Proxy {
@@ -222,8 +242,12 @@ impl Proxy {
                 mode: settings_mode,
                 own: Vec::new(),
                 forward: None,
+                transparent: None,
+                dns: None,
             }),
             config: watch::Sender::new(None),
+            vips: watch::Sender::new(Arc::default()),
+            zone: watch::Sender::new(Arc::default()),
             forward: watch::Sender::new(Arc::new(forward::State {
                 mode: settings_mode,
                 table: Table::default(),
@@ -320,6 +344,7 @@ impl Proxy {
         let config = Arc::new(config);
         self.config.send_replace(Some(config.clone()));
         self.publish_forward_state(&state, &config);
+        self.publish_vips(&state, &config);
         self.count_reload("applied");
         Ok(bind_errors)
     }
@@ -350,6 +375,115 @@ impl Proxy {
             upstreams,
             connectors,
         }));
+    }
+
+    /// What the transparent listener and the DNS server serve, from the applied config.
+    fn publish_vips(&self, state: &State, config: &ProxyConfig) {
+        let route = |label: &str| -> Option<Arc<Route>> {
+            let (_, upstream) = state.upstreams.get(label)?;
+            Some(Arc::new(Route {
+                listener: Arc::from("transparent"),
+                upstream: upstream.clone(),
+                open: self
+                    .shared
+                    .metrics
+                    .active_connections
+                    .get_or_create(&Metrics::service(label))
+                    .clone(),
+            }))
+        };
+        let mut routes = VipRoutes::default();
+        for label in state.upstreams.keys() {
+            if let Some(r) = route(label) {
+                routes.by_label.insert(Arc::from(label.as_str()), r);
+            }
+        }
+        let mut names = Vec::new();
+        for v in &config.virtual_ips {
+            let ports = v
+                .ports
+                .iter()
+                .filter_map(|(port, label)| Some((*port, routes.by_label.get(label.as_str())?.clone())))
+                .collect();
+            let mut all: Vec<String> = v.names.clone();
+            all.push(v.ip.to_string());
+            routes.by_ip.insert(
+                v.ip,
+                Vip {
+                    names: Arc::from(all),
+                    ports,
+                },
+            );
+            names.extend(v.names.iter().map(|n| (n.clone(), v.ip)));
+        }
+        self.vips.send_replace(Arc::new(routes));
+        self.zone
+            .send_replace(Arc::new(dns::Zone::new(names, config.vip_ranges.clone())));
+    }
+
+    /// Starts the transparent listener on `addr`: connections redirected to it by the kernel
+    /// go where the app sent them, through the service a VIP stands for or, for a real
+    /// address, as the outbound traffic policy says.
+    pub async fn start_transparent(&self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+        let listener = TcpListener::bind(addr).await?;
+        let bound = listener.local_addr()?;
+        self.add_own_address(bound).await;
+        let life = Lifecycle::default();
+        let shared = self.shared.clone();
+        let vips = self.vips.subscribe();
+        let forward = self.forward.subscribe();
+        let Lifecycle {
+            stop,
+            tracker,
+            kill,
+        } = life.clone();
+        let listener_name: Arc<str> = Arc::from("transparent");
+        tokio::spawn(async move {
+            accept_each(listener, &stop, &shared.clone(), |stream, peer, permit| {
+                let shared = shared.clone();
+                let (stop, kill) = (stop.clone(), kill.clone());
+                let vips = vips.borrow().clone();
+                let forward = forward.borrow().clone();
+                let name = listener_name.clone();
+                tracker.spawn(async move {
+                    let _permit = permit;
+                    serve_redirected(stream, peer, bound, &vips, &forward, shared, name, stop, kill)
+                        .await;
+                });
+            })
+            .await;
+        });
+        self.state.lock().await.transparent = Some(life);
+        tracing::info!(address = %bound, "transparent listener listening");
+        Ok(bound)
+    }
+
+    /// Starts the DNS server on `addr` (UDP and TCP), forwarding what it does not answer to
+    /// `upstreams`.
+    pub async fn start_dns(
+        &self,
+        addr: SocketAddr,
+        upstreams: Vec<SocketAddr>,
+    ) -> std::io::Result<SocketAddr> {
+        let udp = tokio::net::UdpSocket::bind(addr).await?;
+        let bound = udp.local_addr()?;
+        let tcp = TcpListener::bind(bound).await?;
+        let life = Lifecycle::default();
+        let settings = dns::DnsSettings {
+            upstreams,
+            ..dns::DnsSettings::default()
+        };
+        tokio::spawn(dns::serve(
+            udp,
+            tcp,
+            self.zone.subscribe(),
+            settings,
+            self.shared.metrics.clone(),
+            life.stop.clone(),
+        ));
+        self.state.lock().await.dns = Some(life);
+        tracing::info!(address = %bound, "DNS server listening");
+        Ok(bound)
     }
 
     /// Changes the outbound traffic policy live: open tunnels go on, the next request or tunnel
@@ -460,6 +594,12 @@ impl Proxy {
         if let Some(forward) = state.forward.take() {
             draining.spawn(forward.drain(deadline));
         }
+        if let Some(transparent) = state.transparent.take() {
+            draining.spawn(transparent.drain(deadline));
+        }
+        if let Some(dns) = state.dns.take() {
+            dns.stop.cancel();
+        }
         while draining.join_next().await.is_some() {}
         self.shared.access_log.flush().await;
     }
@@ -562,7 +702,7 @@ async fn accept_loop(
         let (stop, kill) = (stop.clone(), kill.clone());
         tracker.spawn(async move {
             let _permit = permit;
-            serve_connection(stream, peer, route, shared, stop, kill).await;
+            serve_connection(stream, peer, route, shared, stop, kill, None).await;
         });
     })
     .await;
@@ -575,6 +715,7 @@ async fn serve_connection(
     shared: Arc<Shared>,
     stop: CancellationToken,
     kill: CancellationToken,
+    hosts: Option<Arc<[String]>>,
 ) {
     let _ = stream.set_nodelay(true);
     let _open = Open::new(&route.open);
@@ -599,6 +740,7 @@ async fn serve_connection(
                 peer,
                 upstream: upstream.clone(),
                 access_log: shared.access_log.clone(),
+                hosts,
             });
             let service = service_fn(move |req| crate::http::handle(req, ctx.clone()));
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -632,6 +774,119 @@ async fn serve_connection(
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "client connection ended with an error");
             }
+        }
+    }
+}
+
+/// One connection the kernel redirected: to the service behind a VIP and port, or to a real
+/// address as the policy allows.
+#[allow(clippy::too_many_arguments)]
+async fn serve_redirected(
+    stream: TcpStream,
+    peer: SocketAddr,
+    bound: SocketAddr,
+    vips: &VipRoutes,
+    forward: &forward::State,
+    shared: Arc<Shared>,
+    listener: Arc<str>,
+    stop: CancellationToken,
+    kill: CancellationToken,
+) {
+    let refuse = |dest: SocketAddr, reason: &'static str, message: String| {
+        transparent::refuse(
+            listener.clone(),
+            &shared.access_log,
+            &shared.metrics,
+            peer,
+            dest,
+            reason,
+            message,
+        )
+    };
+    let dest = match transparent::original_dst(&stream) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "transparent listener: no original destination");
+            return;
+        }
+    };
+    // Sent to the listener itself, not redirected: nothing says where it was going.
+    if dest == bound {
+        refuse(
+            dest,
+            "not_redirected",
+            "this connection was not redirected here; the transparent listener only takes connections iptables redirects".into(),
+        );
+        return;
+    }
+    let _ = stream.set_nodelay(true);
+    if let Some(vip) = vips.by_ip.get(&dest.ip()) {
+        match vip.ports.get(&dest.port()) {
+            Some(route) => {
+                let _open = Open::new(&route.open);
+                serve_connection(
+                    stream,
+                    peer,
+                    route.clone(),
+                    shared.clone(),
+                    stop,
+                    kill,
+                    Some(vip.names.clone()),
+                )
+                .await;
+            }
+            None => {
+                let mut ports: Vec<u16> = vip.ports.keys().copied().collect();
+                ports.sort_unstable();
+                refuse(
+                    dest,
+                    "vip_port",
+                    format!(
+                        "{} ({}) has no port {}; its services listen on {:?}",
+                        dest.ip(),
+                        vip.names.first().map_or("", String::as_str),
+                        dest.port(),
+                        ports
+                    ),
+                );
+            }
+        }
+        return;
+    }
+    match transparent::decide_real(forward.mode, &forward.table, dest) {
+        RealIp::Denied(d) => refuse(dest, d.reason(), d.to_string()),
+        RealIp::Service(label) => match vips.by_label.get(&label) {
+            Some(route) => {
+                let _open = Open::new(&route.open);
+                serve_connection(stream, peer, route.clone(), shared.clone(), stop, kill, None)
+                    .await;
+            }
+            None => refuse(
+                dest,
+                "not_ready",
+                format!("external service {label} is not ready"),
+            ),
+        },
+        RealIp::Direct {
+            service,
+            passthrough,
+        } => {
+            transparent::relay_direct(
+                stream,
+                peer,
+                dest,
+                service,
+                passthrough,
+                transparent::Direct {
+                    listener: listener.clone(),
+                    access_log: &shared.access_log,
+                    metrics: &shared.metrics,
+                    connect_timeout: shared.settings.upstream.connect,
+                    idle_timeout: shared.settings.tcp_idle_timeout,
+                },
+                kill,
+            )
+            .await;
         }
     }
 }

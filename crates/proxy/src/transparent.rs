@@ -1,0 +1,200 @@
+//! Transparent mode: connections the kernel redirected here (iptables REDIRECT), read for
+//! where the app sent them. A VIP and port lead to that service, as an outbound listener
+//! would; any other address is the app dialling a real IP, decided by the outbound traffic
+//! policy with the same address guards as the forward proxy.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::access_log::{AccessLog, Entry};
+use crate::metrics::{DecisionLabels, DestinationLabels, Metrics};
+use crate::policy::{self, Decision, Host, Opening};
+
+/// Where the app sent a redirected connection (`SO_ORIGINAL_DST`).
+pub fn original_dst(stream: &TcpStream) -> std::io::Result<SocketAddr> {
+    let socket = socket2::SockRef::from(stream);
+    let addr = match stream.local_addr()? {
+        SocketAddr::V4(_) => socket.original_dst_v4()?,
+        SocketAddr::V6(_) => socket.original_dst_v6()?,
+    };
+    addr.as_socket().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the original destination is not an IP address",
+        )
+    })
+}
+
+/// What a redirected connection to a non-VIP address may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RealIp {
+    /// Through the service that opens this address (Istio's and Gloo's `addresses`).
+    Service(Arc<str>),
+    /// Straight to the address, checked by the guards: unregistered in `allowed` mode, or an
+    /// address a service names as its endpoint or carries itself.
+    Direct { service: Arc<str>, passthrough: bool },
+    Denied(policy::Denied),
+}
+
+/// The decision for `addr`, a pure function of the policy table.
+pub fn decide_real(mode: policy::Mode, table: &policy::Table, addr: SocketAddr) -> RealIp {
+    let direct = |service: Arc<str>, passthrough: bool| match table.check_address(addr) {
+        Ok(()) => RealIp::Direct {
+            service,
+            passthrough,
+        },
+        Err(d) => RealIp::Denied(d),
+    };
+    match policy::decide(mode, table, &Host::Ip(addr.ip()), addr.port()) {
+        Decision::Deny(d) => RealIp::Denied(d),
+        Decision::Registered(Opening::Service {
+            service,
+            endpoints: true,
+            ..
+        }) => RealIp::Service(service),
+        Decision::Registered(o) => direct(o.service().clone(), false),
+        Decision::Passthrough => direct(Arc::from("passthrough"), true),
+    }
+}
+
+/// Facts a direct relay needs.
+pub struct Direct<'a> {
+    pub listener: Arc<str>,
+    pub access_log: &'a AccessLog,
+    pub metrics: &'a Metrics,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// Relays the app's connection to `addr`, already checked by the guards.
+pub async fn relay_direct(
+    mut app: TcpStream,
+    peer: SocketAddr,
+    addr: SocketAddr,
+    service: Arc<str>,
+    passthrough: bool,
+    ctx: Direct<'_>,
+    kill: CancellationToken,
+) {
+    let started = Instant::now();
+    let mut entry = Entry::new("tcp", ctx.listener, peer, service);
+    entry.authority = Some(addr.to_string());
+    count(
+        ctx.metrics,
+        if passthrough { "passthrough" } else { "allowed" },
+        "transparent",
+    );
+    if passthrough {
+        ctx.metrics
+            .passthrough
+            .get_or_create(&DestinationLabels {
+                host: addr.ip().to_string(),
+                port: addr.port(),
+            })
+            .inc();
+    }
+    match tokio::time::timeout(ctx.connect_timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(mut upstream)) => {
+            let _ = upstream.set_nodelay(true);
+            entry.upstream = Some(Arc::from(addr.to_string()));
+            let relayed = crate::tcp::relay(&mut app, &mut upstream, ctx.idle_timeout, &kill).await;
+            entry.bytes_in = relayed.up;
+            entry.bytes_out = relayed.down;
+            entry.error = relayed.ended;
+        }
+        Ok(Err(e)) => entry.error = Some(format!("{addr}: {e}")),
+        Err(_) => entry.error = Some(format!("{addr}: connect timed out")),
+    }
+    entry.duration_ms = started.elapsed().as_micros() as f64 / 1000.0;
+    ctx.access_log.log(entry);
+}
+
+/// Logs and counts a redirected connection that is closed without being carried.
+pub fn refuse(
+    listener: Arc<str>,
+    access_log: &AccessLog,
+    metrics: &Metrics,
+    peer: SocketAddr,
+    dest: SocketAddr,
+    reason: &'static str,
+    message: String,
+) {
+    tracing::info!(%peer, destination = %dest, "transparent connection refused: {message}");
+    count(metrics, "denied", reason);
+    let mut entry = Entry::new("tcp", listener, peer, Arc::from("denied"));
+    entry.authority = Some(dest.to_string());
+    entry.error = Some(format!("refused: {message}"));
+    access_log.log(entry);
+}
+
+fn count(metrics: &Metrics, decision: &'static str, reason: &'static str) {
+    metrics
+        .forward_decisions
+        .get_or_create(&DecisionLabels { decision, reason })
+        .inc();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_control::ProxyConfig;
+
+    #[test]
+    fn real_addresses_follow_the_policy() {
+        let registry = {
+            let docs = sluice_api::parse_documents(
+                "t.yaml",
+                r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: default}
+spec:
+  hosts: [db.internal]
+  addresses: [10.20.0.0/16]
+  ports: [{number: 5432, name: pg, protocol: TCP}]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  endpoints: [{address: 10.20.0.5}]
+---
+type: MeshExternalService
+name: api
+spec:
+  match: {port: 443, protocol: tcp}
+  endpoints: [{address: 203.0.113.10, port: 443}]
+"#,
+            )
+            .unwrap();
+            let loaded = sluice_api::load(&docs);
+            assert!(loaded.errors().next().is_none(), "{:?}", loaded.diagnostics);
+            loaded.registry.unwrap()
+        };
+        let config: ProxyConfig = sluice_control::compile(&registry);
+        let table = policy::Table::new(&config, []);
+        use policy::Mode::{Allowed, Restricted};
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let show = |r: RealIp| match r {
+            RealIp::Service(s) => format!("service {s}"),
+            RealIp::Direct {
+                service,
+                passthrough,
+            } => format!("direct {service} passthrough={passthrough}"),
+            RealIp::Denied(d) => format!("denied {}", d.reason()),
+        };
+        let cases = [
+            (Restricted, "10.20.3.4:5432", "service db-5432"),
+            (Restricted, "10.20.3.4:5433", "denied not_registered"),
+            (Restricted, "203.0.113.10:443", "direct api passthrough=false"),
+            (Restricted, "198.51.100.7:443", "denied not_registered"),
+            (Allowed, "198.51.100.7:443", "direct passthrough passthrough=true"),
+            (Allowed, "10.1.2.3:80", "denied address_refused"),
+            (Allowed, "127.0.0.1:9901", "denied address_refused"),
+        ];
+        for (mode, dest, want) in cases {
+            assert_eq!(show(decide_real(mode, &table, addr(dest))), want, "{mode:?} {dest}");
+        }
+    }
+}
