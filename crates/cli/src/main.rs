@@ -4,6 +4,7 @@
 mod client;
 mod control_plane;
 mod convert;
+mod iptables;
 mod load;
 mod proxy;
 mod run;
@@ -97,6 +98,12 @@ enum Command {
         #[arg(long, value_enum, default_value = "sluice")]
         to: convert::Target,
     },
+    /// Install or remove the kernel rules (iptables nat table) that send a workload's outbound
+    /// TCP and DNS to the transparent proxy on loopback.
+    Iptables {
+        #[command(subcommand)]
+        action: iptables::Action,
+    },
     /// Check resources and print every problem; exits non-zero if any is an error.
     Validate {
         /// Files or directories of YAML resources; `-` reads standard input.
@@ -126,6 +133,7 @@ fn main() -> ExitCode {
         Command::Validate { files } => validate(&files),
         Command::Convert { files, to } => convert::main(&files, to),
         Command::Run(args) => run::main(*args),
+        Command::Iptables { action } => iptables::main(action),
         Command::ControlPlane(args) => control_plane::main(args),
         Command::Proxy(args) => proxy::main(*args),
         Command::Inspect {
