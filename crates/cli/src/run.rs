@@ -88,6 +88,18 @@ pub struct ProxyFlags {
     /// clientCertificate, privateKey) must be in; without it the proxy reads no such file.
     #[arg(long)]
     tls_file_dir: Option<PathBuf>,
+    /// Transparent mode's listener for connections iptables redirects (see `sluice iptables`):
+    /// `--transparent` alone listens on 127.0.0.1:15001; off by default.
+    #[arg(long, default_value = "off", num_args = 0..=1, default_missing_value = "127.0.0.1:15001")]
+    transparent: String,
+    /// Transparent mode's DNS server (UDP and TCP): registered names answered with their VIPs,
+    /// others forwarded. `--dns` alone listens on 127.0.0.1:15053; off by default.
+    #[arg(long, default_value = "off", num_args = 0..=1, default_missing_value = "127.0.0.1:15053")]
+    dns: String,
+    /// Where the DNS server forwards what it does not answer (IP:PORT, repeatable); the
+    /// name servers of /etc/resolv.conf by default.
+    #[arg(long)]
+    dns_upstream: Vec<SocketAddr>,
 }
 
 pub fn parse_mode(s: &str) -> Result<Mode, String> {
@@ -233,8 +245,37 @@ pub async fn start_proxy(
     Ok(proxy)
 }
 
-/// The forward proxy, unless turned off.
+/// The forward proxy, and transparent mode's listener and DNS server, unless turned off.
 pub async fn start_forward_proxy(flags: &ProxyFlags, proxy: &Proxy) -> anyhow::Result<()> {
+    if flags.transparent != "off" {
+        let addr: SocketAddr = flags.transparent.parse().with_context(|| {
+            format!(
+                "--transparent {}: not an address; give IP:PORT or off",
+                flags.transparent
+            )
+        })?;
+        proxy.start_transparent(addr).await.with_context(|| {
+            format!("transparent listener {addr}: cannot listen; choose another with --transparent")
+        })?;
+    }
+    if flags.dns != "off" {
+        let addr: SocketAddr = flags
+            .dns
+            .parse()
+            .with_context(|| format!("--dns {}: not an address; give IP:PORT or off", flags.dns))?;
+        let upstreams = if flags.dns_upstream.is_empty() {
+            let text = std::fs::read_to_string("/etc/resolv.conf")
+                .context("/etc/resolv.conf: cannot read the name servers to forward to; give --dns-upstream IP:PORT")?;
+            sluice_proxy::dns::upstreams_from_resolv_conf(&text).map_err(|e| {
+                anyhow::anyhow!("/etc/resolv.conf: {e}; give --dns-upstream IP:PORT")
+            })?
+        } else {
+            flags.dns_upstream.clone()
+        };
+        proxy.start_dns(addr, upstreams).await.with_context(|| {
+            format!("DNS server {addr}: cannot listen; choose another with --dns")
+        })?;
+    }
     if flags.http_proxy == "off" {
         return Ok(());
     }

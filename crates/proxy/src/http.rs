@@ -237,7 +237,7 @@ pub async fn handle(
             .map(host_of)
             .unwrap_or_default()
             .to_ascii_lowercase();
-        if !hosts.iter().any(|h| *h == host) {
+        if !hosts.contains(&host) {
             let msg = format!(
                 "Host {:?} is not a name of the address this request was sent to ({}); call the service by one of those names",
                 authority.as_deref().unwrap_or(""),

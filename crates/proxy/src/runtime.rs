@@ -23,11 +23,11 @@ use tokio_util::task::TaskTracker;
 use crate::access_log::AccessLog;
 use crate::dns;
 use crate::forward;
-use crate::transparent::{self, RealIp};
 use crate::http::{HttpTimeouts, HttpUpstream, RequestContext};
 use crate::metrics::{Metrics, ResultLabels};
 use crate::policy::{Mode, Table};
 use crate::tcp;
+use crate::transparent::{self, RealIp};
 use crate::upstream::{Connector, Timeouts};
 
 /// Bounds on how long a DNS answer about an endpoint is reused.
@@ -403,7 +403,9 @@ impl Proxy {
             let ports = v
                 .ports
                 .iter()
-                .filter_map(|(port, label)| Some((*port, routes.by_label.get(label.as_str())?.clone())))
+                .filter_map(|(port, label)| {
+                    Some((*port, routes.by_label.get(label.as_str())?.clone()))
+                })
                 .collect();
             let mut all: Vec<String> = v.names.clone();
             all.push(v.ip.to_string());
@@ -447,8 +449,10 @@ impl Proxy {
                 let name = listener_name.clone();
                 tracker.spawn(async move {
                     let _permit = permit;
-                    serve_redirected(stream, peer, bound, &vips, &forward, shared, name, stop, kill)
-                        .await;
+                    serve_redirected(
+                        stream, peer, bound, &vips, &forward, shared, name, stop, kill,
+                    )
+                    .await;
                 });
             })
             .await;
@@ -858,8 +862,16 @@ async fn serve_redirected(
         RealIp::Service(label) => match vips.by_label.get(&label) {
             Some(route) => {
                 let _open = Open::new(&route.open);
-                serve_connection(stream, peer, route.clone(), shared.clone(), stop, kill, None)
-                    .await;
+                serve_connection(
+                    stream,
+                    peer,
+                    route.clone(),
+                    shared.clone(),
+                    stop,
+                    kill,
+                    None,
+                )
+                .await;
             }
             None => refuse(
                 dest,

@@ -36,7 +36,10 @@ pub enum RealIp {
     Service(Arc<str>),
     /// Straight to the address, checked by the guards: unregistered in `allowed` mode, or an
     /// address a service names as its endpoint or carries itself.
-    Direct { service: Arc<str>, passthrough: bool },
+    Direct {
+        service: Arc<str>,
+        passthrough: bool,
+    },
     Denied(policy::Denied),
 }
 
@@ -85,7 +88,11 @@ pub async fn relay_direct(
     entry.authority = Some(addr.to_string());
     count(
         ctx.metrics,
-        if passthrough { "passthrough" } else { "allowed" },
+        if passthrough {
+            "passthrough"
+        } else {
+            "allowed"
+        },
         "transparent",
     );
     if passthrough {
@@ -187,14 +194,26 @@ spec:
         let cases = [
             (Restricted, "10.20.3.4:5432", "service db-5432"),
             (Restricted, "10.20.3.4:5433", "denied not_registered"),
-            (Restricted, "203.0.113.10:443", "direct api passthrough=false"),
+            (
+                Restricted,
+                "203.0.113.10:443",
+                "direct api passthrough=false",
+            ),
             (Restricted, "198.51.100.7:443", "denied not_registered"),
-            (Allowed, "198.51.100.7:443", "direct passthrough passthrough=true"),
+            (
+                Allowed,
+                "198.51.100.7:443",
+                "direct passthrough passthrough=true",
+            ),
             (Allowed, "10.1.2.3:80", "denied address_refused"),
             (Allowed, "127.0.0.1:9901", "denied address_refused"),
         ];
         for (mode, dest, want) in cases {
-            assert_eq!(show(decide_real(mode, &table, addr(dest))), want, "{mode:?} {dest}");
+            assert_eq!(
+                show(decide_real(mode, &table, addr(dest))),
+                want,
+                "{mode:?} {dest}"
+            );
         }
     }
 }
