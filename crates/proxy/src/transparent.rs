@@ -192,7 +192,7 @@ spec:
             RealIp::Denied(d) => format!("denied {}", d.reason()),
         };
         let cases = [
-            (Restricted, "10.20.3.4:5432", "service db-5432"),
+            (Restricted, "10.20.3.4:5432", "service db_5432"),
             (Restricted, "10.20.3.4:5433", "denied not_registered"),
             (
                 Restricted,
