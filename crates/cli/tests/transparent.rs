@@ -4,12 +4,14 @@
 //! and dig run as uid 65534 with no proxy setting at all.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Read;
+mod support;
+
 use std::process::{Child, Command, Stdio};
+
 use std::time::{Duration, Instant};
+use support::command::{self, Ran, TIMEOUT};
 
 const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
-const TIMEOUT: Duration = Duration::from_secs(20);
 const AS_NOBODY: [&str; 4] = [
     "setpriv",
     "--reuid=65534",
@@ -18,46 +20,8 @@ const AS_NOBODY: [&str; 4] = [
 ];
 const ORIGIN: &str = "198.51.100.2";
 
-struct Ran {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
 fn run(program: &str, args: &[&str]) -> Ran {
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    let read = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            text
-        })
-    };
-    let stdout = read(Box::new(child.stdout.take().unwrap()));
-    let stderr = read(Box::new(child.stderr.take().unwrap()));
-    let deadline = Instant::now() + TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{program} {args:?} did not finish within {TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Ran {
-        ok: status.success(),
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.join().unwrap(),
-    }
+    command::run(program, args, None)
 }
 
 /// The namespace, its resolv.conf, and every process started in it; all removed on drop.

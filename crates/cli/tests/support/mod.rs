@@ -14,6 +14,7 @@
 
 pub mod body;
 pub mod client;
+pub mod command;
 pub mod origin;
 pub mod pki;
 pub mod process;
