@@ -232,7 +232,6 @@ pub struct Generator<'a> {
 #[derive(Debug, Clone, Copy)]
 pub struct Service<'a> {
     pub mesh: &'a str,
-    pub name: &'a str,
     pub subject: Subject<'a>,
 }
 
@@ -307,7 +306,6 @@ mod generate_tests {
     fn service<'a>(mesh: &'a str, name: &'a str, labels: &'a [(String, String)]) -> Service<'a> {
         Service {
             mesh,
-            name,
             subject: Subject {
                 display_name: name,
                 name,

@@ -354,7 +354,6 @@ fn resolve_located(located: &[&Located], out: &mut Vec<Diagnostic>) -> Registry 
     };
     // Which document made each internal service, so two kinds cannot claim one name.
     let mut made: HashMap<ResourceKey, (&'static str, DocRef)> = HashMap::new();
-    let mut made_by: HashMap<ResourceKey, DocRef> = HashMap::new();
     let mut add = |registry: &mut Registry,
                    kind: &'static str,
                    doc: &DocRef,
@@ -371,7 +370,6 @@ fn resolve_located(located: &[&Located], out: &mut Vec<Diagnostic>) -> Registry 
             return;
         }
         made.insert(service.key.clone(), (kind, doc.clone()));
-        made_by.insert(service.key.clone(), doc.clone());
         registry.services.insert(service.key.clone(), service);
     };
     let mes_named: Vec<&MeshExternalServiceResource> = mes.iter().map(|(_, m, _)| *m).collect();
@@ -420,7 +418,7 @@ fn resolve_located(located: &[&Located], out: &mut Vec<Diagnostic>) -> Registry 
     generators.sort_by(|a, b| a.name.cmp(&b.name));
     registry.naming.generators = generators;
     registry.naming.subjects = naming_subjects(&mes_named, &registry);
-    registry.naming.fixed = fixed_names(&legacy, &made_by, &origins, &registry);
+    registry.naming.fixed = fixed_names(&legacy, &made, &origins, &registry);
 
     for (doc, dp) in dataplanes {
         let mut d = Diagnostics::for_doc(doc.clone());
@@ -532,7 +530,7 @@ fn naming_subjects(
 /// (wildcards name no single address, and entries with addresses are reached by them).
 fn fixed_names(
     legacy: &[(&DocRef, &ExternalServiceResource, bool)],
-    made_by: &HashMap<ResourceKey, DocRef>,
+    made: &HashMap<ResourceKey, (&'static str, DocRef)>,
     origins: &HashMap<&DocRef, Origin>,
     registry: &Registry,
 ) -> Vec<FixedName> {
@@ -568,7 +566,7 @@ fn fixed_names(
         if service.hosts.is_empty() || !service.addresses.is_empty() {
             continue;
         }
-        let Some(origin) = made_by.get(&service.key).and_then(|doc| origins.get(doc)) else {
+        let Some(origin) = made.get(&service.key).and_then(|(_, doc)| origins.get(doc)) else {
             continue;
         };
         for host in service.hosts.iter().filter(|h| !h.starts_with('*')) {

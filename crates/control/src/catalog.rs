@@ -59,10 +59,13 @@ pub struct Entry {
     pub created: i64,
 }
 
-/// The VIPs as last stored, and the version they were stored at.
+/// The VIPs as last stored, and the version they were stored at (`None`: to be read again).
 struct Vips {
     pool: Pool,
-    version: i64,
+    version: Option<i64>,
+    /// Stored addresses the pool could not take back (outside a changed `--vip-range`): deleted
+    /// with the next save, so their owners can be stored with new ones.
+    stale: Vec<String>,
 }
 
 pub struct Catalog {
@@ -95,7 +98,11 @@ impl Catalog {
         let catalog = Catalog {
             sync: Mutex::new(()),
             view: watch::Sender::new(Arc::new(View::default())),
-            vips: Mutex::new(Vips { pool, version: -1 }),
+            vips: Mutex::new(Vips {
+                pool,
+                version: None,
+                stale: Vec::new(),
+            }),
         };
         catalog.publish(store, revision, docs, None).await;
         Ok(catalog)
@@ -205,28 +212,38 @@ impl Catalog {
         // Another control plane may have given out addresses since they were read: read them
         // again and redo, a few times.
         for _ in 0..5 {
-            if vips.version < 0 {
+            if vips.version.is_none() {
                 if let Err(e) = reload(store, &mut vips).await {
                     tracing::error!(error = %e, "cannot read the stored VIPs");
                 }
             }
             let mut pool = vips.pool.clone();
             addressed = naming::address(&plan, &mut pool, now);
-            let changed = changes(&vips.pool, &pool);
+            let mut changed = changes(&vips.pool, &pool);
+            changed.extend(vips.stale.iter().map(|ip| VipRow {
+                ip: ip.clone(),
+                owner: None,
+                held_until: None,
+            }));
+            // Unreadable store: served from memory; the next change tries again.
+            let Some(version) = vips.version else { break };
             if changed.is_empty() {
                 vips.pool = pool;
                 break;
             }
-            match store.save_vips(vips.version, &changed).await {
+            match store.save_vips(version, &changed).await {
                 Ok(version) => {
-                    *vips = Vips { pool, version };
+                    *vips = Vips {
+                        pool,
+                        version: Some(version),
+                        stale: Vec::new(),
+                    };
                     break;
                 }
-                Err(StoreError::StaleVips { .. }) => vips.version = -1,
+                Err(StoreError::StaleVips { .. }) => vips.version = None,
                 Err(e) => {
-                    // Served from memory; the next change tries to store them again.
                     tracing::error!(error = %e, "cannot store VIPs; they may change at restart");
-                    vips.version = -1;
+                    vips.version = None;
                     break;
                 }
             }
@@ -333,12 +350,17 @@ fn retire(old: Arc<View>) {
 async fn reload(store: &Store, vips: &mut Vips) -> Result<(), StoreError> {
     let stored = store.vips().await?;
     let mut pool = Pool::new(vips.pool.range()).map_err(|e| StoreError::Config(e.to_string()))?;
-    for row in &stored.rows {
-        let Ok(ip) = row.ip.parse() else { continue };
+    let mut stale = Vec::new();
+    for row in stored.rows {
+        let Ok(ip) = row.ip.parse() else {
+            stale.push(row.ip);
+            continue;
+        };
         match (&row.owner, row.held_until) {
             (Some(owner), _) => {
                 if !pool.restore(owner, ip) {
                     tracing::warn!(%ip, %owner, range = %pool.range(), "stored VIP is outside the range; its owner gets a new one");
+                    stale.push(row.ip);
                 }
             }
             (None, Some(until)) => pool.restore_hold(ip, u64::try_from(until).unwrap_or(0)),
@@ -347,7 +369,8 @@ async fn reload(store: &Store, vips: &mut Vips) -> Result<(), StoreError> {
     }
     *vips = Vips {
         pool,
-        version: stored.version,
+        version: Some(stored.version),
+        stale,
     };
     Ok(())
 }
@@ -400,11 +423,10 @@ fn parse(key: &Key, body: &str, created: i64) -> Option<Arc<Entry>> {
 mod tests {
     use super::*;
 
-    /// Writes landing while the catalog syncs are all read, however they interleave.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn syncing_during_writes_misses_none() {
+    /// A store in a fresh directory, which the caller removes.
+    async fn temp_store(name: &str) -> (std::path::PathBuf, Store) {
         let dir = std::env::temp_dir().join(format!(
-            "sluice-catalog-{}-{}",
+            "sluice-catalog-{name}-{}-{}",
             std::process::id(),
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -412,11 +434,62 @@ mod tests {
                 .unwrap_or(0)
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        let store = Arc::new(
-            Store::open(&format!("sqlite://{}", dir.join("db").display()))
-                .await
-                .unwrap(),
+        let store = Store::open(&format!("sqlite://{}", dir.join("db").display()))
+            .await
+            .unwrap();
+        (dir, store)
+    }
+
+    /// A VIP outlives a restart; after the range changes, its owner is stored with an address
+    /// of the new range and the old row is gone.
+    #[tokio::test]
+    async fn vips_survive_restarts_and_follow_a_new_range() {
+        let (dir, store) = temp_store("vips").await;
+        let key = Key {
+            kind: "MeshExternalService".into(),
+            mesh: "default".into(),
+            name: "api".into(),
+        };
+        let body = "type: MeshExternalService\nname: api\nspec:\n  match: {port: 80}\n  endpoints: [{address: api.example, port: 80}]\n";
+        store.put(&key, body, None).await.unwrap();
+        let vip = |view: &View| view.status[&key]["vip"]["ip"].as_str().unwrap().to_string();
+        let first = Catalog::load(&store).await.unwrap();
+        assert_eq!(vip(&first.view()), "242.0.0.1");
+        assert_eq!(
+            first.view().config.virtual_ips[0].names,
+            ["api.extsvc.mesh.local"]
         );
+        drop(first);
+        assert_eq!(
+            vip(&Catalog::load(&store).await.unwrap().view()),
+            "242.0.0.1"
+        );
+        let range = Cidr::parse("10.250.0.0/24").unwrap();
+        let moved = Catalog::load_with(&store, range).await.unwrap();
+        assert_eq!(vip(&moved.view()), "10.250.0.1");
+        let rows: Vec<(String, Option<String>)> = store
+            .vips()
+            .await
+            .unwrap()
+            .rows
+            .into_iter()
+            .map(|r| (r.ip, r.owner))
+            .collect();
+        assert_eq!(
+            rows,
+            [(
+                "10.250.0.1".to_string(),
+                Some("MeshExternalService/default/api".to_string())
+            )]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Writes landing while the catalog syncs are all read, however they interleave.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn syncing_during_writes_misses_none() {
+        let (dir, store) = temp_store("sync").await;
+        let store = Arc::new(store);
         let catalog = Arc::new(Catalog::load(&store).await.unwrap());
         let writer = {
             let store = store.clone();

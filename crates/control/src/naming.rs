@@ -3,7 +3,7 @@
 //! it), the names services carry themselves, one VIP per MeshExternalService and per other
 //! name, and the status each resource shows for it. Pure: the pool is stored by the caller.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
 use serde_json::{json, Value};
@@ -11,7 +11,7 @@ use sluice_api::hostname::{self, Failure, Generator, Service, Subject};
 use sluice_api::model::ResourceKey;
 use sluice_api::registry::{Naming, Origin};
 
-use crate::vip::{Pool, VipError};
+use crate::vip::Pool;
 use crate::{service_label, VirtualIp};
 
 /// Who holds one VIP, and what it answers for.
@@ -54,7 +54,6 @@ pub fn plan(naming: &Naming, created: &dyn Fn(&Origin) -> i64) -> Plan {
         .iter()
         .map(|s| Service {
             mesh: &s.origin.key.mesh,
-            name: &s.origin.key.name,
             subject: Subject {
                 display_name: &s.display_name,
                 name: &s.name,
@@ -99,10 +98,10 @@ pub fn plan(naming: &Naming, created: &dyn Fn(&Origin) -> i64) -> Plan {
             .push((outcome.generator, result));
     }
     // A generated name belongs to its service; the same name carried by another is left to it.
-    let mut taken: HashMap<(&str, &str), ()> = HashMap::new();
+    let mut taken: HashSet<(&str, &str)> = HashSet::new();
     for (subject, names) in subjects.iter().zip(&by_subject) {
         for n in names {
-            taken.insert((&subject.origin.key.mesh, n), ());
+            taken.insert((&subject.origin.key.mesh, n));
         }
         plan.owners.push(Owner {
             key: format!(
@@ -119,7 +118,7 @@ pub fn plan(naming: &Naming, created: &dyn Fn(&Origin) -> i64) -> Plan {
     let mut by_name: BTreeMap<(&str, &str), Owner> = BTreeMap::new();
     for f in fixed {
         let mesh = f.origin.key.mesh.as_str();
-        if taken.contains_key(&(mesh, f.name.as_str())) {
+        if taken.contains(&(mesh, f.name.as_str())) {
             continue;
         }
         let owner = by_name
@@ -179,9 +178,7 @@ pub fn address(plan: &Plan, pool: &mut Pool, now: u64) -> Addressed {
                     });
                 }
             }
-            Err(e @ VipError::Full { .. }) | Err(e @ VipError::TooSmall { .. }) => {
-                out.errors.push(format!("{}: no VIP: {e}", owner.key));
-            }
+            Err(e) => out.errors.push(format!("{}: no VIP: {e}", owner.key)),
         }
     }
     out.virtual_ips.sort_by_key(|v| v.ip);
