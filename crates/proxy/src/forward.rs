@@ -21,13 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access_log::{AccessLog, Entry};
 use crate::http::{BoxError, HttpUpstream, ProxyBody, RequestContext};
-use crate::metrics::{DecisionLabels, DestinationLabels, Metrics};
+use crate::metrics::Metrics;
 use crate::policy::{self, Decision, Denied, Host, Mode, Opening, Table};
 use sluice_api::model::Protocol;
-
-/// Distinct passthrough destinations counted by name; later ones are counted as `other`, so a
-/// client cannot grow the metrics without bound.
-const MAX_PASSTHROUGH_DESTINATIONS: usize = 1000;
 
 /// A ClientHello larger than this is not waited for.
 const MAX_CLIENT_HELLO: usize = 16 * 1024;
@@ -56,8 +52,6 @@ pub struct Shared {
     /// From request sent to response headers, on the plain HTTP path.
     pub response_timeout: Duration,
     pub listener: Arc<str>,
-    /// Passthrough destinations already given their own counter.
-    pub passthrough_seen: std::sync::Mutex<std::collections::HashSet<(String, u16)>>,
     /// Tunnels outlive the connection that opened them: they drain with the forward proxy
     /// and are closed at its drain deadline.
     pub tunnels: tokio_util::task::TaskTracker,
@@ -160,43 +154,12 @@ fn full(body: impl Into<Bytes>) -> ProxyBody {
         .boxed()
 }
 
-/// Counts a passthrough by destination, so `allowed` mode shows what to register.
 fn count_passthrough(shared: &Shared, host: &Host, port: u16) {
-    let Ok(mut seen) = shared.passthrough_seen.lock() else {
-        return;
-    };
-    let labels = passthrough_labels(&mut seen, host.to_string(), port);
-    drop(seen);
-    shared.metrics.passthrough.get_or_create(&labels).inc();
-}
-
-/// The labels for a passthrough destination: its own, or `other` once the cap is reached.
-fn passthrough_labels(
-    seen: &mut std::collections::HashSet<(String, u16)>,
-    host: String,
-    port: u16,
-) -> DestinationLabels {
-    let key = (host, port);
-    if seen.contains(&key) || seen.len() < MAX_PASSTHROUGH_DESTINATIONS {
-        seen.insert(key.clone());
-        DestinationLabels {
-            host: key.0,
-            port: key.1,
-        }
-    } else {
-        DestinationLabels {
-            host: "other".into(),
-            port: 0,
-        }
-    }
+    shared.metrics.count_passthrough(host.to_string(), port);
 }
 
 fn count(shared: &Shared, decision: &'static str, reason: &'static str) {
-    shared
-        .metrics
-        .forward_decisions
-        .get_or_create(&DecisionLabels { decision, reason })
-        .inc();
+    shared.metrics.count_decision(decision, reason);
 }
 
 /// Refuses request framing that two parsers could read differently (request smuggling).
@@ -992,19 +955,6 @@ mod tests {
         at += 1 + usize::from(out[at]);
         bump(&mut out, at, 2);
         out
-    }
-
-    #[test]
-    fn passthrough_destinations_are_capped() {
-        let mut seen = std::collections::HashSet::new();
-        for i in 0..MAX_PASSTHROUGH_DESTINATIONS {
-            let l = passthrough_labels(&mut seen, format!("h{i}.example"), 443);
-            assert_eq!(l.host, format!("h{i}.example"));
-        }
-        let over = passthrough_labels(&mut seen, "new.example".into(), 443);
-        assert_eq!((over.host.as_str(), over.port), ("other", 0));
-        let again = passthrough_labels(&mut seen, "h1.example".into(), 443);
-        assert_eq!((again.host.as_str(), again.port), ("h1.example", 443));
     }
 
     #[tokio::test]

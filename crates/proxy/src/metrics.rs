@@ -86,6 +86,8 @@ pub struct Metrics {
     pub config_reloads: Family<ResultLabels, Counter>,
     pub forward_decisions: Family<DecisionLabels, Counter>,
     pub passthrough: Family<DestinationLabels, Counter>,
+    /// Passthrough destinations already given their own counter.
+    passthrough_seen: std::sync::Mutex<std::collections::HashSet<(String, u16)>>,
     /// 1 while the config stream to a control plane is open (`sluice proxy`).
     pub config_stream_connected: Gauge,
     /// The version of the config from the control plane now applied.
@@ -228,6 +230,7 @@ impl Default for Metrics {
             config_stream_connected,
             config_version,
             passthrough,
+            passthrough_seen: Default::default(),
             forward_decisions,
             registry,
             http_requests,
@@ -255,5 +258,66 @@ impl Metrics {
         ServiceLabels {
             service: service.to_string(),
         }
+    }
+
+    /// Counts a decision about app-chosen traffic (forward proxy and transparent listener).
+    pub fn count_decision(&self, decision: &'static str, reason: &'static str) {
+        self.forward_decisions
+            .get_or_create(&DecisionLabels { decision, reason })
+            .inc();
+    }
+
+    /// Counts a passthrough by destination, so `allowed` mode shows what to register; past
+    /// [`MAX_PASSTHROUGH_DESTINATIONS`] new ones count as `other`, so clients cannot grow the
+    /// metrics without bound.
+    pub fn count_passthrough(&self, host: String, port: u16) {
+        let Ok(mut seen) = self.passthrough_seen.lock() else {
+            return;
+        };
+        let labels = passthrough_labels(&mut seen, host, port);
+        drop(seen);
+        self.passthrough.get_or_create(&labels).inc();
+    }
+}
+
+/// Distinct passthrough destinations counted by name.
+pub const MAX_PASSTHROUGH_DESTINATIONS: usize = 1000;
+
+/// The labels for a passthrough destination: its own, or `other` once the cap is reached.
+fn passthrough_labels(
+    seen: &mut std::collections::HashSet<(String, u16)>,
+    host: String,
+    port: u16,
+) -> DestinationLabels {
+    let key = (host, port);
+    if seen.contains(&key) || seen.len() < MAX_PASSTHROUGH_DESTINATIONS {
+        seen.insert(key.clone());
+        DestinationLabels {
+            host: key.0,
+            port: key.1,
+        }
+    } else {
+        DestinationLabels {
+            host: "other".into(),
+            port: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod passthrough_tests {
+    use super::*;
+
+    #[test]
+    fn passthrough_destinations_are_capped() {
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..MAX_PASSTHROUGH_DESTINATIONS {
+            let l = passthrough_labels(&mut seen, format!("h{i}.example"), 443);
+            assert_eq!(l.host, format!("h{i}.example"));
+        }
+        let over = passthrough_labels(&mut seen, "new.example".into(), 443);
+        assert_eq!((over.host.as_str(), over.port), ("other", 0));
+        let again = passthrough_labels(&mut seen, "h1.example".into(), 443);
+        assert_eq!((again.host.as_str(), again.port), ("h1.example", 443));
     }
 }

@@ -439,20 +439,16 @@ impl Proxy {
             tracker,
             kill,
         } = life.clone();
-        let listener_name: Arc<str> = Arc::from("transparent");
         tokio::spawn(async move {
             accept_each(listener, &stop, &shared.clone(), |stream, peer, permit| {
                 let shared = shared.clone();
                 let (stop, kill) = (stop.clone(), kill.clone());
                 let vips = vips.borrow().clone();
                 let forward = forward.borrow().clone();
-                let name = listener_name.clone();
                 tracker.spawn(async move {
                     let _permit = permit;
-                    serve_redirected(
-                        stream, peer, bound, &vips, &forward, shared, name, stop, kill,
-                    )
-                    .await;
+                    serve_redirected(stream, peer, bound, &vips, &forward, shared, stop, kill)
+                        .await;
                 });
             })
             .await;
@@ -529,7 +525,6 @@ impl Proxy {
             idle_timeout: self.shared.settings.tcp_idle_timeout,
             response_timeout: self.shared.settings.http.response,
             listener: Arc::from("forward-proxy"),
-            passthrough_seen: Default::default(),
         });
         let limits = self.shared.clone();
         let Lifecycle {
@@ -792,20 +787,15 @@ async fn serve_redirected(
     vips: &VipRoutes,
     forward: &forward::State,
     shared: Arc<Shared>,
-    listener: Arc<str>,
     stop: CancellationToken,
     kill: CancellationToken,
 ) {
-    let refuse = |dest: SocketAddr, reason: &'static str, message: String| {
-        transparent::refuse(
-            listener.clone(),
-            &shared.access_log,
-            &shared.metrics,
-            peer,
-            dest,
-            reason,
-            message,
-        )
+    let ctx = transparent::Context {
+        listener: Arc::from("transparent"),
+        access_log: &shared.access_log,
+        metrics: &shared.metrics,
+        connect_timeout: shared.settings.upstream.connect,
+        idle_timeout: shared.settings.tcp_idle_timeout,
     };
     let dest = match transparent::original_dst(&stream) {
         Ok(d) => d,
@@ -816,89 +806,45 @@ async fn serve_redirected(
     };
     // Sent to the listener itself, not redirected: nothing says where it was going.
     if dest == bound {
-        refuse(
-            dest,
-            "not_redirected",
-            "this connection was not redirected here; the transparent listener only takes connections iptables redirects".into(),
-        );
+        let why = "this connection was not redirected here; the transparent listener only takes connections iptables redirects";
+        ctx.refuse(peer, dest, "not_redirected", why);
         return;
     }
-    let _ = stream.set_nodelay(true);
-    if let Some(vip) = vips.by_ip.get(&dest.ip()) {
-        match vip.ports.get(&dest.port()) {
-            Some(route) => {
-                let _open = Open::new(&route.open);
-                serve_connection(
-                    stream,
-                    peer,
-                    route.clone(),
-                    shared.clone(),
-                    stop,
-                    kill,
-                    Some(vip.names.clone()),
-                )
-                .await;
-            }
-            None => {
-                let mut ports: Vec<u16> = vip.ports.keys().copied().collect();
-                ports.sort_unstable();
-                refuse(
-                    dest,
-                    "vip_port",
-                    format!(
-                        "{} ({}) has no port {}; its services listen on {:?}",
-                        dest.ip(),
-                        vip.names.first().map_or("", String::as_str),
-                        dest.port(),
-                        ports
-                    ),
-                );
-            }
-        }
-        return;
-    }
-    match transparent::decide_real(forward.mode, &forward.table, dest) {
-        RealIp::Denied(d) => refuse(dest, d.reason(), d.to_string()),
-        RealIp::Service(label) => match vips.by_label.get(&label) {
-            Some(route) => {
-                let _open = Open::new(&route.open);
-                serve_connection(
-                    stream,
-                    peer,
-                    route.clone(),
-                    shared.clone(),
-                    stop,
-                    kill,
-                    None,
-                )
-                .await;
-            }
-            None => refuse(
-                dest,
-                "not_ready",
-                format!("external service {label} is not ready"),
-            ),
-        },
-        RealIp::Direct {
-            service,
-            passthrough,
-        } => {
-            transparent::relay_direct(
-                stream,
-                peer,
-                dest,
+    let (route, hosts) = if let Some(vip) = vips.by_ip.get(&dest.ip()) {
+        let Some(route) = vip.ports.get(&dest.port()) else {
+            let mut ports: Vec<u16> = vip.ports.keys().copied().collect();
+            ports.sort_unstable();
+            let why = format!(
+                "{} ({}) has no port {}; its services listen on {ports:?}",
+                dest.ip(),
+                vip.names.first().map_or("", String::as_str),
+                dest.port(),
+            );
+            ctx.refuse(peer, dest, "vip_port", &why);
+            return;
+        };
+        (route, Some(vip.names.clone()))
+    } else {
+        match transparent::decide_real(forward.mode, &forward.table, dest) {
+            RealIp::Denied(d) => return ctx.refuse(peer, dest, d.reason(), &d.to_string()),
+            RealIp::Direct {
                 service,
                 passthrough,
-                transparent::Direct {
-                    listener: listener.clone(),
-                    access_log: &shared.access_log,
-                    metrics: &shared.metrics,
-                    connect_timeout: shared.settings.upstream.connect,
-                    idle_timeout: shared.settings.tcp_idle_timeout,
-                },
-                kill,
-            )
-            .await;
+            } => {
+                return ctx
+                    .relay_direct(stream, peer, dest, service, passthrough, &kill)
+                    .await
+            }
+            RealIp::Service(label) => match vips.by_label.get(&label) {
+                Some(route) => (route, None),
+                None => {
+                    let why = format!("external service {label} is not ready");
+                    return ctx.refuse(peer, dest, "not_ready", &why);
+                }
+            },
         }
-    }
+    };
+    let route = route.clone();
+    drop(ctx);
+    serve_connection(stream, peer, route, shared, stop, kill, hosts).await;
 }

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::access_log::{AccessLog, Entry};
-use crate::metrics::{DecisionLabels, DestinationLabels, Metrics};
+use crate::metrics::Metrics;
 use crate::policy::{self, Decision, Host, Opening};
 
 /// Where the app sent a redirected connection (`SO_ORIGINAL_DST`).
@@ -64,8 +64,8 @@ pub fn decide_real(mode: policy::Mode, table: &policy::Table, addr: SocketAddr) 
     }
 }
 
-/// Facts a direct relay needs.
-pub struct Direct<'a> {
+/// What every redirected connection is logged and bounded by.
+pub struct Context<'a> {
     pub listener: Arc<str>,
     pub access_log: &'a AccessLog,
     pub metrics: &'a Metrics,
@@ -73,76 +73,54 @@ pub struct Direct<'a> {
     pub idle_timeout: Duration,
 }
 
-/// Relays the app's connection to `addr`, already checked by the guards.
-pub async fn relay_direct(
-    mut app: TcpStream,
-    peer: SocketAddr,
-    addr: SocketAddr,
-    service: Arc<str>,
-    passthrough: bool,
-    ctx: Direct<'_>,
-    kill: CancellationToken,
-) {
-    let started = Instant::now();
-    let mut entry = Entry::new("tcp", ctx.listener, peer, service);
-    entry.authority = Some(addr.to_string());
-    count(
-        ctx.metrics,
+impl Context<'_> {
+    /// Relays the app's connection to `addr`, already checked by the guards.
+    pub async fn relay_direct(
+        &self,
+        mut app: TcpStream,
+        peer: SocketAddr,
+        addr: SocketAddr,
+        service: Arc<str>,
+        passthrough: bool,
+        kill: &CancellationToken,
+    ) {
+        let started = Instant::now();
+        let mut entry = Entry::new("tcp", self.listener.clone(), peer, service);
+        entry.authority = Some(addr.to_string());
         if passthrough {
-            "passthrough"
+            self.metrics.count_decision("passthrough", "transparent");
+            self.metrics
+                .count_passthrough(addr.ip().to_string(), addr.port());
         } else {
-            "allowed"
-        },
-        "transparent",
-    );
-    if passthrough {
-        ctx.metrics
-            .passthrough
-            .get_or_create(&DestinationLabels {
-                host: addr.ip().to_string(),
-                port: addr.port(),
-            })
-            .inc();
-    }
-    match tokio::time::timeout(ctx.connect_timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(mut upstream)) => {
-            let _ = upstream.set_nodelay(true);
-            entry.upstream = Some(Arc::from(addr.to_string()));
-            let relayed = crate::tcp::relay(&mut app, &mut upstream, ctx.idle_timeout, &kill).await;
-            entry.bytes_in = relayed.up;
-            entry.bytes_out = relayed.down;
-            entry.error = relayed.ended;
+            self.metrics.count_decision("allowed", "transparent");
         }
-        Ok(Err(e)) => entry.error = Some(format!("{addr}: {e}")),
-        Err(_) => entry.error = Some(format!("{addr}: connect timed out")),
+        let _ = app.set_nodelay(true);
+        match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(mut upstream)) => {
+                let _ = upstream.set_nodelay(true);
+                entry.upstream = Some(Arc::from(addr.to_string()));
+                let relayed =
+                    crate::tcp::relay(&mut app, &mut upstream, self.idle_timeout, kill).await;
+                entry.bytes_in = relayed.up;
+                entry.bytes_out = relayed.down;
+                entry.error = relayed.ended;
+            }
+            Ok(Err(e)) => entry.error = Some(format!("{addr}: {e}")),
+            Err(_) => entry.error = Some(format!("{addr}: connect timed out")),
+        }
+        entry.duration_ms = started.elapsed().as_micros() as f64 / 1000.0;
+        self.access_log.log(entry);
     }
-    entry.duration_ms = started.elapsed().as_micros() as f64 / 1000.0;
-    ctx.access_log.log(entry);
-}
 
-/// Logs and counts a redirected connection that is closed without being carried.
-pub fn refuse(
-    listener: Arc<str>,
-    access_log: &AccessLog,
-    metrics: &Metrics,
-    peer: SocketAddr,
-    dest: SocketAddr,
-    reason: &'static str,
-    message: String,
-) {
-    tracing::info!(%peer, destination = %dest, "transparent connection refused: {message}");
-    count(metrics, "denied", reason);
-    let mut entry = Entry::new("tcp", listener, peer, Arc::from("denied"));
-    entry.authority = Some(dest.to_string());
-    entry.error = Some(format!("refused: {message}"));
-    access_log.log(entry);
-}
-
-fn count(metrics: &Metrics, decision: &'static str, reason: &'static str) {
-    metrics
-        .forward_decisions
-        .get_or_create(&DecisionLabels { decision, reason })
-        .inc();
+    /// Logs and counts a redirected connection that is closed without being carried.
+    pub fn refuse(&self, peer: SocketAddr, dest: SocketAddr, reason: &'static str, message: &str) {
+        tracing::info!(%peer, destination = %dest, "transparent connection refused: {message}");
+        self.metrics.count_decision("denied", reason);
+        let mut entry = Entry::new("tcp", self.listener.clone(), peer, Arc::from("denied"));
+        entry.authority = Some(dest.to_string());
+        entry.error = Some(format!("refused: {message}"));
+        self.access_log.log(entry);
+    }
 }
 
 #[cfg(test)]
