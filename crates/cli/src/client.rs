@@ -115,7 +115,7 @@ impl Target {
     }
 }
 
-fn fail(message: impl std::fmt::Display) -> ExitCode {
+pub(crate) fn fail(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("sluice: {message}");
     ExitCode::FAILURE
 }

@@ -162,6 +162,13 @@ impl Redirect {
                 "--exclude-outbound-ports: 0 is not a port ({port_rule}); remove it"
             ));
         }
+        if dns_port.is_some() && excluded_ports.contains(&53) {
+            return Err(
+                "--exclude-outbound-ports 53: DNS (port 53) goes to the DNS server before \
+                 any port is excluded; give --no-dns to leave DNS alone"
+                    .to_string(),
+            );
+        }
         if dns_port == Some(redirect_port) {
             return Err(format!(
                 "--redirect-port and --dns-port are both {redirect_port}: the DNS server also \
@@ -245,8 +252,9 @@ impl NatState {
                 let enters_own_chain = words
                     .windows(2)
                     .any(|w| (w[0] == "-j" || w[0] == "-g") && CHAINS.contains(&w[1]));
+                // As saved, so that `-D` matches it even with quoted spaces in a comment.
                 if enters_own_chain && !in_own_chain {
-                    state.jumps.push(words.join(" "));
+                    state.jumps.push(rule.trim_end().to_string());
                 }
             }
         }
@@ -269,7 +277,7 @@ impl NatState {
     fn describe(&self) -> String {
         let rules = match self.jumps.len() {
             0 => String::new(),
-            1 => format!("the rule `-A {}`", self.jumps.join("")),
+            1 => format!("the rule `-A {}`", self.jumps[0]),
             n => format!("{n} rules entering them"),
         };
         match (self.chains.is_empty(), rules.is_empty()) {
@@ -391,10 +399,7 @@ pub fn main(action: Action) -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("sluice: {e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => crate::client::fail(e),
     }
 }
 
@@ -434,9 +439,14 @@ fn install(args: &InstallArgs) -> Result<(), String> {
             Err(e) => return Err(undo_partial_install(&done, e)),
         }
     }
+    let uninstall = if args.ipv6 {
+        "sluice iptables uninstall --ipv6"
+    } else {
+        "sluice iptables uninstall"
+    };
     for (family, _) in &done {
         println!(
-            "installed ({}): {}; `sluice iptables uninstall` removes it",
+            "installed ({}): {}; `{uninstall}` removes it",
             family.name(),
             redirect.describe(*family)
         );
@@ -453,7 +463,7 @@ fn undo_partial_install(done: &[(Family, NatState)], error: String) -> String {
         if !before.is_empty() {
             let _ = write!(
                 message,
-                "; the {name} rules were replaced and stay (`sluice iptables uninstall` removes them)"
+                "; the {name} rules were replaced and stay (`sluice iptables uninstall --ipv6` removes them)"
             );
             continue;
         }
@@ -484,8 +494,11 @@ fn uninstall(args: &UninstallArgs) -> Result<(), String> {
         }
         return Ok(());
     }
-    check_tools(&families(args.ipv6))?;
-    for family in families(args.ipv6) {
+    // IPv4 first: a missing IPv6 nat table must not keep the IPv4 rules in place.
+    let mut families = families(args.ipv6);
+    families.reverse();
+    check_tools(&families)?;
+    for family in families {
         let current = read_state(family)?;
         match uninstall_rules(&current) {
             Some(rules) => {
@@ -974,6 +987,11 @@ COMMIT
                 "excluded port 0",
                 Redirect::new(1, &[], 15001, None, &[22, 0]),
                 "--exclude-outbound-ports: 0 is not a port",
+            ),
+            (
+                "DNS excluded while redirected",
+                Redirect::new(1, &[], 15001, Some(15053), &[53]),
+                "--exclude-outbound-ports 53: DNS (port 53) goes to the DNS server",
             ),
             (
                 "shared port",

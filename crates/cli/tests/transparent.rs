@@ -9,15 +9,9 @@ mod support;
 use std::process::{Child, Command, Stdio};
 
 use std::time::{Duration, Instant};
-use support::command::{self, Ran, TIMEOUT};
+use support::command::{self, nat_rules, Ran, AS_NOBODY, TIMEOUT};
 
 const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
-const AS_NOBODY: [&str; 4] = [
-    "setpriv",
-    "--reuid=65534",
-    "--regid=65534",
-    "--clear-groups",
-];
 const ORIGIN: &str = "198.51.100.2";
 
 fn run(program: &str, args: &[&str]) -> Ran {
@@ -33,7 +27,6 @@ struct Sandbox {
 
 impl Sandbox {
     fn create() -> Option<Sandbox> {
-        let root = run("id", &["-u"]).stdout.trim() == "0";
         let tools = [
             "ip",
             "iptables-restore",
@@ -42,16 +35,8 @@ impl Sandbox {
             "python3",
             "setpriv",
         ];
-        let absent: Vec<&str> = tools
-            .iter()
-            .copied()
-            .filter(|t| !run("sh", &["-c", &format!("command -v {t}")]).ok)
-            .collect();
-        if !root || !absent.is_empty() {
-            eprintln!(
-                "skipped: transparent mode's namespace test needs root and {}",
-                tools.join(", ")
-            );
+        if let Some(reason) = command::missing(&tools) {
+            eprintln!("skipped: transparent mode's namespace test: {reason}");
             return None;
         }
         let id = std::process::id() % 100_000;
@@ -121,16 +106,7 @@ impl Sandbox {
     }
 
     fn nat(&self) -> String {
-        self.must(&["iptables-save", "-t", "nat"])
-            .stdout
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .map(|l| match (l.starts_with(':'), l.rfind(" [")) {
-                (true, Some(c)) => &l[..c],
-                _ => l,
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
+        nat_rules(&self.must(&["iptables-save", "-t", "nat"]).stdout)
     }
 
     /// Runs `check` until it returns something, for at most [`TIMEOUT`].

@@ -55,3 +55,41 @@ pub fn run(program: &str, args: &[&str], input: Option<&str>) -> Ran {
         stderr: stderr.join().unwrap(),
     }
 }
+
+/// Drops privileges to nobody (uid and gid 65534) for the command that follows.
+pub const AS_NOBODY: [&str; 4] = [
+    "setpriv",
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+];
+
+pub fn is_root() -> bool {
+    run("id", &["-u"], None).stdout.trim() == "0"
+}
+
+pub fn has(tool: &str) -> bool {
+    run("sh", &["-c", &format!("command -v {tool}")], None).ok
+}
+
+/// Why a test needing root and `tools` cannot run here, if it cannot.
+pub fn missing(tools: &[&str]) -> Option<String> {
+    if !is_root() {
+        return Some("network namespaces and nat tables need root".to_string());
+    }
+    let absent: Vec<&str> = tools.iter().copied().filter(|t| !has(t)).collect();
+    (!absent.is_empty()).then(|| format!("{} not installed", absent.join(", ")))
+}
+
+/// A nat table as `iptables-save` prints it, without its dated comments and packet counters.
+pub fn nat_rules(saved: &str) -> String {
+    saved
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| match (l.starts_with(':'), l.rfind(" [")) {
+            (true, Some(counters)) => &l[..counters],
+            _ => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
