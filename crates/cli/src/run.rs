@@ -272,9 +272,10 @@ pub async fn start_forward_proxy(flags: &ProxyFlags, proxy: &Proxy) -> anyhow::R
         } else {
             flags.dns_upstream.clone()
         };
-        proxy.start_dns(addr, upstreams).await.with_context(|| {
-            format!("DNS server {addr}: cannot listen; choose another with --dns")
-        })?;
+        proxy
+            .start_dns(addr, upstreams)
+            .await
+            .map_err(|e| anyhow::anyhow!("DNS server {e}"))?;
     }
     if flags.http_proxy == "off" {
         return Ok(());

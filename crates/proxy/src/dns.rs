@@ -71,10 +71,6 @@ impl Zone {
         self.names.get(normalise(name).as_ref()).map(Vec::as_slice)
     }
 
-    pub fn vip_ranges(&self) -> &[Cidr] {
-        &self.vip_ranges
-    }
-
     /// Whether `ip` is inside a VIP range, an IPv4-mapped IPv6 address counting as its IPv4
     /// address (a dual-stack socket dials it as that).
     pub fn in_vip_range(&self, ip: IpAddr) -> bool {
@@ -112,8 +108,6 @@ pub struct DnsSettings {
     pub upstreams: Vec<SocketAddr>,
     /// TTL of zone answers, in seconds.
     pub ttl: u32,
-    /// Answer AAAA questions with the zone's IPv6 VIPs; off, they get an empty answer.
-    pub ipv6: bool,
     /// How long one upstream has to answer before the next is asked.
     pub upstream_timeout: Duration,
     /// UDP queries waiting on an upstream at once; more are dropped (the client asks again).
@@ -130,13 +124,34 @@ impl Default for DnsSettings {
         Self {
             upstreams: Vec::new(),
             ttl: 30,
-            ipv6: false,
             upstream_timeout: Duration::from_secs(2),
             max_in_flight: 1024,
             max_tcp_connections: 256,
             tcp_idle_timeout: Duration::from_secs(10),
         }
     }
+}
+
+/// `upstreams` without the server itself at `bound` (resolv.conf naming the address the server
+/// answers on): a query forwarded there would come straight back. An error when none is left.
+pub fn forwarding_targets(
+    upstreams: Vec<SocketAddr>,
+    bound: SocketAddr,
+) -> Result<Vec<SocketAddr>, String> {
+    let is_self = |u: &SocketAddr| {
+        u.port() == bound.port()
+            && (u.ip() == bound.ip()
+                || (bound.ip().is_unspecified()
+                    && (u.ip().is_loopback() || u.ip().is_unspecified())))
+    };
+    let given = upstreams.len();
+    let kept: Vec<SocketAddr> = upstreams.into_iter().filter(|u| !is_self(u)).collect();
+    if given > 0 && kept.is_empty() {
+        return Err(format!(
+            "{bound}: every upstream is this DNS server itself, so forwarded queries would come back to it; give --dns-upstream IP:PORT with the resolver to forward to"
+        ));
+    }
+    Ok(kept)
 }
 
 /// Name servers from resolv.conf text (`nameserver` lines, port 53), each once, in order. A
@@ -240,7 +255,7 @@ async fn serve_udp(
             Handling::Drop => {}
             Handling::Forward(request) => {
                 let Ok(permit) = in_flight.clone().try_acquire_owned() else {
-                    server.count_answer("dropped");
+                    server.count_answer("overflow");
                     debug!(%client, "too many DNS queries in flight; dropped one");
                     continue;
                 };
@@ -445,9 +460,7 @@ impl Server {
             for ip in ips {
                 let data = match (query.query_type, ip) {
                     (RecordType::A, IpAddr::V4(v4)) => RData::A(A(*v4)),
-                    (RecordType::AAAA, IpAddr::V6(v6)) if self.settings.ipv6 => {
-                        RData::AAAA(AAAA(*v6))
-                    }
+                    (RecordType::AAAA, IpAddr::V6(v6)) => RData::AAAA(AAAA(*v6)),
                     _ => continue,
                 };
                 // The name as asked: resolvers randomising its case check it comes back alike.
@@ -594,6 +607,8 @@ impl Server {
             bytes
         } else {
             self.metrics.dns_vip_records_removed.inc_by(removed);
+            // What is left was not what the upstream vouched for.
+            message.metadata.authentic_data = false;
             debug!(removed, name = %request.query.name, "removed upstream records pointing into the VIP ranges");
             message.to_vec().ok()?
         };
@@ -980,6 +995,8 @@ mod tests {
                 reply.add_answer(a(&name, "93.184.216.34"));
             }
             ("rebind.example.", _) => {
+                // Vouched for by the upstream: no longer so once records are removed.
+                reply.metadata.authentic_data = true;
                 reply.add_answer(a(&name, "242.1.2.3"));
                 reply.add_answer(a(&name, "93.184.216.35"));
             }
@@ -1213,10 +1230,10 @@ mod tests {
         }
         let text = dns.metrics.encode();
         for line in [
-            "sluice_dns_queries_total{transport=\"udp\"} 3",
-            "sluice_dns_queries_total{transport=\"tcp\"} 3",
-            "sluice_dns_answers_total{kind=\"vip\"} 6",
-            "sluice_dns_query_duration_seconds_count{source=\"local\"} 6",
+            "sluice_dns_queries_total{transport=\"udp\"} 3\n",
+            "sluice_dns_queries_total{transport=\"tcp\"} 3\n",
+            "sluice_dns_answers_total{kind=\"vip\"} 6\n",
+            "sluice_dns_query_duration_seconds_count{source=\"local\"} 6\n",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }
@@ -1226,7 +1243,7 @@ mod tests {
     #[tokio::test]
     async fn other_types_for_zone_names_get_no_data() {
         let dns = start(settings(Vec::new())).await;
-        for query_type in [RecordType::AAAA, RecordType::MX, RecordType::TXT] {
+        for query_type in [RecordType::MX, RecordType::TXT] {
             let query = question("httpbin.mesh.", query_type);
             let reply = ask_udp(dns.udp, &query).await;
             assert_echoes(&reply, &query);
@@ -1234,14 +1251,8 @@ mod tests {
             assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
             assert!(reply.answers.is_empty(), "{query_type}");
         }
-        assert_eq!(dns.answers("nodata"), 3);
-        dns.shut_down().await;
-
-        let dns = start(DnsSettings {
-            ipv6: true,
-            ..settings(Vec::new())
-        })
-        .await;
+        assert_eq!(dns.answers("nodata"), 2);
+        // AAAA: the name's IPv6 VIP, or nothing for a name with IPv4 VIPs only.
         let reply = ask_udp(dns.udp, &question("httpbin.mesh.", RecordType::AAAA)).await;
         assert_eq!(addresses(&reply), [ip("fd00:242::1")]);
         let reply = ask_udp(dns.udp, &question("api.example.com.", RecordType::AAAA)).await;
@@ -1280,12 +1291,41 @@ mod tests {
         dns.shut_down().await;
     }
 
+    #[test]
+    fn the_server_never_forwards_to_itself() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        // (upstreams, where the server listens, what is kept or "refused")
+        let cases = [
+            ("127.0.0.1:53 10.0.0.2:53", "127.0.0.1:53", "10.0.0.2:53"),
+            ("127.0.0.1:53", "0.0.0.0:53", "refused"),
+            ("127.0.0.53:53", "127.0.0.1:15053", "127.0.0.53:53"),
+            ("[::1]:53 192.0.2.1:53", "[::]:53", "192.0.2.1:53"),
+            ("", "127.0.0.1:15053", ""),
+        ];
+        for (upstreams, bound, want) in cases {
+            let upstreams = upstreams.split_whitespace().map(a).collect();
+            let got = match forwarding_targets(upstreams, a(bound)) {
+                Ok(kept) => kept
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                Err(e) if e.contains("--dns-upstream") => "refused".to_string(),
+                Err(e) => e,
+            };
+            assert_eq!(got, want, "{bound}");
+        }
+    }
+
     #[tokio::test]
     async fn upstream_records_pointing_into_vips_are_removed() {
         let (upstream, _) = fake_upstream(internet).await;
         let dns = start(settings(vec![upstream])).await;
-        let reply = ask_udp(dns.udp, &question("rebind.example.", RecordType::A)).await;
+        let query = question("rebind.example.", RecordType::A);
+        let reply = ask_udp(dns.udp, &query).await;
+        assert_echoes(&reply, &query);
         assert_eq!(addresses(&reply), [ip("93.184.216.35")]);
+        assert!(!reply.metadata.authentic_data);
         let reply = ask_tcp(dns.tcp, &question("rebind.example.", RecordType::AAAA)).await;
         assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
         assert!(reply.answers.is_empty());
@@ -1480,7 +1520,7 @@ mod tests {
         // Zone names are answered whatever waits upstream.
         let reply = ask_udp(dns.udp, &question("httpbin.mesh.", RecordType::A)).await;
         assert_eq!(addresses(&reply), [ip("242.0.0.1")]);
-        assert_eq!(dns.answers("dropped"), 1);
+        assert_eq!(dns.answers("overflow"), 1);
         dns.shut_down().await;
     }
 

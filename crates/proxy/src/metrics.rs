@@ -57,7 +57,8 @@ pub struct DnsTransportLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DnsAnswerLabels {
-    /// `vip`, `nodata`, `forwarded`, `servfail`, `formerr`, `notimp` or `dropped`.
+    /// `vip`, `nodata`, `forwarded`, `servfail`, `formerr`, `notimp`, `dropped` (not a query)
+    /// or `overflow` (too many in flight).
     pub kind: &'static str,
 }
 
@@ -69,7 +70,7 @@ pub struct DnsFailureLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DnsSourceLabels {
-    /// `local` (answered from the zone or refused) or `upstream` (forwarded).
+    /// `local` (answered from the zone, or an error reply) or `upstream` (forwarded).
     pub source: &'static str,
 }
 
@@ -198,7 +199,7 @@ impl Default for Metrics {
         let dns_answers = Family::<DnsAnswerLabels, Counter>::default();
         registry.register(
             "dns_answers",
-            "DNS queries by how they were answered (dropped: not answered at all)",
+            "DNS queries by how they were answered (dropped and overflow: not answered at all)",
             dns_answers.clone(),
         );
         let dns_upstream_failures = Family::<DnsFailureLabels, Counter>::default();

@@ -162,7 +162,7 @@ struct State {
     /// The forward proxy's lifecycle, once started.
     forward: Option<Lifecycle>,
     transparent: Option<Lifecycle>,
-    dns: Option<Lifecycle>,
+    dns: Option<CancellationToken>,
 }
 
 pub struct Proxy {
@@ -459,16 +459,20 @@ impl Proxy {
     }
 
     /// Starts the DNS server on `addr` (UDP and TCP), forwarding what it does not answer to
-    /// `upstreams`.
+    /// `upstreams`; the error is one line saying what to change.
     pub async fn start_dns(
         &self,
         addr: SocketAddr,
         upstreams: Vec<SocketAddr>,
-    ) -> std::io::Result<SocketAddr> {
-        let udp = tokio::net::UdpSocket::bind(addr).await?;
-        let bound = udp.local_addr()?;
-        let tcp = TcpListener::bind(bound).await?;
-        let life = Lifecycle::default();
+    ) -> Result<SocketAddr, String> {
+        let cannot =
+            |e: std::io::Error| format!("{addr}: cannot listen: {e}; choose another with --dns");
+        let udp = tokio::net::UdpSocket::bind(addr).await.map_err(cannot)?;
+        let bound = udp.local_addr().map_err(cannot)?;
+        let tcp = TcpListener::bind(bound).await.map_err(cannot)?;
+        let upstreams = dns::forwarding_targets(upstreams, bound)?;
+        self.add_own_address(bound).await;
+        let stop = CancellationToken::new();
         let settings = dns::DnsSettings {
             upstreams,
             ..dns::DnsSettings::default()
@@ -479,9 +483,11 @@ impl Proxy {
             self.zone.subscribe(),
             settings,
             self.shared.metrics.clone(),
-            life.stop.clone(),
+            stop.clone(),
         ));
-        self.state.lock().await.dns = Some(life);
+        if let Some(previous) = self.state.lock().await.dns.replace(stop) {
+            previous.cancel();
+        }
         tracing::info!(address = %bound, "DNS server listening");
         Ok(bound)
     }
@@ -597,7 +603,7 @@ impl Proxy {
             draining.spawn(transparent.drain(deadline));
         }
         if let Some(dns) = state.dns.take() {
-            dns.stop.cancel();
+            dns.cancel();
         }
         while draining.join_next().await.is_some() {}
         self.shared.access_log.flush().await;
