@@ -88,18 +88,49 @@ pub struct ProxyFlags {
     /// clientCertificate, privateKey) must be in; without it the proxy reads no such file.
     #[arg(long)]
     tls_file_dir: Option<PathBuf>,
-    /// Transparent mode's listener for connections iptables redirects (see `sluice iptables`):
-    /// `--transparent` alone listens on 127.0.0.1:15001; off by default.
-    #[arg(long, default_value = "off", num_args = 0..=1, default_missing_value = "127.0.0.1:15001")]
+    /// Transparent mode's listener for connections iptables redirects (see `sluice iptables`),
+    /// on IP:PORT[,IP:PORT...]. `--transparent` alone listens on 127.0.0.1:15001 and, where the
+    /// host has IPv6, [::1]:15001; off by default.
+    #[arg(long, default_value = "off", num_args = 0..=1, default_missing_value = LOOPBACK)]
     transparent: String,
     /// Transparent mode's DNS server (UDP and TCP): registered names answered with their VIPs,
-    /// others forwarded. `--dns` alone listens on 127.0.0.1:15053; off by default.
-    #[arg(long, default_value = "off", num_args = 0..=1, default_missing_value = "127.0.0.1:15053")]
+    /// others forwarded. `--dns` alone listens on 127.0.0.1:15053 and, where the host has IPv6,
+    /// [::1]:15053; off by default.
+    #[arg(long, default_value = "off", num_args = 0..=1, default_missing_value = LOOPBACK)]
     dns: String,
     /// Where the DNS server forwards what it does not answer (IP:PORT, repeatable); the
     /// name servers of /etc/resolv.conf by default.
     #[arg(long)]
     dns_upstream: Vec<SocketAddr>,
+}
+
+/// What `--transparent` and `--dns` alone mean: both loopbacks, on the flag's default port.
+const LOOPBACK: &str = "loopback";
+
+/// Where a transparent-mode server listens, from its flag: nowhere (`off`), IPv4 loopback and,
+/// where the host has it, IPv6 loopback on `port` (`loopback`), or the addresses given.
+fn listen_addresses(flag: &str, value: &str, port: u16) -> anyhow::Result<Vec<SocketAddr>> {
+    match value {
+        "off" => Ok(Vec::new()),
+        LOOPBACK => {
+            let mut addrs = vec![SocketAddr::from(([127, 0, 0, 1], port))];
+            // A host without IPv6 (disabled, or a container without it) has no [::1] to bind.
+            if std::net::UdpSocket::bind("[::1]:0").is_ok() {
+                addrs.push(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)));
+            }
+            Ok(addrs)
+        }
+        list => list
+            .split(',')
+            .map(|a| {
+                a.trim().parse().map_err(|_| {
+                    anyhow::anyhow!(
+                        "{flag} {a}: not an address; give IP:PORT (IPv6 as [::1]:PORT), several separated by commas, or off"
+                    )
+                })
+            })
+            .collect(),
+    }
 }
 
 pub fn parse_mode(s: &str) -> Result<Mode, String> {
@@ -247,22 +278,13 @@ pub async fn start_proxy(
 
 /// The forward proxy, and transparent mode's listener and DNS server, unless turned off.
 pub async fn start_forward_proxy(flags: &ProxyFlags, proxy: &Proxy) -> anyhow::Result<()> {
-    if flags.transparent != "off" {
-        let addr: SocketAddr = flags.transparent.parse().with_context(|| {
-            format!(
-                "--transparent {}: not an address; give IP:PORT or off",
-                flags.transparent
-            )
-        })?;
+    for addr in listen_addresses("--transparent", &flags.transparent, 15001)? {
         proxy.start_transparent(addr).await.with_context(|| {
             format!("transparent listener {addr}: cannot listen; choose another with --transparent")
         })?;
     }
-    if flags.dns != "off" {
-        let addr: SocketAddr = flags
-            .dns
-            .parse()
-            .with_context(|| format!("--dns {}: not an address; give IP:PORT or off", flags.dns))?;
+    let dns = listen_addresses("--dns", &flags.dns, 15053)?;
+    if !dns.is_empty() {
         let upstreams = if flags.dns_upstream.is_empty() {
             let text = std::fs::read_to_string("/etc/resolv.conf")
                 .context("/etc/resolv.conf: cannot read the name servers to forward to; give --dns-upstream IP:PORT")?;
@@ -272,10 +294,12 @@ pub async fn start_forward_proxy(flags: &ProxyFlags, proxy: &Proxy) -> anyhow::R
         } else {
             flags.dns_upstream.clone()
         };
-        proxy
-            .start_dns(addr, upstreams)
-            .await
-            .map_err(|e| anyhow::anyhow!("DNS server {e}"))?;
+        for addr in dns {
+            proxy
+                .start_dns(addr, upstreams.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("DNS server {e}"))?;
+        }
     }
     if flags.http_proxy == "off" {
         return Ok(());

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod dns;
 mod forward;
 mod guard;
+mod hello;
 pub mod http;
 pub mod metrics;
 mod pins;

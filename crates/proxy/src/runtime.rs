@@ -13,7 +13,7 @@ use std::time::Duration;
 use hickory_resolver::TokioResolver;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use sluice_api::model::ExternalService;
+use sluice_api::model::{Endpoint, ExternalService, Protocol};
 use sluice_control::{service_label, ProxyConfig};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Mutex, Semaphore};
@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use crate::access_log::AccessLog;
 use crate::dns;
 use crate::forward;
+use crate::hello::HelloError;
 use crate::http::{HttpTimeouts, HttpUpstream, RequestContext};
 use crate::metrics::{Metrics, ResultLabels};
 use crate::policy::{Mode, Table};
@@ -156,13 +157,17 @@ struct Shared {
 struct State {
     listeners: HashMap<SocketAddr, ListenerHandle>,
     upstreams: HashMap<String, (Arc<ExternalService>, Arc<Upstream>)>,
+    /// For services without endpoints (Istio's resolution NONE), one upstream per name a VIP
+    /// stands for, going to that name: keyed by service label and name.
+    named: HashMap<(String, String), (Arc<ExternalService>, Arc<Upstream>)>,
     mode: Mode,
     /// Addresses this process listens on besides the outbounds (admin, forward proxy).
     own: Vec<SocketAddr>,
     /// The forward proxy's lifecycle, once started.
     forward: Option<Lifecycle>,
-    transparent: Option<Lifecycle>,
-    dns: Option<CancellationToken>,
+    /// Transparent listeners and DNS servers, one per address (IPv4 and IPv6 loopback, say).
+    transparent: Vec<Lifecycle>,
+    dns: Vec<CancellationToken>,
 }
 
 pub struct Proxy {
@@ -239,11 +244,12 @@ impl Proxy {
             state: Mutex::new(State {
                 listeners: HashMap::new(),
                 upstreams: HashMap::new(),
+                named: HashMap::new(),
                 mode: settings_mode,
                 own: Vec::new(),
                 forward: None,
-                transparent: None,
-                dns: None,
+                transparent: Vec::new(),
+                dns: Vec::new(),
             }),
             config: watch::Sender::new(None),
             vips: watch::Sender::new(Arc::default()),
@@ -344,7 +350,7 @@ impl Proxy {
         let config = Arc::new(config);
         self.config.send_replace(Some(config.clone()));
         self.publish_forward_state(&state, &config);
-        self.publish_vips(&state, &config);
+        self.publish_vips(&mut state, &config);
         self.count_reload("applied");
         Ok(bind_errors)
     }
@@ -378,10 +384,9 @@ impl Proxy {
     }
 
     /// What the transparent listener and the DNS server serve, from the applied config.
-    fn publish_vips(&self, state: &State, config: &ProxyConfig) {
-        let route = |label: &str| -> Option<Arc<Route>> {
-            let (_, upstream) = state.upstreams.get(label)?;
-            Some(Arc::new(Route {
+    fn publish_vips(&self, state: &mut State, config: &ProxyConfig) {
+        let route = |upstream: &Arc<Upstream>, label: &str| -> Arc<Route> {
+            Arc::new(Route {
                 listener: Arc::from("transparent"),
                 upstream: upstream.clone(),
                 open: self
@@ -390,23 +395,54 @@ impl Proxy {
                     .active_connections
                     .get_or_create(&Metrics::service(label))
                     .clone(),
-            }))
+            })
         };
         let mut routes = VipRoutes::default();
-        for label in state.upstreams.keys() {
-            if let Some(r) = route(label) {
-                routes.by_label.insert(Arc::from(label.as_str()), r);
-            }
+        for (label, (_, upstream)) in &state.upstreams {
+            routes
+                .by_label
+                .insert(Arc::from(label.as_str()), route(upstream, label));
         }
-        let mut names = Vec::new();
+        let mut named = HashMap::new();
         for v in &config.virtual_ips {
-            let ports = v
-                .ports
-                .iter()
-                .filter_map(|(port, label)| {
-                    Some((*port, routes.by_label.get(label.as_str())?.clone()))
-                })
-                .collect();
+            let mut ports = HashMap::new();
+            for (port, label) in &v.ports {
+                let Some((service, _)) = state.upstreams.get(label) else {
+                    continue;
+                };
+                let by_name = match (service.endpoints.is_empty(), v.names.first()) {
+                    (true, Some(name)) => Some(name),
+                    _ => None,
+                };
+                let Some(name) = by_name else {
+                    if let Some(r) = routes.by_label.get(label.as_str()) {
+                        ports.insert(*port, r.clone());
+                    }
+                    continue;
+                };
+                // Called by one of its hosts, it goes to that host, as the forward proxy
+                // sends it to the host the app named.
+                let key = (label.clone(), name.clone());
+                let upstream = match state.named.remove(&key) {
+                    Some((old, upstream)) if old == *service => upstream,
+                    _ => {
+                        let mut own = (**service).clone();
+                        own.endpoints = vec![Endpoint::Dns {
+                            host: name.clone(),
+                            port: *port,
+                        }];
+                        match self.build_upstream(label, &Arc::new(own)) {
+                            Ok(u) => Arc::new(u),
+                            Err(e) => {
+                                tracing::warn!(service = %label, %name, error = %e, "no route for this name");
+                                continue;
+                            }
+                        }
+                    }
+                };
+                ports.insert(*port, route(&upstream, label));
+                named.insert(key, (service.clone(), upstream));
+            }
             let mut all: Vec<String> = v.names.clone();
             all.push(v.ip.to_string());
             routes.by_ip.insert(
@@ -416,8 +452,12 @@ impl Proxy {
                     ports,
                 },
             );
-            names.extend(v.names.iter().map(|n| (n.clone(), v.ip)));
         }
+        state.named = named;
+        let names = config
+            .virtual_ips
+            .iter()
+            .flat_map(|v| v.names.iter().map(|n| (n.clone(), v.ip)));
         self.vips.send_replace(Arc::new(routes));
         self.zone
             .send_replace(Arc::new(dns::Zone::new(names, config.vip_ranges.clone())));
@@ -453,7 +493,7 @@ impl Proxy {
             })
             .await;
         });
-        self.state.lock().await.transparent = Some(life);
+        self.state.lock().await.transparent.push(life);
         tracing::info!(address = %bound, "transparent listener listening");
         Ok(bound)
     }
@@ -485,9 +525,7 @@ impl Proxy {
             self.shared.metrics.clone(),
             stop.clone(),
         ));
-        if let Some(previous) = self.state.lock().await.dns.replace(stop) {
-            previous.cancel();
-        }
+        self.state.lock().await.dns.push(stop);
         tracing::info!(address = %bound, "DNS server listening");
         Ok(bound)
     }
@@ -599,10 +637,10 @@ impl Proxy {
         if let Some(forward) = state.forward.take() {
             draining.spawn(forward.drain(deadline));
         }
-        if let Some(transparent) = state.transparent.take() {
+        for transparent in state.transparent.drain(..) {
             draining.spawn(transparent.drain(deadline));
         }
-        if let Some(dns) = state.dns.take() {
+        for dns in state.dns.drain(..) {
             dns.cancel();
         }
         while draining.join_next().await.is_some() {}
@@ -707,10 +745,20 @@ async fn accept_loop(
         let (stop, kill) = (stop.clone(), kill.clone());
         tracker.spawn(async move {
             let _permit = permit;
-            serve_connection(stream, peer, route, shared, stop, kill, None).await;
+            serve_connection(stream, peer, route, shared, stop, kill, Checked::default()).await;
         });
     })
     .await;
+}
+
+/// What the transparent listener learnt of a connection before handing it on.
+#[derive(Default)]
+struct Checked {
+    /// The names an HTTP request's Host must be one of (a VIP's).
+    hosts: Option<Arc<[String]>>,
+    /// A ClientHello already read and checked, to send on first, and the name it carried.
+    first: Vec<u8>,
+    sni: Option<String>,
 }
 
 async fn serve_connection(
@@ -720,7 +768,7 @@ async fn serve_connection(
     shared: Arc<Shared>,
     stop: CancellationToken,
     kill: CancellationToken,
-    hosts: Option<Arc<[String]>>,
+    checked: Checked,
 ) {
     let _ = stream.set_nodelay(true);
     let _open = Open::new(&route.open);
@@ -734,6 +782,8 @@ async fn serve_connection(
                     listener: route.listener.clone(),
                     access_log: &shared.access_log,
                     idle_timeout: shared.settings.tcp_idle_timeout,
+                    first: checked.first,
+                    sni: checked.sni,
                 },
                 kill,
             )
@@ -745,7 +795,7 @@ async fn serve_connection(
                 peer,
                 upstream: upstream.clone(),
                 access_log: shared.access_log.clone(),
-                hosts,
+                hosts: checked.hosts,
             });
             let service = service_fn(move |req| crate::http::handle(req, ctx.clone()));
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -787,7 +837,7 @@ async fn serve_connection(
 /// address as the policy allows.
 #[allow(clippy::too_many_arguments)]
 async fn serve_redirected(
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     bound: SocketAddr,
     vips: &VipRoutes,
@@ -816,7 +866,8 @@ async fn serve_redirected(
         ctx.refuse(peer, dest, "not_redirected", why);
         return;
     }
-    let (route, hosts) = if let Some(vip) = vips.by_ip.get(&dest.ip()) {
+    let mut checked = Checked::default();
+    let route = if let Some(vip) = vips.by_ip.get(&dest.ip()) {
         let Some(route) = vip.ports.get(&dest.port()) else {
             let mut ports: Vec<u16> = vip.ports.keys().copied().collect();
             ports.sort_unstable();
@@ -829,7 +880,26 @@ async fn serve_redirected(
             ctx.refuse(peer, dest, "vip_port", &why);
             return;
         };
-        (route, Some(vip.names.clone()))
+        // An app speaking TLS itself: the name in its ClientHello must be the VIP's.
+        if matches!(&*route.upstream, Upstream::Tcp(u) if u.connector.service.protocol == Protocol::Tls)
+        {
+            let timeout = shared.settings.header_read_timeout;
+            match transparent::read_vip_hello(&mut stream, &vip.names, timeout).await {
+                Ok((first, sni)) => {
+                    checked.first = first;
+                    checked.sni = Some(sni);
+                }
+                Err(HelloError::Refused(reason, why)) => {
+                    return ctx.refuse(peer, dest, reason, &why);
+                }
+                Err(HelloError::Ended(why)) => {
+                    tracing::debug!(%peer, destination = %dest, "transparent connection ended: {why}");
+                    return;
+                }
+            }
+        }
+        checked.hosts = Some(vip.names.clone());
+        route
     } else {
         match transparent::decide_real(forward.mode, &forward.table, dest) {
             RealIp::Denied(d) => return ctx.refuse(peer, dest, d.reason(), &d.to_string()),
@@ -842,7 +912,7 @@ async fn serve_redirected(
                     .await
             }
             RealIp::Service(label) => match vips.by_label.get(&label) {
-                Some(route) => (route, None),
+                Some(route) => route,
                 None => {
                     let why = format!("external service {label} is not ready");
                     return ctx.refuse(peer, dest, "not_ready", &why);
@@ -852,5 +922,5 @@ async fn serve_redirected(
     };
     let route = route.clone();
     drop(ctx);
-    serve_connection(stream, peer, route, shared, stop, kill, hosts).await;
+    serve_connection(stream, peer, route, shared, stop, kill, checked).await;
 }

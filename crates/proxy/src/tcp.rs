@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -56,6 +56,10 @@ pub struct ConnContext<'a> {
     pub listener: Arc<str>,
     pub access_log: &'a AccessLog,
     pub idle_timeout: Duration,
+    /// What the app already sent (a ClientHello that was checked): sent on first.
+    pub first: Vec<u8>,
+    /// The server name that ClientHello carried, for the log.
+    pub sni: Option<String>,
 }
 
 pub async fn serve(
@@ -69,10 +73,13 @@ pub async fn serve(
         listener,
         access_log,
         idle_timeout,
+        first,
+        sni,
     } = ctx;
     let connector = &upstream.connector;
     let started = Instant::now();
     let mut entry = Entry::new("tcp", listener, peer, connector.log_label.clone());
+    entry.path = sni.map(|s| format!("sni:{s}"));
     upstream.connections.inc();
     let connected = tokio::select! {
         c = connector.connect() => Some(c),
@@ -87,10 +94,15 @@ pub async fn serve(
         Some(Ok(mut connection)) => {
             entry.upstream = Some(connection.info.address.clone());
             entry.tls_version = connection.info.tls_version;
-            let relayed = relay(&mut client, &mut connection.io, idle_timeout, &kill).await;
-            entry.bytes_in = relayed.up;
-            entry.bytes_out = relayed.down;
-            entry.error = relayed.ended;
+            match connection.io.write_all(&first).await {
+                Ok(()) => {
+                    let relayed = relay(&mut client, &mut connection.io, idle_timeout, &kill).await;
+                    entry.bytes_in = relayed.up + first.len() as u64;
+                    entry.bytes_out = relayed.down;
+                    entry.error = relayed.ended;
+                }
+                Err(e) => entry.error = Some(format!("upstream write failed: {e}")),
+            }
         }
     }
     upstream.bytes_up.inc_by(entry.bytes_in);

@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::access_log::{AccessLog, Entry};
+use crate::hello::{fold, read_client_hello, Hello, HelloError};
 use crate::metrics::Metrics;
 use crate::policy::{self, Decision, Host, Opening};
 
@@ -62,6 +63,54 @@ pub fn decide_real(mode: policy::Mode, table: &policy::Table, addr: SocketAddr) 
         Decision::Registered(o) => direct(o.service().clone(), false),
         Decision::Passthrough => direct(Arc::from("passthrough"), true),
     }
+}
+
+/// The server name a ClientHello sent to a VIP carries, when it is one of the VIP's `names`:
+/// an app cannot reach one service through another's address by naming it in SNI.
+pub(crate) fn vip_server_name(
+    hello: Hello,
+    names: &[String],
+) -> Result<String, (&'static str, String)> {
+    let first = names.first().map_or("", String::as_str);
+    match hello {
+        Hello::Tls(Some(sni)) if names.iter().any(|n| *n == fold(&sni)) => Ok(sni),
+        Hello::Tls(Some(sni)) => Err((
+            "sni_mismatch",
+            format!("the ClientHello names {sni}, but this address is {first}'s; call {sni} by its own name"),
+        )),
+        Hello::Tls(None) => Err((
+            "sni_mismatch",
+            format!("the ClientHello has no server name; it must name {first}"),
+        )),
+        Hello::Hidden => Err((
+            "ech",
+            "the ClientHello is encrypted (ECH), so its server name cannot be checked".into(),
+        )),
+        Hello::NotTls => Err((
+            "not_tls",
+            format!("{first} is a TLS port: the app must speak TLS to it"),
+        )),
+    }
+}
+
+/// Reads the app's ClientHello (within `timeout`, without answering it) and checks its server
+/// name against the VIP's `names`. Returns the bytes read, to send on first, and the name.
+pub(crate) async fn read_vip_hello(
+    app: &mut TcpStream,
+    names: &[String],
+    timeout: Duration,
+) -> Result<(Vec<u8>, String), HelloError> {
+    let mut buf = Vec::new();
+    let hello = tokio::time::timeout(timeout, read_client_hello(app, &mut buf))
+        .await
+        .unwrap_or_else(|_| {
+            Err(HelloError::Refused(
+                "hello_timeout",
+                format!("no TLS ClientHello within {timeout:?}"),
+            ))
+        })?;
+    let name = vip_server_name(hello, names).map_err(|(r, m)| HelloError::Refused(r, m))?;
+    Ok((buf, name))
 }
 
 /// What every redirected connection is logged and bounded by.
@@ -127,6 +176,43 @@ impl Context<'_> {
 mod tests {
     use super::*;
     use sluice_control::ProxyConfig;
+
+    #[test]
+    fn a_vip_takes_only_hellos_naming_it() {
+        let names = vec!["api.example.com".to_string(), "242.0.0.7".to_string()];
+        let show = |h: Hello| match vip_server_name(h, &names) {
+            Ok(n) => format!("ok {n}"),
+            Err((reason, why)) => format!("{reason}: {why}"),
+        };
+        let sni = |s: &str| Hello::Tls(Some(s.to_string()));
+        let cases = [
+            (sni("api.example.com"), "ok api.example.com"),
+            (sni("API.Example.com."), "ok API.Example.com."),
+            (
+                sni("other.example.com"),
+                "sni_mismatch: the ClientHello names other.example.com, but this address is api.example.com's; call other.example.com by its own name",
+            ),
+            (
+                sni("api.example.com.evil"),
+                "sni_mismatch: the ClientHello names api.example.com.evil, but this address is api.example.com's; call api.example.com.evil by its own name",
+            ),
+            (
+                Hello::Tls(None),
+                "sni_mismatch: the ClientHello has no server name; it must name api.example.com",
+            ),
+            (
+                Hello::Hidden,
+                "ech: the ClientHello is encrypted (ECH), so its server name cannot be checked",
+            ),
+            (
+                Hello::NotTls,
+                "not_tls: api.example.com is a TLS port: the app must speak TLS to it",
+            ),
+        ];
+        for (hello, want) in cases {
+            assert_eq!(show(hello), want);
+        }
+    }
 
     #[test]
     fn real_addresses_follow_the_policy() {
