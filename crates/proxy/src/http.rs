@@ -55,8 +55,6 @@ pub struct HttpUpstream {
     scheme: Scheme,
     /// What Host and `:authority` become; `None` keeps the app's (unix socket without serverName).
     authority: Option<Authority>,
-    /// `authority` as a Host header, built once.
-    host: Option<HeaderValue>,
     timeouts: HttpTimeouts,
     metrics: Arc<ServiceMetrics>,
 }
@@ -135,9 +133,6 @@ impl HttpUpstream {
             client: builder.build(HttpConnector(connector.clone())),
             connector,
             scheme: if tls { Scheme::HTTPS } else { Scheme::HTTP },
-            host: authority
-                .as_ref()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
             authority,
             timeouts,
             metrics,
@@ -314,12 +309,10 @@ fn rewrite_request(
         .build()
         .map_err(|e| format!("request target cannot be forwarded: {e}"))?;
     strip_hop_by_hop(&mut parts.headers);
-    let host = match &up.host {
-        Some(h) => h.clone(),
-        None => HeaderValue::from_str(authority.as_str())
-            .map_err(|_| "external service name is not a valid Host".to_string())?,
-    };
-    parts.headers.insert(header::HOST, host);
+    // The authority travels in the URI only: the client writes it as Host on HTTP/1.1 and as
+    // `:authority` on HTTP/2, where a Host beside it is a duplicate some servers refuse (nginx
+    // answers 400).
+    parts.headers.remove(header::HOST);
     parts.version = Version::HTTP_11;
     let body = CountedBody {
         inner: body,
@@ -332,6 +325,22 @@ fn rewrite_request(
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1). `te: trailers` stays:
 /// gRPC needs it end to end.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most requests carry none of them: one pass comparing names costs less than a hashed
+    // removal of each.
+    let hop = |name: &HeaderName| {
+        [
+            header::CONNECTION,
+            header::TRANSFER_ENCODING,
+            header::UPGRADE,
+            header::PROXY_AUTHORIZATION,
+        ]
+        .contains(name)
+            || name.as_str() == "keep-alive"
+            || name.as_str() == "proxy-connection"
+    };
+    if !headers.keys().any(hop) {
+        return;
+    }
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
