@@ -1,0 +1,208 @@
+"""Plaintext HTTP/1.1 in, verified TLS out: Sluice, nginx and HAProxy in the same seat (one
+worker, the proxy CPU), and the client speaking TLS to the origin itself.
+
+- keep-alive at fixed concurrency (1, 16, 128 connections), 1 KiB and 64 KiB responses (wrk);
+- steady load at fixed rates (h2load --rps, per-request latencies from its log);
+- a new client connection per request (wrk with `Connection: close`).
+"""
+
+import os
+import subprocess
+
+import lib
+
+SUBJECTS = ("direct", "sluice", "nginx", "haproxy")
+PATHS = {"1k": ("/", 1024), "64k": ("/64k", 65536)}
+
+
+class Subjects:
+    """The four ways to reach the origin, each with the processes whose CPU and memory count."""
+
+    def __init__(self, ctx, origin_port):
+        self.ctx = ctx
+        port = lib.free_port()
+        yaml = lib.mes_yaml(ctx, "origin", origin_port) + "---\n" + lib.dataplane_yaml([(port, "origin")])
+        self.sluice = lib.Sluice(ctx, "sluice", yaml)
+        nginx, nginx_port = lib.start_peer(ctx, "nginx", origin_port)
+        haproxy, haproxy_port = lib.start_peer(ctx, "haproxy", origin_port)
+        self.urls = {
+            "direct": f"https://127.0.0.1:{origin_port}",
+            "sluice": f"http://127.0.0.1:{port}",
+            "nginx": f"http://127.0.0.1:{nginx_port}",
+            "haproxy": f"http://127.0.0.1:{haproxy_port}",
+        }
+        self.procs = {"sluice": self.sluice.proc, "nginx": nginx, "haproxy": haproxy}
+        self.idle_rss = {s: lib.memory_kib(self.pids(s)) for s in self.procs}
+        for subject in SUBJECTS:
+            for path, size in PATHS.values():
+                self.check(subject, path, size)
+
+    def pids(self, subject):
+        proc = self.procs.get(subject)
+        return lib.pids_of(proc) if proc else []
+
+    def check(self, subject, path, size):
+        """One request, its body checked, before any load."""
+        cmd = ["curl", "-sS", "--max-time", "5", "--cacert", self.ctx.pki["ca"], "-o", "-"]
+        if subject == "direct":
+            cmd += ["--resolve", f"{self.ctx.pki['name']}:{self.urls['direct'].rsplit(':', 1)[1]}:127.0.0.1",
+                    f"https://{self.ctx.pki['name']}:{self.urls['direct'].rsplit(':', 1)[1]}{path}"]
+        else:
+            cmd.append(self.urls[subject] + path)
+        out = subprocess.run(cmd, capture_output=True, timeout=10)
+        if out.returncode != 0 or len(out.stdout) != size:
+            raise lib.BenchError(f"{subject} {path}: expected {size} bytes, got {len(out.stdout)}: {out.stderr.decode()[-300:]}")
+
+    def measure(self, subject, load):
+        """Runs `load()` (which returns wrk-style figures) and adds the proxy's CPU per 10k
+        requests and its peak memory."""
+        pids = self.pids(subject)
+        before = lib.cpu_seconds(pids)
+        r = load()
+        if pids:
+            cpu = lib.cpu_seconds(pids) - before
+            r["cpu_s_per_10k"] = cpu / r["requests"] * 10_000 if r["requests"] else None
+            r["peak_rss_kib"] = lib.memory_kib(pids, "VmHWM")
+        return r
+
+    def stop(self):
+        self.sluice.stop()
+        for s in ("nginx", "haproxy"):
+            self.ctx.procs.stop(self.procs[s])
+
+
+def h2load_rate(url, clients, rate_per_client, seconds, log_file):
+    """h2load over HTTP/1.1 at a fixed request rate; latencies from its per-request log."""
+    if os.path.exists(log_file):
+        os.remove(log_file)
+    cmd = ["taskset", "-c", lib.LOAD_CPU, "h2load", "--h1", f"-c{clients}", f"--rps={rate_per_client}",
+           f"-D{seconds}", "--warm-up-time=1", f"--log-file={log_file}", url]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    if out.returncode != 0:
+        raise lib.BenchError(f"h2load {url}: exit {out.returncode}: {out.stdout[-800:]}{out.stderr[-800:]}")
+    rows = []
+    with open(log_file) as f:
+        for line in f:
+            start, status, took = line.split("\t")[:3]
+            rows.append((int(start), int(status), int(took)))
+    if not rows:
+        raise lib.BenchError(f"h2load {url}: no request completed: {out.stdout[-800:]}")
+    took = sorted(t for _, _, t in rows)
+    span = (max(s + t for s, _, t in rows) - min(s for s, _, _ in rows)) / 1e6
+    pct = lambda q: took[min(len(took) - 1, int(q / 100 * len(took)))]
+    return {
+        "requests": len(rows), "rps": len(rows) / span if span else 0.0,
+        "errors": sum(1 for _, st, _ in rows if st < 200 or st >= 300),
+        "p50_us": pct(50), "p90_us": pct(90), "p99_us": pct(99), "p999_us": pct(99.9), "max_us": took[-1],
+    }
+
+
+def run(ctx, origin):
+    seconds, warm = (1, 1) if ctx.quick else (10, 3)
+    subjects = Subjects(ctx, origin["h1"])
+    rows = []
+
+    def row(scenario, subject, connections, r, **extra):
+        keep = ("requests", "rps", "errors", "p50_us", "p90_us", "p99_us", "p999_us", "cpu_s_per_10k", "peak_rss_kib")
+        rows.append({"scenario": scenario, "subject": subject, "connections": connections,
+                     **{k: r.get(k) for k in keep}, **extra})
+        lib.log(f"{scenario} {subject} c={connections}: {r['rps']:.0f} req/s p50 {r['p50_us']} µs p99 {r['p99_us']} µs")
+
+    for subject in SUBJECTS:
+        lib.wrk(subjects.urls[subject] + "/", 128, warm)
+    cells = [("1k", 1), ("1k", 16), ("1k", 128), ("64k", 16)] if ctx.quick else \
+        [("1k", 1), ("1k", 16), ("1k", 128), ("64k", 1), ("64k", 16), ("64k", 128)]
+    handshakes_before = subjects.sluice.metric("sluice_upstream_connections_total")
+    for body, conns in cells:
+        # Each cell measures every subject back to back, so drift hits them alike.
+        for subject in SUBJECTS:
+            url = subjects.urls[subject] + PATHS[body][0]
+            r = subjects.measure(subject, lambda: lib.wrk(url, conns, seconds))
+            row(f"keep-alive {body}", subject, conns, r)
+    handshakes = subjects.sluice.metric("sluice_upstream_connections_total") - handshakes_before
+
+    rates = [5000] if ctx.quick else [5000, 20000]
+    for rate in rates:
+        for subject in SUBJECTS:
+            log_file = ctx.path(f"h2load-{subject}-{rate}.log")
+            r = subjects.measure(subject, lambda: h2load_rate(subjects.urls[subject] + "/", 16, rate // 16,
+                                                              2 if ctx.quick else seconds, log_file))
+            row(f"fixed rate {rate}/s, 1k", subject, 16, r, target_rps=rate)
+
+    for subject in SUBJECTS:
+        url = subjects.urls[subject] + "/"
+        r = subjects.measure(subject, lambda: lib.wrk(url, 16, seconds, headers=["Connection: close"]))
+        row("new connection per request, 1k", subject, 16, r)
+
+    result = {
+        "name": "origination", "rows": rows,
+        "idle_rss_kib": subjects.idle_rss,
+        "sluice_handshakes_after_warmup": handshakes,
+        "notes": [],
+    }
+    subjects.stop()
+    return result
+
+
+def fmt_us(us):
+    if us is None:
+        return ""
+    return f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.0f} µs"
+
+
+def markdown(result):
+    rows = result["rows"]
+    by = {(r["scenario"], r["connections"], r["subject"]): r for r in rows}
+    out = []
+    scenarios = list(dict.fromkeys((r["scenario"], r["connections"]) for r in rows))
+    out.append("| scenario | conns | subject | requests/s | p50 | p90 | p99 | p99.9 | CPU s / 10k req | peak RSS | Sluice ÷ this, req/s | this ÷ Sluice, p99 |")
+    out.append("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for scenario, conns in scenarios:
+        s = by.get((scenario, conns, "sluice"))
+        for subject in SUBJECTS:
+            r = by.get((scenario, conns, subject))
+            if not r:
+                continue
+            ratio = p99 = ""
+            if s and subject != "sluice" and r["rps"]:
+                ratio = f"{s['rps'] / r['rps']:.2f}×"
+                p99 = f"{r['p99_us'] / s['p99_us']:.2f}×" if s["p99_us"] else ""
+            cpu = f"{r['cpu_s_per_10k']:.3f}" if r.get("cpu_s_per_10k") is not None else ""
+            rss = f"{r['peak_rss_kib'] / 1024:.1f} MiB" if r.get("peak_rss_kib") else ""
+            errors = f" ({r['errors']} errors)" if r.get("errors") else ""
+            out.append(f"| {scenario} | {conns} | {subject} | {r['rps']:.0f}{errors} | {fmt_us(r['p50_us'])} | "
+                       f"{fmt_us(r['p90_us'])} | {fmt_us(r['p99_us'])} | {fmt_us(r['p999_us'])} | {cpu} | {rss} | {ratio} | {p99} |")
+    idle = ", ".join(f"{k} {v / 1024:.1f} MiB" for k, v in result["idle_rss_kib"].items())
+    out.append("")
+    out.append(f"- idle RSS after start (all processes of each proxy): {idle}")
+    out.append(f"- Sluice's upstream TLS handshakes during the keep-alive runs (after warm-up): "
+               f"{result['sluice_handshakes_after_warmup']:.0f}")
+    for n in result.get("notes", []):
+        out.append(f"- {n}")
+    return "\n".join(out)
+
+
+def plots(result, outdir):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["scenario"] == "keep-alive 1k"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in ((axes[0], "p50_us", "p50"), (axes[1], "p99_us", "p99")):
+        for subject in SUBJECTS:
+            pts = sorted((r["connections"], r[key] / 1000) for r in rows if r["subject"] == subject)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=subject)
+        ax.set_xscale("log")
+        ax.set_xticks([1, 16, 128], ["1", "16", "128"])
+        ax.set_xlabel("connections")
+        ax.set_ylabel("ms")
+        ax.set_title(f"keep-alive, 1 KiB: {title} latency")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    name = "latency-by-concurrency.png"
+    fig.savefig(os.path.join(outdir, name), dpi=110)
+    plt.close(fig)
+    return [name]

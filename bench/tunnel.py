@@ -1,0 +1,342 @@
+"""CONNECT tunnel and TCP with TLS origination: Sluice against the same traffic sent direct.
+
+1. CONNECT tunnel (the app's own TLS through the forward proxy, restricted mode, SNI checked):
+   one large transfer with curl, and many small requests on one tunnel (curl, many URLs on one
+   command line share one connection; the first request, with the handshakes, is left out).
+2. TCP with TLS origination: a `protocol: tcp` MeshExternalService with `tls.enabled` in front of a
+   TLS echo origin (Python asyncio); a Python client does 1 KiB ping-pong on one connection and one
+   bulk transfer echoed back, plaintext to Sluice's outbound or TLS straight to the echo origin.
+
+Sluice runs on PROXY_CPU; origins and clients share LOAD_CPU.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import lib
+from lib import LOAD_CPU, BenchError, log
+
+ECHO_SERVER = r'''
+import asyncio, ssl, sys
+cert, key, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+async def handle(r, w):
+    try:
+        while True:
+            data = await r.read(65536)
+            if not data:
+                break
+            w.write(data)
+            await w.drain()
+    except (ConnectionError, ssl.SSLError):
+        pass
+    finally:
+        w.close()
+
+async def main():
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    server = await asyncio.start_server(handle, "127.0.0.1", port, ssl=ctx)
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main())
+'''
+
+ECHO_CLIENT = r'''
+import asyncio, json, socket, ssl, sys, time
+mode, port, ca, name, amount = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], float(sys.argv[5])
+tls = None
+if ca != "-":
+    tls = ssl.create_default_context(cafile=ca)
+
+def ping_pong(seconds):
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls:
+        s = tls.wrap_socket(s, server_hostname=name)
+    msg, buf = b"p" * 1024, bytearray(1024)
+    view, lat, clock = memoryview(buf), [], time.perf_counter_ns
+    end = clock() + int(seconds * 1e9)
+    for i in range(200 + 10**9):  # the first 200 round trips warm up and are not counted
+        t0 = clock()
+        s.sendall(msg)
+        got = 0
+        while got < 1024:
+            n = s.recv_into(view[got:])
+            if not n:
+                sys.exit("the echo closed the connection")
+            got += n
+        t1 = clock()
+        if buf != msg:
+            sys.exit("the echo answered other bytes")
+        if i >= 200:
+            lat.append(t1 - t0)
+            if t1 > end:
+                break
+    s.close()
+    return {"latencies_ns": lat}
+
+async def bulk(total):
+    r, w = await asyncio.open_connection("127.0.0.1", port, ssl=tls, server_hostname=name if tls else None)
+    chunk = b"b" * 65536
+    async def send():
+        for _ in range(total // len(chunk)):
+            w.write(chunk)
+            await w.drain()
+    t0 = time.perf_counter()
+    sender = asyncio.create_task(send())
+    got = 0
+    while got < total:
+        data = await r.read(1 << 20)
+        if not data:
+            sys.exit(f"the echo closed the connection after {got} bytes")
+        got += len(data)
+    await sender
+    seconds = time.perf_counter() - t0
+    w.close()
+    return {"bytes": got, "seconds": seconds}
+
+print(json.dumps(ping_pong(amount) if mode == "ping" else asyncio.run(bulk(int(amount)))))
+'''
+
+
+def percentiles(values_us):
+    v = sorted(values_us)
+    if not v:
+        raise BenchError("no samples")
+    pick = lambda q: float(v[min(len(v) - 1, int(len(v) * q))])
+    return {"p50_us": pick(0.5), "p90_us": pick(0.9), "p99_us": pick(0.99), "p999_us": pick(0.999)}
+
+
+def row(scenario, subject, requests=None, rps=None, mb_per_s=None, pct=None, cpu=None, rss=None):
+    r = {"scenario": scenario, "subject": subject, "connections": 1, "requests": requests, "rps": rps,
+         "mb_per_s": mb_per_s, "p50_us": None, "p90_us": None, "p99_us": None, "p999_us": None,
+         "cpu_s_per_10k": cpu, "peak_rss_kib": rss}
+    r.update(pct or {})
+    return r
+
+
+def run_cmd(what, cmd, timeout):
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{what}: not done within {timeout} s")
+    if out.returncode != 0:
+        raise BenchError(f"{what}: exit {out.returncode}: {out.stderr[-1500:]}")
+    return out.stdout
+
+
+class Measured:
+    """The proxy's CPU seconds over a block, and its peak RSS after it (None without a proxy)."""
+
+    def __init__(self, sluice):
+        self.sluice, self.cpu = sluice, None
+
+    def __enter__(self):
+        self.start = lib.cpu_seconds(self.sluice.pids) if self.sluice else 0
+        return self
+
+    def __exit__(self, *exc):
+        if self.sluice:
+            self.cpu = lib.cpu_seconds(self.sluice.pids) - self.start
+            self.rss = lib.memory_kib(self.sluice.pids, "VmHWM")
+
+    def per_10k(self, requests):
+        return None if self.cpu is None else self.cpu / requests * 1e4
+
+    def peak(self):
+        return self.rss if self.sluice else None
+
+
+# --- 1. CONNECT tunnel ----------------------------------------------------------------------------
+
+
+def connect_tunnel(ctx):
+    big_mib, runs, small = (128, 1, 2000) if ctx.quick else (512, 3, 10000)
+    # The origin's own PKI names `localhost`, so that the CONNECT host is a name and Sluice checks
+    # the ClientHello's SNI against it (to an IP address it would check that there is none).
+    d = ctx.path("tunnel")
+    www = os.path.join(d, "www")
+    os.makedirs(www, exist_ok=True)
+    pki = lib.make_pki(d, names=("localhost",))
+    log(f"tunnel: writing a {big_mib} MiB file")
+    block = os.urandom(1 << 20)
+    with open(os.path.join(www, "big"), "wb") as f:
+        for _ in range(big_mib):
+            f.write(block)
+    with open(os.path.join(www, "small"), "wb") as f:
+        f.write(block[:1024])
+    # nginx's workers drop to an unprivileged user when started as root.
+    os.chmod(ctx.tmp, 0o711)
+    for p in (d, www):
+        os.chmod(p, 0o755)
+    for name in ("big", "small"):
+        os.chmod(os.path.join(www, name), 0o644)
+    port, proxy_port = lib.free_port(), lib.free_port()
+    nginx = lib.start_nginx(ctx, "tunnel-origin", f"""
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {pki['cert']};
+        ssl_certificate_key {pki['key']};
+        ssl_protocols TLSv1.3;
+        root {www};
+    }}""", LOAD_CPU)
+    sluice = None
+    try:
+        lib.poll("the tunnel origin listening", lambda: lib.listening(port), proc=nginx, procs=ctx.procs)
+        mes = f"""type: MeshExternalService
+name: tunnel-origin
+spec:
+  match: {{port: {port}, protocol: tcp}}
+  endpoints:
+    - {{address: localhost, port: {port}}}
+    - {{address: 127.0.0.1, port: {port}}}
+"""
+        sluice = lib.Sluice(ctx, "sluice-tunnel", mes, args=[
+            "--http-proxy", f"127.0.0.1:{proxy_port}", "--outbound-traffic-policy", "restricted"])
+        lib.poll("the forward proxy listening", lambda: lib.listening(proxy_port), proc=sluice.proc, procs=ctx.procs)
+        curl = ["taskset", "-c", LOAD_CPU, "curl", "-fsS", "--cacert", pki["ca"], "--noproxy", ""]
+        via = {"sluice": ["--proxy", f"http://127.0.0.1:{proxy_port}"], "direct": []}
+        base = f"https://localhost:{port}"
+        for subject, args in via.items():  # one request each way before measuring
+            run_cmd(f"curl {base}/small ({subject})", [*curl, *args, "-o", "/dev/null", f"{base}/small"], 10)
+
+        rows, notes = [], []
+        log(f"tunnel: one {big_mib} MiB transfer, best of {runs}, direct then through the tunnel")
+        for subject in ("direct", "sluice"):
+            t0 = time.monotonic()
+            with Measured(sluice if subject == "sluice" else None) as m:
+                best = max(float(run_cmd(f"curl {base}/big ({subject})", [
+                    *curl, *via[subject], "-o", "/dev/null", "-w", "%{speed_download}", f"{base}/big"], 120))
+                    for _ in range(runs))
+            rows.append(row(f"CONNECT: one {big_mib} MiB transfer (best of {runs})", subject,
+                            mb_per_s=best / 1e6, rss=m.peak()))
+        notes.append(f"During the {big_mib} MiB transfers through the tunnel the proxy used {m.cpu:.2f} CPU s "
+                     f"in {time.monotonic() - t0:.2f} s of wall time ({m.cpu / (time.monotonic() - t0):.0%} of its CPU).")
+
+        log(f"tunnel: {small} small requests on one connection, direct then through one tunnel")
+        urls = [a for _ in range(small + 1) for a in ("-o", "/dev/null", f"{base}/small")]
+        for subject in ("direct", "sluice"):
+            with Measured(sluice if subject == "sluice" else None) as m:
+                out = run_cmd(f"curl {small + 1} x {base}/small ({subject})",
+                              [*curl, *via[subject], "-w", "%{time_total}\\n", *urls], 60 + small * 0.01)
+            times = [float(t) * 1e6 for t in out.split()]
+            if len(times) != small + 1:
+                raise BenchError(f"curl ({subject}) reported {len(times)} transfers, not {small + 1}")
+            times = times[1:]
+            rows.append(row("CONNECT: 1 KiB requests on one connection", subject, requests=small,
+                            rps=small / (sum(times) / 1e6), pct=percentiles(times),
+                            cpu=m.per_10k(small), rss=m.peak()))
+        return rows, notes
+    finally:
+        if sluice:
+            sluice.stop()
+        ctx.procs.stop(nginx)
+
+
+# --- 2. TCP with TLS origination ------------------------------------------------------------------
+
+
+def tcp_tls_origination(ctx):
+    seconds, bulk_mib = (1, 16) if ctx.quick else (5, 64)
+    server, client = ctx.path("echo_server.py"), ctx.path("echo_client.py")
+    for path, text in ((server, ECHO_SERVER), (client, ECHO_CLIENT)):
+        with open(path, "w") as f:
+            f.write(text)
+    echo_port, outbound = lib.free_port(), lib.free_port()
+    echo = ctx.procs.start("echo-origin", [sys.executable, server, ctx.pki["cert"], ctx.pki["key"], str(echo_port)],
+                           cpus=LOAD_CPU)
+    sluice = None
+    try:
+        lib.poll("the TLS echo origin listening", lambda: lib.listening(echo_port), proc=echo, procs=ctx.procs)
+        yaml_text = lib.mes_yaml(ctx, "echo", echo_port, protocol="tcp") + "\n---\n" + lib.dataplane_yaml([(outbound, "echo")])
+        sluice = lib.Sluice(ctx, "sluice-tcp", yaml_text, args=["--http-proxy", "off"])
+        lib.poll("the outbound listening", lambda: lib.listening(outbound), proc=sluice.proc, procs=ctx.procs)
+        paths = {"direct": (echo_port, ctx.pki["ca"]), "sluice": (outbound, "-")}
+
+        def client_run(mode, subject, amount, timeout):
+            port, ca = paths[subject]
+            out = run_cmd(f"echo client {mode} ({subject})", ["taskset", "-c", LOAD_CPU, sys.executable, client,
+                          mode, str(port), ca, ctx.pki["name"], str(amount)], timeout)
+            return json.loads(out)
+
+        rows = []
+        log(f"tcp: 1 KiB ping-pong for {seconds} s on one connection, direct then through sluice")
+        for subject in ("direct", "sluice"):
+            with Measured(sluice if subject == "sluice" else None) as m:
+                got = client_run("ping", subject, seconds, seconds + 30)
+            lat = [ns / 1e3 for ns in got["latencies_ns"]]
+            rows.append(row("TCP + TLS origination: 1 KiB ping-pong", subject, requests=len(lat),
+                            rps=len(lat) / (sum(lat) / 1e6), pct=percentiles(lat),
+                            cpu=m.per_10k(len(lat)), rss=m.peak()))
+
+        log(f"tcp: one {bulk_mib} MiB transfer echoed back, direct then through sluice")
+        for subject in ("direct", "sluice"):
+            with Measured(sluice if subject == "sluice" else None) as m:
+                got = client_run("bulk", subject, bulk_mib << 20, 120)
+            rows.append(row(f"TCP + TLS origination: {bulk_mib} MiB echoed", subject,
+                            mb_per_s=got["bytes"] / got["seconds"] / 1e6, rss=m.peak()))
+        return rows
+    finally:
+        if sluice:
+            sluice.stop()
+        ctx.procs.stop(echo)
+
+
+# --- the module's interface -----------------------------------------------------------------------
+
+
+def run(ctx, origin):
+    """`origin` (the shared nginx) is not used: the tunnel needs a large file and a certificate for
+    a name, so it starts its own nginx."""
+    rows, measured_notes = connect_tunnel(ctx)
+    rows += tcp_tls_origination(ctx)
+    notes = measured_notes + [
+        "Pinning: sluice on CPU 0; origins (nginx, 1 worker, TLS 1.3; the Python echo server) and "
+        "clients (curl; the Python echo client) on CPU 1. The machine is noisy: compare the rows of one run.",
+        "CONNECT: `sluice run --http-proxy ... --outbound-traffic-policy restricted`, the origin registered "
+        "as a `protocol: tcp` MeshExternalService (endpoints `localhost` and `127.0.0.1`); curl CONNECTs to "
+        "`localhost:PORT` and its SNI `localhost` is checked. TLS is end to end (curl to nginx).",
+        "Small requests: one curl command with N+1 URLs on one kept-alive connection (one tunnel); the first "
+        "request (TCP and TLS handshakes, CONNECT) is left out; latency is curl's `time_total` per request, "
+        "req/s is N over their sum. Proxy CPU is /proc user+system time (10 ms ticks) over the run.",
+        "TCP + TLS origination: a `protocol: tcp` MeshExternalService with `tls.enabled` (verification "
+        "Secured, serverName origin.test) behind a Dataplane outbound; the client speaks plaintext to the "
+        "outbound and Sluice originates TLS, against the client speaking TLS to the echo origin itself. "
+        "Ping-pong: 1 KiB written, 1 KiB read back, one connection, 200 warm-up round trips left out. "
+        "Bulk: written and read back concurrently; MB/s is the bytes echoed (each way) per second.",
+        "The Python echo client and server bound the TCP figures (both share CPU 1, and the direct client "
+        "also does TLS, which through Sluice it does not): compare the two paths, not absolute numbers.",
+        "One-connection latency through a proxy on the other CPU includes four cross-CPU wake-ups per "
+        "round trip (client, proxy, origin, proxy, client), which any proxy in this seat pays; see "
+        "BENCHMARKS.md's TLS-origination discussion.",
+        "Peak RSS is the proxy's VmHWM after the row's run (one sluice process per scenario group).",
+    ]
+    return {"name": "tunnel", "rows": rows, "notes": notes}
+
+
+def _fmt(v, digits=0):
+    return "" if v is None else f"{v:,.{digits}f}"
+
+
+def markdown(result):
+    direct = {r["scenario"]: r for r in result["rows"] if r["subject"] == "direct"}
+    lines = ["| scenario | subject | conns | requests | req/s | MB/s | p50 µs | p90 µs | p99 µs | p99.9 µs "
+             "| proxy CPU s / 10k req | peak RSS KiB | sluice / direct |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in result["rows"]:
+        ratio, d = "", direct.get(r["scenario"])
+        if r["subject"] == "sluice" and d:
+            if r["mb_per_s"] is not None and d["mb_per_s"]:
+                ratio = f"{r['mb_per_s'] / d['mb_per_s']:.2f}× MB/s"
+            elif r["p50_us"] is not None and d["p50_us"]:
+                ratio = f"{r['p50_us'] / d['p50_us']:.2f}× p50, {r['rps'] / d['rps']:.2f}× req/s"
+        lines.append("| " + " | ".join([
+            r["scenario"], r["subject"], str(r["connections"]), _fmt(r["requests"]), _fmt(r["rps"]),
+            _fmt(r["mb_per_s"]), _fmt(r["p50_us"]), _fmt(r["p90_us"]), _fmt(r["p99_us"]), _fmt(r["p999_us"]),
+            _fmt(r["cpu_s_per_10k"], 2), _fmt(r["peak_rss_kib"]), ratio]) + " |")
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in result["notes"]) + "\n"
