@@ -195,6 +195,25 @@ impl Catalog {
         docs: &BTreeMap<Key, Arc<Entry>>,
         config: &mut ProxyConfig,
     ) -> Arc<BTreeMap<Key, serde_json::Value>> {
+        // Most writes change what services do, not what they are called: with the same names
+        // asked for by the same resources, created in the same order, the names, VIPs and
+        // status stay as they are, and the write does not pay for working them out again.
+        let current = self.view();
+        let same_documents = || {
+            docs.len() == current.docs.len()
+                && docs
+                    .iter()
+                    .zip(current.docs.iter())
+                    .all(|((k, e), (ck, ce))| k == ck && e.created == ce.created)
+        };
+        if current.registry.naming == registry.naming
+            && same_documents()
+            && self.vips.lock().await.stale.is_empty()
+        {
+            config.virtual_ips = current.config.virtual_ips.clone();
+            config.vip_ranges = current.config.vip_ranges.clone();
+            return current.status.clone();
+        }
         let created = |o: &Origin| {
             docs.get(&Key {
                 kind: o.kind.to_string(),
@@ -482,6 +501,59 @@ mod tests {
                 Some("MeshExternalService/default/api".to_string())
             )]
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A write that changes no name keeps the names, VIPs and status as they were (the same
+    /// status, not worked out again); one that adds a service gives it its own.
+    #[tokio::test]
+    async fn names_are_worked_out_again_only_when_they_can_change() {
+        let (dir, store) = temp_store("naming").await;
+        let key = |name: &str| Key {
+            kind: "MeshExternalService".into(),
+            mesh: "default".into(),
+            name: name.into(),
+        };
+        let body = |name: &str, host: &str| {
+            format!("type: MeshExternalService\nname: {name}\nspec:\n  match: {{port: 80}}\n  endpoints: [{{address: {host}, port: 80}}]\n")
+        };
+        store
+            .put(&key("api"), &body("api", "a.example"), None)
+            .await
+            .unwrap();
+        let catalog = Catalog::load(&store).await.unwrap();
+        let first = catalog.view();
+        let vip = |view: &View, name: &str| {
+            view.status[&key(name)]["vip"]["ip"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(vip(&first, "api"), "242.0.0.1");
+
+        store
+            .put(&key("api"), &body("api", "b.example"), None)
+            .await
+            .unwrap();
+        let moved = catalog.sync(&store).await.unwrap();
+        assert_eq!(moved.config.services.len(), 1);
+        assert!(Arc::ptr_eq(&first.status, &moved.status));
+        assert_eq!(moved.config.virtual_ips, first.config.virtual_ips);
+
+        store
+            .put(&key("web"), &body("web", "w.example"), None)
+            .await
+            .unwrap();
+        let added = catalog.sync(&store).await.unwrap();
+        assert_eq!(vip(&added, "api"), "242.0.0.1");
+        assert_eq!(vip(&added, "web"), "242.0.0.2");
+        let names: Vec<&str> = added
+            .config
+            .virtual_ips
+            .iter()
+            .flat_map(|v| v.names.iter().map(String::as_str))
+            .collect();
+        assert_eq!(names, ["api.extsvc.mesh.local", "web.extsvc.mesh.local"]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
