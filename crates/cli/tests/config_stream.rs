@@ -359,7 +359,12 @@ async fn two_replicas_on_postgres_a_write_on_one_reaches_proxies_on_the_other() 
         )
         .start()
         .await;
-    assert!(serves(port, "origin:one").await, "{}", web.stderr());
+    // B follows the store on its own: the write on A reaches it within the deadline.
+    assert!(
+        wait_until_async(DEFAULT_TIMEOUT, || serves(port, "origin:one")).await,
+        "{}",
+        web.stderr()
+    );
 
     // A write on A is enforced by the proxy on B.
     let revision = a.apply(&mes("one", "http", &[ep(two.addr())], None)).await;

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access_log::{AccessLog, Entry};
 use crate::hello::{fold, read_client_hello, Hello, HelloError};
-use crate::http::{BoxError, HttpUpstream, ProxyBody, RequestContext};
+use crate::http::{BoxError, ProxyBody, RequestContext};
 use crate::metrics::Metrics;
 use crate::policy::{self, Decision, Denied, Host, Mode, Opening, Table};
 use sluice_api::model::Protocol;
@@ -30,11 +30,9 @@ use sluice_api::model::Protocol;
 pub struct State {
     pub mode: Mode,
     pub table: Table,
-    /// Pools of HTTP services, by service label.
-    pub upstreams: std::collections::HashMap<Arc<str>, Arc<HttpUpstream>>,
-    /// How every service's endpoints are reached, by service label: tunnels to a service called
-    /// by its name go through it.
-    pub connectors: std::collections::HashMap<Arc<str>, Arc<crate::upstream::Connector>>,
+    /// Every service's upstream, by service label, built when first needed: HTTP services'
+    /// pools, and the connectors tunnels to a service called by its name go through.
+    pub services: std::collections::HashMap<Arc<str>, Arc<crate::upstreams::Lazy>>,
 }
 
 /// Shared by every forward-proxy connection.
@@ -303,7 +301,7 @@ async fn to_endpoints_of(
     service: &Arc<str>,
     req: &Request<Incoming>,
 ) -> Result<Stream, Refusal> {
-    let Some(connector) = state.connectors.get(service) else {
+    let Some(connector) = state.services.get(service).and_then(|s| s.connector()) else {
         return Err(Refusal::upstream(
             req,
             StatusCode::SERVICE_UNAVAILABLE,
@@ -603,7 +601,7 @@ async fn absolute(
                 ..
             },
         ) => {
-            let Some(upstream) = state.upstreams.get(&service).cloned() else {
+            let Some(upstream) = state.services.get(&service).and_then(|s| s.http()) else {
                 return Err(Refusal::upstream(
                     &req,
                     StatusCode::SERVICE_UNAVAILABLE,

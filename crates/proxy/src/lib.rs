@@ -19,5 +19,6 @@ mod tcp;
 mod tls;
 pub mod transparent;
 pub mod upstream;
+mod upstreams;
 
 pub use runtime::{ApplyError, Proxy, Settings};

@@ -13,7 +13,7 @@ use std::time::Duration;
 use hickory_resolver::TokioResolver;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use sluice_api::model::{Endpoint, ExternalService, Protocol};
+use sluice_api::model::{Endpoint, Protocol};
 use sluice_control::{service_label, ProxyConfig};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Mutex, Semaphore};
@@ -24,12 +24,13 @@ use crate::access_log::AccessLog;
 use crate::dns;
 use crate::forward;
 use crate::hello::HelloError;
-use crate::http::{HttpTimeouts, HttpUpstream, RequestContext};
+use crate::http::{HttpTimeouts, RequestContext};
 use crate::metrics::{Metrics, ResultLabels};
 use crate::policy::{Mode, Table};
 use crate::tcp;
 use crate::transparent::{self, RealIp};
-use crate::upstream::{Connector, Timeouts};
+use crate::upstream::Timeouts;
+use crate::upstreams::{Factory, Lazy, Upstream};
 
 /// Bounds on how long a DNS answer about an endpoint is reused.
 pub const DNS_MIN_TTL: Duration = Duration::from_secs(1);
@@ -84,11 +85,6 @@ pub enum ApplyError {
         address: SocketAddr,
         reason: String,
     },
-}
-
-enum Upstream {
-    Tcp(Arc<tcp::TcpUpstream>),
-    Http(Arc<HttpUpstream>),
 }
 
 struct Route {
@@ -156,10 +152,10 @@ struct Shared {
 
 struct State {
     listeners: HashMap<SocketAddr, ListenerHandle>,
-    upstreams: HashMap<String, (Arc<ExternalService>, Arc<Upstream>)>,
+    upstreams: HashMap<String, Arc<Lazy>>,
     /// For services without endpoints (Istio's resolution NONE), one upstream per name a VIP
     /// stands for, going to that name: keyed by service label and name.
-    named: HashMap<(String, String), (Arc<ExternalService>, Arc<Upstream>)>,
+    named: HashMap<(String, String), Arc<Lazy>>,
     mode: Mode,
     /// Addresses this process listens on besides the outbounds (admin, forward proxy).
     own: Vec<SocketAddr>,
@@ -172,7 +168,8 @@ struct State {
 
 pub struct Proxy {
     shared: Arc<Shared>,
-    resolver: Arc<TokioResolver>,
+    /// Builds each service's upstream when it is first needed.
+    factory: Arc<Factory>,
     state: Mutex<State>,
     config: watch::Sender<Option<Arc<ProxyConfig>>>,
     forward: watch::Sender<Arc<forward::State>>,
@@ -186,12 +183,12 @@ pub struct Proxy {
 #[derive(Default)]
 struct VipRoutes {
     by_ip: HashMap<std::net::IpAddr, Vip>,
-    by_label: HashMap<Arc<str>, Arc<Route>>,
+    by_label: HashMap<Arc<str>, Arc<Lazy>>,
 }
 
 struct Vip {
     names: Arc<[String]>,
-    ports: HashMap<u16, Arc<Route>>,
+    ports: HashMap<u16, Arc<Lazy>>,
 }
 
 impl Proxy {
@@ -233,14 +230,21 @@ impl Proxy {
             .map_err(|e| format!("cannot start the DNS resolver: {e}"))?;
         crate::pins::announce();
         let settings_mode = settings.outbound_traffic_policy;
+        let factory = Arc::new(Factory {
+            resolver: Arc::new(resolver),
+            timeouts: settings.upstream,
+            http: settings.http,
+            metrics: metrics.clone(),
+            tls_file_dir: settings.tls_file_dir.clone(),
+        });
         Ok(Self {
+            factory,
             shared: Arc::new(Shared {
                 connections: Arc::new(Semaphore::new(settings.max_connections)),
                 metrics,
                 access_log,
                 settings,
             }),
-            resolver: Arc::new(resolver),
             state: Mutex::new(State {
                 listeners: HashMap::new(),
                 upstreams: HashMap::new(),
@@ -257,8 +261,7 @@ impl Proxy {
             forward: watch::Sender::new(Arc::new(forward::State {
                 mode: settings_mode,
                 table: Table::default(),
-                upstreams: HashMap::new(),
-                connectors: HashMap::new(),
+                services: HashMap::new(),
             })),
         })
     }
@@ -281,12 +284,12 @@ impl Proxy {
         let mut errors = Vec::new();
         for (label, service) in &config.services {
             match state.upstreams.get(label) {
-                Some((old, upstream)) if **old == **service => {
-                    upstreams.insert(label.clone(), (service.clone(), upstream.clone()));
+                Some(old) if *old.service == **service => {
+                    upstreams.insert(label.clone(), old.clone());
                 }
-                _ => match self.build_upstream(label, service) {
+                _ => match Lazy::new(label.clone(), service.clone(), self.factory.clone()) {
                     Ok(u) => {
-                        upstreams.insert(label.clone(), (service.clone(), Arc::new(u)));
+                        upstreams.insert(label.clone(), Arc::new(u));
                     }
                     Err(reason) => errors.push(ApplyError::Service {
                         service: label.clone(),
@@ -304,7 +307,8 @@ impl Proxy {
         let mut keep = HashMap::new();
         for l in &config.listeners {
             let label = service_label(&l.service.key);
-            let Some((_, upstream)) = upstreams.get(&label) else {
+            // A listener's service is built now: it is there to be called.
+            let Some(upstream) = upstreams.get(&label).and_then(|u| u.get()) else {
                 continue;
             };
             let route = Arc::new(Route {
@@ -318,7 +322,7 @@ impl Proxy {
                     .clone(),
             });
             if let Some(existing) = state.listeners.remove(&l.address) {
-                let unchanged = Arc::ptr_eq(&existing.route.borrow().upstream, upstream)
+                let unchanged = Arc::ptr_eq(&existing.route.borrow().upstream, &upstream)
                     && *existing.route.borrow().listener == *l.name;
                 if !unchanged {
                     existing.route.send_replace(route);
@@ -362,86 +366,60 @@ impl Proxy {
             .keys()
             .copied()
             .chain(state.own.iter().copied());
-        let mut upstreams = HashMap::new();
-        let mut connectors = HashMap::new();
-        for (label, (_, u)) in &state.upstreams {
-            let label: Arc<str> = Arc::from(label.as_str());
-            let connector = match &**u {
-                Upstream::Http(h) => {
-                    upstreams.insert(label.clone(), h.clone());
-                    h.connector.clone()
-                }
-                Upstream::Tcp(t) => t.connector.clone(),
-            };
-            connectors.insert(label, connector);
-        }
+        let services = state
+            .upstreams
+            .iter()
+            .map(|(label, u)| (Arc::from(label.as_str()), u.clone()))
+            .collect();
         self.forward.send_replace(Arc::new(forward::State {
             mode: state.mode,
             table: Table::new(config, own),
-            upstreams,
-            connectors,
+            services,
         }));
     }
 
     /// What the transparent listener and the DNS server serve, from the applied config.
     fn publish_vips(&self, state: &mut State, config: &ProxyConfig) {
-        let route = |upstream: &Arc<Upstream>, label: &str| -> Arc<Route> {
-            Arc::new(Route {
-                listener: Arc::from("transparent"),
-                upstream: upstream.clone(),
-                open: self
-                    .shared
-                    .metrics
-                    .active_connections
-                    .get_or_create(&Metrics::service(label))
-                    .clone(),
-            })
+        let mut routes = VipRoutes {
+            by_ip: HashMap::new(),
+            by_label: state
+                .upstreams
+                .iter()
+                .map(|(label, u)| (Arc::from(label.as_str()), u.clone()))
+                .collect(),
         };
-        let mut routes = VipRoutes::default();
-        for (label, (_, upstream)) in &state.upstreams {
-            routes
-                .by_label
-                .insert(Arc::from(label.as_str()), route(upstream, label));
-        }
         let mut named = HashMap::new();
         for v in &config.virtual_ips {
             let mut ports = HashMap::new();
             for (port, label) in &v.ports {
-                let Some((service, _)) = state.upstreams.get(label) else {
+                let Some(upstream) = state.upstreams.get(label) else {
                     continue;
                 };
-                let by_name = match (service.endpoints.is_empty(), v.names.first()) {
-                    (true, Some(name)) => Some(name),
-                    _ => None,
-                };
-                let Some(name) = by_name else {
-                    if let Some(r) = routes.by_label.get(label.as_str()) {
-                        ports.insert(*port, r.clone());
-                    }
+                let service = &upstream.service;
+                let Some(name) = v.names.first().filter(|_| service.endpoints.is_empty()) else {
+                    ports.insert(*port, upstream.clone());
                     continue;
                 };
                 // Called by one of its hosts, it goes to that host, as the forward proxy
                 // sends it to the host the app named.
+                let mut own = (**service).clone();
+                own.endpoints = vec![Endpoint::Dns {
+                    host: name.clone(),
+                    port: *port,
+                }];
                 let key = (label.clone(), name.clone());
-                let upstream = match state.named.remove(&key) {
-                    Some((old, upstream)) if old == *service => upstream,
-                    _ => {
-                        let mut own = (**service).clone();
-                        own.endpoints = vec![Endpoint::Dns {
-                            host: name.clone(),
-                            port: *port,
-                        }];
-                        match self.build_upstream(label, &Arc::new(own)) {
-                            Ok(u) => Arc::new(u),
-                            Err(e) => {
-                                tracing::warn!(service = %label, %name, error = %e, "no route for this name");
-                                continue;
-                            }
+                let by_name = match state.named.remove(&key) {
+                    Some(old) if *old.service == own => old,
+                    _ => match Lazy::new(label.clone(), Arc::new(own), self.factory.clone()) {
+                        Ok(u) => Arc::new(u),
+                        Err(e) => {
+                            tracing::warn!(service = %label, %name, error = %e, "no route for this name");
+                            continue;
                         }
-                    }
+                    },
                 };
-                ports.insert(*port, route(&upstream, label));
-                named.insert(key, (service.clone(), upstream));
+                ports.insert(*port, by_name.clone());
+                named.insert(key, by_name);
             }
             let mut all: Vec<String> = v.names.clone();
             all.push(v.ip.to_string());
@@ -561,7 +539,7 @@ impl Proxy {
             tunnels: life.tracker.clone(),
             kill: life.kill.clone(),
             state: self.forward.subscribe(),
-            resolver: self.resolver.clone(),
+            resolver: self.factory.resolver.clone(),
             metrics: self.shared.metrics.clone(),
             access_log: self.shared.access_log.clone(),
             connect_timeout: self.shared.settings.upstream.connect,
@@ -653,41 +631,6 @@ impl Proxy {
             .config_reloads
             .get_or_create(&ResultLabels { result })
             .inc();
-    }
-
-    fn build_upstream(
-        &self,
-        label: &str,
-        service: &Arc<ExternalService>,
-    ) -> Result<Upstream, String> {
-        let alpn: &[&[u8]] = match service.protocol {
-            p if p.requires_h2() => &[b"h2"],
-            p if p.is_http() => &[b"h2", b"http/1.1"],
-            _ => &[],
-        };
-        let connector = Connector::new(
-            service.clone(),
-            label.to_string(),
-            alpn,
-            self.resolver.clone(),
-            self.shared.settings.upstream,
-            self.shared.metrics.clone(),
-            self.shared.settings.tls_file_dir.as_deref(),
-        )
-        .map_err(|e| e.to_string())?;
-        let connector = Arc::new(connector);
-        Ok(if service.protocol.is_http() {
-            Upstream::Http(Arc::new(HttpUpstream::new(
-                connector,
-                self.shared.settings.http,
-                self.shared.metrics.clone(),
-            )))
-        } else {
-            Upstream::Tcp(Arc::new(tcp::TcpUpstream::new(
-                connector,
-                &self.shared.metrics,
-            )))
-        })
     }
 
     fn spawn_listener(&self, listener: TcpListener, route: Arc<Route>) -> ListenerHandle {
@@ -867,8 +810,8 @@ async fn serve_redirected(
         return;
     }
     let mut checked = Checked::default();
-    let route = if let Some(vip) = vips.by_ip.get(&dest.ip()) {
-        let Some(route) = vip.ports.get(&dest.port()) else {
+    let upstream = if let Some(vip) = vips.by_ip.get(&dest.ip()) {
+        let Some(upstream) = vip.ports.get(&dest.port()) else {
             let mut ports: Vec<u16> = vip.ports.keys().copied().collect();
             ports.sort_unstable();
             let why = format!(
@@ -881,8 +824,7 @@ async fn serve_redirected(
             return;
         };
         // An app speaking TLS itself: the name in its ClientHello must be the VIP's.
-        if matches!(&*route.upstream, Upstream::Tcp(u) if u.connector.service.protocol == Protocol::Tls)
-        {
+        if upstream.service.protocol == Protocol::Tls {
             let timeout = shared.settings.header_read_timeout;
             match transparent::read_vip_hello(&mut stream, &vip.names, timeout).await {
                 Ok((first, sni)) => {
@@ -899,7 +841,7 @@ async fn serve_redirected(
             }
         }
         checked.hosts = Some(vip.names.clone());
-        route
+        upstream
     } else {
         match transparent::decide_real(forward.mode, &forward.table, dest) {
             RealIp::Denied(d) => return ctx.refuse(peer, dest, d.reason(), &d.to_string()),
@@ -912,7 +854,7 @@ async fn serve_redirected(
                     .await
             }
             RealIp::Service(label) => match vips.by_label.get(&label) {
-                Some(route) => route,
+                Some(upstream) => upstream,
                 None => {
                     let why = format!("external service {label} is not ready");
                     return ctx.refuse(peer, dest, "not_ready", &why);
@@ -920,7 +862,19 @@ async fn serve_redirected(
             },
         }
     };
-    let route = route.clone();
+    let Some(built) = upstream.get() else {
+        let why = format!("external service {} is not ready", upstream.label);
+        return ctx.refuse(peer, dest, "not_ready", &why);
+    };
+    let route = Arc::new(Route {
+        listener: ctx.listener.clone(),
+        upstream: built,
+        open: shared
+            .metrics
+            .active_connections
+            .get_or_create(&Metrics::service(&upstream.label))
+            .clone(),
+    });
     drop(ctx);
     serve_connection(stream, peer, route, shared, stop, kill, checked).await;
 }
