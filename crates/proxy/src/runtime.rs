@@ -352,9 +352,11 @@ impl Proxy {
             state.mode = mode;
         }
         let config = Arc::new(config);
-        self.config.send_replace(Some(config.clone()));
         self.publish_forward_state(&state, &config);
         self.publish_vips(&mut state, &config);
+        // Last: /ready and the config stream's ACK follow this, and what they announce must
+        // already be enforced (the forward table of 100,000 services takes a while to build).
+        self.config.send_replace(Some(config));
         self.count_reload("applied");
         Ok(bind_errors)
     }
