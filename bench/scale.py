@@ -78,8 +78,8 @@ def start(ctx, n, d):
     lib.poll(f"sluice run with {n} services ready", lambda: (lib.http_get(admin + "/ready") or (0,))[0] == 200,
              timeout=60 + n / 500, proc=proc, procs=ctx.procs)
     ready_s = time.monotonic() - t0
-    # `sluice run` answers /ready once the config is applied, and binds the forward proxy after.
-    lib.poll("the forward proxy listening", lambda: lib.listening(proxy_port), timeout=10, proc=proc, procs=ctx.procs)
+    if not lib.listening(proxy_port):
+        raise lib.BenchError(f"sluice run with {n} services is ready but its forward proxy does not listen")
     return proc, admin, proxy_port, ready_s
 
 
