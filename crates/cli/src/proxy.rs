@@ -61,6 +61,7 @@ async fn serve(args: ProxyArgs) -> anyhow::Result<()> {
     ));
     let proxy = start_proxy(&args.proxy, Some(token.clone())).await?;
     start_forward_proxy(&args.proxy, &proxy).await?;
+    proxy.mark_started();
     let subscription = Subscription {
         control_planes,
         mesh: args.mesh.clone(),

@@ -334,9 +334,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             lines.len()
         );
     }
-    // Listening before the config is applied, so that /ready (which follows the config) is
-    // only answered once everything the proxy serves is up.
-    start_forward_proxy(&args.proxy, &proxy).await?;
     let view = api.catalog.view();
     match proxy.apply((*view.config).clone()).await {
         Ok(bind_errors) if bind_errors.is_empty() => {}
@@ -347,6 +344,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             bail!("the configuration could not be started");
         }
     }
+    // After the config, so that nothing is served by an empty table (which would pass
+    // everything through); /ready waits for these too.
+    start_forward_proxy(&args.proxy, &proxy).await?;
+    proxy.mark_started();
     let listeners = proxy.current().map(|c| c.listeners.len()).unwrap_or(0);
     tracing::info!(listeners, "sluice is running");
     // From here on the proxy follows the store, whichever way it was written.

@@ -16,7 +16,7 @@ use tokio::sync::{watch, Mutex};
 use crate::naming::{self, Addressed};
 use crate::server::KINDS;
 use crate::vip::Pool;
-use crate::{compile, scope, ProxyConfig};
+use crate::{compile, scope_indexed, ProxyConfig};
 
 /// The registry at one store revision.
 #[derive(Debug, Default)]
@@ -28,6 +28,8 @@ pub struct View {
     pub config: Arc<ProxyConfig>,
     /// Each mesh's services for proxies without a Dataplane, scoped once per view.
     mesh_scopes: std::sync::Mutex<std::collections::HashMap<String, Arc<ProxyConfig>>>,
+    /// Where each service's VIPs are in `config`, made once per view for every proxy's scope.
+    vip_index: std::sync::OnceLock<crate::VipIndex>,
     /// Problems the stored resources have together (none, unless a newer release reads an
     /// older store): a write is not blamed for them.
     pub errors: BTreeSet<String>,
@@ -39,13 +41,28 @@ impl View {
     /// The config of the proxy `proxy` (see [`crate::scope`]); proxies without a Dataplane in
     /// one mesh share one.
     pub fn config_for(&self, proxy: &ResourceKey) -> Arc<ProxyConfig> {
+        let index = self
+            .vip_index
+            .get_or_init(|| crate::VipIndex::new(&self.config));
         if self.registry.dataplanes.contains(proxy) {
-            return Arc::new(scope(&self.config, &self.registry.dataplanes, proxy));
+            return Arc::new(scope_indexed(
+                &self.config,
+                index,
+                &self.registry.dataplanes,
+                proxy,
+            ));
         }
         let mut scopes = self.mesh_scopes.lock().unwrap_or_else(|e| e.into_inner());
         scopes
             .entry(proxy.mesh.clone())
-            .or_insert_with(|| Arc::new(scope(&self.config, &self.registry.dataplanes, proxy)))
+            .or_insert_with(|| {
+                Arc::new(scope_indexed(
+                    &self.config,
+                    index,
+                    &self.registry.dataplanes,
+                    proxy,
+                ))
+            })
             .clone()
     }
 }
@@ -155,6 +172,7 @@ impl Catalog {
                     registry: Arc::new(registry),
                     docs,
                     mesh_scopes: Default::default(),
+                    vip_index: Default::default(),
                     errors: BTreeSet::new(),
                     status,
                 }));
@@ -206,10 +224,13 @@ impl Catalog {
                     .zip(current.docs.iter())
                     .all(|((k, e), (ck, ce))| k == ck && e.created == ce.created)
         };
-        if current.registry.naming == registry.naming
-            && same_documents()
-            && self.vips.lock().await.stale.is_empty()
-        {
+        let settled = {
+            // VIPs not yet stored (the store failed, or another control plane kept winning)
+            // are worked out and saved again.
+            let vips = self.vips.lock().await;
+            vips.stale.is_empty() && vips.version.is_some()
+        };
+        if settled && current.registry.naming == registry.naming && same_documents() {
             config.virtual_ips = current.config.virtual_ips.clone();
             config.vip_ranges = current.config.vip_ranges.clone();
             return current.status.clone();
@@ -324,6 +345,7 @@ impl Catalog {
             registry,
             config,
             mesh_scopes: Default::default(),
+            vip_index: Default::default(),
             errors,
             status,
         })

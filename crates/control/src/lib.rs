@@ -113,6 +113,36 @@ pub fn scope(
     dataplanes: &BTreeSet<ResourceKey>,
     proxy: &ResourceKey,
 ) -> ProxyConfig {
+    scope_indexed(full, &VipIndex::new(full), dataplanes, proxy)
+}
+
+/// Where each service's VIPs are in a config's `virtual_ips`, so that scoping a proxy with a
+/// few services looks at their VIPs only, not at every VIP of the registry.
+#[derive(Debug, Default)]
+pub struct VipIndex(std::collections::HashMap<String, Vec<usize>>);
+
+impl VipIndex {
+    pub fn new(full: &ProxyConfig) -> Self {
+        let mut index: std::collections::HashMap<String, Vec<usize>> = Default::default();
+        for (i, v) in full.virtual_ips.iter().enumerate() {
+            for label in v.ports.values() {
+                let at = index.entry(label.clone()).or_default();
+                if at.last() != Some(&i) {
+                    at.push(i);
+                }
+            }
+        }
+        Self(index)
+    }
+}
+
+/// [`scope`], with `index` made from `full` once for every proxy.
+pub fn scope_indexed(
+    full: &ProxyConfig,
+    index: &VipIndex,
+    dataplanes: &BTreeSet<ResourceKey>,
+    proxy: &ResourceKey,
+) -> ProxyConfig {
     let (listeners, services): (Vec<ListenerConfig>, BTreeMap<String, Arc<ExternalService>>) =
         if dataplanes.contains(proxy) {
             let listeners: Vec<ListenerConfig> = full
@@ -136,9 +166,17 @@ pub fn scope(
             (Vec::new(), services)
         };
     // A VIP is kept for the ports whose services the proxy has.
-    let virtual_ips = full
-        .virtual_ips
-        .iter()
+    let mut candidates: Vec<usize> = services
+        .keys()
+        .filter_map(|label| index.0.get(label))
+        .flatten()
+        .copied()
+        .collect();
+    candidates.sort_unstable();
+    candidates.dedup();
+    let virtual_ips = candidates
+        .into_iter()
+        .filter_map(|i| full.virtual_ips.get(i))
         .filter_map(|v| {
             let ports: BTreeMap<u16, String> = v
                 .ports
@@ -174,6 +212,74 @@ pub(crate) fn load(yaml: &str) -> Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A Dataplane's proxy gets the VIPs of its own services, and only the ports of theirs; a
+    /// proxy without a Dataplane gets every VIP of its mesh.
+    #[test]
+    fn scopes_keep_the_vips_of_their_services() {
+        let registry = load(
+            r#"
+type: MeshExternalService
+name: a
+spec:
+  match: {port: 80}
+  endpoints: [{address: a.example, port: 80}]
+---
+type: MeshExternalService
+name: b
+spec:
+  match: {port: 80}
+  endpoints: [{address: b.example, port: 80}]
+---
+type: Dataplane
+name: web
+networking:
+  outbound:
+    - port: 10080
+      backendRef: {kind: MeshExternalService, name: a}
+"#,
+        );
+        let mut full = compile(&registry);
+        let label = |name: &str| {
+            full.services
+                .keys()
+                .find(|l| l.starts_with(name))
+                .cloned()
+                .unwrap()
+        };
+        let (a, b) = (label("a"), label("b"));
+        let vip = |ip: &str, ports: &[(u16, &String)]| VirtualIp {
+            ip: ip.parse().unwrap(),
+            names: vec![format!("{ip}.names")],
+            ports: ports.iter().map(|(p, l)| (*p, (*l).clone())).collect(),
+        };
+        full.virtual_ips = vec![
+            vip("242.0.0.1", &[(80, &a)]),
+            vip("242.0.0.2", &[(80, &b)]),
+            vip("242.0.0.3", &[(80, &b), (443, &a)]),
+        ];
+        let ips = |c: &ProxyConfig| {
+            c.virtual_ips
+                .iter()
+                .map(|v| format!("{} {:?}", v.ip, v.ports.keys().collect::<Vec<_>>()))
+                .collect::<Vec<_>>()
+        };
+        let web = ResourceKey {
+            mesh: "default".into(),
+            name: "web".into(),
+        };
+        let other = ResourceKey {
+            mesh: "default".into(),
+            name: "forward".into(),
+        };
+        let scoped = scope(&full, &registry.dataplanes, &web);
+        assert_eq!(ips(&scoped), ["242.0.0.1 [80]", "242.0.0.3 [443]"]);
+        let whole = scope(&full, &registry.dataplanes, &other);
+        assert_eq!(
+            ips(&whole),
+            ["242.0.0.1 [80]", "242.0.0.2 [80]", "242.0.0.3 [80, 443]"]
+        );
+    }
 
     #[test]
     fn outbounds_become_listeners_and_every_service_is_kept() {

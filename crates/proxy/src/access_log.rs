@@ -22,7 +22,7 @@ const QUEUE: usize = 64 * 1024;
 const BATCH_BYTES: usize = 16 * 1024;
 
 /// How long a line may wait before it is written.
-pub const FLUSH_INTERVAL: Duration = Duration::from_millis(2);
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(10);
 
 /// One access-log line. Built on the request path, so its fields are cheap to fill: shared
 /// names, the raw time and address; formatting happens on the writer thread.

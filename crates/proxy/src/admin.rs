@@ -61,7 +61,11 @@ async fn route(
     }
     match req.uri().path() {
         "/ready" => match proxy.current() {
-            Some(_) => text(StatusCode::OK, "ready\n".into()),
+            Some(_) if proxy.started() => text(StatusCode::OK, "ready\n".into()),
+            Some(_) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "listeners not open yet\n".into(),
+            ),
             None => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no configuration applied yet\n".into(),

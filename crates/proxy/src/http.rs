@@ -330,6 +330,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let hop = |name: &HeaderName| {
         [
             header::CONNECTION,
+            header::TE,
             header::TRANSFER_ENCODING,
             header::UPGRADE,
             header::PROXY_AUTHORIZATION,

@@ -168,6 +168,9 @@ struct State {
 
 pub struct Proxy {
     shared: Arc<Shared>,
+    /// Set once the forward proxy and transparent mode's listeners are open: `/ready` waits
+    /// for it as well as for a config.
+    started: std::sync::atomic::AtomicBool,
     /// Builds each service's upstream when it is first needed.
     factory: Arc<Factory>,
     state: Mutex<State>,
@@ -235,9 +238,11 @@ impl Proxy {
             timeouts: settings.upstream,
             http: settings.http,
             metrics: metrics.clone(),
+            checks: Arc::default(),
             tls_file_dir: settings.tls_file_dir.clone(),
         });
         Ok(Self {
+            started: std::sync::atomic::AtomicBool::new(false),
             factory,
             shared: Arc::new(Shared {
                 connections: Arc::new(Semaphore::new(settings.max_connections)),
@@ -264,6 +269,17 @@ impl Proxy {
                 services: HashMap::new(),
             })),
         })
+    }
+
+    /// Marks every listener the proxy was asked for as open.
+    pub fn mark_started(&self) {
+        self.started
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether every listener the proxy was asked for is open.
+    pub fn started(&self) -> bool {
+        self.started.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -308,8 +324,18 @@ impl Proxy {
         for l in &config.listeners {
             let label = service_label(&l.service.key);
             // A listener's service is built now: it is there to be called.
-            let Some(upstream) = upstreams.get(&label).and_then(|u| u.get()) else {
+            let Some(lazy) = upstreams.get(&label) else {
                 continue;
+            };
+            let upstream = match lazy.try_get() {
+                Ok(u) => u,
+                Err(reason) => {
+                    bind_errors.push(ApplyError::Service {
+                        service: label.clone(),
+                        reason,
+                    });
+                    continue;
+                }
             };
             let route = Arc::new(Route {
                 listener: Arc::from(l.name.as_str()),

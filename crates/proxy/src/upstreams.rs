@@ -34,6 +34,9 @@ pub struct Factory {
     pub timeouts: Timeouts,
     pub http: HttpTimeouts,
     pub metrics: Arc<Metrics>,
+    /// Where the connectors built only to check a service count: nothing anyone reads, so
+    /// that /metrics lists services that were used.
+    pub checks: Arc<Metrics>,
     pub tls_file_dir: Option<PathBuf>,
 }
 
@@ -75,21 +78,27 @@ pub struct Lazy {
     pub service: Arc<ExternalService>,
     pub label: String,
     factory: Arc<Factory>,
-    built: OnceLock<Option<Arc<Upstream>>>,
+    built: OnceLock<Arc<Upstream>>,
 }
 
 impl Lazy {
-    /// Checks now what building can refuse (the TLS settings: certificates, keys, files), so
-    /// a bad service is an error when the config is applied, not at its first request.
+    /// Checks now everything building can refuse (TLS material and files, server names), so a
+    /// bad service is an error when the config is applied, not at its first request.
     pub fn new(
         label: String,
         service: Arc<ExternalService>,
         factory: Arc<Factory>,
     ) -> Result<Self, String> {
-        if let Some(tls) = &service.tls {
-            crate::tls::client_config(tls, alpn(&service), factory.tls_file_dir.as_deref())
-                .map_err(|e| e.to_string())?;
-        }
+        Connector::new(
+            service.clone(),
+            label.clone(),
+            alpn(&service),
+            factory.resolver.clone(),
+            factory.timeouts,
+            factory.checks.clone(),
+            factory.tls_file_dir.as_deref(),
+        )
+        .map_err(|e| e.to_string())?;
         Ok(Self {
             service,
             label,
@@ -98,18 +107,22 @@ impl Lazy {
         })
     }
 
-    /// The upstream, built now if nothing needed it before.
+    /// The upstream, built now if nothing needed it before. A failure (a file removed since
+    /// the config was applied) is not kept: the next call tries again.
+    pub fn try_get(&self) -> Result<Arc<Upstream>, String> {
+        if let Some(u) = self.built.get() {
+            return Ok(u.clone());
+        }
+        let built = self.factory.build(&self.label, &self.service)?;
+        Ok(self.built.get_or_init(|| Arc::new(built)).clone())
+    }
+
     pub fn get(&self) -> Option<Arc<Upstream>> {
-        self.built
-            .get_or_init(|| match self.factory.build(&self.label, &self.service) {
-                Ok(u) => Some(Arc::new(u)),
-                Err(e) => {
-                    // Checked when applied; only a file changed since can get here.
-                    tracing::error!(service = %self.label, error = %e, "external service cannot be set up");
-                    None
-                }
+        self.try_get()
+            .map_err(|e| {
+                tracing::error!(service = %self.label, error = %e, "external service cannot be set up");
             })
-            .clone()
+            .ok()
     }
 
     pub fn http(&self) -> Option<Arc<HttpUpstream>> {
