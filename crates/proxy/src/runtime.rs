@@ -897,11 +897,7 @@ async fn serve_redirected(
     let route = Arc::new(Route {
         listener: ctx.listener.clone(),
         upstream: built,
-        open: shared
-            .metrics
-            .active_connections
-            .get_or_create(&Metrics::service(&upstream.label))
-            .clone(),
+        open: upstream.open(),
     });
     drop(ctx);
     serve_connection(stream, peer, route, shared, stop, kill, checked).await;

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use hickory_resolver::TokioResolver;
+use prometheus_client::metrics::gauge::Gauge;
 use sluice_api::model::ExternalService;
 
 use crate::http::{HttpTimeouts, HttpUpstream};
@@ -79,6 +80,8 @@ pub struct Lazy {
     pub label: String,
     factory: Arc<Factory>,
     built: OnceLock<Arc<Upstream>>,
+    /// `sluice_active_connections` of the service, found once rather than per connection.
+    open: OnceLock<Gauge>,
 }
 
 impl Lazy {
@@ -104,6 +107,7 @@ impl Lazy {
             label,
             factory,
             built: OnceLock::new(),
+            open: OnceLock::new(),
         })
     }
 
@@ -123,6 +127,19 @@ impl Lazy {
                 tracing::error!(service = %self.label, error = %e, "external service cannot be set up");
             })
             .ok()
+    }
+
+    /// The gauge of the service's open connections.
+    pub fn open(&self) -> Gauge {
+        self.open
+            .get_or_init(|| {
+                self.factory
+                    .metrics
+                    .active_connections
+                    .get_or_create(&Metrics::service(&self.label))
+                    .clone()
+            })
+            .clone()
     }
 
     pub fn http(&self) -> Option<Arc<HttpUpstream>> {
