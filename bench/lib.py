@@ -450,6 +450,9 @@ class Sluice:
         cmd = [*wrapper, sluice_binary(), "run", "-f", config, "--listen", "off", "--data-dir", ctx.path(f"{name}-data"),
                "--admin", f"127.0.0.1:{self.admin_port}", "--access-log", ctx.path(f"{name}-access.log"),
                "--drain-timeout", "2s", *args]
+        if "--http-proxy" not in args:
+            # Never the default port: another proxy on this machine must not fail the run.
+            cmd += ["--http-proxy", "off"]
         self.proc = ctx.procs.start(name, cmd, cpus=cpus)
         poll(f"{name} ready", lambda: (http_get(self.admin + "/ready") or (0,))[0] == 200,
              timeout=120 if wrapper else 30, proc=self.proc, procs=ctx.procs)

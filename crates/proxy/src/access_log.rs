@@ -217,13 +217,15 @@ fn push_line(buf: &mut Vec<u8>, e: &Entry) {
         buf.extend_from_slice(b"\":");
     };
     buf.extend_from_slice(b"{\"time\":");
-    push_str(buf, &rfc3339(e.time));
+    buf.push(b'"');
+    push_rfc3339(buf, e.time);
+    buf.push(b'"');
     field(buf, "kind");
     push_str(buf, e.kind);
     field(buf, "listener");
     push_str(buf, &e.listener);
     field(buf, "source");
-    let _ = write!(buf, "\"{}\"", e.source);
+    push_source(buf, e.source);
     field(buf, "service");
     push_str(buf, &e.service);
     let optional = [
@@ -240,15 +242,15 @@ fn push_line(buf: &mut Vec<u8>, e: &Entry) {
     }
     if let Some(status) = e.status {
         field(buf, "status");
-        let _ = write!(buf, "{status}");
+        push_u64(buf, u64::from(status));
     }
     field(buf, "upstream");
     push_opt(buf, e.upstream.as_deref());
-    let _ = write!(
-        buf,
-        ",\"bytes_in\":{},\"bytes_out\":{},\"duration_ms\":",
-        e.bytes_in, e.bytes_out
-    );
+    buf.extend_from_slice(b",\"bytes_in\":");
+    push_u64(buf, e.bytes_in);
+    buf.extend_from_slice(b",\"bytes_out\":");
+    push_u64(buf, e.bytes_out);
+    buf.extend_from_slice(b",\"duration_ms\":");
     let _ = serde_json::to_writer(&mut *buf, &e.duration_ms);
     field(buf, "tls_version");
     push_opt(buf, e.tls_version);
@@ -276,17 +278,85 @@ fn push_opt(buf: &mut Vec<u8>, s: Option<&str>) {
 
 /// RFC 3339 UTC time with milliseconds, without pulling in a date library.
 pub fn rfc3339(t: SystemTime) -> String {
+    let mut buf = Vec::with_capacity(24);
+    push_rfc3339(&mut buf, t);
+    String::from_utf8(buf).unwrap_or_default()
+}
+
+/// Digits written by hand: `format!` costs several times more, once per line.
+fn push_rfc3339(buf: &mut Vec<u8>, t: SystemTime) {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
     let secs = d.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, day) = civil_from_days(days as i64);
-    format!(
-        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
+    if (0..10_000).contains(&y) {
+        push_digits(buf, y as u32, 4);
+    } else {
+        let _ = write!(buf, "{y:04}");
+    }
+    let parts = [
+        (b'-', m, 2),
+        (b'-', day, 2),
+        (b'T', (rem / 3600) as u32, 2),
+        (b':', ((rem % 3600) / 60) as u32, 2),
+        (b':', (rem % 60) as u32, 2),
+        (b'.', d.subsec_millis(), 3),
+    ];
+    for (sep, value, width) in parts {
+        buf.push(sep);
+        push_digits(buf, value, width);
+    }
+    buf.push(b'Z');
+}
+
+/// `value` in decimal, zero-padded to `width` digits (wider values are written whole).
+fn push_digits(buf: &mut Vec<u8>, value: u32, width: usize) {
+    let mut digits = [b'0'; 10];
+    let mut n = value;
+    let mut start = digits.len();
+    while n > 0 {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    let start = start.min(digits.len() - width);
+    buf.extend_from_slice(&digits[start..]);
+}
+
+fn push_u64(buf: &mut Vec<u8>, value: u64) {
+    let mut digits = [0u8; 20];
+    let mut n = value;
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    buf.extend_from_slice(&digits[start..]);
+}
+
+/// The address as `Display` writes it, quoted; IPv4 by hand, being nearly every line.
+fn push_source(buf: &mut Vec<u8>, addr: SocketAddr) {
+    match addr {
+        SocketAddr::V4(v4) => {
+            buf.push(b'"');
+            for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf.push(b'.');
+                }
+                push_u64(buf, u64::from(octet));
+            }
+            buf.push(b':');
+            push_u64(buf, u64::from(v4.port()));
+            buf.push(b'"');
+        }
+        SocketAddr::V6(_) => {
+            let _ = write!(buf, "\"{addr}\"");
+        }
+    }
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
@@ -333,7 +403,16 @@ mod tests {
             Arc::from("s"),
         );
         bare.duration_ms = f64::NAN;
-        for e in [full, bare] {
+        let mut v4 = Entry::new(
+            "http",
+            Arc::from("l"),
+            "10.200.0.255:65535".parse().unwrap(),
+            Arc::from("s"),
+        );
+        v4.status = Some(200);
+        v4.bytes_out = u64::MAX;
+        v4.bytes_in = 0;
+        for e in [full, bare, v4] {
             let mut line = Vec::new();
             push_line(&mut line, &e);
             let want = serde_json::to_string(&e).unwrap() + "\n";
@@ -347,6 +426,8 @@ mod tests {
             (0, "1970-01-01T00:00:00.000Z"),
             (951_782_400_123, "2000-02-29T00:00:00.123Z"),
             (1_795_000_000_000, "2026-11-18T11:06:40.000Z"),
+            (1_795_000_000_009, "2026-11-18T11:06:40.009Z"),
+            (253_402_300_799_999, "9999-12-31T23:59:59.999Z"),
         ];
         for (ms, want) in cases {
             let t = UNIX_EPOCH + Duration::from_millis(ms);

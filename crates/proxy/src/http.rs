@@ -11,21 +11,20 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{Authority, Scheme};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use sluice_api::model::Endpoint;
 
 use crate::access_log::{AccessLog, Entry};
 use crate::metrics::{BytesLabels, Metrics, RequestLabels};
-use crate::upstream::{ConnInfo, ConnectError, Connector, FailureKind, HttpConnector};
+use crate::pool::{Lease, Pool, SendError, Sent};
+use crate::upstream::{Connector, FailureKind};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
@@ -49,7 +48,7 @@ impl Default for HttpTimeouts {
 
 /// The pooled client for one external service and how requests to it are rewritten.
 pub struct HttpUpstream {
-    client: Client<HttpConnector, CountedBody>,
+    pool: Arc<Pool<CountedBody>>,
     /// The one the pool opens connections with; tunnels to the service use it too.
     pub connector: Arc<Connector>,
     scheme: Scheme,
@@ -97,16 +96,13 @@ impl HttpUpstream {
     pub fn new(connector: Arc<Connector>, timeouts: HttpTimeouts, metrics: Arc<Metrics>) -> Self {
         let service = &connector.service;
         let tls = service.tls.is_some();
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_idle_timeout(timeouts.pool_idle)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .http2_only(service.protocol.requires_h2())
-            .http2_adaptive_window(true)
+        let settings = crate::pool::Settings {
+            idle_timeout: timeouts.pool_idle,
+            h2_only: service.protocol.requires_h2(),
             // hyper's default lets a response's read buffer grow to about 400 KiB on every
             // pooled connection; 64 KiB reads keep large bodies as fast.
-            .http1_max_buf_size(UPSTREAM_READ_BUFFER);
+            read_buffer: UPSTREAM_READ_BUFFER,
+        };
         let authority = rewritten_authority(service, tls);
         let label = connector.label.clone();
         let duration = metrics
@@ -133,7 +129,7 @@ impl HttpUpstream {
             all: metrics,
         });
         Self {
-            client: builder.build(HttpConnector(connector.clone())),
+            pool: Arc::new(Pool::new(connector.clone(), settings)),
             connector,
             scheme: if tls { Scheme::HTTPS } else { Scheme::HTTP },
             authority,
@@ -209,15 +205,15 @@ pub async fn handle(
     let path = req
         .uri()
         .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let bytes_in = Arc::new(AtomicU64::new(0));
     // Logged however the exchange ends, including when the app goes away before any response.
     let mut log = LogOnDrop(Some(Pending {
         entry: Entry {
             method: Some(method),
             authority: authority.clone(),
-            path: Some(path.clone()),
+            path: Some(path.as_str().to_string()),
             protocol: Some(protocol),
             ..Entry::new(
                 "http",
@@ -230,6 +226,7 @@ pub async fn handle(
         bytes_in: bytes_in.clone(),
         metrics: up.metrics.clone(),
         access_log: ctx.access_log.clone(),
+        lease: None,
     }));
 
     if let Some(hosts) = &ctx.hosts {
@@ -247,13 +244,17 @@ pub async fn handle(
             return Ok(log.respond_error(StatusCode::MISDIRECTED_REQUEST, msg));
         }
     }
-    let outbound = match rewrite_request(req, up, authority.as_deref(), &path, bytes_in) {
+    let outbound = match rewrite_request(req, up, authority.as_deref(), path, bytes_in) {
         Ok(r) => r,
         Err(msg) => return Ok(log.respond_error(StatusCode::BAD_REQUEST, msg)),
     };
-    let sent = tokio::time::timeout(up.timeouts.response, up.client.request(outbound)).await;
-    let response = match sent {
-        Ok(Ok(r)) => r,
+    let sent = tokio::time::timeout(up.timeouts.response, up.pool.send(outbound)).await;
+    let Sent {
+        response,
+        info,
+        lease,
+    } = match sent {
+        Ok(Ok(sent)) => sent,
         Ok(Err(e)) => {
             let (status, msg) = classify(&e);
             return Ok(log.respond_error(status, msg));
@@ -268,7 +269,6 @@ pub async fn handle(
     };
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    let info = parts.extensions.remove::<ConnInfo>();
     parts.version = Version::HTTP_11;
     let Some(mut pending) = log.0.take() else {
         return Ok(Response::from_parts(
@@ -277,10 +277,9 @@ pub async fn handle(
         ));
     };
     pending.entry.status = Some(parts.status.as_u16());
-    if let Some(info) = info {
-        pending.entry.upstream = Some(info.address);
-        pending.entry.tls_version = info.tls_version;
-    }
+    pending.entry.upstream = Some(info.address);
+    pending.entry.tls_version = info.tls_version;
+    pending.lease = lease;
     let body = LogBody::new(body, pending);
     Ok(Response::from_parts(parts, body.boxed()))
 }
@@ -298,7 +297,7 @@ fn rewrite_request(
     req: Request<Incoming>,
     up: &HttpUpstream,
     app_authority: Option<&str>,
-    path: &str,
+    path: PathAndQuery,
     bytes_in: Arc<AtomicU64>,
 ) -> Result<Request<CountedBody>, String> {
     let (mut parts, body) = req.into_parts();
@@ -308,12 +307,12 @@ fn rewrite_request(
             .and_then(|a| a.parse::<Authority>().ok())
             .ok_or_else(|| "request has no Host header".to_string())?,
     };
-    parts.uri = Uri::builder()
-        .scheme(up.scheme.clone())
-        .authority(authority.clone())
-        .path_and_query(path)
-        .build()
-        .map_err(|e| format!("request target cannot be forwarded: {e}"))?;
+    let mut target = http::uri::Parts::default();
+    target.scheme = Some(up.scheme.clone());
+    target.authority = Some(authority);
+    target.path_and_query = Some(path);
+    parts.uri =
+        Uri::from_parts(target).map_err(|e| format!("request target cannot be forwarded: {e}"))?;
     strip_hop_by_hop(&mut parts.headers);
     // The authority travels in the URI only: the client writes it as Host on HTTP/1.1 and as
     // `:authority` on HTTP/2, where a Host beside it is a duplicate some servers refuse (nginx
@@ -331,55 +330,89 @@ fn rewrite_request(
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1). `te: trailers` stays:
 /// gRPC needs it end to end.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most requests carry none of them: one pass comparing names costs less than a hashed
-    // removal of each.
-    let hop = |name: &HeaderName| {
-        [
-            header::CONNECTION,
-            header::TE,
-            header::TRANSFER_ENCODING,
-            header::UPGRADE,
-            header::PROXY_AUTHORIZATION,
-        ]
-        .contains(name)
-            || name.as_str() == "keep-alive"
-            || name.as_str() == "proxy-connection"
-    };
-    if !headers.keys().any(hop) {
+    // One pass comparing names finds which are present; only those are removed (a hashed
+    // lookup each). Most messages carry none, and most of the rest only `Connection`.
+    let mut found = 0u8;
+    for name in headers.keys() {
+        found |= hop_bit(name);
+    }
+    if found == 0 {
         return;
     }
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
-        if name != header::TE {
-            headers.remove(&name);
+    if found & HOP_CONNECTION != 0 {
+        if let http::header::Entry::Occupied(entry) = headers.entry(header::CONNECTION) {
+            let (_, values) = entry.remove_entry_mult();
+            let values: Vec<HeaderValue> = values.collect();
+            for token in values
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(str::trim)
+            {
+                // `close` and `keep-alive` are the usual tokens and name no header to drop
+                // beyond those handled below; `te` is handled below.
+                if token.is_empty()
+                    || token.eq_ignore_ascii_case("close")
+                    || token.eq_ignore_ascii_case("keep-alive")
+                    || token.eq_ignore_ascii_case("te")
+                {
+                    continue;
+                }
+                headers.remove(token);
+            }
         }
     }
-    for name in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHORIZATION,
+    for (bit, name) in [
+        (HOP_KEEP_ALIVE, "keep-alive"),
+        (HOP_PROXY_CONNECTION, "proxy-connection"),
+        (HOP_TRANSFER_ENCODING, "transfer-encoding"),
+        (HOP_UPGRADE, "upgrade"),
+        (HOP_PROXY_AUTHORIZATION, "proxy-authorization"),
     ] {
-        headers.remove(name);
+        if found & bit != 0 {
+            headers.remove(name);
+        }
     }
-    let te_trailers = headers
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+    if found & HOP_TE != 0 {
+        let te_trailers = headers.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
         });
-    headers.remove(header::TE);
-    if te_trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.remove(header::TE);
+        if te_trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+    }
+}
+
+const HOP_CONNECTION: u8 = 1;
+const HOP_KEEP_ALIVE: u8 = 1 << 1;
+const HOP_PROXY_CONNECTION: u8 = 1 << 2;
+const HOP_TRANSFER_ENCODING: u8 = 1 << 3;
+const HOP_UPGRADE: u8 = 1 << 4;
+const HOP_PROXY_AUTHORIZATION: u8 = 1 << 5;
+const HOP_TE: u8 = 1 << 6;
+
+fn hop_bit(name: &HeaderName) -> u8 {
+    // Standard names compare as an enum tag; the two non-standard ones by length first.
+    if name == header::CONNECTION {
+        HOP_CONNECTION
+    } else if name == header::TE {
+        HOP_TE
+    } else if name == header::TRANSFER_ENCODING {
+        HOP_TRANSFER_ENCODING
+    } else if name == header::UPGRADE {
+        HOP_UPGRADE
+    } else if name == header::PROXY_AUTHORIZATION {
+        HOP_PROXY_AUTHORIZATION
+    } else {
+        match name.as_str() {
+            "keep-alive" => HOP_KEEP_ALIVE,
+            "proxy-connection" => HOP_PROXY_CONNECTION,
+            _ => 0,
+        }
     }
 }
 
@@ -393,14 +426,11 @@ pub fn status_for(kind: FailureKind) -> StatusCode {
 }
 
 /// Maps a client error to the status the app sees and a one-line reason.
-fn classify(e: &hyper_util::client::legacy::Error) -> (StatusCode, String) {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if let Some(c) = err.downcast_ref::<ConnectError>() {
-            return (status_for(c.kind), c.message.clone());
-        }
-        source = err.source();
-    }
+fn classify(e: &SendError) -> (StatusCode, String) {
+    let e = match e {
+        SendError::Connect(c) => return (status_for(c.kind), c.message.clone()),
+        SendError::Http(e) => e,
+    };
     let mut detail = e.to_string();
     let mut source = std::error::Error::source(e);
     while let Some(err) = source {
@@ -421,6 +451,8 @@ struct Pending {
     bytes_in: Arc<AtomicU64>,
     metrics: Arc<ServiceMetrics>,
     access_log: AccessLog,
+    /// The upstream connection, returned to its pool when the response has fully arrived.
+    lease: Option<Lease<CountedBody>>,
 }
 
 impl Pending {
@@ -450,6 +482,9 @@ impl Pending {
 
     fn finish(mut self, error: Option<String>) {
         let elapsed = self.started.elapsed();
+        if let (Some(lease), None) = (self.lease.take(), &error) {
+            lease.release();
+        }
         self.entry.bytes_in = self.bytes_in.load(Ordering::Relaxed);
         self.entry.duration_ms = elapsed.as_micros() as f64 / 1000.0;
         if self.entry.error.is_none() {
@@ -716,5 +751,25 @@ mod tests {
         names.sort();
         assert_eq!(names, ["te", "x-kept"]);
         assert_eq!(h[header::TE], "trailers");
+    }
+
+    #[test]
+    fn connection_tokens_name_headers_to_remove_in_any_case() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("close"));
+        h.append(header::CONNECTION, HeaderValue::from_static("X-Hop , ,TE"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        strip_hop_by_hop(&mut h);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["content-length"]);
+
+        let mut only_keep_alive = HeaderMap::new();
+        only_keep_alive.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        only_keep_alive.insert(header::SERVER, HeaderValue::from_static("nginx"));
+        strip_hop_by_hop(&mut only_keep_alive);
+        assert_eq!(only_keep_alive.len(), 1);
+        assert!(only_keep_alive.contains_key(header::SERVER));
     }
 }

@@ -13,6 +13,7 @@ pub mod http;
 pub mod metrics;
 mod pins;
 pub mod policy;
+mod pool;
 pub mod runtime;
 pub mod subscribe;
 mod tcp;

@@ -3,7 +3,6 @@
 //! then TLS origination when configured.
 
 use std::collections::hash_map::RandomState;
-use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -13,8 +12,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use hickory_resolver::TokioResolver;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
@@ -569,88 +566,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
     }
 }
 
-/// The connector hyper's pooled client calls for a new connection.
-#[derive(Clone)]
-pub struct HttpConnector(pub Arc<Connector>);
-
-impl tower_service::Service<http::Uri> for HttpConnector {
-    type Response = PooledIo;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<PooledIo, ConnectError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _uri: http::Uri) -> Self::Future {
-        let connector = self.0.clone();
-        Box::pin(async move {
-            let upstream = connector.connect().await?;
-            Ok(PooledIo {
-                io: TokioIo::new(upstream.io),
-                info: upstream.info,
-            })
-        })
-    }
-}
-
-/// An upstream connection as hyper's client sees it.
-pub struct PooledIo {
-    io: TokioIo<Box<dyn Io>>,
-    info: ConnInfo,
-}
-
-impl Connection for PooledIo {
-    fn connected(&self) -> Connected {
-        let connected = Connected::new().extra(self.info.clone());
-        if self.info.h2 {
-            connected.negotiated_h2()
-        } else {
-            connected
-        }
-    }
-}
-
-impl hyper::rt::Read for PooledIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for PooledIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -884,24 +799,6 @@ mod tests {
 
         drop(held);
         assert_eq!(c.open_counts(), [0, 0, 0]);
-    }
-
-    #[tokio::test]
-    async fn least_request_counts_pooled_connections_until_dropped() {
-        let mut eps = Endpoints::start(&[true]).await;
-        let c = Arc::new(eps.connector(LoadBalancer::LeastRequest));
-        let mut http = HttpConnector(c.clone());
-        let pooled = tokio::time::timeout(
-            WAIT,
-            tower_service::Service::call(&mut http, http::Uri::from_static("http://s/")),
-        )
-        .await
-        .expect("connected in time")
-        .expect("connected");
-        eps.accepted(1).await;
-        assert_eq!(c.open_counts(), [1]);
-        drop(pooled);
-        assert_eq!(c.open_counts(), [0]);
     }
 
     #[tokio::test]

@@ -1,0 +1,595 @@
+//! The upstream connections of one external service: idle HTTP/1.1 connections kept for reuse
+//! and at most one shared HTTP/2 connection.
+//!
+//! One pool serves one service, and every connection it opens goes to that service's endpoints
+//! with the same TLS settings, so any idle connection fits any request: no key to hash. A
+//! connection goes back to the pool when its response body has been read to the end, straight
+//! from the request path.
+
+use std::sync::{Arc, Mutex, Weak};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use http::header::{HeaderValue, HOST};
+use http::uri::PathAndQuery;
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use crate::upstream::{ConnInfo, ConnectError, Connector};
+
+/// Idle HTTP/1.1 connections kept per service; beyond this, a returning one is closed.
+pub const MAX_IDLE: usize = 1024;
+
+pub struct Settings {
+    /// How long an unused connection is kept.
+    pub idle_timeout: Duration,
+    /// Speak HTTP/2 whatever ALPN says (gRPC, h2c).
+    pub h2_only: bool,
+    /// The most an HTTP/1.1 connection buffers of a response before the app reads it.
+    pub read_buffer: usize,
+}
+
+pub struct Pool<B> {
+    connector: Arc<Connector>,
+    settings: Settings,
+    idle: Mutex<Vec<Idle<B>>>,
+    h2: Mutex<Option<(http2::SendRequest<B>, ConnInfo)>>,
+    /// Held while an HTTP/2-only service opens its connection, so a burst of first requests
+    /// shares one instead of opening one each.
+    h2_connecting: tokio::sync::Mutex<()>,
+    reaper: std::sync::Once,
+}
+
+struct Idle<B> {
+    sender: http1::SendRequest<B>,
+    info: ConnInfo,
+    since: Instant,
+}
+
+/// Why a request got no response.
+#[derive(Debug)]
+pub enum SendError {
+    Connect(ConnectError),
+    Http(hyper::Error),
+}
+
+/// An HTTP/1.1 connection carrying one exchange; [`Lease::release`] once its response body has
+/// ended puts it back. Dropped instead, the connection closes once idle.
+pub struct Lease<B> {
+    pool: Weak<Pool<B>>,
+    sender: http1::SendRequest<B>,
+    info: ConnInfo,
+}
+
+impl<B> Lease<B>
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    pub fn release(self) {
+        if let Some(pool) = self.pool.upgrade() {
+            pool.put(self.sender, self.info);
+        }
+    }
+}
+
+/// What a request came back with: the response, the connection's facts and, on HTTP/1.1, the
+/// lease that returns the connection.
+pub struct Sent<B> {
+    pub response: Response<Incoming>,
+    pub info: ConnInfo,
+    pub lease: Option<Lease<B>>,
+}
+
+enum Conn<B> {
+    H1(http1::SendRequest<B>, ConnInfo, bool),
+    H2(http2::SendRequest<B>, ConnInfo, bool),
+}
+
+impl<B> Pool<B>
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    pub fn new(connector: Arc<Connector>, settings: Settings) -> Self {
+        Self {
+            connector,
+            settings,
+            idle: Mutex::new(Vec::new()),
+            h2: Mutex::new(None),
+            h2_connecting: tokio::sync::Mutex::new(()),
+            reaper: std::sync::Once::new(),
+        }
+    }
+
+    /// Sends `req` over an idle connection or a new one. A reused HTTP/1.1 connection that the
+    /// server closed before taking the request (the usual keep-alive race) is dropped and the
+    /// request goes out again on the next.
+    pub async fn send(self: &Arc<Self>, mut req: Request<B>) -> Result<Sent<B>, SendError> {
+        loop {
+            let (result, reused, undo) = match self.checkout().await? {
+                Conn::H2(mut sender, info, reused) => {
+                    let result = sender.try_send_request(req).await.map(|response| Sent {
+                        response,
+                        info,
+                        lease: None,
+                    });
+                    (result, reused, None)
+                }
+                Conn::H1(mut sender, info, reused) => {
+                    let undo = origin_form(&mut req);
+                    let result = match sender.try_send_request(req).await {
+                        Ok(response) => Ok(Sent {
+                            response,
+                            info: info.clone(),
+                            lease: Some(Lease {
+                                pool: Arc::downgrade(self),
+                                sender,
+                                info,
+                            }),
+                        }),
+                        Err(e) => Err(e),
+                    };
+                    (result, reused, Some(undo))
+                }
+            };
+            match result {
+                Ok(sent) => return Ok(sent),
+                Err(mut e) => match e.take_message() {
+                    Some(mut unsent) if reused => {
+                        // The next connection may speak HTTP/2, which wants the whole URI.
+                        if let Some((uri, host_added)) = undo {
+                            *unsent.uri_mut() = uri;
+                            if host_added {
+                                unsent.headers_mut().remove(HOST);
+                            }
+                        }
+                        req = unsent;
+                    }
+                    _ => return Err(SendError::Http(e.into_error())),
+                },
+            }
+        }
+    }
+
+    async fn checkout(&self) -> Result<Conn<B>, SendError> {
+        if let Some(conn) = self.shared_h2() {
+            return Ok(conn);
+        }
+        if let Some((sender, info)) = self.take_idle() {
+            return Ok(Conn::H1(sender, info, true));
+        }
+        let _gate = if self.settings.h2_only {
+            let gate = self.h2_connecting.lock().await;
+            if let Some(conn) = self.shared_h2() {
+                return Ok(conn);
+            }
+            Some(gate)
+        } else {
+            None
+        };
+        self.connect().await
+    }
+
+    fn shared_h2(&self) -> Option<Conn<B>> {
+        let mut slot = self.h2.lock().ok()?;
+        match slot.as_ref() {
+            Some((sender, info)) if !sender.is_closed() => {
+                Some(Conn::H2(sender.clone(), info.clone(), true))
+            }
+            Some(_) => {
+                *slot = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// The most recently used idle connection that is still open and ready, if any. One that
+    /// is open but still finishing its last exchange is left in the pool.
+    fn take_idle(&self) -> Option<(http1::SendRequest<B>, ConnInfo)> {
+        let mut idle = self.idle.lock().ok()?;
+        let now = Instant::now();
+        let mut busy = Vec::new();
+        let mut found = None;
+        while let Some(mut entry) = idle.pop() {
+            if entry.sender.is_closed()
+                || now.duration_since(entry.since) >= self.settings.idle_timeout
+            {
+                continue;
+            }
+            match poll_once(|cx| entry.sender.poll_ready(cx)) {
+                Poll::Ready(Ok(())) => {
+                    found = Some((entry.sender, entry.info));
+                    break;
+                }
+                Poll::Ready(Err(_)) => continue,
+                Poll::Pending => busy.push(entry),
+            }
+        }
+        idle.extend(busy.into_iter().rev());
+        found
+    }
+
+    async fn connect(&self) -> Result<Conn<B>, SendError> {
+        let upstream = self.connector.connect().await.map_err(SendError::Connect)?;
+        let io = TokioIo::new(upstream.io);
+        let info = upstream.info;
+        if self.settings.h2_only || info.h2 {
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .adaptive_window(true)
+                .handshake(io)
+                .await
+                .map_err(SendError::Http)?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+                }
+            });
+            if let Ok(mut slot) = self.h2.lock() {
+                *slot = Some((sender.clone(), info.clone()));
+            }
+            return Ok(Conn::H2(sender, info, false));
+        }
+        let (sender, conn) = http1::Builder::new()
+            .max_buf_size(self.settings.read_buffer)
+            .handshake(io)
+            .await
+            .map_err(SendError::Http)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
+        Ok(Conn::H1(sender, info, false))
+    }
+
+    fn put(self: &Arc<Self>, sender: http1::SendRequest<B>, info: ConnInfo) {
+        if sender.is_closed() {
+            return;
+        }
+        let Ok(mut idle) = self.idle.lock() else {
+            return;
+        };
+        if idle.len() >= MAX_IDLE {
+            return;
+        }
+        idle.push(Idle {
+            sender,
+            info,
+            since: Instant::now(),
+        });
+        drop(idle);
+        self.reaper.call_once(|| self.start_reaper());
+    }
+
+    /// Closes connections idle past the timeout even when no request comes to find them; ends
+    /// with the pool.
+    fn start_reaper(self: &Arc<Self>) {
+        let pool = Arc::downgrade(self);
+        let every = (self.settings.idle_timeout / 2).max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(pool) = pool.upgrade() else {
+                    return;
+                };
+                pool.reap();
+            }
+        });
+    }
+
+    fn reap(&self) {
+        let Ok(mut idle) = self.idle.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        idle.retain(|e| {
+            !e.sender.is_closed() && now.duration_since(e.since) < self.settings.idle_timeout
+        });
+    }
+
+    #[cfg(test)]
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().map(|i| i.len()).unwrap_or(0)
+    }
+}
+
+/// An HTTP/1.1 request goes out in origin form with the authority as Host (unless the request
+/// has its own Host), written as it is in the URI. Returns the URI it had and whether Host was
+/// added.
+fn origin_form<B>(req: &mut Request<B>) -> (Uri, bool) {
+    let mut host_added = false;
+    if !req.headers().contains_key(HOST) {
+        if let Some(value) = req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            req.headers_mut().insert(HOST, value);
+            host_added = true;
+        }
+    }
+    let path = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    (
+        std::mem::replace(req.uri_mut(), Uri::from(path)),
+        host_added,
+    )
+}
+
+/// Polls once with a waker that does nothing: the answer now, without waiting for one.
+fn poll_once<T>(f: impl FnOnce(&mut std::task::Context<'_>) -> Poll<T>) -> Poll<T> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    f(&mut cx)
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Connect(e) => e.fmt(f),
+            SendError::Http(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for SendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SendError::Connect(e) => Some(e),
+            SendError::Http(e) => Some(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    use bytes::Bytes;
+    use hickory_resolver::config::ResolverConfig;
+    use hickory_resolver::net::runtime::TokioRuntimeProvider;
+    use hickory_resolver::TokioResolver;
+    use http_body_util::{BodyExt, Empty};
+    use sluice_api::model::{Endpoint, ExternalService, LoadBalancer, Protocol, ResourceKey};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio::sync::watch;
+
+    use crate::metrics::Metrics;
+    use crate::upstream::Timeouts;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// What the test origin has seen: connections accepted and closed by the other side.
+    #[derive(Default, Clone, Debug, PartialEq)]
+    struct Seen {
+        accepted: usize,
+        closed: usize,
+        requests: usize,
+    }
+
+    /// A plain HTTP/1.1 origin answering `ok` to every request; with `close_after`, it closes
+    /// each connection after its response without saying so (the keep-alive race).
+    async fn origin(close_after: bool) -> (SocketAddr, watch::Receiver<Seen>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = watch::channel(Seen::default());
+        let tx = Arc::new(tx);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tx.send_modify(|s| s.accepted += 1);
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        let n = match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            tx.send_modify(|s| s.requests += 1);
+                            let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if stream.write_all(reply).await.is_err() {
+                                return;
+                            }
+                        }
+                        if close_after && buf.is_empty() {
+                            break;
+                        }
+                    }
+                    tx.send_modify(|s| s.closed += 1);
+                });
+            }
+        });
+        (addr, rx)
+    }
+
+    fn pool(addr: SocketAddr, idle_timeout: Duration, h2_only: bool) -> Arc<Pool<Empty<Bytes>>> {
+        let service = ExternalService {
+            key: ResourceKey {
+                mesh: "default".into(),
+                name: "s".into(),
+            },
+            port: 80,
+            protocol: if h2_only {
+                Protocol::Http2
+            } else {
+                Protocol::Http
+            },
+            endpoints: vec![Endpoint::Ip {
+                ip: addr.ip(),
+                port: addr.port(),
+            }],
+            tls: None,
+            hosts: vec![],
+            addresses: vec![],
+            load_balancer: LoadBalancer::RoundRobin,
+            endpoint_weights: vec![],
+        };
+        let resolver = TokioResolver::builder_with_config(
+            ResolverConfig::from_parts(None, Vec::new(), Vec::new()),
+            TokioRuntimeProvider::default(),
+        )
+        .build()
+        .unwrap();
+        let connector = Connector::new(
+            Arc::new(service),
+            "s".into(),
+            &[],
+            Arc::new(resolver),
+            Timeouts {
+                connect: WAIT,
+                handshake: WAIT,
+            },
+            Arc::new(Metrics::default()),
+            None,
+        )
+        .unwrap();
+        Arc::new(Pool::new(
+            Arc::new(connector),
+            Settings {
+                idle_timeout,
+                h2_only,
+                read_buffer: 64 * 1024,
+            },
+        ))
+    }
+
+    fn get() -> Request<Empty<Bytes>> {
+        Request::get("http://s/")
+            .header(http::header::HOST, "s")
+            .body(Empty::new())
+            .unwrap()
+    }
+
+    /// Sends one request and reads its body; the lease goes back when `release`.
+    async fn exchange(pool: &Arc<Pool<Empty<Bytes>>>, release: bool) -> Bytes {
+        let sent = tokio::time::timeout(WAIT, pool.send(get()))
+            .await
+            .expect("answered in time")
+            .expect("answered");
+        let body = sent
+            .response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        if let (true, Some(lease)) = (release, sent.lease) {
+            lease.release();
+        }
+        body
+    }
+
+    async fn seen_until(rx: &mut watch::Receiver<Seen>, what: impl Fn(&Seen) -> bool) -> Seen {
+        tokio::time::timeout(WAIT, rx.wait_for(|s| what(s)))
+            .await
+            .expect("the origin saw it in time")
+            .unwrap()
+            .clone()
+    }
+
+    #[tokio::test]
+    async fn a_released_connection_carries_the_next_request() {
+        let (addr, mut seen) = origin(false).await;
+        let pool = pool(addr, WAIT, false);
+        for _ in 0..5 {
+            assert_eq!(exchange(&pool, true).await, "ok");
+        }
+        let s = seen_until(&mut seen, |s| s.requests == 5).await;
+        assert_eq!(s.accepted, 1, "{s:?}");
+        assert_eq!(pool.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_not_released_is_not_reused() {
+        let (addr, mut seen) = origin(false).await;
+        let pool = pool(addr, WAIT, false);
+        for _ in 0..3 {
+            assert_eq!(exchange(&pool, false).await, "ok");
+        }
+        let s = seen_until(&mut seen, |s| s.requests == 3).await;
+        assert_eq!(s.accepted, 3, "{s:?}");
+        assert_eq!(pool.idle_count(), 0);
+        // Dropped leases close their connections.
+        seen_until(&mut seen, |s| s.closed == 3).await;
+    }
+
+    #[tokio::test]
+    async fn a_request_meeting_a_connection_the_origin_closed_goes_out_on_a_new_one() {
+        let (addr, mut seen) = origin(true).await;
+        let pool = pool(addr, WAIT, false);
+        assert_eq!(exchange(&pool, true).await, "ok");
+        // The pooled connection is closed by the origin; the next request must not fail.
+        seen_until(&mut seen, |s| s.closed == 1).await;
+        assert_eq!(exchange(&pool, true).await, "ok");
+        let s = seen_until(&mut seen, |s| s.requests == 2).await;
+        assert_eq!(s.accepted, 2, "{s:?}");
+    }
+
+    #[tokio::test]
+    async fn idle_connections_past_the_timeout_are_closed() {
+        let (addr, mut seen) = origin(false).await;
+        let pool = pool(addr, Duration::from_millis(200), false);
+        assert_eq!(exchange(&pool, true).await, "ok");
+        assert_eq!(pool.idle_count(), 1);
+        // No request comes to find it: the reaper closes it.
+        seen_until(&mut seen, |s| s.closed == 1).await;
+        assert_eq!(pool.idle_count(), 0);
+        assert_eq!(exchange(&pool, true).await, "ok");
+        assert_eq!(seen_until(&mut seen, |s| s.requests == 2).await.accepted, 2);
+    }
+
+    #[tokio::test]
+    async fn http2_requests_share_one_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, mut seen) = watch::channel(Seen::default());
+        let tx = Arc::new(tx);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tx.send_modify(|s| s.accepted += 1);
+                let tx = tx.clone();
+                let service = hyper::service::service_fn(move |_req| {
+                    tx.send_modify(|s| s.requests += 1);
+                    async {
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                            Bytes::from_static(b"h2"),
+                        )))
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        let pool = pool(addr, WAIT, true);
+        let mut all = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let pool = pool.clone();
+            all.spawn(async move { exchange(&pool, true).await });
+        }
+        while let Some(body) = all.join_next().await {
+            assert_eq!(body.unwrap(), "h2");
+        }
+        let s = seen_until(&mut seen, |s| s.requests == 8).await;
+        assert_eq!(s.accepted, 1, "{s:?}");
+    }
+}
