@@ -293,14 +293,16 @@ impl Proxy {
 
     /// Applies a new config. Service errors reject it whole and change nothing; a listener that
     /// cannot bind is reported while everything else is applied.
-    pub async fn apply(&self, config: ProxyConfig) -> Result<Vec<ApplyError>, Vec<ApplyError>> {
+    pub async fn apply(&self, mut config: ProxyConfig) -> Result<Vec<ApplyError>, Vec<ApplyError>> {
         let mut state = self.state.lock().await;
 
         let mut upstreams = HashMap::new();
         let mut errors = Vec::new();
-        for (label, service) in &config.services {
+        for (label, service) in config.services.iter_mut() {
             match state.upstreams.get(label) {
                 Some(old) if *old.service == **service => {
+                    // The new copy goes: one model per service, not one per apply kept.
+                    *service = old.service.clone();
                     upstreams.insert(label.clone(), old.clone());
                 }
                 _ => match Lazy::new(label.clone(), service.clone(), self.factory.clone()) {
@@ -317,6 +319,11 @@ impl Proxy {
         if !errors.is_empty() {
             self.count_reload("rejected");
             return Err(errors);
+        }
+        for l in config.listeners.iter_mut() {
+            if let Some(shared) = config.services.get(&service_label(&l.service.key)) {
+                l.service = shared.clone();
+            }
         }
 
         let mut bind_errors = Vec::new();
@@ -396,8 +403,8 @@ impl Proxy {
             .chain(state.own.iter().copied());
         let services = state
             .upstreams
-            .iter()
-            .map(|(label, u)| (Arc::from(label.as_str()), u.clone()))
+            .values()
+            .map(|u| (u.label.clone(), u.clone()))
             .collect();
         self.forward.send_replace(Arc::new(forward::State {
             mode: state.mode,
@@ -412,8 +419,8 @@ impl Proxy {
             by_ip: HashMap::new(),
             by_label: state
                 .upstreams
-                .iter()
-                .map(|(label, u)| (Arc::from(label.as_str()), u.clone()))
+                .values()
+                .map(|u| (u.label.clone(), u.clone()))
                 .collect(),
         };
         let mut named = HashMap::new();
@@ -901,4 +908,74 @@ async fn serve_redirected(
     });
     drop(ctx);
     serve_connection(stream, peer, route, shared, stop, kill, checked).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_api::model::{Endpoint, ExternalService, LoadBalancer, Protocol, ResourceKey};
+    use std::collections::BTreeMap;
+
+    fn service(name: &str, port: u16) -> Arc<ExternalService> {
+        Arc::new(ExternalService {
+            key: ResourceKey {
+                mesh: "default".into(),
+                name: name.into(),
+            },
+            port: 80,
+            protocol: Protocol::Http,
+            endpoints: vec![Endpoint::Dns {
+                host: format!("{name}.example.com"),
+                port,
+            }],
+            tls: None,
+            hosts: vec![],
+            addresses: vec![],
+            load_balancer: LoadBalancer::RoundRobin,
+            endpoint_weights: vec![],
+        })
+    }
+
+    fn config(services: &[Arc<ExternalService>]) -> ProxyConfig {
+        ProxyConfig {
+            listeners: vec![],
+            services: services
+                .iter()
+                .map(|s| (service_label(&s.key), s.clone()))
+                .collect::<BTreeMap<_, _>>(),
+            outbound_traffic_policy: None,
+            virtual_ips: vec![],
+            vip_ranges: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unchanged_service_keeps_one_model_across_applies() {
+        let log = AccessLog::start(crate::access_log::Target::File("/dev/null".into())).unwrap();
+        let proxy = Proxy::new(Settings::default(), Arc::new(Metrics::default()), log).unwrap();
+        let (a, b) = (service("a", 443), service("b", 443));
+        proxy.apply(config(&[a.clone(), b.clone()])).await.unwrap();
+        // The next snapshot decodes fresh copies: equal models, new allocations.
+        let (a2, b2) = (service("a", 443), service("b", 8443));
+        proxy
+            .apply(config(&[a2.clone(), b2.clone()]))
+            .await
+            .unwrap();
+        let current = proxy.current().unwrap();
+        let kept = &current.services[&service_label(&a.key)];
+        assert!(
+            Arc::ptr_eq(kept, &a),
+            "the unchanged service's first model is kept"
+        );
+        let changed = &current.services[&service_label(&b.key)];
+        assert!(
+            Arc::ptr_eq(changed, &b2),
+            "a changed service takes the new model"
+        );
+        assert_eq!(
+            Arc::strong_count(&a2),
+            1,
+            "the fresh copy of the unchanged one is let go"
+        );
+    }
 }

@@ -86,16 +86,17 @@ async fn start_from_cache(subscription: &Subscription, proxy: &Proxy) -> u64 {
             return 0;
         }
     };
-    let applied = apply(proxy, &snapshot).await;
+    let version = snapshot.version;
+    let applied = apply(proxy, snapshot).await;
     if let Some(reason) = &applied.problems {
         tracing::warn!(cache = %subscription.cache.display(), %reason, "cached config: not all of it could be applied");
     }
     if !applied.in_force {
         return 0;
     }
-    proxy.metrics().config_version.set(snapshot.version as i64);
-    tracing::info!(version = snapshot.version, cache = %subscription.cache.display(), "serving the cached config until the control plane answers");
-    snapshot.version
+    proxy.metrics().config_version.set(version as i64);
+    tracing::info!(version, cache = %subscription.cache.display(), "serving the cached config until the control plane answers");
+    version
 }
 
 struct Failure {
@@ -175,16 +176,12 @@ async fn session(
         };
         received = true;
         let version = snapshot.version;
-        let applied = apply(proxy, &snapshot).await;
+        let (listeners, services) = (snapshot.listeners.len(), snapshot.services.len());
+        let applied = apply(proxy, snapshot).await;
         if applied.in_force {
             *running = version;
             proxy.metrics().config_version.set(version as i64);
-            tracing::info!(
-                version,
-                listeners = snapshot.listeners.len(),
-                services = snapshot.services.len(),
-                "config applied"
-            );
+            tracing::info!(version, listeners, services, "config applied");
         }
         let answer = match &applied.problems {
             None => Message::Ack(Ack { version }),
@@ -213,8 +210,8 @@ async fn session(
             });
         }
         // After the answer: the cache is for the next start, not for this change.
-        if applied.in_force {
-            write_cache(&subscription.cache, &snapshot).await;
+        if let (true, Some(encoded)) = (applied.in_force, applied.encoded) {
+            write_cache(&subscription.cache, encoded).await;
         }
     }
 }
@@ -225,24 +222,32 @@ struct Applied {
     in_force: bool,
     /// Every problem, one per line: the reason of the NACK.
     problems: Option<String>,
+    /// The snapshot as it is cached on disk.
+    encoded: Option<Vec<u8>>,
 }
 
-async fn apply(proxy: &Proxy, snapshot: &Snapshot) -> Applied {
-    let config = match wire::from_wire(snapshot) {
+async fn apply(proxy: &Proxy, snapshot: Snapshot) -> Applied {
+    let config = match wire::from_wire(&snapshot) {
         Ok(c) => c,
         Err(reason) => {
             return Applied {
                 in_force: false,
                 problems: Some(reason),
+                encoded: None,
             }
         }
     };
+    // Kept encoded (smaller) for the cache, and let go of before the proxy builds its new
+    // state beside the old: the peak of an apply is what the allocator keeps afterwards.
+    let encoded = snapshot.encode_to_vec();
+    drop(snapshot);
     let (in_force, errors) = match proxy.apply(config).await {
         Ok(bind_errors) => (true, bind_errors),
         Err(errors) => (false, errors),
     };
     Applied {
         in_force,
+        encoded: Some(encoded),
         problems: (!errors.is_empty()).then(|| {
             errors
                 .iter()
@@ -254,8 +259,7 @@ async fn apply(proxy: &Proxy, snapshot: &Snapshot) -> Applied {
 }
 
 /// The snapshot on disk, replaced whole, readable by its owner only.
-async fn write_cache(path: &std::path::Path, snapshot: &Snapshot) {
-    let bytes = snapshot.encode_to_vec();
+async fn write_cache(path: &std::path::Path, bytes: Vec<u8>) {
     let path = path.to_path_buf();
     let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         use std::io::Write;

@@ -77,7 +77,8 @@ fn alpn(service: &ExternalService) -> &'static [&'static [u8]] {
 /// One service's upstream, built on first use and kept while the service stays the same.
 pub struct Lazy {
     pub service: Arc<ExternalService>,
-    pub label: String,
+    /// Shared by the tables that find this service by label.
+    pub label: Arc<str>,
     factory: Arc<Factory>,
     built: OnceLock<Arc<Upstream>>,
     /// `sluice_active_connections` of the service, found once rather than per connection.
@@ -104,7 +105,7 @@ impl Lazy {
         .map_err(|e| e.to_string())?;
         Ok(Self {
             service,
-            label,
+            label: Arc::from(label),
             factory,
             built: OnceLock::new(),
             open: OnceLock::new(),
