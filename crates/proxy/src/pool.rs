@@ -5,7 +5,13 @@
 //! with the same TLS settings, so any idle connection fits any request: no key to hash. A
 //! connection goes back to the pool when its response body has been read to the end, straight
 //! from the request path.
+//!
+//! While a service speaks HTTP/2, or may (TLS whose ALPN has not answered yet), new connections
+//! are opened one at a time: a burst of first requests shares the one connection, and when that
+//! connection fails, the requests that waited for it share the failure instead of each trying
+//! again in turn.
 
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -22,11 +28,24 @@ use crate::upstream::{ConnInfo, ConnectError, Connector};
 /// Idle HTTP/1.1 connections kept per service; beyond this, a returning one is closed.
 pub const MAX_IDLE: usize = 1024;
 
+/// An HTTP/2 connection is pinged this often (idle or not), and closed when a ping goes
+/// unanswered for [`H2_PING_TIMEOUT`]: an upstream gone without a FIN or RST (a NAT or firewall
+/// dropped the flow) is found in seconds, not after the kernel's retransmissions (~15 min).
+pub const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
+pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the service's connections speak, as far as the pool knows.
+const SPEAKS_H1: u8 = 0;
+const SPEAKS_UNKNOWN: u8 = 1;
+const SPEAKS_H2: u8 = 2;
+
 pub struct Settings {
     /// How long an unused connection is kept.
     pub idle_timeout: Duration,
     /// Speak HTTP/2 whatever ALPN says (gRPC, h2c).
     pub h2_only: bool,
+    /// TLS offers `h2` by ALPN, so the first connection may turn out to be HTTP/2.
+    pub alpn_h2: bool,
     /// The most an HTTP/1.1 connection buffers of a response before the app reads it.
     pub read_buffer: usize,
 }
@@ -35,11 +54,20 @@ pub struct Pool<B> {
     connector: Arc<Connector>,
     settings: Settings,
     idle: Mutex<Vec<Idle<B>>>,
-    h2: Mutex<Option<(http2::SendRequest<B>, ConnInfo)>>,
-    /// Held while an HTTP/2-only service opens its connection, so a burst of first requests
-    /// shares one instead of opening one each.
-    h2_connecting: tokio::sync::Mutex<()>,
+    h2: Mutex<Option<Shared<B>>>,
+    /// Held while a connection that may be HTTP/2 is opened; holds why the last such attempt
+    /// failed, for the requests that waited on it.
+    h2_connecting: tokio::sync::Mutex<Option<ConnectError>>,
+    /// Attempts made under `h2_connecting`: a waiter that sees it move knows one ran for it.
+    h2_attempts: AtomicU64,
+    speaks: AtomicU8,
     reaper: std::sync::Once,
+}
+
+struct Shared<B> {
+    sender: http2::SendRequest<B>,
+    info: ConnInfo,
+    used: Instant,
 }
 
 struct Idle<B> {
@@ -96,12 +124,21 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     pub fn new(connector: Arc<Connector>, settings: Settings) -> Self {
+        let speaks = if settings.h2_only {
+            SPEAKS_H2
+        } else if settings.alpn_h2 {
+            SPEAKS_UNKNOWN
+        } else {
+            SPEAKS_H1
+        };
         Self {
             connector,
             settings,
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
-            h2_connecting: tokio::sync::Mutex::new(()),
+            h2_connecting: tokio::sync::Mutex::new(None),
+            h2_attempts: AtomicU64::new(0),
+            speaks: AtomicU8::new(speaks),
             reaper: std::sync::Once::new(),
         }
     }
@@ -156,30 +193,49 @@ where
         }
     }
 
-    async fn checkout(&self) -> Result<Conn<B>, SendError> {
+    async fn checkout(self: &Arc<Self>) -> Result<Conn<B>, SendError> {
         if let Some(conn) = self.shared_h2() {
             return Ok(conn);
         }
         if let Some((sender, info)) = self.take_idle() {
             return Ok(Conn::H1(sender, info, true));
         }
-        let _gate = if self.settings.h2_only {
-            let gate = self.h2_connecting.lock().await;
-            if let Some(conn) = self.shared_h2() {
-                return Ok(conn);
+        if self.speaks.load(Ordering::Relaxed) == SPEAKS_H1 {
+            return self.connect().await;
+        }
+        let seen = self.h2_attempts.load(Ordering::Acquire);
+        let mut last_failure = self.h2_connecting.lock().await;
+        if let Some(conn) = self.shared_h2() {
+            return Ok(conn);
+        }
+        if self.speaks.load(Ordering::Relaxed) == SPEAKS_H1 {
+            // The connection opened meanwhile spoke HTTP/1.1: one each, side by side.
+            drop(last_failure);
+            if let Some((sender, info)) = self.take_idle() {
+                return Ok(Conn::H1(sender, info, true));
             }
-            Some(gate)
-        } else {
-            None
+            return self.connect().await;
+        }
+        if self.h2_attempts.load(Ordering::Acquire) != seen {
+            if let Some(e) = last_failure.as_ref() {
+                return Err(SendError::Connect(e.clone()));
+            }
+        }
+        let result = self.connect().await;
+        *last_failure = match &result {
+            Err(SendError::Connect(e)) => Some(e.clone()),
+            _ => None,
         };
-        self.connect().await
+        self.h2_attempts.fetch_add(1, Ordering::Release);
+        result
     }
 
     fn shared_h2(&self) -> Option<Conn<B>> {
         let mut slot = self.h2.lock().ok()?;
-        match slot.as_ref() {
-            Some((sender, info)) if !sender.is_closed() => {
-                Some(Conn::H2(sender.clone(), info.clone(), true))
+        match slot.as_mut() {
+            Some(shared) if !shared.sender.is_closed() => {
+                shared.used = Instant::now();
+                Some(Conn::H2(shared.sender.clone(), shared.info.clone(), true))
             }
             Some(_) => {
                 *slot = None;
@@ -215,14 +271,21 @@ where
         found
     }
 
-    async fn connect(&self) -> Result<Conn<B>, SendError> {
+    async fn connect(self: &Arc<Self>) -> Result<Conn<B>, SendError> {
         let upstream = self.connector.connect().await.map_err(SendError::Connect)?;
         let io = TokioIo::new(upstream.io);
         let info = upstream.info;
+        if self.settings.alpn_h2 && !self.settings.h2_only {
+            let speaks = if info.h2 { SPEAKS_H2 } else { SPEAKS_H1 };
+            self.speaks.store(speaks, Ordering::Relaxed);
+        }
         if self.settings.h2_only || info.h2 {
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .adaptive_window(true)
+                .keep_alive_interval(H2_PING_INTERVAL)
+                .keep_alive_timeout(H2_PING_TIMEOUT)
+                .keep_alive_while_idle(true)
                 .handshake(io)
                 .await
                 .map_err(SendError::Http)?;
@@ -232,8 +295,13 @@ where
                 }
             });
             if let Ok(mut slot) = self.h2.lock() {
-                *slot = Some((sender.clone(), info.clone()));
+                *slot = Some(Shared {
+                    sender: sender.clone(),
+                    info: info.clone(),
+                    used: Instant::now(),
+                });
             }
+            self.reaper.call_once(|| self.start_reaper());
             return Ok(Conn::H2(sender, info, false));
         }
         let (sender, conn) = http1::Builder::new()
@@ -269,7 +337,8 @@ where
     }
 
     /// Closes connections idle past the timeout even when no request comes to find them; ends
-    /// with the pool.
+    /// with the pool. An HTTP/2 connection closes once the pool lets go of it and its last
+    /// stream has ended.
     fn start_reaper(self: &Arc<Self>) {
         let pool = Arc::downgrade(self);
         let every = (self.settings.idle_timeout / 2).max(Duration::from_millis(100));
@@ -288,13 +357,19 @@ where
     }
 
     fn reap(&self) {
-        let Ok(mut idle) = self.idle.lock() else {
-            return;
-        };
         let now = Instant::now();
-        idle.retain(|e| {
-            !e.sender.is_closed() && now.duration_since(e.since) < self.settings.idle_timeout
-        });
+        let timeout = self.settings.idle_timeout;
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.retain(|e| !e.sender.is_closed() && now.duration_since(e.since) < timeout);
+        }
+        if let Ok(mut slot) = self.h2.lock() {
+            if slot
+                .as_ref()
+                .is_some_and(|s| s.sender.is_closed() || now.duration_since(s.used) >= timeout)
+            {
+                *slot = None;
+            }
+        }
     }
 
     #[cfg(test)]
@@ -363,7 +438,10 @@ mod tests {
     use hickory_resolver::net::runtime::TokioRuntimeProvider;
     use hickory_resolver::TokioResolver;
     use http_body_util::{BodyExt, Empty};
-    use sluice_api::model::{Endpoint, ExternalService, LoadBalancer, Protocol, ResourceKey};
+    use sluice_api::model::{
+        Endpoint, ExternalService, LoadBalancer, Material, Protocol, ResourceKey, TlsOrigination,
+        VerificationMode,
+    };
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
     use tokio::sync::watch;
@@ -421,7 +499,11 @@ mod tests {
     }
 
     fn pool(addr: SocketAddr, idle_timeout: Duration, h2_only: bool) -> Arc<Pool<Empty<Bytes>>> {
-        let service = ExternalService {
+        pool_of(service(addr, h2_only, None), idle_timeout, WAIT)
+    }
+
+    fn service(addr: SocketAddr, h2_only: bool, tls: Option<TlsOrigination>) -> ExternalService {
+        ExternalService {
             key: ResourceKey {
                 mesh: "default".into(),
                 name: "s".into(),
@@ -436,11 +518,26 @@ mod tests {
                 ip: addr.ip(),
                 port: addr.port(),
             }],
-            tls: None,
+            tls,
             hosts: vec![],
             addresses: vec![],
             load_balancer: LoadBalancer::RoundRobin,
             endpoint_weights: vec![],
+        }
+    }
+
+    /// A pool as HttpUpstream builds one for `service`, with `handshake` as the TLS deadline.
+    fn pool_of(
+        service: ExternalService,
+        idle_timeout: Duration,
+        handshake: Duration,
+    ) -> Arc<Pool<Empty<Bytes>>> {
+        let h2_only = service.protocol.requires_h2();
+        let alpn_h2 = service.tls.is_some();
+        let alpn: &[&[u8]] = match (h2_only, alpn_h2) {
+            (true, _) => &[b"h2"],
+            (false, true) => &[b"h2", b"http/1.1"],
+            (false, false) => &[],
         };
         let resolver = TokioResolver::builder_with_config(
             ResolverConfig::from_parts(None, Vec::new(), Vec::new()),
@@ -451,11 +548,11 @@ mod tests {
         let connector = Connector::new(
             Arc::new(service),
             "s".into(),
-            &[],
+            alpn,
             Arc::new(resolver),
             Timeouts {
                 connect: WAIT,
-                handshake: WAIT,
+                handshake,
             },
             Arc::new(Metrics::default()),
             None,
@@ -466,6 +563,7 @@ mod tests {
             Settings {
                 idle_timeout,
                 h2_only,
+                alpn_h2,
                 read_buffer: 64 * 1024,
             },
         ))
@@ -591,5 +689,165 @@ mod tests {
         }
         let s = seen_until(&mut seen, |s| s.requests == 8).await;
         assert_eq!(s.accepted, 1, "{s:?}");
+    }
+
+    /// TLS to `origin.test`, trusting the origin's self-signed certificate.
+    fn tls_to(cert_pem: &str) -> TlsOrigination {
+        TlsOrigination {
+            min_version: None,
+            max_version: None,
+            allow_renegotiation: false,
+            mode: VerificationMode::Secured,
+            server_name: Some("origin.test".into()),
+            subject_alt_names: vec![],
+            ca_cert: Some(Material::inline("test", cert_pem.as_bytes().to_vec())),
+            client_cert: None,
+        }
+    }
+
+    /// A TLS origin for `origin.test` offering `alpn`, serving HTTP/2 or HTTP/1.1 as ALPN
+    /// settles. Each response waits until `together` requests have arrived, so requests that
+    /// must be in flight side by side prove it. Returns its certificate (PEM).
+    async fn tls_origin(
+        alpn: &[&[u8]],
+        together: usize,
+    ) -> (SocketAddr, watch::Receiver<Seen>, String) {
+        let key = rcgen::generate_simple_self_signed(vec!["origin.test".to_string()]).unwrap();
+        let cert_pem = key.cert.pem();
+        let mut config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![key.cert.der().clone()],
+                rustls_pki_types::PrivateKeyDer::Pkcs8(key.signing_key.serialize_der().into()),
+            )
+            .unwrap();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = watch::channel(Seen::default());
+        let tx = Arc::new(tx);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tx.send_modify(|s| s.accepted += 1);
+                let (tx, acceptor) = (tx.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let counted = tx.clone();
+                    let service = hyper::service::service_fn(move |_req| {
+                        counted.send_modify(|s| s.requests += 1);
+                        let mut seen = counted.subscribe();
+                        async move {
+                            let _ = seen.wait_for(|s| s.requests >= together).await;
+                            let body = if h2 { "h2" } else { "h1" };
+                            Ok::<_, std::convert::Infallible>(Response::new(
+                                http_body_util::Full::new(Bytes::from_static(body.as_bytes())),
+                            ))
+                        }
+                    });
+                    let io = TokioIo::new(tls);
+                    let _ = if h2 {
+                        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(io, service)
+                            .await
+                    } else {
+                        hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, service)
+                            .await
+                    };
+                    tx.send_modify(|s| s.closed += 1);
+                });
+            }
+        });
+        (addr, rx, cert_pem)
+    }
+
+    async fn burst(pool: &Arc<Pool<Empty<Bytes>>>, n: usize) -> Vec<Bytes> {
+        let mut all = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            let pool = pool.clone();
+            all.spawn(async move { exchange(&pool, true).await });
+        }
+        let mut bodies = Vec::new();
+        while let Some(body) = all.join_next().await {
+            bodies.push(body.unwrap());
+        }
+        bodies
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_first_requests_shares_the_http2_connection_alpn_chose() {
+        let (addr, mut seen, cert) = tls_origin(&[b"h2", b"http/1.1"], 0).await;
+        let pool = pool_of(service(addr, false, Some(tls_to(&cert))), WAIT, WAIT);
+        let bodies = burst(&pool, 8).await;
+        assert!(bodies.iter().all(|b| b == "h2"), "{bodies:?}");
+        let s = seen_until(&mut seen, |s| s.requests == 8).await;
+        assert_eq!(s.accepted, 1, "{s:?}");
+    }
+
+    #[tokio::test]
+    async fn a_burst_to_a_tls_origin_that_speaks_http1_opens_connections_side_by_side() {
+        // Every response waits for all 8 requests: they must be on 8 connections at once.
+        let (addr, mut seen, cert) = tls_origin(&[b"http/1.1"], 8).await;
+        let pool = pool_of(service(addr, false, Some(tls_to(&cert))), WAIT, WAIT);
+        let bodies = burst(&pool, 8).await;
+        assert!(bodies.iter().all(|b| b == "h1"), "{bodies:?}");
+        assert_eq!(seen_until(&mut seen, |s| s.requests == 8).await.accepted, 8);
+    }
+
+    #[tokio::test]
+    async fn requests_waiting_on_a_failing_connection_share_its_failure() {
+        // Accepts and never answers the ClientHello: each attempt ends at the handshake
+        // deadline. The burst must not make one attempt after another.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, mut seen) = watch::channel(Seen::default());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                tx.send_modify(|s| s.accepted += 1);
+                held.push(stream);
+            }
+        });
+        let unused = rcgen::generate_simple_self_signed(vec!["origin.test".to_string()]).unwrap();
+        let mut grpc = service(addr, true, Some(tls_to(&unused.cert.pem())));
+        grpc.protocol = Protocol::Grpc;
+        let handshake = Duration::from_millis(500);
+        let pool = pool_of(grpc, WAIT, handshake);
+        let mut all = tokio::task::JoinSet::new();
+        for _ in 0..6 {
+            let pool = pool.clone();
+            all.spawn(async move { pool.send(get()).await.err().map(|e| e.to_string()) });
+        }
+        while let Some(failed) = all.join_next().await {
+            let reason = failed.unwrap().expect("no answer without a handshake");
+            assert!(
+                reason.contains("handshake") || reason.contains("timed out"),
+                "{reason}"
+            );
+        }
+        assert_eq!(seen_until(&mut seen, |s| s.accepted >= 1).await.accepted, 1);
+        // A request after the failure tries again.
+        assert!(pool.send(get()).await.is_err());
+        assert_eq!(seen_until(&mut seen, |s| s.accepted >= 2).await.accepted, 2);
+    }
+
+    #[tokio::test]
+    async fn an_idle_http2_connection_is_closed_after_the_idle_timeout() {
+        let (addr, mut seen, cert) = tls_origin(&[b"h2"], 0).await;
+        let pool = pool_of(
+            service(addr, false, Some(tls_to(&cert))),
+            Duration::from_millis(200),
+            WAIT,
+        );
+        assert_eq!(exchange(&pool, true).await, "h2");
+        seen_until(&mut seen, |s| s.closed == 1).await;
+        assert_eq!(exchange(&pool, true).await, "h2");
+        assert_eq!(seen_until(&mut seen, |s| s.requests == 2).await.accepted, 2);
     }
 }
