@@ -99,7 +99,6 @@ impl HttpUpstream {
         let settings = crate::pool::Settings {
             idle_timeout: timeouts.pool_idle,
             h2_only: service.protocol.requires_h2(),
-            alpn_h2: tls,
             // hyper's default lets a response's read buffer grow to about 400 KiB on every
             // pooled connection; 64 KiB reads keep large bodies as fast.
             read_buffer: UPSTREAM_READ_BUFFER,

@@ -44,8 +44,6 @@ pub struct Settings {
     pub idle_timeout: Duration,
     /// Speak HTTP/2 whatever ALPN says (gRPC, h2c).
     pub h2_only: bool,
-    /// TLS offers `h2` by ALPN, so the first connection may turn out to be HTTP/2.
-    pub alpn_h2: bool,
     /// The most an HTTP/1.1 connection buffers of a response before the app reads it.
     pub read_buffer: usize,
 }
@@ -124,9 +122,10 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     pub fn new(connector: Arc<Connector>, settings: Settings) -> Self {
+        // TLS offers `h2` by ALPN to every HTTP service: its first connection may turn out HTTP/2.
         let speaks = if settings.h2_only {
             SPEAKS_H2
-        } else if settings.alpn_h2 {
+        } else if connector.service.tls.is_some() {
             SPEAKS_UNKNOWN
         } else {
             SPEAKS_H1
@@ -194,26 +193,20 @@ where
     }
 
     async fn checkout(self: &Arc<Self>) -> Result<Conn<B>, SendError> {
-        if let Some(conn) = self.shared_h2() {
+        if let Some(conn) = self.reusable() {
             return Ok(conn);
-        }
-        if let Some((sender, info)) = self.take_idle() {
-            return Ok(Conn::H1(sender, info, true));
         }
         if self.speaks.load(Ordering::Relaxed) == SPEAKS_H1 {
             return self.connect().await;
         }
         let seen = self.h2_attempts.load(Ordering::Acquire);
         let mut last_failure = self.h2_connecting.lock().await;
-        if let Some(conn) = self.shared_h2() {
+        if let Some(conn) = self.reusable() {
             return Ok(conn);
         }
         if self.speaks.load(Ordering::Relaxed) == SPEAKS_H1 {
             // The connection opened meanwhile spoke HTTP/1.1: one each, side by side.
             drop(last_failure);
-            if let Some((sender, info)) = self.take_idle() {
-                return Ok(Conn::H1(sender, info, true));
-            }
             return self.connect().await;
         }
         if self.h2_attempts.load(Ordering::Acquire) != seen {
@@ -228,6 +221,14 @@ where
         };
         self.h2_attempts.fetch_add(1, Ordering::Release);
         result
+    }
+
+    /// The shared HTTP/2 connection, or else an idle HTTP/1.1 one.
+    fn reusable(&self) -> Option<Conn<B>> {
+        self.shared_h2().or_else(|| {
+            self.take_idle()
+                .map(|(sender, info)| Conn::H1(sender, info, true))
+        })
     }
 
     fn shared_h2(&self) -> Option<Conn<B>> {
@@ -275,7 +276,7 @@ where
         let upstream = self.connector.connect().await.map_err(SendError::Connect)?;
         let io = TokioIo::new(upstream.io);
         let info = upstream.info;
-        if self.settings.alpn_h2 && !self.settings.h2_only {
+        if !self.settings.h2_only {
             let speaks = if info.h2 { SPEAKS_H2 } else { SPEAKS_H1 };
             self.speaks.store(speaks, Ordering::Relaxed);
         }
@@ -533,12 +534,7 @@ mod tests {
         handshake: Duration,
     ) -> Arc<Pool<Empty<Bytes>>> {
         let h2_only = service.protocol.requires_h2();
-        let alpn_h2 = service.tls.is_some();
-        let alpn: &[&[u8]] = match (h2_only, alpn_h2) {
-            (true, _) => &[b"h2"],
-            (false, true) => &[b"h2", b"http/1.1"],
-            (false, false) => &[],
-        };
+        let alpn = crate::upstreams::alpn(&service);
         let resolver = TokioResolver::builder_with_config(
             ResolverConfig::from_parts(None, Vec::new(), Vec::new()),
             TokioRuntimeProvider::default(),
@@ -563,7 +559,6 @@ mod tests {
             Settings {
                 idle_timeout,
                 h2_only,
-                alpn_h2,
                 read_buffer: 64 * 1024,
             },
         ))
@@ -679,14 +674,8 @@ mod tests {
             }
         });
         let pool = pool(addr, WAIT, true);
-        let mut all = tokio::task::JoinSet::new();
-        for _ in 0..8 {
-            let pool = pool.clone();
-            all.spawn(async move { exchange(&pool, true).await });
-        }
-        while let Some(body) = all.join_next().await {
-            assert_eq!(body.unwrap(), "h2");
-        }
+        let bodies = burst(&pool, 8).await;
+        assert!(bodies.iter().all(|b| b == "h2"), "{bodies:?}");
         let s = seen_until(&mut seen, |s| s.requests == 8).await;
         assert_eq!(s.accepted, 1, "{s:?}");
     }

@@ -66,7 +66,8 @@ impl Factory {
     }
 }
 
-fn alpn(service: &ExternalService) -> &'static [&'static [u8]] {
+/// What TLS offers by ALPN for the service's protocol.
+pub(crate) fn alpn(service: &ExternalService) -> &'static [&'static [u8]] {
     match service.protocol {
         p if p.requires_h2() => &[b"h2"],
         p if p.is_http() => &[b"h2", b"http/1.1"],
