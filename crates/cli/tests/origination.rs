@@ -137,6 +137,47 @@ async fn https_origination_rewrites_host_sends_sni_and_reuses_one_connection() {
     assert!(line["error"].is_null());
 }
 
+/// Many streams at once on one app connection and one upstream connection, small bodies and
+/// bodies of many frames: the proxy batches the frames of ready streams into shared writes on
+/// both sides, and every body must still arrive whole, in order, on its own stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_http2_streams_arrive_whole_over_one_connection_each_side() {
+    let origin = start_tls_origin("tls").await;
+    let svc = mes(
+        "secure",
+        "http",
+        &[ep_host("localhost", origin.port())],
+        Some(&verification("Secured", Some("origin.test"), "")),
+    );
+    let (_sluice, port) = serve_one(&[svc], "secure", &[]).await;
+    let app = H2Client::connect(local(port)).await.unwrap();
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..64usize {
+        let app = app.clone();
+        let size = [1, 700, 1024, 5_000, 70_000, 300_000][i % 6] + i;
+        calls.spawn(async move {
+            let mut body = big_body(size);
+            body[0] = i as u8;
+            let r = app.post("/echo", body.clone()).await.unwrap();
+            assert_eq!(r.status, StatusCode::OK);
+            assert!(
+                r.body[..] == body[..],
+                "stream {i}: {size} bytes sent, {} back",
+                r.body.len()
+            );
+        });
+    }
+    while let Some(done) = calls.join_next().await {
+        done.unwrap();
+    }
+    assert_eq!(origin.request_count(), 64);
+    assert_eq!(origin.handshakes(), 1, "one upstream HTTP/2 connection");
+    assert_eq!(
+        origin.last_request().unwrap().version,
+        http::Version::HTTP_2
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_only_origin_gets_http11_and_app_h2c_works() {
     let origin = OriginBuilder::new("h1")

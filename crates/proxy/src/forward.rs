@@ -732,35 +732,11 @@ pub enum FirstHead {
 pub async fn first_head(stream: &TcpStream, deadline: Duration) -> FirstHead {
     // As much as the parser accepts; a longer head is the parser's to refuse.
     let mut buf = vec![0u8; 64 * 1024];
-    let look = async {
-        let mut seen = 0;
-        loop {
-            if stream.readable().await.is_err() {
-                return FirstHead::Fine;
-            }
-            let n = match stream.peek(&mut buf).await {
-                Ok(0) | Err(_) => return FirstHead::Fine,
-                Ok(n) => n,
-            };
-            if let Some(end) = head_end(&buf[..n]) {
-                return check_head(&buf[..end]);
-            }
-            if n == buf.len() {
-                return FirstHead::Fine;
-            }
-            if n == seen {
-                // Nothing new since the last look: peeking leaves the socket readable, so mark it
-                // not ready and wait for more bytes instead of looking again at once.
-                let _ = stream.try_io(tokio::io::Interest::READABLE, || {
-                    Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
-                });
-            }
-            seen = n;
-        }
-    };
-    tokio::time::timeout(deadline, look)
-        .await
-        .unwrap_or(FirstHead::TimedOut)
+    match crate::peek::until(stream, &mut buf, deadline, head_end).await {
+        Ok(Some(end)) => check_head(&buf[..end]),
+        Ok(None) => FirstHead::Fine,
+        Err(_) => FirstHead::TimedOut,
+    }
 }
 
 /// Where a request head ends: after an empty line, with or without carriage returns.

@@ -5,12 +5,14 @@
 
 pub mod access_log;
 pub mod admin;
+mod coalesce;
 pub mod dns;
 mod forward;
 mod guard;
 mod hello;
 pub mod http;
 pub mod metrics;
+mod peek;
 mod pins;
 pub mod policy;
 mod pool;

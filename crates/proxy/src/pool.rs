@@ -21,8 +21,9 @@ use http::uri::PathAndQuery;
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 
+use crate::coalesce;
 use crate::upstream::{ConnInfo, ConnectError, Connector};
 
 /// Idle HTTP/1.1 connections kept per service; beyond this, a returning one is closed.
@@ -274,20 +275,21 @@ where
 
     async fn connect(self: &Arc<Self>) -> Result<Conn<B>, SendError> {
         let upstream = self.connector.connect().await.map_err(SendError::Connect)?;
-        let io = TokioIo::new(upstream.io);
         let info = upstream.info;
         if !self.settings.h2_only {
             let speaks = if info.h2 { SPEAKS_H2 } else { SPEAKS_H1 };
             self.speaks.store(speaks, Ordering::Relaxed);
         }
         if self.settings.h2_only || info.h2 {
-            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            let (io, driver) = coalesce::h2(upstream.io);
+            // The connection runs in a task of its own, which the driver spawns and drives.
+            let (sender, conn) = http2::Builder::new(driver.clone())
                 .timer(TokioTimer::new())
                 .adaptive_window(true)
                 .keep_alive_interval(H2_PING_INTERVAL)
                 .keep_alive_timeout(H2_PING_TIMEOUT)
                 .keep_alive_while_idle(true)
-                .handshake(io)
+                .handshake(TokioIo::new(io))
                 .await
                 .map_err(SendError::Http)?;
             tokio::spawn(async move {
@@ -307,7 +309,7 @@ where
         }
         let (sender, conn) = http1::Builder::new()
             .max_buf_size(self.settings.read_buffer)
-            .handshake(io)
+            .handshake(TokioIo::new(upstream.io))
             .await
             .map_err(SendError::Http)?;
         tokio::spawn(async move {
@@ -439,6 +441,7 @@ mod tests {
     use hickory_resolver::net::runtime::TokioRuntimeProvider;
     use hickory_resolver::TokioResolver;
     use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::TokioExecutor;
     use sluice_api::model::{
         Endpoint, ExternalService, LoadBalancer, Material, Protocol, ResourceKey, TlsOrigination,
         VerificationMode,

@@ -6,7 +6,9 @@
 
 use prometheus_client::metrics::gauge::Gauge;
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access_log::AccessLog;
+use crate::coalesce;
 use crate::dns;
 use crate::forward;
 use crate::hello::HelloError;
@@ -787,25 +790,59 @@ async fn serve_connection(
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(256)
                 .max_header_list_size(64 * 1024);
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            let finished = tokio::select! {
-                r = conn.as_mut() => Some(r),
-                _ = stop.cancelled() => None,
+            // An HTTP/2 client gets its writes batched; an HTTP/1.1 one, answered one response
+            // at a time, the socket as is.
+            let opening = tokio::select! {
+                o = coalesce::opening(&stream, shared.settings.header_read_timeout) => o,
+                // Nothing asked yet: nothing to finish.
+                _ = stop.cancelled() => return,
                 _ = kill.cancelled() => return,
             };
-            let result = match finished {
-                Some(r) => r,
-                None => {
-                    conn.as_mut().graceful_shutdown();
-                    tokio::select! {
-                        r = conn.as_mut() => r,
-                        _ = kill.cancelled() => return,
-                    }
+            let result = match opening {
+                coalesce::Opening::Gone => return,
+                coalesce::Opening::H2 => {
+                    let (io, driver) = coalesce::h2(stream);
+                    let conn = driver.drive(builder.serve_connection(TokioIo::new(io), service));
+                    tokio::pin!(conn);
+                    until_closed(conn, |c| c.conn().graceful_shutdown(), &stop, &kill).await
+                }
+                coalesce::Opening::Other => {
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    tokio::pin!(conn);
+                    until_closed(conn, |c| c.graceful_shutdown(), &stop, &kill).await
                 }
             };
+            let Some(result) = result else { return };
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "client connection ended with an error");
+            }
+        }
+    }
+}
+
+/// Runs a client connection to its end; on `stop` lets the requests in flight finish first.
+/// `None` when `kill` cut it short.
+async fn until_closed<C, E>(
+    mut conn: Pin<&mut C>,
+    graceful_shutdown: impl FnOnce(Pin<&mut C>),
+    stop: &CancellationToken,
+    kill: &CancellationToken,
+) -> Option<Result<(), E>>
+where
+    C: Future<Output = Result<(), E>>,
+{
+    let finished = tokio::select! {
+        r = conn.as_mut() => Some(r),
+        _ = stop.cancelled() => None,
+        _ = kill.cancelled() => return None,
+    };
+    match finished {
+        Some(r) => Some(r),
+        None => {
+            graceful_shutdown(conn.as_mut());
+            tokio::select! {
+                r = conn.as_mut() => Some(r),
+                _ = kill.cancelled() => None,
             }
         }
     }
