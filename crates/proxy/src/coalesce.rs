@@ -26,7 +26,7 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 
 use std::time::Duration;
 
@@ -101,6 +101,10 @@ struct State<T> {
     unflushed: bool,
     /// A write after a poll failed; the connection sees it at its next use of the IO.
     failed: Option<io::Error>,
+    /// The task that last used the IO: the connection's. A client connection's executor also
+    /// spawns tasks that never touch the IO; only the connection's task writes the buffer out,
+    /// so that what waits on the socket wakes the task that will write it.
+    task: Option<Waker>,
 }
 
 /// For a connection that speaks HTTP/2: the IO to hand to the connection, and what drives the
@@ -113,6 +117,7 @@ pub fn h2<T>(io: T) -> (Coalesce<T>, Driver<T>) {
         held: false,
         unflushed: false,
         failed: None,
+        task: None,
     }));
     (
         Coalesce {
@@ -171,10 +176,26 @@ impl<F: Future, T: AsyncWrite + Unpin> Future for Driven<F, T> {
         let polled = this.conn.poll(cx);
         if polled.is_pending() {
             if let Ok(mut state) = this.state.lock() {
-                state.after_poll(cx);
+                if state.is_task(cx) {
+                    state.after_poll(cx);
+                }
             }
         }
         polled
+    }
+}
+
+impl<T> State<T> {
+    fn note_task(&mut self, cx: &Context<'_>) {
+        match &self.task {
+            Some(task) if task.will_wake(cx.waker()) => {}
+            _ => self.task = Some(cx.waker().clone()),
+        }
+    }
+
+    /// Whether `cx` is the task of the connection, or the connection has not used its IO yet.
+    fn is_task(&self, cx: &Context<'_>) -> bool {
+        self.task.as_ref().is_none_or(|t| t.will_wake(cx.waker()))
     }
 }
 
@@ -271,6 +292,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Coalesce<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let mut state = self.state()?;
+        state.note_task(cx);
         if let Some(e) = state.failed.take() {
             return Poll::Ready(Err(e));
         }
@@ -284,7 +306,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.state()?.write(cx, &[IoSlice::new(buf)])
+        let mut state = self.state()?;
+        state.note_task(cx);
+        state.write(cx, &[IoSlice::new(buf)])
     }
 
     fn poll_write_vectored(
@@ -292,7 +316,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.state()?.write(cx, bufs)
+        let mut state = self.state()?;
+        state.note_task(cx);
+        state.write(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -302,6 +328,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut state = self.state()?;
+        state.note_task(cx);
         if let Some(e) = state.failed.take() {
             return Poll::Ready(Err(e));
         }
@@ -316,6 +343,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut state = self.state()?;
+        state.note_task(cx);
         if let Some(e) = state.failed.take() {
             return Poll::Ready(Err(e));
         }
@@ -391,6 +419,15 @@ mod tests {
         );
     }
 
+    /// A waker of a task of its own, told apart from another by `will_wake`.
+    fn task_waker() -> Waker {
+        struct Task;
+        impl std::task::Wake for Task {
+            fn wake(self: Arc<Self>) {}
+        }
+        Waker::from(Arc::new(Task))
+    }
+
     /// Reads whatever the far side has now, without waiting.
     fn ready_bytes(far: &mut tokio::io::DuplexStream) -> Vec<u8> {
         let mut got = vec![0u8; 1 << 20];
@@ -420,8 +457,8 @@ mod tests {
         let (io, driver) = h2(near);
         let conn = driver.drive(frames(io, 4));
         tokio::pin!(conn);
-        let waker = std::task::Waker::noop();
-        let mut cx = Context::from_waker(waker);
+        let waker = task_waker();
+        let mut cx = Context::from_waker(&waker);
         assert!(conn.as_mut().poll(&mut cx).is_pending());
         assert_eq!(ready_bytes(&mut far), b"", "held back one turn");
         assert!(conn.as_mut().poll(&mut cx).is_pending());
@@ -434,6 +471,28 @@ mod tests {
         let mut rest = Vec::new();
         far.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, b"");
+    }
+
+    /// A client connection's executor also drives tasks that never use the IO: their polls
+    /// leave the buffer to the connection's task, which the socket wakes.
+    #[tokio::test]
+    async fn only_the_connections_task_writes_the_buffer_out() {
+        let (near, mut far) = tokio::io::duplex(1 << 20);
+        let (io, driver) = h2(near);
+        let conn = driver.drive(frames(io, 2));
+        let other = driver.drive(std::future::pending::<()>());
+        tokio::pin!(conn, other);
+        let conn_waker = task_waker();
+        let mut conn_cx = Context::from_waker(&conn_waker);
+        let other_waker = task_waker();
+        let mut other_cx = Context::from_waker(&other_waker);
+        assert!(conn.as_mut().poll(&mut conn_cx).is_pending());
+        for _ in 0..3 {
+            assert!(other.as_mut().poll(&mut other_cx).is_pending());
+        }
+        assert_eq!(ready_bytes(&mut far), b"");
+        assert!(conn.as_mut().poll(&mut conn_cx).is_pending());
+        assert_eq!(ready_bytes(&mut far), b"frame 0;frame 1;");
     }
 
     /// The size of the `i`th write of the slow-peer test: mostly frame-sized, now and then
