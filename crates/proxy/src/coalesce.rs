@@ -27,7 +27,6 @@ use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll, Waker};
-
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -258,9 +257,6 @@ impl<T: AsyncWrite + Unpin> State<T> {
     }
 
     fn write(&mut self, cx: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
-        if let Some(e) = self.failed.take() {
-            return Poll::Ready(Err(e));
-        }
         let len: usize = bufs.iter().map(|b| b.len()).sum();
         if self.out.len() + len > LIMIT {
             ready!(self.drain(cx))?;
@@ -278,10 +274,18 @@ impl<T: AsyncWrite + Unpin> State<T> {
 }
 
 impl<T> Coalesce<T> {
-    fn state(&self) -> io::Result<MutexGuard<'_, State<T>>> {
-        self.state
+    /// The state, for a use of the IO by the task in `cx`; the error of a write after an
+    /// earlier poll, if one failed.
+    fn enter(&self, cx: &Context<'_>) -> io::Result<MutexGuard<'_, State<T>>> {
+        let mut state = self
+            .state
             .lock()
-            .map_err(|_| io::Error::other("connection IO poisoned by a panic"))
+            .map_err(|_| io::Error::other("connection IO poisoned by a panic"))?;
+        state.note_task(cx);
+        match state.failed.take() {
+            Some(e) => Err(e),
+            None => Ok(state),
+        }
     }
 }
 
@@ -291,11 +295,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Coalesce<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let mut state = self.state()?;
-        state.note_task(cx);
-        if let Some(e) = state.failed.take() {
-            return Poll::Ready(Err(e));
-        }
+        let mut state = self.enter(cx)?;
         Pin::new(&mut state.io).poll_read(cx, buf)
     }
 }
@@ -306,8 +306,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let mut state = self.state()?;
-        state.note_task(cx);
+        let mut state = self.enter(cx)?;
         state.write(cx, &[IoSlice::new(buf)])
     }
 
@@ -316,8 +315,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let mut state = self.state()?;
-        state.note_task(cx);
+        let mut state = self.enter(cx)?;
         state.write(cx, bufs)
     }
 
@@ -327,11 +325,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut state = self.state()?;
-        state.note_task(cx);
-        if let Some(e) = state.failed.take() {
-            return Poll::Ready(Err(e));
-        }
+        let mut state = self.enter(cx)?;
         if !state.out.is_empty() {
             // Written out when the poll that buffered it is over.
             return Poll::Ready(Ok(()));
@@ -342,11 +336,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut state = self.state()?;
-        state.note_task(cx);
-        if let Some(e) = state.failed.take() {
-            return Poll::Ready(Err(e));
-        }
+        let mut state = self.enter(cx)?;
         ready!(state.drain(cx))?;
         Pin::new(&mut state.io).poll_shutdown(cx)
     }

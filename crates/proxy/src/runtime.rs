@@ -618,18 +618,8 @@ impl Proxy {
                         .serve_connection(TokioIo::new(stream), service)
                         .with_upgrades();
                     tokio::pin!(conn);
-                    // On drain: the request in flight finishes, then the connection closes.
-                    let result = tokio::select! {
-                        r = conn.as_mut() => r,
-                        _ = stop.cancelled() => {
-                            conn.as_mut().graceful_shutdown();
-                            tokio::select! {
-                                r = conn.as_mut() => r,
-                                _ = kill.cancelled() => return,
-                            }
-                        }
-                        _ = kill.cancelled() => return,
-                    };
+                    let closed = until_closed(conn, |c| c.graceful_shutdown(), &stop, &kill);
+                    let Some(result) = closed.await else { return };
                     if let Err(e) = result {
                         tracing::debug!(%peer, error = %e, "forward proxy connection ended with an error");
                     }
@@ -790,8 +780,8 @@ async fn serve_connection(
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(256)
                 .max_header_list_size(64 * 1024);
-            // An HTTP/2 client gets its writes batched; an HTTP/1.1 one, answered one response
-            // at a time, the socket as is.
+            // The opening decides the protocol: an HTTP/2 client gets its writes batched; an
+            // HTTP/1.1 one, answered one response at a time, the socket as is.
             let opening = tokio::select! {
                 o = coalesce::opening(&stream, shared.settings.header_read_timeout) => o,
                 // Nothing asked yet: nothing to finish.
@@ -802,11 +792,14 @@ async fn serve_connection(
                 coalesce::Opening::Gone => return,
                 coalesce::Opening::H2 => {
                     let (io, driver) = coalesce::h2(stream);
-                    let conn = driver.drive(builder.serve_connection(TokioIo::new(io), service));
+                    let builder = builder.http2_only();
+                    let conn = builder.serve_connection(TokioIo::new(io), service);
+                    let conn = driver.drive(conn);
                     tokio::pin!(conn);
                     until_closed(conn, |c| c.conn().graceful_shutdown(), &stop, &kill).await
                 }
                 coalesce::Opening::Other => {
+                    let builder = builder.http1_only();
                     let conn = builder.serve_connection(TokioIo::new(stream), service);
                     tokio::pin!(conn);
                     until_closed(conn, |c| c.graceful_shutdown(), &stop, &kill).await
