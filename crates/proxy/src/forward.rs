@@ -420,12 +420,13 @@ async fn connect(
                     match upstream.write_all(&first).await {
                         Ok(()) => {
                             let relayed = crate::tcp::relay(
-                                &mut app,
-                                &mut upstream,
+                                &mut *app,
+                                &mut *upstream,
                                 shared.idle_timeout,
                                 &shared.kill,
                             )
                             .await;
+                            shared.metrics.count_relay(relayed.spliced);
                             entry.bytes_in = relayed.up + first.len() as u64;
                             entry.bytes_out = relayed.down;
                             entry.error = relayed.ended;

@@ -17,6 +17,7 @@ mod pins;
 pub mod policy;
 mod pool;
 pub mod runtime;
+mod splice;
 pub mod subscribe;
 mod tcp;
 mod tls;

@@ -39,6 +39,12 @@ pub struct DecisionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RelayLabels {
+    /// `splice` (the bytes stayed in the kernel) or `copy` (through the proxy's buffers).
+    pub mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DestinationLabels {
     pub host: String,
     pub port: u16,
@@ -81,6 +87,7 @@ pub struct Metrics {
     pub tcp_connections: Family<ServiceLabels, Counter>,
     pub active_connections: Family<ServiceLabels, Gauge>,
     pub bytes: Family<BytesLabels, Counter>,
+    pub relays: Family<RelayLabels, Counter>,
     pub upstream_connections: Family<ServiceLabels, Counter>,
     pub upstream_connect_failures: Family<ReasonLabels, Counter>,
     pub upstream_tls_failures: Family<ReasonLabels, Counter>,
@@ -141,6 +148,12 @@ impl Default for Metrics {
             "bytes",
             "Payload bytes carried, by direction",
             bytes.clone(),
+        );
+        let relays = Family::<RelayLabels, Counter>::default();
+        registry.register(
+            "relays",
+            "Byte relays ended (tcp outbounds, CONNECT tunnels, transparent TCP), by how the bytes moved: splice between two plain sockets, copy otherwise",
+            relays.clone(),
         );
         let upstream_connections = Family::<ServiceLabels, Counter>::default();
         registry.register(
@@ -239,6 +252,7 @@ impl Default for Metrics {
             tcp_connections,
             active_connections,
             bytes,
+            relays,
             upstream_connections,
             upstream_connect_failures,
             upstream_tls_failures,
@@ -248,6 +262,11 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    pub fn count_relay(&self, spliced: bool) {
+        let mode = if spliced { "splice" } else { "copy" };
+        self.relays.get_or_create(&RelayLabels { mode }).inc();
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.

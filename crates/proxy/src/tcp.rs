@@ -15,8 +15,9 @@ use tokio_util::sync::CancellationToken;
 use crate::access_log::{AccessLog, Entry};
 use prometheus_client::metrics::counter::Counter;
 
-use crate::metrics::{BytesLabels, Metrics};
-use crate::upstream::Connector;
+use crate::metrics::{BytesLabels, Metrics, RelayLabels};
+use crate::splice;
+use crate::upstream::{plain_socket, Connector, Io};
 
 /// A tcp outbound's service: how to reach it, and its metrics resolved once rather than per
 /// connection.
@@ -25,6 +26,8 @@ pub struct TcpUpstream {
     connections: Counter,
     bytes_up: Counter,
     bytes_down: Counter,
+    relays_spliced: Counter,
+    relays_copied: Counter,
 }
 
 impl TcpUpstream {
@@ -38,6 +41,7 @@ impl TcpUpstream {
                 })
                 .clone()
         };
+        let relays = |mode| metrics.relays.get_or_create(&RelayLabels { mode }).clone();
         Self {
             connections: metrics
                 .tcp_connections
@@ -45,6 +49,8 @@ impl TcpUpstream {
                 .clone(),
             bytes_up: bytes("upstream"),
             bytes_down: bytes("downstream"),
+            relays_spliced: relays("splice"),
+            relays_copied: relays("copy"),
             connector,
         }
     }
@@ -96,7 +102,13 @@ pub async fn serve(
             entry.tls_version = connection.info.tls_version;
             match connection.io.write_all(&first).await {
                 Ok(()) => {
-                    let relayed = relay(&mut client, &mut connection.io, idle_timeout, &kill).await;
+                    let relayed =
+                        relay(&mut client, &mut *connection.io, idle_timeout, &kill).await;
+                    if relayed.spliced {
+                        upstream.relays_spliced.inc();
+                    } else {
+                        upstream.relays_copied.inc();
+                    }
                     entry.bytes_in = relayed.up + first.len() as u64;
                     entry.bytes_out = relayed.down;
                     entry.error = relayed.ended;
@@ -123,36 +135,53 @@ pub struct Relayed {
     pub down: u64,
     /// Why it stopped before both sides were done, if it did.
     pub ended: Option<String>,
+    /// Whether the bytes stayed in the kernel.
+    pub spliced: bool,
 }
 
 /// Bytes both ways until both sides are done, nothing moves for `idle_timeout`, or `kill`
-/// fires.
-pub async fn relay<A, B>(
-    a: &mut A,
-    b: &mut B,
+/// fires. Between two plain TCP sockets the bytes stay in the kernel (splice); otherwise, or
+/// when no pipe can be had, they are copied through buffers.
+pub async fn relay(
+    a: &mut dyn Io,
+    b: &mut dyn Io,
     idle_timeout: Duration,
     kill: &CancellationToken,
-) -> Relayed
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
+) -> Relayed {
     let activity = Activity::new();
     let (to_a, to_b) = (AtomicU64::new(0), AtomicU64::new(0));
-    let mut a = Tracked {
-        inner: a,
-        activity: &activity,
-        written: &to_a,
+    let pipes = match (plain_socket(a), plain_socket(b)) {
+        (Some(_), Some(_)) => match splice::Pipes::new() {
+            Ok(pipes) => Some(pipes),
+            Err(e) => {
+                tracing::debug!(error = %e, "no pipes for a spliced relay; copying instead");
+                None
+            }
+        },
+        _ => None,
     };
-    let mut b = Tracked {
-        inner: b,
-        activity: &activity,
-        written: &to_b,
+    let spliced = pipes.is_some();
+    let carried = async {
+        if let (Some(pipes), Some(sa), Some(sb)) = (pipes, plain_socket(a), plain_socket(b)) {
+            let moved = || activity.touch();
+            return splice::relay(sa, sb, pipes, &moved, &to_a, &to_b).await;
+        }
+        let mut a = Tracked {
+            inner: a,
+            activity: &activity,
+            written: &to_a,
+        };
+        let mut b = Tracked {
+            inner: b,
+            activity: &activity,
+            written: &to_b,
+        };
+        tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, RELAY_BUFFER, RELAY_BUFFER)
+            .await
+            .map(|_| ())
     };
     let ended = tokio::select! {
-        r = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, RELAY_BUFFER, RELAY_BUFFER) => {
-            r.err().map(|e| format!("connection ended with an error: {e}"))
-        }
+        r = carried => r.err().map(|e| format!("connection ended with an error: {e}")),
         _ = kill.cancelled() => Some(DRAINED.to_string()),
         idle = activity.idle_for(idle_timeout) => Some(format!("closed after {idle:?} without traffic")),
     };
@@ -160,6 +189,7 @@ where
         up: to_b.load(Ordering::Relaxed),
         down: to_a.load(Ordering::Relaxed),
         ended,
+        spliced,
     }
 }
 
@@ -196,13 +226,13 @@ impl Activity {
 }
 
 /// A stream that records activity on every read and counts what is written to it.
-struct Tracked<'a, S> {
+struct Tracked<'a, S: ?Sized> {
     inner: &'a mut S,
     activity: &'a Activity,
     written: &'a AtomicU64,
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Tracked<'_, S> {
+impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Tracked<'_, S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -217,7 +247,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<'_, S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<'_, S> {
+impl<S: AsyncWrite + Unpin + ?Sized> AsyncWrite for Tracked<'_, S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -2,6 +2,7 @@
 //! endpoints in turn on a connect failure), DNS resolution within TTL bounds, TCP or unix socket,
 //! then TLS origination when configured.
 
+use std::any::Any;
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, SocketAddr};
@@ -25,8 +26,27 @@ use crate::metrics::{Metrics, ReasonLabels};
 use crate::tls::{self, TlsSetupError};
 
 /// A byte stream to an endpoint, plain or TLS, over TCP or a unix socket.
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + Any {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + Any> Io for T {}
+
+/// The TCP socket a stream is, when it is a plain one (no TLS, not a unix socket): what a
+/// relay can splice.
+pub fn plain_socket(io: &dyn Io) -> Option<&TcpStream> {
+    let io: &dyn Any = io;
+    if let Some(socket) = io.downcast_ref::<TcpStream>() {
+        return Some(socket);
+    }
+    if let Some(boxed) = io.downcast_ref::<Box<dyn Io>>() {
+        return plain_socket(&**boxed);
+    }
+    let socket = io
+        .downcast_ref::<Socket>()
+        .or_else(|| io.downcast_ref::<Counted<Socket>>().map(|c| &c.inner));
+    match socket {
+        Some(Either::Left(tcp)) => Some(tcp),
+        _ => None,
+    }
+}
 
 /// A connected socket, before TLS; boxed once, when the connection is handed out.
 type Socket = Either<TcpStream, UnixStream>;
