@@ -198,12 +198,35 @@ pub fn main(args: RunArgs) -> ExitCode {
     serve_until_done(run(args))
 }
 
+/// Every connection holds descriptors (two for a relay's sockets, four more for its pipes), and
+/// the soft limit many systems start processes with (1024) would refuse connections long before
+/// `--max-connections`: the soft limit is raised to the hard one, which only an administrator sets.
+fn raise_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current.is_some() && limit.current != limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => {
+                tracing::debug!(from = ?limit.current, to = ?limit.maximum, "open file limit raised")
+            }
+            Err(e) => {
+                tracing::warn!(limit = ?limit.current, error = %e, "open file limit could not be raised; connections beyond it will be refused")
+            }
+        }
+    }
+}
+
 /// Logs to stderr, runs a long-lived command on a multi-threaded runtime, and turns its error
 /// into one line and a failing exit code.
 pub fn serve_until_done(
     command: impl std::future::Future<Output = anyhow::Result<()>>,
 ) -> ExitCode {
     init_logging();
+    raise_open_file_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

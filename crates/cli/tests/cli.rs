@@ -319,3 +319,46 @@ spec:
         text(&out.stderr)
     );
 }
+
+/// Started with a low soft limit on open files, a serving command raises it to the hard limit.
+#[tokio::test]
+async fn a_serving_command_raises_its_open_file_limit_to_the_hard_one() {
+    let dir = TempDir::new("nofile");
+    let config = dir.path().join("one.yaml");
+    std::fs::write(
+        &config,
+        "type: MeshExternalService\nname: api\nspec:\n  match: {port: 80, protocol: http}\n  endpoints: [{address: 127.0.0.1, port: 9}]\n",
+    )
+    .unwrap();
+    let soft_then_hard = |pid: u32| -> Option<(String, String)> {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+        let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+        let mut values = line["Max open files".len()..].split_whitespace();
+        Some((values.next()?.to_string(), values.next()?.to_string()))
+    };
+    let (_, hard) = soft_then_hard(std::process::id()).unwrap();
+    assert_ne!(hard, "256", "the test needs a hard limit above 256");
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -Sn 256 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "-f", config.to_str().unwrap(), "--listen", "off"])
+        .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
+        .args(["--admin", "off", "--http-proxy", "off"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // Until `exec`, the process is the shell, whose limits say nothing.
+    let is_sluice =
+        || std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sluice");
+    let raised = wait_until(DEFAULT_TIMEOUT, || {
+        is_sluice() && soft_then_hard(pid).is_some_and(|(soft, hard)| soft == hard)
+    })
+    .await;
+    let seen = soft_then_hard(pid);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(raised, "soft and hard limits: {seen:?}");
+}
