@@ -12,6 +12,7 @@ Sluice runs on PROXY_CPU; origins and clients share LOAD_CPU.
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -259,11 +260,44 @@ spec:
             rows.append(row("CONNECT: 1 KiB requests on one connection", subject, requests=small,
                             rps=small / (sum(times) / 1e6), pct=percentiles(times),
                             cpu=m.per_10k(small), rss=m.peak()))
+        tunnels = 200 if ctx.quick else 2000
+        log(f"tunnel: {tunnels} open tunnels, one request each, the proxy's memory before and after")
+        per_tunnel = open_tunnels_memory(sluice, proxy_port, plain_port, tunnels)
+        notes.append(f"{tunnels} CONNECT tunnels held open to the plain origin, one `HEAD` through each: the proxy's "
+                     f"RSS grew by {per_tunnel:.1f} KiB per open tunnel.")
         return rows, notes
     finally:
         if sluice:
             sluice.stop()
         ctx.procs.stop(nginx)
+
+
+def open_tunnels_memory(sluice, proxy_port, origin_port, count):
+    """KiB of proxy RSS per open CONNECT tunnel that has carried one request."""
+    def read_head(s):
+        got = b""
+        while b"\r\n\r\n" not in got:
+            chunk = s.recv(4096)
+            if not chunk:
+                raise BenchError(f"tunnel closed before a response head: {got[:200]!r}")
+            got += chunk
+        return got
+
+    before = lib.memory_kib(sluice.pids)
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
+            socks.append(s)
+            s.sendall(f"CONNECT 127.0.0.1:{origin_port} HTTP/1.1\r\nHost: 127.0.0.1:{origin_port}\r\n\r\n".encode())
+            if b" 200 " not in read_head(s).split(b"\r\n", 1)[0]:
+                raise BenchError("CONNECT to the plain origin was refused")
+            s.sendall(b"HEAD /small HTTP/1.1\r\nHost: origin\r\n\r\n")
+            read_head(s)
+        return (lib.memory_kib(sluice.pids) - before) / count
+    finally:
+        for s in socks:
+            s.close()
 
 
 # --- 2. TCP with TLS origination ------------------------------------------------------------------
