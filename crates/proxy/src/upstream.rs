@@ -963,3 +963,46 @@ mod tests {
         assert!(up.is_ok(), "{:?}", up.err());
     }
 }
+
+#[cfg(test)]
+mod plain_socket_tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    #[tokio::test]
+    async fn only_plain_tcp_is_a_socket_to_splice_however_it_is_wrapped() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tcp = || TcpStream::connect(addr);
+        let dir = std::env::temp_dir().join(format!("sluice-plain-{}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        let unix_listener = tokio::net::UnixListener::bind(&dir).unwrap();
+        let unix = UnixStream::connect(&dir).await.unwrap();
+        let open = Arc::new(AtomicUsize::new(0));
+        let rows: Vec<(&str, Box<dyn Io>, bool)> = vec![
+            ("bare TcpStream", Box::new(tcp().await.unwrap()), true),
+            (
+                "Socket::Left",
+                Box::new(Socket::Left(tcp().await.unwrap())),
+                true,
+            ),
+            (
+                "counted Socket::Left",
+                Box::new(Counted::new(Socket::Left(tcp().await.unwrap()), &open)),
+                true,
+            ),
+            (
+                "boxed twice",
+                Box::new(Box::new(tcp().await.unwrap()) as Box<dyn Io>),
+                true,
+            ),
+            ("unix socket", Box::new(Socket::Right(unix)), false),
+            ("another stream", Box::new(tokio::io::duplex(64).0), false),
+        ];
+        for (name, io, expected) in &rows {
+            assert_eq!(plain_socket(&**io).is_some(), *expected, "{name}");
+        }
+        drop(unix_listener);
+        let _ = std::fs::remove_file(&dir);
+    }
+}
