@@ -962,47 +962,41 @@ mod tests {
             .unwrap();
         assert!(up.is_ok(), "{:?}", up.err());
     }
-}
-
-#[cfg(test)]
-mod plain_socket_tests {
-    use super::*;
-    use tokio::net::TcpListener;
 
     #[tokio::test]
     async fn only_plain_tcp_is_a_socket_to_splice_however_it_is_wrapped() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let tcp = || TcpStream::connect(addr);
-        let dir = std::env::temp_dir().join(format!("sluice-plain-{}", std::process::id()));
-        let _ = std::fs::remove_file(&dir);
-        let unix_listener = tokio::net::UnixListener::bind(&dir).unwrap();
-        let unix = UnixStream::connect(&dir).await.unwrap();
+        // Each TCP row's own stream, named by its local port, so a row finds the socket it wraps.
+        let mut streams = Vec::new();
+        for _ in 0..4 {
+            let stream = TcpStream::connect(addr).await.unwrap();
+            let port = stream.local_addr().unwrap().port();
+            streams.push((stream, port));
+        }
+        let [(bare, p1), (left, p2), (counted, p3), (twice, p4)]: [_; 4] =
+            streams.try_into().unwrap();
+        let (unix, _peer) = UnixStream::pair().unwrap();
         let open = Arc::new(AtomicUsize::new(0));
-        let rows: Vec<(&str, Box<dyn Io>, bool)> = vec![
-            ("bare TcpStream", Box::new(tcp().await.unwrap()), true),
-            (
-                "Socket::Left",
-                Box::new(Socket::Left(tcp().await.unwrap())),
-                true,
-            ),
+        let rows: Vec<(&str, Box<dyn Io>, Option<u16>)> = vec![
+            ("bare TcpStream", Box::new(bare), Some(p1)),
+            ("Socket::Left", Box::new(Socket::Left(left)), Some(p2)),
             (
                 "counted Socket::Left",
-                Box::new(Counted::new(Socket::Left(tcp().await.unwrap()), &open)),
-                true,
+                Box::new(Counted::new(Socket::Left(counted), &open)),
+                Some(p3),
             ),
             (
                 "boxed twice",
-                Box::new(Box::new(tcp().await.unwrap()) as Box<dyn Io>),
-                true,
+                Box::new(Box::new(twice) as Box<dyn Io>),
+                Some(p4),
             ),
-            ("unix socket", Box::new(Socket::Right(unix)), false),
-            ("another stream", Box::new(tokio::io::duplex(64).0), false),
+            ("unix socket", Box::new(Socket::Right(unix)), None),
+            ("another stream", Box::new(tokio::io::duplex(64).0), None),
         ];
         for (name, io, expected) in &rows {
-            assert_eq!(plain_socket(&**io).is_some(), *expected, "{name}");
+            let found = plain_socket(&**io).map(|tcp| tcp.local_addr().unwrap().port());
+            assert_eq!(found, *expected, "{name}");
         }
-        drop(unix_listener);
-        let _ = std::fs::remove_file(&dir);
     }
 }
