@@ -260,13 +260,38 @@ fn push_line(buf: &mut Vec<u8>, e: &Entry) {
 }
 
 fn push_str(buf: &mut Vec<u8>, s: &str) {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    if needs_no_escape(s.as_bytes()) {
         buf.push(b'"');
         buf.extend_from_slice(s.as_bytes());
         buf.push(b'"');
     } else {
         let _ = serde_json::to_writer(&mut *buf, s);
     }
+}
+
+/// True when `s` may go between quotes as it is: no control character, quote or backslash.
+/// Looks at eight bytes at a time, since every field of every line passes through here.
+fn needs_no_escape(s: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGHS: u64 = ONES << 7;
+    // Nonzero when a byte of `w` is below `n` (n <= 128): the subtraction borrows only there.
+    let any_below = |w: u64, n: u8| w.wrapping_sub(ONES * u64::from(n)) & !w & HIGHS;
+    let mut words = s.chunks_exact(8);
+    for chunk in &mut words {
+        let mut bytes = [0; 8];
+        bytes.copy_from_slice(chunk);
+        let w = u64::from_ne_bytes(bytes);
+        let hits = any_below(w, 0x20)
+            | any_below(w ^ (ONES * u64::from(b'"')), 1)
+            | any_below(w ^ (ONES * u64::from(b'\\')), 1);
+        if hits != 0 {
+            return false;
+        }
+    }
+    words
+        .remainder()
+        .iter()
+        .all(|&b| b >= 0x20 && b != b'"' && b != b'\\')
 }
 
 fn push_opt(buf: &mut Vec<u8>, s: Option<&str>) {
@@ -417,6 +442,40 @@ mod tests {
             push_line(&mut line, &e);
             let want = serde_json::to_string(&e).unwrap() + "\n";
             assert_eq!(String::from_utf8(line).unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn only_control_characters_quotes_and_backslashes_need_escaping_at_any_offset() {
+        let plain = |s: &[u8]| s.iter().all(|&b| b >= 0x20 && b != b'"' && b != b'\\');
+        // Every byte value, at every offset of strings from 1 to 19 bytes long, among bytes that
+        // need nothing (ASCII, the top of ASCII, UTF-8 continuation bytes).
+        for filler in [b'a', b'~', 0x7f, 0x80, 0xff] {
+            for len in 1..20 {
+                for at in 0..len {
+                    for b in 0..=255u8 {
+                        let mut s = vec![filler; len];
+                        s[at] = b;
+                        assert_eq!(
+                            needs_no_escape(&s),
+                            plain(&s),
+                            "byte {b:#x} at {at} of {len}"
+                        );
+                    }
+                }
+            }
+        }
+        let cases: [(&str, bool); 7] = [
+            ("", true),
+            ("/api/v1/items?page=2", true),
+            ("héllo wörld, ünïcode", true),
+            ("12345678\"", false),
+            ("1234567\\", false),
+            ("12345678123456781234567\u{1f}", false),
+            ("\t", false),
+        ];
+        for (s, want) in cases {
+            assert_eq!(needs_no_escape(s.as_bytes()), want, "{s:?}");
         }
     }
 
