@@ -1,0 +1,95 @@
+#!/usr/bin/python3
+"""Latency under a steady load, repeated: Sluice, nginx and HAProxy at fixed request rates,
+in alternating rounds, so that a difference in p99 can be told from the host's run-to-run spread.
+
+    bench/fixed-rate.py                          # 6 rounds of 8 s at 5,000 and 20,000 requests/s
+    bench/fixed-rate.py --rounds 10 --seconds 10 --rates 5000
+    bench/fixed-rate.py --sluice OLD/sluice      # another build
+
+The setup is bench/run's (the proxies on CPU 0; the origin and h2load on CPU 1; plaintext HTTP/1.1
+in, verified TLS out, 1 KiB responses, 16 connections). One bench/run measures each proxy once
+per rate, and on a 2-CPU VM one p99 moves by more than the proxies differ; this prints each
+proxy's median and range over the rounds. Every round measures every proxy, in an order that
+alternates between rounds.
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import lib  # noqa: E402
+from origination import h2load_rate  # noqa: E402
+
+CONNECTIONS = 16
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--seconds", type=int, default=8, help="length of one measurement")
+    parser.add_argument("--rates", default="5000,20000", help="requests per second, comma-separated")
+    parser.add_argument("--sluice", metavar="PATH", help="measure this binary instead of building target/release/sluice")
+    args = parser.parse_args()
+    rates = [int(r) for r in args.rates.split(",")]
+    if args.rounds < 1 or args.seconds < 1 or any(r < CONNECTIONS for r in rates):
+        parser.error(f"--rounds and --seconds must be at least 1, and each rate at least {CONNECTIONS}")
+    lib.ensure_tools(["nginx", "haproxy", "h2load", "openssl", "taskset"])
+    if args.sluice:
+        lib.SLUICE = os.path.abspath(args.sluice)
+    else:
+        lib.build_sluice()
+    tmp = tempfile.mkdtemp(prefix="sluice-fixed-rate.")
+    ctx = lib.Context(tmp, quick=False)
+    results = {}
+    try:
+        ctx.pki = lib.make_pki(tmp)
+        origin, _ = lib.start_origin(ctx)
+        port = lib.free_port()
+        yaml = lib.mes_yaml(ctx, "origin", origin) + "---\n" + lib.dataplane_yaml([(port, "origin")])
+        lib.Sluice(ctx, "sluice", yaml)
+        urls = {"sluice": f"http://127.0.0.1:{port}/"}
+        for peer in ("nginx", "haproxy"):
+            _, peer_port = lib.start_peer(ctx, peer, origin)
+            urls[peer] = f"http://127.0.0.1:{peer_port}/"
+        for url in urls.values():
+            # Warm: upstream connections open, code and caches touched.
+            warm = ["taskset", "-c", lib.LOAD_CPU, "h2load", "--h1", f"-c{CONNECTIONS}", "-n5000", url]
+            subprocess.run(warm, capture_output=True, timeout=120, check=True)
+        for rate in rates:
+            results[rate] = {name: [] for name in urls}
+            for round_ in range(args.rounds):
+                order = list(urls) if round_ % 2 == 0 else list(reversed(urls))
+                for name in order:
+                    r = h2load_rate(urls[name], CONNECTIONS, rate // CONNECTIONS, args.seconds, ctx.path("h2load.log"))
+                    if r["errors"]:
+                        raise lib.BenchError(f"{name} at {rate}/s: {r['errors']} requests failed")
+                    results[rate][name].append(r)
+                    lib.log(f"{rate}/s round {round_ + 1} {name}: p50 {r['p50_us']} µs p99 {r['p99_us']} µs")
+    finally:
+        ctx.procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"| rate | proxy | p50 median (range) | p99 median (range) | p99 median ÷ Sluice's |")
+    print("| ---: | --- | ---: | ---: | ---: |")
+    for rate, by_name in results.items():
+        sluice_p99 = statistics.median(r["p99_us"] for r in by_name["sluice"])
+        for name, runs in by_name.items():
+            p50 = sorted(r["p50_us"] for r in runs)
+            p99 = sorted(r["p99_us"] for r in runs)
+            print(f"| {rate:,}/s | {name} | {statistics.median(p50):,.0f} µs ({p50[0]:,}–{p50[-1]:,}) | "
+                  f"{statistics.median(p99):,.0f} µs ({p99[0]:,}–{p99[-1]:,}) | "
+                  f"{statistics.median(p99) / sluice_p99:.2f}× |")
+    print(f"\n{args.rounds} rounds of {args.seconds} s per proxy and rate, {CONNECTIONS} connections.")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (lib.BenchError, subprocess.SubprocessError) as e:
+        print(f"fixed-rate: error: {e}", file=sys.stderr)
+        sys.exit(1)
