@@ -74,7 +74,7 @@ def main():
         ctx.procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"| rate | proxy | p50 median (range) | p99 median (range) | p99 median ÷ Sluice's |")
+    print("| rate | proxy | p50 median (range) | p99 median (range) | p99 median ÷ Sluice's |")
     print("| ---: | --- | ---: | ---: | ---: |")
     for rate, by_name in results.items():
         sluice_p99 = statistics.median(r["p99_us"] for r in by_name["sluice"])

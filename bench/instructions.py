@@ -10,6 +10,7 @@ proxy's own work per request, kernel time excluded.
 
 import glob
 import os
+import re
 import subprocess
 
 import lib
@@ -22,49 +23,66 @@ def h2load_n(url, n):
         raise lib.BenchError(f"h2load -n{n} {url}: {out.stdout[-800:]}{out.stderr[-800:]}")
 
 
+def dump(ctx, name, proc):
+    """Has callgrind write its counters now (and zero them); returns the files it wrote."""
+    before = set(glob.glob(ctx.path(f"{name}.callgrind*")))
+    out = subprocess.run(["callgrind_control", "-d", str(proc.pid)], capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise lib.BenchError(f"callgrind_control -d {name}: {out.stdout[-500:]}{out.stderr[-500:]}")
+    return sorted(lib.poll(f"{name}'s callgrind dump",
+                           lambda: set(glob.glob(ctx.path(f"{name}.callgrind*"))) - before, timeout=60))
+
+
 def counted(ctx, name, proc, url, n):
     """Zeroes callgrind's counters, sends `n` requests and returns the instructions they took."""
     h2load_n(url, 200)
-    control = lambda flag: subprocess.run(["callgrind_control", flag, str(proc.pid)], capture_output=True,
-                                          text=True, timeout=120)
-    if control("-z").returncode != 0:
-        raise lib.BenchError(f"callgrind_control -z {name}: {control('-s').stdout[-500:]}")
+    zeroed = subprocess.run(["callgrind_control", "-z", str(proc.pid)], capture_output=True, text=True, timeout=120)
+    if zeroed.returncode != 0:
+        raise lib.BenchError(f"callgrind_control -z {name}: {zeroed.stdout[-500:]}{zeroed.stderr[-500:]}")
     h2load_n(url, n)
-    before = set(glob.glob(ctx.path(f"{name}.callgrind*")))
-    out = control("-d")
-    if out.returncode != 0:
-        raise lib.BenchError(f"callgrind_control -d {name}: {out.stdout[-500:]}{out.stderr[-500:]}")
-    dumps = lib.poll(f"{name}'s callgrind dump", lambda: set(glob.glob(ctx.path(f"{name}.callgrind*"))) - before,
-                     timeout=60)
+    dumps = dump(ctx, name, proc)
     total = 0
-    for dump in dumps:
-        with open(dump) as f:
+    for path in dumps:
+        with open(path) as f:
             for line in f:
                 if line.startswith(("summary:", "totals:")):
                     total += int(line.split()[1])
                     break
-    return total, sorted(dumps)
+    return total, dumps
+
+
+def own_instructions(path, objects=None):
+    """Instructions of their own per function, from one dump written with uncompressed names; only
+    functions of `objects` (paths of binaries) when given. A cost line belongs to the current
+    `fn=` unless it follows `calls=` (then it is the callee's, inclusive)."""
+    own = {}
+    ob, fn, counted_here, after_call = None, None, False, False
+    with open(path, errors="replace") as f:
+        for line in f:
+            if line.startswith("ob="):
+                ob = line[3:].strip()
+            elif line.startswith("fn="):
+                # A recursive call's level is marked with a quote: f'2.
+                fn = re.sub(r"'\d+$", "", line[3:].strip())
+                counted_here = objects is None or (ob is not None and os.path.realpath(ob) in objects)
+            elif line.startswith("calls="):
+                after_call = True
+            elif line[:1].isdigit() or line[:1] in "+-*":
+                if after_call:
+                    after_call = False
+                elif counted_here and fn:
+                    parts = line.split()
+                    if len(parts) >= 2 and parts[1].isdigit():
+                        own[fn] = own.get(fn, 0) + int(parts[1])
+    return own
 
 
 def top_functions(dumps, limit=12):
-    """The functions with the most instructions of their own, read from the dumps: a cost line
-    belongs to the current `fn=` unless it follows `calls=` (then it is the callee's, inclusive)."""
+    """The functions with the most instructions of their own, read from the dumps."""
     own = {}
-    for dump in dumps:
-        fn, after_call = None, False
-        with open(dump, errors="replace") as f:
-            for line in f:
-                if line.startswith("fn="):
-                    fn = line[3:].strip()
-                elif line.startswith("calls="):
-                    after_call = True
-                elif line[:1].isdigit() or line[:1] in "+-*":
-                    if after_call:
-                        after_call = False
-                    elif fn is not None:
-                        parts = line.split()
-                        if len(parts) >= 2 and parts[1].isdigit():
-                            own[fn] = own.get(fn, 0) + int(parts[1])
+    for path in dumps:
+        for fn, cost in own_instructions(path).items():
+            own[fn] = own.get(fn, 0) + cost
     return sorted(((count, name[:110]) for name, count in own.items()), reverse=True)[:limit]
 
 

@@ -29,13 +29,18 @@ fn main() {
 }
 
 /// True for a release build for x86_64 Linux by a rustc that links with its own lld, where
-/// nothing in RUSTFLAGS picks another linker (GNU ld does not know the option).
+/// neither RUSTFLAGS nor `target.*.linker` picks another linker (GNU ld does not know the option).
 fn links_with_default_lld() -> bool {
     let var = |name: &str| env::var(name).unwrap_or_default();
     if var("PROFILE") != "release" || var("TARGET") != "x86_64-unknown-linux-gnu" {
         return false;
     }
-    if var("CARGO_ENCODED_RUSTFLAGS").contains("link") || !var("RUSTC_LINKER").is_empty() {
+    // -C linker, -C linker-flavor, -C linker-features, -C link-self-contained, -fuse-ld.
+    let flags = var("CARGO_ENCODED_RUSTFLAGS");
+    let picks_linker = ["linker", "link-self-contained", "fuse-ld"]
+        .iter()
+        .any(|f| flags.contains(f));
+    if picks_linker || !var("RUSTC_LINKER").is_empty() {
         return false;
     }
     let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".to_string());

@@ -270,28 +270,22 @@ fn push_str(buf: &mut Vec<u8>, s: &str) {
 }
 
 /// True when `s` may go between quotes as it is: no control character, quote or backslash.
-/// Looks at eight bytes at a time, since every field of every line passes through here.
+/// Looks at eight bytes at a time, since every field of every line passes through here; the
+/// last few are padded with a byte that needs nothing.
 fn needs_no_escape(s: &[u8]) -> bool {
     const ONES: u64 = u64::from_ne_bytes([1; 8]);
     const HIGHS: u64 = ONES << 7;
     // Nonzero when a byte of `w` is below `n` (n <= 128): the subtraction borrows only there.
     let any_below = |w: u64, n: u8| w.wrapping_sub(ONES * u64::from(n)) & !w & HIGHS;
-    let mut words = s.chunks_exact(8);
-    for chunk in &mut words {
-        let mut bytes = [0; 8];
-        bytes.copy_from_slice(chunk);
+    s.chunks(8).all(|chunk| {
+        let mut bytes = [b' '; 8];
+        bytes[..chunk.len()].copy_from_slice(chunk);
         let w = u64::from_ne_bytes(bytes);
         let hits = any_below(w, 0x20)
             | any_below(w ^ (ONES * u64::from(b'"')), 1)
             | any_below(w ^ (ONES * u64::from(b'\\')), 1);
-        if hits != 0 {
-            return false;
-        }
-    }
-    words
-        .remainder()
-        .iter()
-        .all(|&b| b >= 0x20 && b != b'"' && b != b'\\')
+        hits == 0
+    })
 }
 
 fn push_opt(buf: &mut Vec<u8>, s: Option<&str>) {
