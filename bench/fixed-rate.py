@@ -49,13 +49,7 @@ def main():
     try:
         ctx.pki = lib.make_pki(tmp)
         origin, _ = lib.start_origin(ctx)
-        port = lib.free_port()
-        yaml = lib.mes_yaml(ctx, "origin", origin) + "---\n" + lib.dataplane_yaml([(port, "origin")])
-        lib.Sluice(ctx, "sluice", yaml)
-        urls = {"sluice": f"http://127.0.0.1:{port}/"}
-        for peer in ("nginx", "haproxy"):
-            _, peer_port = lib.start_peer(ctx, peer, origin)
-            urls[peer] = f"http://127.0.0.1:{peer_port}/"
+        urls = {name: url for name, (url, _) in lib.start_subjects(ctx, origin).items()}
         for url in urls.values():
             # Warm: upstream connections open, code and caches touched.
             warm = ["taskset", "-c", lib.LOAD_CPU, "h2load", "--h1", f"-c{CONNECTIONS}", "-n5000", url]
@@ -88,8 +82,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (lib.BenchError, subprocess.SubprocessError) as e:
-        print(f"fixed-rate: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    lib.script("fixed-rate", main)

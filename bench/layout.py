@@ -126,8 +126,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except lib.BenchError as e:
-        print(f"layout: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    lib.script("layout", main)

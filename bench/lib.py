@@ -52,6 +52,15 @@ PACKAGES = {
 }
 
 
+def script(name, main):
+    """Runs a benchmark script's `main`: a failure is one line on stderr and exit status 1."""
+    try:
+        main()
+    except (BenchError, subprocess.SubprocessError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
 def which(cmd):
     return shutil.which(cmd) or next(
         (p for p in (f"/usr/sbin/{cmd}", f"/sbin/{cmd}") if os.access(p, os.X_OK)), None
@@ -226,17 +235,23 @@ def pids_of(proc):
     return pids
 
 
-def cpu_seconds(pids):
-    """User plus system time of `pids`, in seconds."""
-    total = 0
+def cpu_split(pids):
+    """User and system time of `pids` (each process with all its threads), in seconds."""
+    user = system = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
+            user += int(fields[11])
+            system += int(fields[12])
         except (OSError, IndexError, ValueError):
             pass
-    return total / CLK_TCK
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def cpu_seconds(pids):
+    """User plus system time of `pids`, in seconds."""
+    return sum(cpu_split(pids))
 
 
 def memory_kib(pids, field="VmRSS"):
@@ -502,3 +517,15 @@ def start_peer(ctx, name, origin_port):
     proc = ctx.procs.start(f"peer-{name}", cmd, cpus=PROXY_CPU)
     poll(f"{name} listening", lambda: listening(port), proc=proc, procs=ctx.procs)
     return proc, port
+
+
+def start_subjects(ctx, origin_port, path="/"):
+    """Sluice (a MeshExternalService to the origin and a Dataplane outbound), nginx and HAProxy
+    in the proxy's seat: name -> (URL of `path` through it, its process)."""
+    port = free_port()
+    yaml = mes_yaml(ctx, "origin", origin_port) + "---\n" + dataplane_yaml([(port, "origin")])
+    subjects = {"sluice": (f"http://127.0.0.1:{port}{path}", Sluice(ctx, "sluice", yaml).proc)}
+    for peer in ("nginx", "haproxy"):
+        proc, peer_port = start_peer(ctx, peer, origin_port)
+        subjects[peer] = (f"http://127.0.0.1:{peer_port}{path}", proc)
+    return subjects

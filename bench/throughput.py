@@ -1,0 +1,168 @@
+#!/usr/bin/python3
+"""Requests/s at saturation, repeated: Sluice, nginx and HAProxy in alternating rounds of the
+keep-alive TLS-origination scenario, with where each proxy's CPU goes.
+
+    bench/throughput.py                         # 6 rounds of 8 s at 16 and 128 connections, 1 KiB
+    bench/throughput.py --rounds 10 --conns 16 --path /64k
+    bench/throughput.py --syscalls              # and one round under strace: syscalls per request
+    bench/throughput.py --sluice OLD/sluice     # another build
+
+The setup is bench/run's (the proxies on CPU 0; the origin and wrk on CPU 1; plaintext HTTP/1.1
+in, verified TLS out). One bench/run measures each proxy once per cell, and on a 2-CPU VM one
+run's requests/s moves by more than the proxies differ; this prints each proxy's median and
+range over the rounds, and beside it what decides the figure: the proxy's user and system CPU
+time per request (from /proc, every process and thread), how busy each CPU was, and the TCP
+segments sent per request on the machine (from /proc/net/snmp).
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import lib  # noqa: E402
+
+
+def cpu_times():
+    """Per CPU: (all ticks, idle and iowait ticks), from /proc/stat."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                name, *ticks = line.split()
+                ticks = [int(t) for t in ticks]
+                out[name] = (sum(ticks), ticks[3] + ticks[4])
+    return out
+
+
+def tcp_segments_sent():
+    with open("/proc/net/snmp") as f:
+        rows = [line.split() for line in f if line.startswith("Tcp:")]
+    return int(dict(zip(rows[0][1:], rows[1][1:]))["OutSegs"])
+
+
+def measure(url, pids, conns, seconds):
+    cpu0, cpus0, segs0 = lib.cpu_split(pids), cpu_times(), tcp_segments_sent()
+    r = lib.wrk(url, conns, seconds)
+    cpu1, cpus1, segs1 = lib.cpu_split(pids), cpu_times(), tcp_segments_sent()
+    n = r["requests"]
+    if not n or r["errors"]:
+        raise lib.BenchError(f"wrk {url}: {n} requests, {r['errors']} errors")
+    busy = {}
+    for name, (total, idle) in cpus1.items():
+        elapsed = total - cpus0[name][0]
+        busy[name] = 100.0 * (1 - (idle - cpus0[name][1]) / elapsed) if elapsed else 0.0
+    return {
+        "rps": r["rps"],
+        "user_us": 1e6 * (cpu1[0] - cpu0[0]) / n,
+        "system_us": 1e6 * (cpu1[1] - cpu0[1]) / n,
+        "busy": busy,
+        "segments": (segs1 - segs0) / n,
+    }
+
+
+def syscalls_per_request(ctx, name, url, pids, conns, seconds):
+    """One run under `strace -c -f`: slower, but the count per request is what it is."""
+    out = ctx.path(f"{name}.strace")
+    cmd = ["strace", "-c", "-f", "-o", out] + [a for pid in pids for a in ("-p", str(pid))]
+    tracer = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # strace attaches thread by thread; its first lines mean it has.
+        time.sleep(1)
+        r = lib.wrk(url, conns, seconds)
+    finally:
+        tracer.terminate()
+        tracer.wait(timeout=30)
+    counts = {}
+    with open(out) as f:
+        for line in f:
+            parts = line.split()
+            # % time, seconds, usecs/call, calls, [errors], syscall
+            if len(parts) >= 5 and parts[3].isdigit() and parts[-1] != "total":
+                counts[parts[-1]] = int(parts[3])
+    n = max(r["requests"], 1)
+    return {k: v / n for k, v in sorted(counts.items(), key=lambda kv: -kv[1]) if v / n >= 0.01}
+
+
+def spread(values, fmt):
+    v = sorted(values)
+    return f"{fmt(statistics.median(v))} ({fmt(v[0])}–{fmt(v[-1])})"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--seconds", type=int, default=8, help="length of one measurement")
+    parser.add_argument("--conns", default="16,128", help="client connections, comma-separated")
+    parser.add_argument("--path", default="/", help="/ for 1 KiB responses, /64k for 64 KiB")
+    parser.add_argument("--syscalls", action="store_true", help="add one round under strace")
+    parser.add_argument("--sluice", metavar="PATH", help="measure this binary instead of building target/release/sluice")
+    args = parser.parse_args()
+    conns = [int(c) for c in args.conns.split(",")]
+    if args.rounds < 1 or args.seconds < 1 or any(c < 1 for c in conns) or args.path not in ("/", "/64k"):
+        parser.error("--rounds, --seconds and each of --conns must be at least 1; --path is / or /64k")
+    lib.ensure_tools(["nginx", "haproxy", "wrk", "openssl", "taskset"] + (["strace"] if args.syscalls else []))
+    if args.sluice:
+        lib.SLUICE = os.path.abspath(args.sluice)
+    else:
+        lib.build_sluice()
+    tmp = tempfile.mkdtemp(prefix="sluice-throughput.")
+    ctx = lib.Context(tmp, quick=False)
+    results, syscalls = {}, {}
+    try:
+        ctx.pki = lib.make_pki(tmp)
+        origin, _ = lib.start_origin(ctx)
+        subjects = lib.start_subjects(ctx, origin, args.path)
+        for name, (url, proc) in subjects.items():
+            # Warm: upstream connections open (as many as the most connections measured); the
+            # peers' workers are forked by now.
+            lib.wrk(url, max(conns), 2)
+            subjects[name] = (url, lib.pids_of(proc))
+        for c in conns:
+            results[c] = {name: [] for name in subjects}
+            for round_ in range(args.rounds):
+                order = list(subjects) if round_ % 2 == 0 else list(reversed(subjects))
+                for name in order:
+                    url, pids = subjects[name]
+                    m = measure(url, pids, c, args.seconds)
+                    results[c][name].append(m)
+                    lib.log(f"{c} connections, round {round_ + 1}, {name}: {m['rps']:,.0f} requests/s, "
+                            f"user {m['user_us']:.1f} µs, system {m['system_us']:.1f} µs per request")
+            if args.syscalls:
+                syscalls[c] = {name: syscalls_per_request(ctx, f"{name}-{c}", url, pids, c, args.seconds)
+                               for name, (url, pids) in subjects.items()}
+    finally:
+        ctx.procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    size = "1 KiB" if args.path == "/" else "64 KiB"
+    print(f"| conns | proxy | requests/s median (range) | Sluice ÷ this | user µs / req | system µs / req "
+          "| CPU 0 busy | CPU 1 busy | TCP segments / req |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for c, by_name in results.items():
+        sluice_rps = statistics.median(m["rps"] for m in by_name["sluice"])
+        for name, runs in by_name.items():
+            rps = statistics.median(m["rps"] for m in runs)
+            print(f"| {c} | {name} | {spread([m['rps'] for m in runs], lambda v: f'{v:,.0f}')} | "
+                  f"{sluice_rps / rps:.2f}× | {spread([m['user_us'] for m in runs], lambda v: f'{v:.1f}')} | "
+                  f"{spread([m['system_us'] for m in runs], lambda v: f'{v:.1f}')} | "
+                  f"{statistics.median(m['busy'].get('cpu0', 0) for m in runs):.0f}% | "
+                  f"{statistics.median(m['busy'].get('cpu1', 0) for m in runs):.0f}% | "
+                  f"{statistics.median(m['segments'] for m in runs):.2f} |")
+    print(f"\n{args.rounds} rounds of {args.seconds} s per proxy and connection count, {size} responses; "
+          "CPU busy and TCP segments are the machine's, medians over the rounds.")
+    for c, by_name in syscalls.items():
+        print(f"\nSyscalls per request under strace, {c} connections:")
+        for name, counts in by_name.items():
+            total = sum(counts.values())
+            listed = ", ".join(f"{k} {v:.2f}" for k, v in counts.items())
+            print(f"- {name}: {total:.2f} ({listed})")
+
+
+if __name__ == "__main__":
+    lib.script("throughput", main)
