@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use sluice_api::model::{Cidr, ResourceKey};
 use sluice_api::registry::Origin;
-use sluice_api::{parse_documents, Document, Parsed, Registry};
+use sluice_api::{parse_documents, Parsed, Registry};
 use sluice_store::{Key, Store, StoreError, VipRow};
 use tokio::sync::{watch, Mutex};
 
@@ -34,7 +34,7 @@ pub struct View {
     /// older store): a write is not blamed for them.
     pub errors: BTreeSet<String>,
     /// What the control plane writes in resources' `status`: generated names and VIPs.
-    pub status: Arc<BTreeMap<Key, serde_json::Value>>,
+    pub status: Arc<BTreeMap<Key, naming::Status>>,
 }
 
 impl View {
@@ -67,10 +67,10 @@ impl View {
     }
 }
 
-/// A stored resource as parsed once.
+/// A stored resource as parsed once. The YAML tree it was read from is not kept: the store
+/// has the text, and a tree costs several KiB per resource.
 #[derive(Debug)]
 pub struct Entry {
-    pub doc: Document,
     pub parsed: Parsed,
     /// The store revision that created it: the older of two resources keeps a name.
     pub created: i64,
@@ -212,7 +212,7 @@ impl Catalog {
         registry: &Registry,
         docs: &BTreeMap<Key, Arc<Entry>>,
         config: &mut ProxyConfig,
-    ) -> Arc<BTreeMap<Key, serde_json::Value>> {
+    ) -> Arc<BTreeMap<Key, naming::Status>> {
         // Most writes change what services do, not what they are called: with the same names
         // asked for by the same resources, created in the same order, the names, VIPs and
         // status stay as they are, and the write does not pay for working them out again.
@@ -449,7 +449,6 @@ fn parse(key: &Key, body: &str, created: i64) -> Option<Arc<Entry>> {
         Ok(mut docs) if docs.len() == 1 => docs.pop().map(|doc| {
             Arc::new(Entry {
                 parsed: sluice_api::parse(&doc),
-                doc,
                 created,
             })
         }),
@@ -493,7 +492,12 @@ mod tests {
         };
         let body = "type: MeshExternalService\nname: api\nspec:\n  match: {port: 80}\n  endpoints: [{address: api.example, port: 80}]\n";
         store.put(&key, body, None).await.unwrap();
-        let vip = |view: &View| view.status[&key]["vip"]["ip"].as_str().unwrap().to_string();
+        let vip = |view: &View| {
+            view.status[&key].to_json()["vip"]["ip"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
         let first = Catalog::load(&store).await.unwrap();
         assert_eq!(vip(&first.view()), "242.0.0.1");
         assert_eq!(
@@ -546,7 +550,7 @@ mod tests {
         let catalog = Catalog::load(&store).await.unwrap();
         let first = catalog.view();
         let vip = |view: &View, name: &str| {
-            view.status[&key(name)]["vip"]["ip"]
+            view.status[&key(name)].to_json()["vip"]["ip"]
                 .as_str()
                 .unwrap()
                 .to_string()

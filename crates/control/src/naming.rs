@@ -143,7 +143,7 @@ pub fn plan(naming: &Naming, created: &dyn Fn(&Origin) -> i64) -> Plan {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Addressed {
     pub virtual_ips: Vec<VirtualIp>,
-    pub status: BTreeMap<Origin, Value>,
+    pub status: BTreeMap<Origin, Status>,
     /// Owners left without an address (the range is full).
     pub errors: Vec<String>,
 }
@@ -182,29 +182,57 @@ pub fn address(plan: &Plan, pool: &mut Pool, now: u64) -> Addressed {
         }
     }
     out.virtual_ips.sort_by_key(|v| v.ip);
-    // Status: a MeshExternalService as Kuma shows it, the others as Istio's ServiceEntry does.
-    let mut others: BTreeMap<&Origin, Vec<Value>> = BTreeMap::new();
+    let mut others: BTreeMap<&Origin, Vec<(String, IpAddr)>> = BTreeMap::new();
     for owner in &plan.owners {
         let ip = ips.get(owner.key.as_str());
         for origin in &owner.origins {
             if origin.kind == "MeshExternalService" {
-                let generated = plan.generated.get(origin).map(Vec::as_slice).unwrap_or(&[]);
-                out.status.insert(origin.clone(), mes_status(ip, generated));
+                let generated = plan.generated.get(origin).cloned().unwrap_or_default();
+                let status = Status::MeshExternalService {
+                    vip: ip.copied(),
+                    generated,
+                };
+                out.status.insert(origin.clone(), status);
             } else if let Some(ip) = ip {
                 for name in &owner.names {
-                    others
-                        .entry(origin)
-                        .or_default()
-                        .push(json!({"host": name, "value": ip.to_string()}));
+                    others.entry(origin).or_default().push((name.clone(), *ip));
                 }
             }
         }
     }
     for (origin, addresses) in others {
         out.status
-            .insert(origin.clone(), json!({ "addresses": addresses }));
+            .insert(origin.clone(), Status::Addresses(addresses));
     }
     out
+}
+
+/// What a resource's `status` shows, kept as the facts it is made of and written as JSON only
+/// when a resource is read: as a JSON tree it took several KiB per service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// As Kuma shows a MeshExternalService's: its VIP and each generator's name or failure.
+    MeshExternalService {
+        vip: Option<IpAddr>,
+        generated: Vec<(String, Generated)>,
+    },
+    /// As Istio shows a ServiceEntry's: each host and its VIP.
+    Addresses(Vec<(String, IpAddr)>),
+}
+
+impl Status {
+    pub fn to_json(&self) -> Value {
+        match self {
+            Status::MeshExternalService { vip, generated } => mes_status(vip.as_ref(), generated),
+            Status::Addresses(addresses) => {
+                let addresses: Vec<Value> = addresses
+                    .iter()
+                    .map(|(host, ip)| json!({"host": host, "value": ip.to_string()}))
+                    .collect();
+                json!({ "addresses": addresses })
+            }
+        }
+    }
 }
 
 fn mes_status(ip: Option<&IpAddr>, generated: &[(String, Generated)]) -> Value {
@@ -324,13 +352,14 @@ networking: {address: "api.example.com:443", tls: {enabled: true}}
             ]
         );
         let addressed = address(&plan, &mut pool(), 0);
-        let httpbin = &addressed.status[&Origin {
+        let httpbin = addressed.status[&Origin {
             kind: "MeshExternalService",
             key: ResourceKey {
                 mesh: "default".into(),
                 name: "httpbin".into(),
             },
-        }];
+        }]
+            .to_json();
         assert_eq!(httpbin["vip"]["ip"], "242.0.0.2");
         assert_eq!(
             httpbin["hostnameGenerators"][0]["conditions"][0]["message"],
@@ -369,13 +398,14 @@ networking: {address: "api.example.com:443", tls: {enabled: true}}
                 "242.0.0.4 legacy-api.mesh [(80, \"legacy\")]",
             ]
         );
-        let legacy = &addressed.status[&Origin {
+        let legacy = addressed.status[&Origin {
             kind: "ExternalService",
             key: ResourceKey {
                 mesh: "default".into(),
                 name: "legacy".into(),
             },
-        }];
+        }]
+            .to_json();
         assert_eq!(
             legacy["addresses"],
             json!([{"host": "api.example.com", "value": "242.0.0.3"},
@@ -422,7 +452,7 @@ spec:
 "#,
         );
         let addressed = address(&plan(&naming, &|_| 0), &mut pool(), 0);
-        let a = addressed.status.values().next().unwrap();
+        let a = addressed.status.values().next().unwrap().to_json();
         let conditions: Vec<&Value> = a["hostnameGenerators"]
             .as_array()
             .unwrap()

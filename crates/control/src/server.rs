@@ -20,6 +20,7 @@ use sluice_store::{Change, Key, Outcome, Store, StoreError, Written};
 
 use crate::catalog::Catalog;
 use crate::config_server::{inspect, ConfigServer};
+use crate::naming::Status;
 
 /// Where the store keeps a resource of `kind` at `key`.
 fn store_key(kind: &str, key: &sluice_api::model::ResourceKey) -> Key {
@@ -352,7 +353,7 @@ async fn read(
             } else {
                 s.body
             };
-            let status = api.catalog.view().status.get(&key).cloned();
+            let status = api.catalog.view().status.get(&key).map(Status::to_json);
             (
                 StatusCode::OK,
                 [
