@@ -1,6 +1,7 @@
 //! Checks between resources (references, duplicates) and resolution into the model.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use crate::diag::{Diagnostic, Diagnostics, DocRef, Severity};
 use crate::document::Document;
@@ -19,7 +20,8 @@ use crate::resource::{Located, Resource, SecretResource};
 /// Everything a proxy needs, resolved and checked. Only built when no document has an error.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Registry {
-    pub services: BTreeMap<ResourceKey, ExternalService>,
+    /// Shared with every config compiled from the registry rather than copied into it.
+    pub services: BTreeMap<ResourceKey, Arc<ExternalService>>,
     pub outbounds: Vec<Outbound>,
     /// Every Dataplane, with or without outbounds: a proxy of that name gets only what it uses.
     pub dataplanes: BTreeSet<ResourceKey>,
@@ -370,7 +372,9 @@ fn resolve_located(located: &[&Located], out: &mut Vec<Diagnostic>) -> Registry 
             return;
         }
         made.insert(service.key.clone(), (kind, doc.clone()));
-        registry.services.insert(service.key.clone(), service);
+        registry
+            .services
+            .insert(service.key.clone(), Arc::new(service));
     };
     let mes_named: Vec<&MeshExternalServiceResource> = mes.iter().map(|(_, m, _)| *m).collect();
     for (doc, m, valid) in mes {

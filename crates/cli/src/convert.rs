@@ -114,7 +114,11 @@ pub fn main(files: &[PathBuf], to: Target) -> ExitCode {
 
 /// The internal model, one entry per service.
 fn model(registry: &Registry) -> Ordered {
-    let services: Vec<Ordered> = registry.services.values().map(service_view).collect();
+    let services: Vec<Ordered> = registry
+        .services
+        .values()
+        .map(|s| service_view(s))
+        .collect();
     let outbounds: Vec<Value> = registry
         .outbounds
         .iter()

@@ -291,7 +291,7 @@ impl Catalog {
         for e in &addressed.errors {
             tracing::error!("{e}");
         }
-        config.virtual_ips = std::mem::take(&mut addressed.virtual_ips);
+        config.virtual_ips = Arc::new(std::mem::take(&mut addressed.virtual_ips));
         config.vip_ranges = vec![vips.pool.range()];
         Arc::new(
             addressed

@@ -479,7 +479,7 @@ pub fn from_wire(snapshot: &Snapshot) -> Result<ProxyConfig, String> {
         listeners,
         services,
         outbound_traffic_policy,
-        virtual_ips,
+        virtual_ips: Arc::new(virtual_ips),
         vip_ranges,
     })
 }
@@ -662,11 +662,11 @@ networking:
         let api = config.services.get_mut("api").unwrap();
         Arc::make_mut(api).endpoint_weights = vec![3, 1];
         config.listeners[0].service = api.clone();
-        config.virtual_ips = vec![crate::VirtualIp {
+        config.virtual_ips = Arc::new(vec![crate::VirtualIp {
             ip: "242.0.0.1".parse().unwrap(),
             names: vec!["api.extsvc.mesh.local".into()],
             ports: [(443, "api".to_string())].into(),
-        }];
+        }]);
         config.vip_ranges = vec![Cidr::parse("242.0.0.0/8").unwrap()];
         config
     }

@@ -427,7 +427,7 @@ impl Proxy {
                 .collect(),
         };
         let mut named = HashMap::new();
-        for v in &config.virtual_ips {
+        for v in config.virtual_ips.iter() {
             let mut ports = HashMap::new();
             for (port, label) in &v.ports {
                 let Some(upstream) = state.upstreams.get(label) else {
@@ -974,7 +974,7 @@ mod tests {
                 .map(|s| (service_label(&s.key), s.clone()))
                 .collect::<BTreeMap<_, _>>(),
             outbound_traffic_policy: None,
-            virtual_ips: vec![],
+            virtual_ips: Default::default(),
             vip_ranges: vec![],
         }
     }
