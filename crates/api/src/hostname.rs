@@ -38,7 +38,26 @@ pub struct Subject<'a> {
     pub namespace: &'a str,
     pub mesh: &'a str,
     pub zone: &'a str,
+    /// The resource's own labels; see [`Subject::label`] for those Kuma adds.
     pub labels: &'a [(String, String)],
+}
+
+impl Subject<'_> {
+    /// A label of the service: its own, else one Kuma sets on every resource (`kuma.io/origin:
+    /// zone`, `kuma.io/mesh`, `kuma.io/display-name`, and `k8s.kuma.io/namespace` when it has a
+    /// namespace). Worked out here rather than stored with every service.
+    pub fn label(&self, key: &str) -> Option<&str> {
+        if let Some((_, v)) = self.labels.iter().find(|(k, _)| k == key) {
+            return Some(v);
+        }
+        match key {
+            "kuma.io/origin" => Some("zone"),
+            "kuma.io/mesh" => Some(self.mesh),
+            "kuma.io/display-name" => Some(self.display_name),
+            "k8s.kuma.io/namespace" if !self.namespace.is_empty() => Some(self.namespace),
+            _ => None,
+        }
+    }
 }
 
 /// Why a template could not name a service (Kuma's `TemplateError`).
@@ -115,8 +134,8 @@ impl Template {
                     Field::Mesh => subject.mesh,
                     Field::Zone => subject.zone,
                 }),
-                Part::Label(key) => match subject.labels.iter().find(|(k, _)| k == key) {
-                    Some((_, v)) => out.push_str(v),
+                Part::Label(key) => match subject.label(key) {
+                    Some(v) => out.push_str(v),
                     None => {
                         return Err(RenderError(format!(
                             "the service has no label {key:?}, which the template uses"
@@ -179,6 +198,27 @@ mod tests {
             mesh: "default",
             zone: "zone-1",
             labels,
+        }
+    }
+
+    #[test]
+    fn labels_are_the_services_own_then_those_kuma_sets() {
+        let own = vec![("kuma.io/mesh".to_string(), "mine".to_string())];
+        let no_namespace = Subject {
+            namespace: "",
+            ..subject(&[])
+        };
+        for (subject, key, want) in [
+            (subject(&[]), "kuma.io/origin", Some("zone")),
+            (subject(&[]), "kuma.io/mesh", Some("default")),
+            (subject(&own), "kuma.io/mesh", Some("mine")),
+            (subject(&[]), "kuma.io/display-name", Some("httpbin")),
+            (subject(&[]), "k8s.kuma.io/namespace", Some("kuma-system")),
+            (no_namespace, "k8s.kuma.io/namespace", None),
+            (subject(&[]), "kuma.io/zone", None),
+            (subject(&own), "team", None),
+        ] {
+            assert_eq!(subject.label(key), want, "{key} of {:?}", subject.labels);
         }
     }
 
@@ -274,7 +314,7 @@ pub fn generate(generators: &[Generator<'_>], services: &[Service<'_>]) -> Vec<O
             let selected = g
                 .match_labels
                 .iter()
-                .all(|(k, v)| s.subject.labels.iter().any(|(l, w)| l == k && w == v));
+                .all(|(k, v)| s.subject.label(k) == Some(v.as_str()));
             if !selected {
                 continue;
             }

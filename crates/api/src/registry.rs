@@ -67,8 +67,8 @@ pub struct NamingSubject {
     pub name: String,
     pub namespace: String,
     pub zone: String,
-    /// Its labels, with those Kuma sets on every resource (`kuma.io/origin: zone`,
-    /// `kuma.io/mesh`, `kuma.io/display-name`, `k8s.kuma.io/namespace`) where it does not.
+    /// Its own labels; those Kuma sets on every resource are added when read
+    /// ([`crate::hostname::Subject::label`]).
     pub labels: Vec<(String, String)>,
     pub port: u16,
 }
@@ -495,17 +495,6 @@ fn naming_subjects(
             let namespace = meta.namespace.clone().unwrap_or_default();
             let display_name =
                 label("kuma.io/display-name").unwrap_or_else(|| meta.key.name.clone());
-            let mut labels = meta.labels.clone();
-            for (k, v) in [
-                ("kuma.io/origin", "zone".to_string()),
-                ("kuma.io/mesh", meta.key.mesh.clone()),
-                ("kuma.io/display-name", display_name.clone()),
-                ("k8s.kuma.io/namespace", namespace.clone()),
-            ] {
-                if (k != "k8s.kuma.io/namespace" || !namespace.is_empty()) && label(k).is_none() {
-                    labels.push((k.to_string(), v));
-                }
-            }
             Some(NamingSubject {
                 origin: Origin {
                     kind: "MeshExternalService",
@@ -520,7 +509,7 @@ fn naming_subjects(
                 display_name,
                 namespace,
                 zone: label("kuma.io/zone").unwrap_or_default(),
-                labels,
+                labels: meta.labels.clone(),
                 port: service.port,
             })
         })
