@@ -467,7 +467,7 @@ pub fn from_wire(snapshot: &Snapshot) -> Result<ProxyConfig, String> {
         virtual_ips.push(crate::VirtualIp {
             ip,
             names: v.names.clone(),
-            ports,
+            ports: ports.into_iter().collect(),
         });
     }
     let vip_ranges = snapshot
