@@ -13,13 +13,10 @@ proxy's median and range over the rounds. Every round measures every proxy, in a
 alternates between rounds.
 """
 
-import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lib  # noqa: E402
@@ -29,55 +26,37 @@ CONNECTIONS = 16
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--seconds", type=int, default=8, help="length of one measurement")
+    parser = lib.rounds_parser(__doc__)
     parser.add_argument("--rates", default="5000,20000", help="requests per second, comma-separated")
-    parser.add_argument("--sluice", metavar="PATH", help="measure this binary instead of building target/release/sluice")
     args = parser.parse_args()
     rates = [int(r) for r in args.rates.split(",")]
     if args.rounds < 1 or args.seconds < 1 or any(r < CONNECTIONS for r in rates):
         parser.error(f"--rounds and --seconds must be at least 1, and each rate at least {CONNECTIONS}")
-    lib.ensure_tools(["nginx", "haproxy", "h2load", "openssl", "taskset"])
-    if args.sluice:
-        lib.SLUICE = os.path.abspath(args.sluice)
-    else:
-        lib.build_sluice()
-    tmp = tempfile.mkdtemp(prefix="sluice-fixed-rate.")
-    ctx = lib.Context(tmp, quick=False)
     results = {}
-    try:
-        ctx.pki = lib.make_pki(tmp)
-        origin, _ = lib.start_origin(ctx)
-        urls = {name: url for name, (url, _) in lib.start_subjects(ctx, origin).items()}
+    with lib.side_by_side(args, ["nginx", "haproxy", "h2load", "openssl", "taskset"], "fixed-rate") as (ctx, subjects):
+        urls = {name: url for name, (url, _) in subjects.items()}
         for url in urls.values():
             # Warm: upstream connections open, code and caches touched.
             warm = ["taskset", "-c", lib.LOAD_CPU, "h2load", "--h1", f"-c{CONNECTIONS}", "-n5000", url]
             subprocess.run(warm, capture_output=True, timeout=120, check=True)
         for rate in rates:
             results[rate] = {name: [] for name in urls}
-            for round_ in range(args.rounds):
-                order = list(urls) if round_ % 2 == 0 else list(reversed(urls))
-                for name in order:
-                    r = h2load_rate(urls[name], CONNECTIONS, rate // CONNECTIONS, args.seconds, ctx.path("h2load.log"))
-                    if r["errors"]:
-                        raise lib.BenchError(f"{name} at {rate}/s: {r['errors']} requests failed")
-                    results[rate][name].append(r)
-                    lib.log(f"{rate}/s round {round_ + 1} {name}: p50 {r['p50_us']} µs p99 {r['p99_us']} µs")
-    finally:
-        ctx.procs.stop_all()
-        shutil.rmtree(tmp, ignore_errors=True)
+            for round_, name in lib.alternating(list(urls), args.rounds):
+                r = h2load_rate(urls[name], CONNECTIONS, rate // CONNECTIONS, args.seconds, ctx.path("h2load.log"))
+                if r["errors"]:
+                    raise lib.BenchError(f"{name} at {rate}/s: {r['errors']} requests failed")
+                results[rate][name].append(r)
+                lib.log(f"{rate}/s round {round_ + 1} {name}: p50 {r['p50_us']} µs p99 {r['p99_us']} µs")
 
     print("| rate | proxy | p50 median (range) | p99 median (range) | p99 median ÷ Sluice's |")
     print("| ---: | --- | ---: | ---: | ---: |")
+    micros = lambda v: f"{v:,.0f} µs"
     for rate, by_name in results.items():
         sluice_p99 = statistics.median(r["p99_us"] for r in by_name["sluice"])
         for name, runs in by_name.items():
-            p50 = sorted(r["p50_us"] for r in runs)
-            p99 = sorted(r["p99_us"] for r in runs)
-            print(f"| {rate:,}/s | {name} | {statistics.median(p50):,.0f} µs ({p50[0]:,}–{p50[-1]:,}) | "
-                  f"{statistics.median(p99):,.0f} µs ({p99[0]:,}–{p99[-1]:,}) | "
-                  f"{statistics.median(p99) / sluice_p99:.2f}× |")
+            p99 = statistics.median(r["p99_us"] for r in runs)
+            print(f"| {rate:,}/s | {name} | {lib.spread([r['p50_us'] for r in runs], micros)} | "
+                  f"{lib.spread([r['p99_us'] for r in runs], micros)} | {p99 / sluice_p99:.2f}× |")
     print(f"\n{args.rounds} rounds of {args.seconds} s per proxy and rate, {CONNECTIONS} connections.")
 
 

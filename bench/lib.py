@@ -5,12 +5,15 @@ Everything listens on 127.0.0.1. Nothing here sleeps to wait for readiness: wait
 deadline and fail with what the process said.
 """
 
+import argparse
 import atexit
+import contextlib
 import json
 import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -529,3 +532,50 @@ def start_subjects(ctx, origin_port, path="/"):
         proc, peer_port = start_peer(ctx, peer, origin_port)
         subjects[peer] = (f"http://127.0.0.1:{peer_port}{path}", proc)
     return subjects
+
+
+# --- repeated side-by-side runs (bench/fixed-rate.py, bench/throughput.py) -----------------------
+
+
+def rounds_parser(doc):
+    """The options every repeated side-by-side script takes: --rounds, --seconds, --sluice."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--seconds", type=int, default=8, help="length of one measurement")
+    parser.add_argument("--sluice", metavar="PATH", help="measure this binary instead of building target/release/sluice")
+    return parser
+
+
+@contextlib.contextmanager
+def side_by_side(args, tools, name, path="/"):
+    """The binary `args.sluice` names (else a fresh release build), a throwaway directory, the
+    origin and the three subjects (see start_subjects); everything stopped and removed after."""
+    global SLUICE
+    ensure_tools(tools)
+    if args.sluice:
+        SLUICE = os.path.abspath(args.sluice)
+    else:
+        build_sluice()
+    tmp = tempfile.mkdtemp(prefix=f"sluice-{name}.")
+    ctx = Context(tmp, quick=False)
+    try:
+        ctx.pki = make_pki(tmp)
+        origin, _ = start_origin(ctx)
+        yield ctx, start_subjects(ctx, origin, path)
+    finally:
+        ctx.procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def alternating(names, rounds):
+    """(round, name) for every subject in every round, the order reversed every other round, so
+    that drift on the machine hits them alike."""
+    for round_ in range(rounds):
+        for name in (names if round_ % 2 == 0 else list(reversed(names))):
+            yield round_, name
+
+
+def spread(values, fmt):
+    """The median of `values` and their range, as `median (lowest–highest)`."""
+    v = sorted(values)
+    return f"{fmt(statistics.median(v))} ({fmt(v[0])}–{fmt(v[-1])})"

@@ -15,14 +15,10 @@ time per request (from /proc, every process and thread), how busy each CPU was, 
 segments sent per request on the machine (from /proc/net/snmp).
 """
 
-import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lib  # noqa: E402
@@ -68,12 +64,14 @@ def measure(url, pids, conns, seconds):
 
 def syscalls_per_request(ctx, name, url, pids, conns, seconds):
     """One run under `strace -c -f`: slower, but the count per request is what it is."""
-    out = ctx.path(f"{name}.strace")
+    out, said = ctx.path(f"{name}.strace"), ctx.path(f"{name}.strace-stderr")
     cmd = ["strace", "-c", "-f", "-o", out] + [a for pid in pids for a in ("-p", str(pid))]
-    tracer = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(said, "w") as err:
+        tracer = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
     try:
-        # strace attaches thread by thread; its first lines mean it has.
-        time.sleep(1)
+        # strace says "Process N attached [with M threads]" once it traces every thread of N.
+        lib.poll(f"strace attached to {name}",
+                 lambda: open(said).read().count(" attached") >= len(pids), timeout=30)
         r = lib.wrk(url, conns, seconds)
     finally:
         tracer.terminate()
@@ -89,56 +87,35 @@ def syscalls_per_request(ctx, name, url, pids, conns, seconds):
     return {k: v / n for k, v in sorted(counts.items(), key=lambda kv: -kv[1]) if v / n >= 0.01}
 
 
-def spread(values, fmt):
-    v = sorted(values)
-    return f"{fmt(statistics.median(v))} ({fmt(v[0])}–{fmt(v[-1])})"
-
-
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--seconds", type=int, default=8, help="length of one measurement")
+    parser = lib.rounds_parser(__doc__)
     parser.add_argument("--conns", default="16,128", help="client connections, comma-separated")
     parser.add_argument("--path", default="/", help="/ for 1 KiB responses, /64k for 64 KiB")
     parser.add_argument("--syscalls", action="store_true", help="add one round under strace")
-    parser.add_argument("--sluice", metavar="PATH", help="measure this binary instead of building target/release/sluice")
     args = parser.parse_args()
     conns = [int(c) for c in args.conns.split(",")]
     if args.rounds < 1 or args.seconds < 1 or any(c < 1 for c in conns) or args.path not in ("/", "/64k"):
         parser.error("--rounds, --seconds and each of --conns must be at least 1; --path is / or /64k")
-    lib.ensure_tools(["nginx", "haproxy", "wrk", "openssl", "taskset"] + (["strace"] if args.syscalls else []))
-    if args.sluice:
-        lib.SLUICE = os.path.abspath(args.sluice)
-    else:
-        lib.build_sluice()
-    tmp = tempfile.mkdtemp(prefix="sluice-throughput.")
-    ctx = lib.Context(tmp, quick=False)
+    tools = ["nginx", "haproxy", "wrk", "openssl", "taskset"] + (["strace"] if args.syscalls else [])
     results, syscalls = {}, {}
-    try:
-        ctx.pki = lib.make_pki(tmp)
-        origin, _ = lib.start_origin(ctx)
-        subjects = lib.start_subjects(ctx, origin, args.path)
-        for name, (url, proc) in subjects.items():
+    with lib.side_by_side(args, tools, "throughput", args.path) as (ctx, started):
+        subjects = {}
+        for name, (url, proc) in started.items():
             # Warm: upstream connections open (as many as the most connections measured); the
             # peers' workers are forked by now.
             lib.wrk(url, max(conns), 2)
             subjects[name] = (url, lib.pids_of(proc))
         for c in conns:
             results[c] = {name: [] for name in subjects}
-            for round_ in range(args.rounds):
-                order = list(subjects) if round_ % 2 == 0 else list(reversed(subjects))
-                for name in order:
-                    url, pids = subjects[name]
-                    m = measure(url, pids, c, args.seconds)
-                    results[c][name].append(m)
-                    lib.log(f"{c} connections, round {round_ + 1}, {name}: {m['rps']:,.0f} requests/s, "
-                            f"user {m['user_us']:.1f} µs, system {m['system_us']:.1f} µs per request")
+            for round_, name in lib.alternating(list(subjects), args.rounds):
+                url, pids = subjects[name]
+                m = measure(url, pids, c, args.seconds)
+                results[c][name].append(m)
+                lib.log(f"{c} connections, round {round_ + 1}, {name}: {m['rps']:,.0f} requests/s, "
+                        f"user {m['user_us']:.1f} µs, system {m['system_us']:.1f} µs per request")
             if args.syscalls:
                 syscalls[c] = {name: syscalls_per_request(ctx, f"{name}-{c}", url, pids, c, args.seconds)
                                for name, (url, pids) in subjects.items()}
-    finally:
-        ctx.procs.stop_all()
-        shutil.rmtree(tmp, ignore_errors=True)
 
     size = "1 KiB" if args.path == "/" else "64 KiB"
     print(f"| conns | proxy | requests/s median (range) | Sluice ÷ this | user µs / req | system µs / req "
@@ -148,9 +125,9 @@ def main():
         sluice_rps = statistics.median(m["rps"] for m in by_name["sluice"])
         for name, runs in by_name.items():
             rps = statistics.median(m["rps"] for m in runs)
-            print(f"| {c} | {name} | {spread([m['rps'] for m in runs], lambda v: f'{v:,.0f}')} | "
-                  f"{sluice_rps / rps:.2f}× | {spread([m['user_us'] for m in runs], lambda v: f'{v:.1f}')} | "
-                  f"{spread([m['system_us'] for m in runs], lambda v: f'{v:.1f}')} | "
+            print(f"| {c} | {name} | {lib.spread([m['rps'] for m in runs], lambda v: f'{v:,.0f}')} | "
+                  f"{sluice_rps / rps:.2f}× | {lib.spread([m['user_us'] for m in runs], lambda v: f'{v:.1f}')} | "
+                  f"{lib.spread([m['system_us'] for m in runs], lambda v: f'{v:.1f}')} | "
                   f"{statistics.median(m['busy'].get('cpu0', 0) for m in runs):.0f}% | "
                   f"{statistics.median(m['busy'].get('cpu1', 0) for m in runs):.0f}% | "
                   f"{statistics.median(m['segments'] for m in runs):.2f} |")
