@@ -3,6 +3,7 @@
 1. CONNECT tunnel (the app's own TLS through the forward proxy, restricted mode, SNI checked):
    one large transfer with curl, and many small requests on one tunnel (curl, many URLs on one
    command line share one connection; the first request, with the handshakes, is left out).
+   HAProxy in `mode tcp` carries the same bytes as a peer, without the CONNECT.
 2. TCP with TLS origination: a `protocol: tcp` MeshExternalService with `tls.enabled` in front of a
    TLS echo origin (Python asyncio); a Python client does 1 KiB ping-pong on one connection and one
    bulk transfer echoed back, plaintext to Sluice's outbound or TLS straight to the echo origin.
@@ -132,25 +133,71 @@ def run_cmd(what, cmd, timeout):
 
 
 class Measured:
-    """The proxy's CPU seconds over a block, and its peak RSS after it (None without a proxy)."""
+    """The CPU seconds of `pids` (a proxy's processes) over a block, and their peak RSS after it;
+    None for both without a proxy."""
 
-    def __init__(self, sluice):
-        self.sluice, self.cpu = sluice, None
+    def __init__(self, pids):
+        self.pids, self.cpu, self.rss = pids, None, None
 
     def __enter__(self):
-        self.start = lib.cpu_seconds(self.sluice.pids) if self.sluice else 0
+        self.start = lib.cpu_seconds(self.pids) if self.pids else 0
         return self
 
     def __exit__(self, *exc):
-        if self.sluice:
-            self.cpu = lib.cpu_seconds(self.sluice.pids) - self.start
-            self.rss = lib.memory_kib(self.sluice.pids, "VmHWM")
+        if self.pids:
+            self.cpu = lib.cpu_seconds(self.pids) - self.start
+            self.rss = lib.memory_kib(self.pids, "VmHWM")
 
     def per_10k(self, requests):
         return None if self.cpu is None else self.cpu / requests * 1e4
 
     def peak(self):
-        return self.rss if self.sluice else None
+        return self.rss
+
+
+HAPROXY_TCP = """global
+    nbthread 1
+    pidfile {dir}/haproxy.pid
+
+defaults
+    mode tcp
+    option splice-request
+    option splice-response
+    timeout connect 5s
+    timeout client  30s
+    timeout server  30s
+
+frontend fe_tls
+    bind 127.0.0.1:{tls_listen}
+    default_backend be_tls
+
+frontend fe_plain
+    bind 127.0.0.1:{plain_listen}
+    default_backend be_plain
+
+backend be_tls
+    server origin 127.0.0.1:{tls_origin}
+
+backend be_plain
+    server origin 127.0.0.1:{plain_origin}
+"""
+
+
+def start_haproxy_tcp(ctx, tls_origin, plain_origin):
+    """HAProxy as a plain TCP relay (one thread, the proxy CPU) in front of both origin ports:
+    the same bytes as a CONNECT tunnel, without the CONNECT. Returns the process and its two
+    ports (TLS, plain)."""
+    d = ctx.path("haproxy-tcp")
+    os.makedirs(d, exist_ok=True)
+    tls_listen, plain_listen = lib.free_port(), lib.free_port()
+    conf = os.path.join(d, "haproxy.cfg")
+    with open(conf, "w") as f:
+        f.write(HAPROXY_TCP.format(dir=d, tls_listen=tls_listen, plain_listen=plain_listen,
+                                   tls_origin=tls_origin, plain_origin=plain_origin))
+    proc = ctx.procs.start("haproxy-tcp", [lib.which("haproxy"), "-W", "-db", "-f", conf], cpus=lib.PROXY_CPU)
+    lib.poll("haproxy (tcp) listening", lambda: lib.listening(tls_listen) and lib.listening(plain_listen),
+             proc=proc, procs=ctx.procs)
+    return proc, tls_listen, plain_listen
 
 
 # --- 1. CONNECT tunnel ----------------------------------------------------------------------------
@@ -191,7 +238,7 @@ def connect_tunnel(ctx):
         sendfile on;
         root {www};
     }}""", LOAD_CPU)
-    sluice = None
+    sluice = haproxy = None
     try:
         lib.poll("the tunnel origin listening", lambda: lib.listening(port) and lib.listening(plain_port),
                  proc=nginx, procs=ctx.procs)
@@ -213,8 +260,13 @@ spec:
         sluice = lib.Sluice(ctx, "sluice-tunnel", mes, args=[
             "--http-proxy", f"127.0.0.1:{proxy_port}", "--outbound-traffic-policy", "restricted"])
         lib.poll("the forward proxy listening", lambda: lib.listening(proxy_port), proc=sluice.proc, procs=ctx.procs)
+        haproxy, haproxy_port, haproxy_plain_port = start_haproxy_tcp(ctx, port, plain_port)
         curl = ["taskset", "-c", LOAD_CPU, "curl", "-fsS", "--cacert", pki["ca"], "--noproxy", ""]
-        via = {"sluice": ["--proxy", f"http://127.0.0.1:{proxy_port}"], "direct": []}
+        # HAProxy relays TCP without CONNECT: curl sends the same bytes to its port instead
+        # (--connect-to keeps the URL, so the SNI and the certificate check are the same).
+        via = {"direct": [], "sluice": ["--proxy", f"http://127.0.0.1:{proxy_port}"],
+               "haproxy": ["--connect-to", f"localhost:{port}:127.0.0.1:{haproxy_port}"]}
+        pids = {"direct": None, "sluice": sluice.pids, "haproxy": lib.pids_of(haproxy)}
         base = f"https://localhost:{port}"
         for subject, args in via.items():  # one request each way before measuring
             run_cmd(f"curl {base}/small ({subject})", [*curl, *args, "-o", "/dev/null", f"{base}/small"], 10)
@@ -222,35 +274,47 @@ spec:
         rows, notes = [], []
 
         def transfers(scenario, url, ways):
-            """The best of `runs` downloads of `url`, direct and through the tunnel; returns the
-            proxy's CPU seconds and the wall time of the tunnelled ones."""
-            for subject in ("direct", "sluice"):
-                t0 = time.monotonic()
-                with Measured(sluice if subject == "sluice" else None) as m:
-                    best = max(float(run_cmd(f"curl {url} ({subject})", [
-                        *curl, *ways[subject], "-o", "/dev/null", "-w", "%{speed_download}", url], 120))
-                        for _ in range(runs))
+            """The best of `runs` downloads of `url` per subject, the subjects taking turns so
+            that the host's drift falls on all of them; returns the CPU seconds and wall time of
+            Sluice's transfers."""
+            best, cpu, wall, rss = {}, {}, {}, {}
+            for _ in range(runs):
+                for subject, args in ways.items():
+                    t0 = time.monotonic()
+                    with Measured(pids[subject]) as m:
+                        speed = float(run_cmd(f"curl {url} ({subject})", [
+                            *curl, *args, "-o", "/dev/null", "-w", "%{speed_download}", url], 120))
+                    best[subject] = max(best.get(subject, 0.0), speed)
+                    cpu[subject] = cpu.get(subject, 0.0) + (m.cpu or 0.0)
+                    wall[subject] = wall.get(subject, 0.0) + time.monotonic() - t0
+                    rss[subject] = m.peak()
+            for subject in ways:
                 rows.append(row(f"{scenario}: one {big_mib} MiB transfer (best of {runs})", subject,
-                                mb_per_s=best / 1e6, rss=m.peak()))
-            return m.cpu, time.monotonic() - t0
+                                mb_per_s=best[subject] / 1e6, rss=rss[subject]))
+            return cpu, wall
 
-        log(f"tunnel: one {big_mib} MiB transfer, best of {runs}, direct then through the tunnel")
+        def cpu_note(cpu, wall):
+            return "; ".join(f"{s} {cpu[s]:.2f} CPU s in {wall[s]:.2f} s ({cpu[s] / wall[s]:.0%} of its CPU)"
+                             for s in ("sluice", "haproxy"))
+
+        log(f"tunnel: one {big_mib} MiB transfer, best of {runs}: direct, through the tunnel, through haproxy")
         cpu, wall = transfers("CONNECT", f"{base}/big", via)
-        notes.append(f"During the {big_mib} MiB transfers through the tunnel the proxy used {cpu:.2f} CPU s "
-                     f"in {wall:.2f} s of wall time ({cpu / wall:.0%} of its CPU).")
+        notes.append(f"During the {big_mib} MiB transfers the proxies used: {cpu_note(cpu, wall)}.")
 
         # Plain bytes in the tunnel (a `tcp` service takes them): neither end spends its CPU on
         # TLS, so the relay's own cost shows rather than the shared CPU's.
-        log(f"tunnel: one {big_mib} MiB plain transfer, best of {runs}, direct then through the tunnel")
+        log(f"tunnel: one {big_mib} MiB plain transfer, best of {runs}: direct, through the tunnel, through haproxy")
+        gib = runs * big_mib / 1024
         cpu, _ = transfers("CONNECT, plain bytes", f"http://127.0.0.1:{plain_port}/big",
-                           {"sluice": ["--proxytunnel", *via["sluice"]], "direct": []})
-        notes.append(f"Plain transfers through the tunnel: the proxy used {cpu / (runs * big_mib / 1024):.2f} "
-                     "CPU s per GiB carried.")
+                           {"direct": [], "sluice": ["--proxytunnel", *via["sluice"]],
+                            "haproxy": ["--connect-to", f"127.0.0.1:{plain_port}:127.0.0.1:{haproxy_plain_port}"]})
+        notes.append(f"Plain transfers: Sluice used {cpu['sluice'] / gib:.2f} CPU s per GiB carried, "
+                     f"HAProxy {cpu['haproxy'] / gib:.2f}.")
 
         log(f"tunnel: {small} small requests on one connection, direct then through one tunnel")
         urls = [a for _ in range(small + 1) for a in ("-o", "/dev/null", f"{base}/small")]
-        for subject in ("direct", "sluice"):
-            with Measured(sluice if subject == "sluice" else None) as m:
+        for subject in via:
+            with Measured(pids[subject]) as m:
                 out = run_cmd(f"curl {small + 1} x {base}/small ({subject})",
                               [*curl, *via[subject], "-w", "%{time_total}\\n", *urls], 60 + small * 0.01)
             times = [float(t) * 1e6 for t in out.split()]
@@ -269,6 +333,8 @@ spec:
     finally:
         if sluice:
             sluice.stop()
+        if haproxy:
+            ctx.procs.stop(haproxy)
         ctx.procs.stop(nginx)
 
 
@@ -329,7 +395,7 @@ def tcp_tls_origination(ctx):
         rows = []
         log(f"tcp: 1 KiB ping-pong for {seconds} s on one connection, direct then through sluice")
         for subject in ("direct", "sluice"):
-            with Measured(sluice if subject == "sluice" else None) as m:
+            with Measured(sluice.pids if subject == "sluice" else None) as m:
                 got = client_run("ping", subject, seconds, seconds + 30)
             lat = [ns / 1e3 for ns in got["latencies_ns"]]
             rows.append(row("TCP + TLS origination: 1 KiB ping-pong", subject, requests=len(lat),
@@ -338,7 +404,7 @@ def tcp_tls_origination(ctx):
 
         log(f"tcp: one {bulk_mib} MiB transfer echoed back, direct then through sluice")
         for subject in ("direct", "sluice"):
-            with Measured(sluice if subject == "sluice" else None) as m:
+            with Measured(sluice.pids if subject == "sluice" else None) as m:
                 got = client_run("bulk", subject, bulk_mib << 20, 120)
             rows.append(row(f"TCP + TLS origination: {bulk_mib} MiB echoed", subject,
                             mb_per_s=got["bytes"] / got["seconds"] / 1e6, rss=m.peak()))
@@ -363,6 +429,10 @@ def run(ctx, origin):
         "CONNECT: `sluice run --http-proxy ... --outbound-traffic-policy restricted`, the origin registered "
         "as a `protocol: tcp` MeshExternalService (endpoints `localhost` and `127.0.0.1`); curl CONNECTs to "
         "`localhost:PORT` and its SNI `localhost` is checked. TLS is end to end (curl to nginx).",
+        "HAProxy: `mode tcp`, one thread, on CPU 0, with a frontend for each origin port; curl "
+        "`--connect-to` sends it the same bytes it would send through the tunnel (same URL, SNI and "
+        "certificate check), without the CONNECT. It splices both ways (`option splice-request`, `option splice-response`), as Sluice does. "
+        "The subjects take turns, run by run, so that the host's drift falls on all of them.",
         "CONNECT, plain bytes: the same file over plain HTTP from a second nginx server (sendfile on, as in "
         "nginx's packaged configuration), registered as another `protocol: tcp` service, which takes bytes "
         "that are not TLS; curl `--proxytunnel` CONNECTs to `127.0.0.1:PORT`. With no TLS at either end the "
@@ -392,11 +462,11 @@ def _fmt(v, digits=0):
 def markdown(result):
     direct = {r["scenario"]: r for r in result["rows"] if r["subject"] == "direct"}
     lines = ["| scenario | subject | conns | requests | req/s | MB/s | p50 µs | p90 µs | p99 µs | p99.9 µs "
-             "| proxy CPU s / 10k req | peak RSS KiB | sluice / direct |",
+             "| proxy CPU s / 10k req | peak RSS KiB | proxy / direct |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["rows"]:
         ratio, d = "", direct.get(r["scenario"])
-        if r["subject"] == "sluice" and d:
+        if r["subject"] != "direct" and d:
             if r["mb_per_s"] is not None and d["mb_per_s"]:
                 ratio = f"{r['mb_per_s'] / d['mb_per_s']:.2f}× MB/s"
             elif r["p50_us"] is not None and d["p50_us"]:
