@@ -345,10 +345,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let api = start_control_plane(&args).await?;
     let proxy = start_proxy(&args.proxy, Some(api.admin_token.clone())).await?;
     let owned_path = args.data_dir.join("run-files.json");
-    let mut owned = read_owned(&owned_path);
+    // What the files declared lives in `owned_path` between changes; in memory only while it
+    // could not be written there.
+    let mut unrecorded = None;
     let stdin = read_stdin_once(&args.files)?;
-    let mut last = read_sources(&args.files, stdin.clone()).await;
-    if let Err(lines) = write_files(&api, &last, &mut owned, &owned_path).await {
+    let first = read_sources(&args.files, stdin.clone()).await;
+    let mut last = fingerprint(&first);
+    if let Err(lines) = write_files(&api, &first, &mut unrecorded, &owned_path).await {
         for l in &lines {
             eprintln!("{l}");
         }
@@ -357,8 +360,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             lines.len()
         );
     }
-    let view = api.catalog.view();
-    match proxy.apply((*view.config).clone()).await {
+    drop(first);
+    let config = api.catalog.view().config.clone();
+    match proxy.apply((*config).clone()).await {
         Ok(bind_errors) if bind_errors.is_empty() => {}
         Ok(errors) | Err(errors) => {
             for e in &errors {
@@ -374,11 +378,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let listeners = proxy.current().map(|c| c.listeners.len()).unwrap_or(0);
     tracing::info!(listeners, "sluice is running");
     // From here on the proxy follows the store, whichever way it was written.
-    let following = tokio::spawn(follow_store(
-        api.clone(),
-        proxy.clone(),
-        view.config.clone(),
-    ));
+    let following = tokio::spawn(follow_store(api.clone(), proxy.clone(), config));
 
     let mut hup = signal(SignalKind::hangup())?;
     let mut stop = Termination::new()?;
@@ -391,10 +391,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = stop.wait() => break,
         };
         let current = read_sources(&args.files, stdin.clone()).await;
-        if !forced && current == last {
+        let seen = fingerprint(&current);
+        if !forced && seen == last {
             continue;
         }
-        if let Err(lines) = write_files(&api, &current, &mut owned, &owned_path).await {
+        if let Err(lines) = write_files(&api, &current, &mut unrecorded, &owned_path).await {
             for l in &lines {
                 tracing::error!("{l}");
             }
@@ -408,7 +409,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 "configuration not applied; still serving the previous one"
             );
         }
-        last = current;
+        last = seen;
     }
     following.abort();
     tracing::info!(drain = ?args.proxy.drain_timeout, "shutting down; draining open connections");
@@ -481,11 +482,12 @@ fn read_owned(path: &std::path::Path) -> BTreeSet<Key> {
 }
 
 /// Writes what the files declare into the store and removes what they no longer declare; the
-/// error is every problem, one line each, and then nothing is written.
+/// error is every problem, one line each, and then nothing is written. What they declared
+/// before is read from `owned_path`, or is `unrecorded` if it could not be written there.
 async fn write_files(
     api: &Api,
     sources: &Sources,
-    owned: &mut BTreeSet<Key>,
+    unrecorded: &mut Option<BTreeSet<Key>>,
     owned_path: &std::path::Path,
 ) -> Result<(), Vec<String>> {
     let (texts, read_problems) = sources;
@@ -494,6 +496,8 @@ async fn write_files(
     if !problems.is_empty() {
         return Err(problems);
     }
+    let from_memory = unrecorded.is_some();
+    let owned = unrecorded.take().unwrap_or_else(|| read_owned(owned_path));
     let declared: BTreeSet<Key> = documents
         .iter()
         .filter_map(sluice_api::identify)
@@ -504,24 +508,44 @@ async fn write_files(
         })
         .collect();
     let removed: Vec<Key> = owned.difference(&declared).cloned().collect();
-    match api.write_documents(documents, &removed).await {
-        Ok(_) => {}
-        Err(Refused::Invalid(problems)) => return Err(problems),
-        Err(other) => return Err(vec![other.to_string()]),
+    let written = api.write_documents(documents, &removed).await;
+    if let Err(refused) = written {
+        if from_memory {
+            *unrecorded = Some(owned);
+        }
+        return Err(match refused {
+            Refused::Invalid(problems) => problems,
+            other => vec![other.to_string()],
+        });
     }
-    *owned = declared;
-    let keys: Vec<(&str, &str, &str)> = owned
+    let keys: Vec<(&str, &str, &str)> = declared
         .iter()
         .map(|k| (k.kind.as_str(), k.mesh.as_str(), k.name.as_str()))
         .collect();
-    if let Err(e) = std::fs::write(owned_path, serde_json::to_string(&keys).unwrap_or_default()) {
-        tracing::warn!(path = %owned_path.display(), error = %e, "cannot record which resources the files declare");
-    }
+    let recorded = std::fs::write(owned_path, serde_json::to_string(&keys).unwrap_or_default());
+    drop(keys);
+    *unrecorded = match recorded {
+        Ok(()) => None,
+        Err(e) => {
+            tracing::warn!(path = %owned_path.display(), error = %e, "cannot record which resources the files declare; keeping them in memory");
+            Some(declared)
+        }
+    };
     Ok(())
 }
 
 /// The sources as read now, and what could not be read.
 type Sources = (Vec<(String, String)>, Vec<String>);
+
+/// Stands in for the sources between reads, so that the files' text (megabytes with a large
+/// registry) is not kept to compare with: any change to a file's path or text, or to what could
+/// not be read, changes it, but for a chance of one in 2^64. SIGHUP reloads whatever it says.
+fn fingerprint(sources: &Sources) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    sources.hash(&mut hasher);
+    hasher.finish()
+}
 
 fn read_stdin_once(files: &[PathBuf]) -> anyhow::Result<Option<String>> {
     if !files.iter().any(|f| f.as_os_str() == "-") {
@@ -565,6 +589,47 @@ mod tests {
         ];
         for (text, want) in cases {
             assert_eq!(parse_duration(text).ok(), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn a_fingerprint_changes_with_any_change_to_the_sources() {
+        let source = |path: &str, text: &str| (path.to_string(), text.to_string());
+        let base: Sources = (
+            vec![source("a.yaml", "name: a"), source("b.yaml", "name: b")],
+            vec![],
+        );
+        let changed: [(&str, Sources); 5] = [
+            (
+                "a text",
+                (
+                    vec![source("a.yaml", "name: A"), source("b.yaml", "name: b")],
+                    vec![],
+                ),
+            ),
+            (
+                "a path",
+                (
+                    vec![source("c.yaml", "name: a"), source("b.yaml", "name: b")],
+                    vec![],
+                ),
+            ),
+            (
+                "text moved between files",
+                (
+                    vec![source("a.yaml", "name: an"), source("b.yaml", "ame: b")],
+                    vec![],
+                ),
+            ),
+            ("a file gone", (vec![source("a.yaml", "name: a")], vec![])),
+            (
+                "a read problem",
+                (base.0.clone(), vec!["b.yaml: cannot read".to_string()]),
+            ),
+        ];
+        assert_eq!(fingerprint(&base), fingerprint(&base.clone()));
+        for (what, sources) in changed {
+            assert_ne!(fingerprint(&base), fingerprint(&sources), "{what}");
         }
     }
 }

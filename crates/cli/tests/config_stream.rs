@@ -541,14 +541,7 @@ async fn sluice_run_files_and_its_api_write_the_same_store() {
         mes("a", "http", &[ep(a.addr())], None),
         dataplane("web", &[(moved_port, "a")])
     ));
-    let gone = wait_until_async(DEFAULT_TIMEOUT, || async {
-        sluice
-            .api(Method::GET, "/api/v1/MeshExternalService/default/b", "")
-            .await
-            .status
-            == 404
-    })
-    .await;
+    let gone = service_gone(&sluice, "b").await;
     assert!(gone, "{}", sluice.stderr());
 }
 
@@ -582,4 +575,49 @@ async fn sighup_writes_unchanged_files_again() {
         "{}",
         sluice.stderr()
     );
+}
+
+/// When the record of what the files declared cannot be written (here the path is a
+/// directory), it is kept in memory: a resource dropped from the files is still dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_are_followed_when_their_record_cannot_be_written() {
+    let a = start_plain_origin("a").await;
+    let b = start_plain_origin("b").await;
+    let data = TempDir::new("unrecorded");
+    std::fs::create_dir_all(data.join("run-files.json")).unwrap();
+    let sluice = Sluice::builder()
+        .config(
+            &[
+                mes("a", "http", &[ep(a.addr())], None),
+                mes("b", "http", &[ep(b.addr())], None),
+            ]
+            .join("---\n"),
+        )
+        .data_dir(data.path())
+        .with_api()
+        .start()
+        .await;
+    let r = sluice
+        .api(Method::GET, "/api/v1/MeshExternalService/default/b", "")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(sluice
+        .stderr()
+        .contains("cannot record which resources the files declare"));
+    sluice.rewrite_config(&mes("a", "http", &[ep(a.addr())], None));
+    let gone = service_gone(&sluice, "b").await;
+    assert!(gone, "{}", sluice.stderr());
+    let r = sluice
+        .api(Method::GET, "/api/v1/MeshExternalService/default/a", "")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// Whether the API stops finding the MeshExternalService `name` within the default timeout.
+async fn service_gone(sluice: &Sluice, name: &str) -> bool {
+    let path = format!("/api/v1/MeshExternalService/default/{name}");
+    wait_until_async(DEFAULT_TIMEOUT, || async {
+        sluice.api(Method::GET, &path, "").await.status == 404
+    })
+    .await
 }

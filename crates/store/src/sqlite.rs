@@ -45,7 +45,11 @@ impl SqliteStore {
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .busy_timeout(std::time::Duration::from_secs(5));
+            .busy_timeout(std::time::Duration::from_secs(5))
+            // The catalog keeps every resource parsed in memory and the file stays in the
+            // kernel's page cache, so SQLite's own cache would hold a third copy: its default
+            // of 2 MB fills once a large registry is loaded.
+            .pragma("cache_size", "-256");
         // A single connection keeps read-modify-write sequences simple and ordered.
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
