@@ -4,6 +4,7 @@ keep-alive TLS-origination scenario, with where each proxy's CPU goes.
 
     bench/throughput.py                         # 6 rounds of 8 s at 16 and 128 connections, 1 KiB
     bench/throughput.py --rounds 10 --conns 16 --path /64k
+    bench/throughput.py --conns 1 --rounds 4     # latency-bound: the p99 column is the one to read
     bench/throughput.py --syscalls              # and one round under strace: syscalls per request
     bench/throughput.py --sluice OLD/sluice     # another build
 
@@ -59,6 +60,7 @@ def measure(url, pids, conns, seconds):
         "system_us": 1e6 * (cpu1[1] - cpu0[1]) / n,
         "busy": busy,
         "segments": (segs1 - segs0) / n,
+        "p99_us": r["p99_us"],
     }
 
 
@@ -119,8 +121,8 @@ def main():
 
     size = "1 KiB" if args.path == "/" else "64 KiB"
     print(f"| conns | proxy | requests/s median (range) | Sluice ÷ this | user µs / req | system µs / req "
-          "| CPU 0 busy | CPU 1 busy | TCP segments / req |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| CPU 0 busy | CPU 1 busy | TCP segments / req | p99 µs median (range) |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for c, by_name in results.items():
         sluice_rps = statistics.median(m["rps"] for m in by_name["sluice"])
         for name, runs in by_name.items():
@@ -130,7 +132,8 @@ def main():
                   f"{lib.spread([m['system_us'] for m in runs], lambda v: f'{v:.1f}')} | "
                   f"{statistics.median(m['busy'].get('cpu0', 0) for m in runs):.0f}% | "
                   f"{statistics.median(m['busy'].get('cpu1', 0) for m in runs):.0f}% | "
-                  f"{statistics.median(m['segments'] for m in runs):.2f} |")
+                  f"{statistics.median(m['segments'] for m in runs):.2f} | "
+                  f"{lib.spread([m['p99_us'] for m in runs], lambda v: f'{v:,.0f}')} |")
     print(f"\n{args.rounds} rounds of {args.seconds} s per proxy and connection count, {size} responses; "
           "CPU busy and TCP segments are the machine's, medians over the rounds.")
     for c, by_name in syscalls.items():
