@@ -86,7 +86,8 @@ pub async fn read_client_hello<R: tokio::io::AsyncRead + Unpin>(
     app: &mut R,
     buf: &mut Vec<u8>,
 ) -> Result<Hello, HelloError> {
-    let mut acceptor = rustls::server::Acceptor::default();
+    // Boxed: it is most of this future's size, which the connection's task would copy about.
+    let mut acceptor = Box::new(rustls::server::Acceptor::default());
     let mut fed = 0;
     loop {
         // A TLS record starts with type 22 (handshake) and major version 3.

@@ -340,26 +340,37 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
         return;
     }
     if found & HOP_CONNECTION != 0 {
-        if let http::header::Entry::Occupied(entry) = headers.entry(header::CONNECTION) {
-            let (_, values) = entry.remove_entry_mult();
-            let values: Vec<HeaderValue> = values.collect();
-            for token in values
+        // Read in place: `entry` would first make room for an insert, growing a full map.
+        let mut values = headers.get_all(header::CONNECTION).iter();
+        // Nearly always one value, `close` or `keep-alive`, naming no other header.
+        let plain = matches!((values.next(), values.next()),
+            (Some(only), None) if names_no_header(only.as_bytes()));
+        let values: Vec<HeaderValue> = if plain {
+            Vec::new()
+        } else {
+            headers
+                .get_all(header::CONNECTION)
                 .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .map(str::trim)
+                .cloned()
+                .collect()
+        };
+        headers.remove(header::CONNECTION);
+        for token in values
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+        {
+            // `close` and `keep-alive` are the usual tokens and name no header to drop
+            // beyond those handled below; `te` is handled below.
+            if token.is_empty()
+                || token.eq_ignore_ascii_case("close")
+                || token.eq_ignore_ascii_case("keep-alive")
+                || token.eq_ignore_ascii_case("te")
             {
-                // `close` and `keep-alive` are the usual tokens and name no header to drop
-                // beyond those handled below; `te` is handled below.
-                if token.is_empty()
-                    || token.eq_ignore_ascii_case("close")
-                    || token.eq_ignore_ascii_case("keep-alive")
-                    || token.eq_ignore_ascii_case("te")
-                {
-                    continue;
-                }
-                headers.remove(token);
+                continue;
             }
+            headers.remove(token);
         }
     }
     for (bit, name) in [
@@ -385,6 +396,12 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
         }
     }
+}
+
+/// A `Connection` value of one token that names no header to remove with it.
+fn names_no_header(value: &[u8]) -> bool {
+    let token = value.trim_ascii();
+    token.eq_ignore_ascii_case(b"close") || token.eq_ignore_ascii_case(b"keep-alive")
 }
 
 const HOP_CONNECTION: u8 = 1;
@@ -771,5 +788,31 @@ mod tests {
         strip_hop_by_hop(&mut only_keep_alive);
         assert_eq!(only_keep_alive.len(), 1);
         assert!(only_keep_alive.contains_key(header::SERVER));
+
+        // One value: a lone `close` or `keep-alive` names nothing; anything else is read token
+        // by token. The `Keep-Alive` header goes whatever the value says.
+        for (value, x_hop_kept) in [
+            ("close", true),
+            (" Close ", true),
+            ("KEEP-ALIVE", true),
+            ("closed", true),
+            ("close, x-hop", false),
+            ("x-hop", false),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONNECTION, HeaderValue::from_static(value));
+            h.insert("x-hop", HeaderValue::from_static("1"));
+            h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+            h.insert(header::SERVER, HeaderValue::from_static("origin"));
+            strip_hop_by_hop(&mut h);
+            let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+            names.sort();
+            let want = if x_hop_kept {
+                vec!["server", "x-hop"]
+            } else {
+                vec!["server"]
+            };
+            assert_eq!(names, want, "Connection: {value:?}");
+        }
     }
 }

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use tokio::io::ReadBuf;
 use tokio::net::TcpStream;
 
 /// Peeks at the start of `stream` into `buf` until `decide` answers for the bytes seen so far.
@@ -17,10 +18,11 @@ pub async fn until<R>(
     let look = async {
         let mut seen = 0;
         loop {
-            if stream.readable().await.is_err() {
-                return None;
-            }
-            let n = match stream.peek(buf).await {
+            // poll_peek waits in the socket's own waker slot; peek() and readable() would queue
+            // a waiter under a lock, which costs more and is not needed for one task.
+            let n = match std::future::poll_fn(|cx| stream.poll_peek(cx, &mut ReadBuf::new(buf)))
+                .await
+            {
                 Ok(0) | Err(_) => return None,
                 Ok(n) => n,
             };

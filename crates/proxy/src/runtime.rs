@@ -19,7 +19,7 @@ use sluice_api::model::{Endpoint, Protocol};
 use sluice_control::{service_label, ProxyConfig};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Mutex, Semaphore};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tokio_util::task::TaskTracker;
 
 use crate::access_log::AccessLog;
@@ -366,7 +366,7 @@ impl Proxy {
                 keep.insert(l.address, existing);
                 continue;
             }
-            match TcpListener::bind(l.address).await {
+            match listen(l.address).await {
                 Ok(listener) => {
                     tracing::info!(listener = %l.name, address = %l.address, service = %label, "listening");
                     keep.insert(l.address, self.spawn_listener(listener, route));
@@ -483,7 +483,7 @@ impl Proxy {
     /// go where the app sent them, through the service a VIP stands for or, for a real
     /// address, as the outbound traffic policy says.
     pub async fn start_transparent(&self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
-        let listener = TcpListener::bind(addr).await?;
+        let listener = listen(addr).await?;
         let bound = listener.local_addr()?;
         self.add_own_address(bound).await;
         let life = Lifecycle::default();
@@ -501,11 +501,13 @@ impl Proxy {
                 let (stop, kill) = (stop.clone(), kill.clone());
                 let vips = vips.borrow().clone();
                 let forward = forward.borrow().clone();
-                tracker.spawn(async move {
+                // Boxed: the task would otherwise copy the connection's whole state on the way
+                // in and out, several times.
+                tracker.spawn(Box::pin(async move {
                     let _permit = permit;
                     serve_redirected(stream, peer, bound, &vips, &forward, shared, stop, kill)
                         .await;
-                });
+                }));
             })
             .await;
         });
@@ -569,7 +571,7 @@ impl Proxy {
 
     /// Starts the forward proxy (`HTTP_PROXY`/`HTTPS_PROXY`) on `addr`.
     pub async fn start_forward_proxy(&self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
-        let listener = TcpListener::bind(addr).await?;
+        let listener = listen(addr).await?;
         let bound = listener.local_addr()?;
         self.add_own_address(bound).await;
         let life = Lifecycle::default();
@@ -597,9 +599,9 @@ impl Proxy {
                 let shared = shared.clone();
                 let header_timeout = limits.settings.header_read_timeout;
                 let (stop, kill) = (stop.clone(), kill.clone());
-                tracker.spawn(async move {
+                // Boxed, as the other listeners' connections.
+                tracker.spawn(Box::pin(async move {
                     let slot: forward::Slot = Arc::new(permit);
-                    let _ = stream.set_nodelay(true);
                     match forward::first_head(&stream, header_timeout).await {
                         forward::FirstHead::Fine => {}
                         forward::FirstHead::Ambiguous(why) => {
@@ -617,13 +619,14 @@ impl Proxy {
                         .max_buf_size(64 * 1024)
                         .serve_connection(TokioIo::new(stream), service)
                         .with_upgrades();
-                    tokio::pin!(conn);
-                    let closed = until_closed(conn, |c| c.graceful_shutdown(), &stop, &kill);
+                    let (stopped, killed) = (stop.cancelled(), kill.cancelled());
+                    tokio::pin!(conn, stopped, killed);
+                    let closed = until_closed(conn, |c| c.graceful_shutdown(), stopped, killed);
                     let Some(result) = closed.await else { return };
                     if let Err(e) = result {
                         tracing::debug!(%peer, error = %e, "forward proxy connection ended with an error");
                     }
-                });
+                }));
             })
             .await;
         });
@@ -669,6 +672,14 @@ impl Proxy {
     }
 }
 
+/// A listener whose connections come with Nagle's algorithm off: Linux copies `TCP_NODELAY`
+/// from a listener to each connection it accepts, which spares a system call per connection.
+async fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let listener = TcpListener::bind(addr).await?;
+    socket2::SockRef::from(&listener).set_tcp_nodelay(true)?;
+    Ok(listener)
+}
+
 /// Accepts until `stop`, each connection within `--max-connections` handed to `each` (beyond
 /// it, closed at once); accept errors back off instead of spinning.
 async fn accept_each(
@@ -677,10 +688,15 @@ async fn accept_each(
     limits: &Shared,
     mut each: impl FnMut(TcpStream, SocketAddr, tokio::sync::OwnedSemaphorePermit),
 ) {
+    // One wait on the token for the listener's life, and accepts polled in place: accept() and
+    // a new wait per connection would each take a lock twice.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         let accepted = tokio::select! {
-            _ = stop.cancelled() => break,
-            a = listener.accept() => a,
+            biased;
+            _ = stopped.as_mut() => break,
+            a = std::future::poll_fn(|cx| listener.poll_accept(cx)) => a,
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,
@@ -714,10 +730,12 @@ async fn accept_loop(
         let route = route.borrow().clone();
         let shared = shared.clone();
         let (stop, kill) = (stop.clone(), kill.clone());
-        tracker.spawn(async move {
+        // Boxed: the task would otherwise copy the connection's whole state on the way in and
+        // out, several times.
+        tracker.spawn(Box::pin(async move {
             let _permit = permit;
             serve_connection(stream, peer, route, shared, stop, kill, Checked::default()).await;
-        });
+        }));
     })
     .await;
 }
@@ -741,11 +759,11 @@ async fn serve_connection(
     kill: CancellationToken,
     checked: Checked,
 ) {
-    let _ = stream.set_nodelay(true);
     let _open = Open::new(&route.open);
     match &*route.upstream {
         Upstream::Tcp(upstream) => {
-            tcp::serve(
+            // Boxed, as HTTP/2 below: its state is twice an HTTP/1.1 connection's.
+            Box::pin(tcp::serve(
                 stream,
                 upstream,
                 tcp::ConnContext {
@@ -757,7 +775,7 @@ async fn serve_connection(
                     sni: checked.sni,
                 },
                 kill,
-            )
+            ))
             .await;
         }
         Upstream::Http(upstream) => {
@@ -768,41 +786,34 @@ async fn serve_connection(
                 access_log: shared.access_log.clone(),
                 hosts: checked.hosts,
             });
-            let service = service_fn(move |req| crate::http::handle(req, ctx.clone()));
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(shared.settings.header_read_timeout)
-                .max_buf_size(64 * 1024);
-            builder
-                .http2()
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(256)
-                .max_header_list_size(64 * 1024);
+            // Waited on for the whole connection: each new wait on a token takes its lock twice.
+            let stopped = stop.cancelled();
+            let killed = kill.cancelled();
+            tokio::pin!(stopped, killed);
             // The opening decides the protocol: an HTTP/2 client gets its writes batched; an
             // HTTP/1.1 one, answered one response at a time, the socket as is.
             let opening = tokio::select! {
+                biased;
                 o = coalesce::opening(&stream, shared.settings.header_read_timeout) => o,
                 // Nothing asked yet: nothing to finish.
-                _ = stop.cancelled() => return,
-                _ = kill.cancelled() => return,
+                _ = stopped.as_mut() => return,
+                _ = killed.as_mut() => return,
             };
+            let service = service_fn(move |req| crate::http::handle(req, ctx.clone()));
             let result = match opening {
                 coalesce::Opening::Gone => return,
-                coalesce::Opening::H2 => {
-                    let (io, driver) = coalesce::h2(stream);
-                    let builder = builder.http2_only();
-                    let conn = builder.serve_connection(TokioIo::new(io), service);
-                    let conn = driver.drive(conn);
-                    tokio::pin!(conn);
-                    until_closed(conn, |c| c.conn().graceful_shutdown(), &stop, &kill).await
-                }
+                // Boxed: a connection's future is copied several times on its way into its task
+                // and out of it, and HTTP/2's server state would make every connection's future
+                // as large as its own.
+                coalesce::Opening::H2 => Box::pin(serve_h2(stream, service, stopped, killed)).await,
                 coalesce::Opening::Other => {
-                    let builder = builder.http1_only();
-                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(shared.settings.header_read_timeout)
+                        .max_buf_size(64 * 1024)
+                        .serve_connection(TokioIo::new(stream), service);
                     tokio::pin!(conn);
-                    until_closed(conn, |c| c.graceful_shutdown(), &stop, &kill).await
+                    until_closed(conn, |c| c.graceful_shutdown(), stopped, killed).await
                 }
             };
             let Some(result) = result else { return };
@@ -813,29 +824,56 @@ async fn serve_connection(
     }
 }
 
-/// Runs a client connection to its end; on `stop` lets the requests in flight finish first.
-/// `None` when `kill` cut it short.
+/// An app connection that opened with the HTTP/2 preface, served with its writes batched.
+async fn serve_h2<S>(
+    stream: TcpStream,
+    service: S,
+    stopped: Pin<&mut WaitForCancellationFuture<'_>>,
+    killed: Pin<&mut WaitForCancellationFuture<'_>>,
+) -> Option<Result<(), hyper::Error>>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming> + Send + 'static,
+    S::Future: Send + 'static,
+    S::ResBody: Send + 'static,
+    <S::ResBody as http_body::Body>::Data: Send,
+    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (io, driver) = coalesce::h2(stream);
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .max_header_list_size(64 * 1024)
+        .serve_connection(TokioIo::new(io), service);
+    let conn = driver.drive(conn);
+    tokio::pin!(conn);
+    until_closed(conn, |c| c.conn().graceful_shutdown(), stopped, killed).await
+}
+
+/// Runs a client connection to its end; once `stopped` lets the requests in flight finish
+/// first. `None` when `killed` cut it short.
 async fn until_closed<C, E>(
     mut conn: Pin<&mut C>,
     graceful_shutdown: impl FnOnce(Pin<&mut C>),
-    stop: &CancellationToken,
-    kill: &CancellationToken,
+    stopped: Pin<&mut WaitForCancellationFuture<'_>>,
+    mut killed: Pin<&mut WaitForCancellationFuture<'_>>,
 ) -> Option<Result<(), E>>
 where
     C: Future<Output = Result<(), E>>,
 {
     let finished = tokio::select! {
+        biased;
         r = conn.as_mut() => Some(r),
-        _ = stop.cancelled() => None,
-        _ = kill.cancelled() => return None,
+        _ = stopped => None,
+        _ = killed.as_mut() => return None,
     };
     match finished {
         Some(r) => Some(r),
         None => {
             graceful_shutdown(conn.as_mut());
             tokio::select! {
+                biased;
                 r = conn.as_mut() => Some(r),
-                _ = kill.cancelled() => None,
+                _ = killed => None,
             }
         }
     }
@@ -945,6 +983,17 @@ mod tests {
     use super::*;
     use sluice_api::model::{Endpoint, ExternalService, LoadBalancer, Protocol, ResourceKey};
     use std::collections::BTreeMap;
+
+    #[tokio::test]
+    async fn accepted_connections_have_nagle_off() {
+        let listener = listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap(), "TCP_NODELAY not inherited");
+        // The client side is not the listener's: the option is the listener's doing.
+        assert!(!client.nodelay().unwrap());
+    }
 
     fn service(name: &str, port: u16) -> Arc<ExternalService> {
         Arc::new(ExternalService {

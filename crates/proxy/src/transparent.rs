@@ -143,7 +143,6 @@ impl Context<'_> {
         } else {
             self.metrics.count_decision("allowed", "transparent");
         }
-        let _ = app.set_nodelay(true);
         match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(mut upstream)) => {
                 let _ = upstream.set_nodelay(true);
