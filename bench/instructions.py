@@ -5,12 +5,15 @@ Each proxy runs alone under callgrind (Sluice as one process; nginx with `master
 HAProxy without its master), serves a warm-up, has its counters zeroed (`callgrind_control -z`),
 serves N keep-alive requests of the main scenario (plaintext in, verified TLS out, 1 KiB) from
 h2load on one connection, and has its counters dumped. Every thread of the process counts: the
-proxy's own work per request, kernel time excluded.
+proxy's own work per request, kernel time excluded. Then the same with a new client connection
+per request (`Connection: close`, one at a time), which adds what each connection costs: the
+accept, the connection's setup and teardown.
 """
 
 import glob
 import os
 import re
+import socket
 import subprocess
 
 import lib
@@ -23,6 +26,21 @@ def h2load_n(url, n):
         raise lib.BenchError(f"h2load -n{n} {url}: {out.stdout[-800:]}{out.stderr[-800:]}")
 
 
+def close_n(url, n):
+    """`n` requests one after another, each on a new connection that the request closes; each must
+    be answered 200 and closed by the proxy."""
+    host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
+    request = f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+    for _ in range(n):
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(request)
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        if not answer.startswith(b"HTTP/1.1 200 "):
+            raise lib.BenchError(f"{url} with Connection: close answered {answer[:200]!r}")
+
+
 def dump(ctx, name, proc):
     """Has callgrind write its counters now (and zero them); returns the files it wrote."""
     before = set(glob.glob(ctx.path(f"{name}.callgrind*")))
@@ -33,13 +51,14 @@ def dump(ctx, name, proc):
                            lambda: set(glob.glob(ctx.path(f"{name}.callgrind*"))) - before, timeout=60))
 
 
-def counted(ctx, name, proc, url, n):
-    """Zeroes callgrind's counters, sends `n` requests and returns the instructions they took."""
-    h2load_n(url, 200)
+def counted(ctx, name, proc, send, n):
+    """Zeroes callgrind's counters, has `send` send `n` requests and returns the instructions they
+    took."""
+    send(200)
     zeroed = subprocess.run(["callgrind_control", "-z", str(proc.pid)], capture_output=True, text=True, timeout=120)
     if zeroed.returncode != 0:
         raise lib.BenchError(f"callgrind_control -z {name}: {zeroed.stdout[-500:]}{zeroed.stderr[-500:]}")
-    h2load_n(url, n)
+    send(n)
     dumps = dump(ctx, name, proc)
     total = 0
     for path in dumps:
@@ -77,17 +96,26 @@ def own_instructions(path, objects=None):
     return own
 
 
-def top_functions(dumps, limit=12):
-    """The functions with the most instructions of their own, read from the dumps."""
+def top_functions(dumps, requests, limit=12):
+    """The functions with the most instructions of their own per request, read from the dumps."""
     own = {}
     for path in dumps:
         for fn, cost in own_instructions(path).items():
             own[fn] = own.get(fn, 0) + cost
-    return sorted(((count, name[:110]) for name, count in own.items()), reverse=True)[:limit]
+    return sorted(((count / requests, name[:110]) for name, count in own.items()), reverse=True)[:limit]
+
+
+def both(ctx, name, proc, url, n, n_close):
+    """Instructions per request kept alive and per request on a new connection, with the top
+    functions of each."""
+    keep, keep_dumps = counted(ctx, name, proc, lambda k: h2load_n(url, k), n)
+    close, close_dumps = counted(ctx, name, proc, lambda k: close_n(url, k), n_close)
+    return {"keep_alive": keep / n, "close": close / n_close}, {
+        "keep_alive": top_functions(keep_dumps, n), "close": top_functions(close_dumps, n_close)}
 
 
 def run(ctx, origin):
-    n = 2000 if ctx.quick else 10000
+    n, n_close = (2000, 500) if ctx.quick else (10000, 2000)
     valgrind = ["valgrind", "--tool=callgrind", "--dump-instr=no", "--compress-strings=no"]
     results, profiles = {}, {}
 
@@ -95,8 +123,8 @@ def run(ctx, origin):
     yaml = lib.mes_yaml(ctx, "origin", origin["h1"]) + "---\n" + lib.dataplane_yaml([(port, "origin")])
     out = ctx.path("sluice-cg.callgrind")
     sluice = lib.Sluice(ctx, "sluice-cg", yaml, wrapper=[*valgrind, f"--callgrind-out-file={out}"])
-    results["sluice"], dumps = counted(ctx, "sluice-cg", sluice.proc, f"http://127.0.0.1:{port}/", n)
-    profiles["sluice"] = top_functions(dumps)
+    results["sluice"], profiles["sluice"] = both(ctx, "sluice-cg", sluice.proc, f"http://127.0.0.1:{port}/", n,
+                                                 n_close)
     sluice.stop()
 
     for peer in ("nginx", "haproxy"):
@@ -111,25 +139,35 @@ def run(ctx, origin):
         proc = ctx.procs.start(f"{peer}-cg", [*valgrind, f"--callgrind-out-file={out}", *cmd], cpus=lib.PROXY_CPU)
         lib.poll(f"{peer} under callgrind listening", lambda: lib.listening(listen), timeout=120, proc=proc,
                  procs=ctx.procs)
-        results[peer], dumps = counted(ctx, f"{peer}-cg", proc, f"http://127.0.0.1:{listen}/", n)
-        profiles[peer] = top_functions(dumps)
+        results[peer], profiles[peer] = both(ctx, f"{peer}-cg", proc, f"http://127.0.0.1:{listen}/", n, n_close)
         ctx.procs.stop(proc)
 
-    per_request = {k: v / n for k, v in results.items()}
-    for k, v in per_request.items():
-        lib.log(f"{k}: {v:.0f} instructions per request")
-    return {"name": "instructions", "requests": n, "per_request": per_request, "top": profiles, "notes": []}
+    for k, v in results.items():
+        lib.log(f"{k}: {v['keep_alive']:.0f} instructions per request kept alive, "
+                f"{v['close']:.0f} on a new connection")
+    per_request = {k: v["keep_alive"] for k, v in results.items()}
+    per_connection = {k: v["close"] for k, v in results.items()}
+    return {"name": "instructions", "requests": n, "per_request": per_request,
+            "close_requests": n_close, "per_request_close": per_connection, "top": profiles, "notes": []}
 
 
 def markdown(result):
-    s = result["per_request"]["sluice"]
-    out = ["| proxy | instructions per request | ÷ Sluice |", "| --- | ---: | ---: |"]
-    for k, v in result["per_request"].items():
-        out.append(f"| {k} | {v:,.0f} | {v / s:.2f}× |")
-    out += ["", f"Counted over {result['requests']} keep-alive requests (1 KiB, one connection) after a warm-up; "
-            "user space only, every thread of the proxy's process. Sluice's own top functions (instructions of "
-            "their own, all threads):", "", "| instructions per request | function |", "| ---: | --- |"]
-    n = result["requests"]
-    for count, name in result["top"].get("sluice", []):
-        out.append(f"| {count / n:,.0f} | `{name}` |")
+    keep, close = result["per_request"], result.get("per_request_close", {})
+    out = ["| proxy | instructions per request, kept alive | ÷ Sluice | on a new connection each | ÷ Sluice |",
+           "| --- | ---: | ---: | ---: | ---: |"]
+    for k, v in keep.items():
+        c = close.get(k)
+        out.append(f"| {k} | {v:,.0f} | {v / keep['sluice']:.2f}× | "
+                   + (f"{c:,.0f} | {c / close['sluice']:.2f}× |" if c else " | |"))
+    out += ["", f"Counted over {result['requests']} keep-alive requests (1 KiB, one connection) after a warm-up, "
+            f"then {result.get('close_requests', 0)} requests each on a new connection (`Connection: close`, one "
+            "at a time); user space only, every thread of the proxy's process. Sluice's own top functions "
+            "(instructions of their own per request, all threads):"]
+    top = result["top"].get("sluice", {})
+    if isinstance(top, list):  # results written before the new-connection count
+        top = {"keep_alive": [(c / result["requests"], f) for c, f in top]}
+    for kind, title in (("keep_alive", "kept alive"), ("close", "on a new connection each")):
+        if top.get(kind):
+            out += ["", f"| instructions per request, {title} | function |", "| ---: | --- |"]
+            out += [f"| {count:,.0f} | `{name}` |" for count, name in top[kind]]
     return "\n".join(out)

@@ -458,14 +458,14 @@ def dataplane_yaml(outbounds):
 class Sluice:
     """A running `sluice run` pinned to the proxy CPU, with its admin endpoint."""
 
-    def __init__(self, ctx, name, yaml_text, args=(), cpus=PROXY_CPU, wrapper=()):
+    def __init__(self, ctx, name, yaml_text, args=(), cpus=PROXY_CPU, wrapper=(), binary=None):
         self.ctx = ctx
         config = ctx.path(f"{name}.yaml")
         with open(config, "w") as f:
             f.write(yaml_text)
         self.admin_port = free_port()
         self.admin = f"http://127.0.0.1:{self.admin_port}"
-        cmd = [*wrapper, sluice_binary(), "run", "-f", config, "--listen", "off", "--data-dir", ctx.path(f"{name}-data"),
+        cmd = [*wrapper, binary or sluice_binary(), "run", "-f", config, "--listen", "off", "--data-dir", ctx.path(f"{name}-data"),
                "--admin", f"127.0.0.1:{self.admin_port}", "--access-log", ctx.path(f"{name}-access.log"),
                "--drain-timeout", "2s", *args]
         if "--http-proxy" not in args:
@@ -522,12 +522,16 @@ def start_peer(ctx, name, origin_port):
     return proc, port
 
 
-def start_subjects(ctx, origin_port, path="/"):
+def start_subjects(ctx, origin_port, path="/", baseline=None):
     """Sluice (a MeshExternalService to the origin and a Dataplane outbound), nginx and HAProxy
-    in the proxy's seat: name -> (URL of `path` through it, its process)."""
-    port = free_port()
-    yaml = mes_yaml(ctx, "origin", origin_port) + "---\n" + dataplane_yaml([(port, "origin")])
-    subjects = {"sluice": (f"http://127.0.0.1:{port}{path}", Sluice(ctx, "sluice", yaml).proc)}
+    in the proxy's seat: name -> (URL of `path` through it, its process). With `baseline`, the
+    path of another Sluice binary, that one too, as "baseline"."""
+    subjects = {}
+    for name, binary in (("sluice", None), ("baseline", baseline)):
+        if name == "sluice" or binary:
+            port = free_port()
+            yaml = mes_yaml(ctx, "origin", origin_port) + "---\n" + dataplane_yaml([(port, "origin")])
+            subjects[name] = (f"http://127.0.0.1:{port}{path}", Sluice(ctx, name, yaml, binary=binary).proc)
     for peer in ("nginx", "haproxy"):
         proc, peer_port = start_peer(ctx, peer, origin_port)
         subjects[peer] = (f"http://127.0.0.1:{peer_port}{path}", proc)
@@ -543,6 +547,8 @@ def rounds_parser(doc):
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=int, default=8, help="length of one measurement")
     parser.add_argument("--sluice", metavar="PATH", help="measure this binary instead of building target/release/sluice")
+    parser.add_argument("--baseline", metavar="PATH",
+                        help="also measure this Sluice binary, as `baseline`: before and after in the same rounds")
     return parser
 
 
@@ -561,7 +567,7 @@ def side_by_side(args, tools, name, path="/"):
     try:
         ctx.pki = make_pki(tmp)
         origin, _ = start_origin(ctx)
-        yield ctx, start_subjects(ctx, origin, path)
+        yield ctx, start_subjects(ctx, origin, path, args.baseline and os.path.abspath(args.baseline))
     finally:
         ctx.procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,12 +1,15 @@
 #!/usr/bin/python3
 """Requests/s at saturation, repeated: Sluice, nginx and HAProxy in alternating rounds of the
-keep-alive TLS-origination scenario, with where each proxy's CPU goes.
+TLS-origination scenario (keep-alive, or a new connection per request), with where each
+proxy's CPU goes.
 
     bench/throughput.py                         # 6 rounds of 8 s at 16 and 128 connections, 1 KiB
     bench/throughput.py --rounds 10 --conns 16 --path /64k
     bench/throughput.py --conns 1 --rounds 4     # latency-bound: the p99 column is the one to read
     bench/throughput.py --syscalls              # and one round under strace: syscalls per request
     bench/throughput.py --sluice OLD/sluice     # another build
+    bench/throughput.py --baseline OLD/sluice   # and the build under test beside it
+    bench/throughput.py --close --conns 16      # a new client connection per request
 
 The setup is bench/run's (the proxies on CPU 0; the origin and wrk on CPU 1; plaintext HTTP/1.1
 in, verified TLS out). One bench/run measures each proxy once per cell, and on a 2-CPU VM one
@@ -43,9 +46,9 @@ def tcp_segments_sent():
     return int(dict(zip(rows[0][1:], rows[1][1:]))["OutSegs"])
 
 
-def measure(url, pids, conns, seconds):
+def measure(url, pids, conns, seconds, headers):
     cpu0, cpus0, segs0 = lib.cpu_split(pids), cpu_times(), tcp_segments_sent()
-    r = lib.wrk(url, conns, seconds)
+    r = lib.wrk(url, conns, seconds, headers=headers)
     cpu1, cpus1, segs1 = lib.cpu_split(pids), cpu_times(), tcp_segments_sent()
     n = r["requests"]
     if not n or r["errors"]:
@@ -64,7 +67,7 @@ def measure(url, pids, conns, seconds):
     }
 
 
-def syscalls_per_request(ctx, name, url, pids, conns, seconds):
+def syscalls_per_request(ctx, name, url, pids, conns, seconds, headers):
     """One run under `strace -c -f`: slower, but the count per request is what it is."""
     out, said = ctx.path(f"{name}.strace"), ctx.path(f"{name}.strace-stderr")
     cmd = ["strace", "-c", "-f", "-o", out] + [a for pid in pids for a in ("-p", str(pid))]
@@ -74,7 +77,7 @@ def syscalls_per_request(ctx, name, url, pids, conns, seconds):
         # strace says "Process N attached [with M threads]" once it traces every thread of N.
         lib.poll(f"strace attached to {name}",
                  lambda: open(said).read().count(" attached") >= len(pids), timeout=30)
-        r = lib.wrk(url, conns, seconds)
+        r = lib.wrk(url, conns, seconds, headers=headers)
     finally:
         tracer.terminate()
         tracer.wait(timeout=30)
@@ -94,7 +97,10 @@ def main():
     parser.add_argument("--conns", default="16,128", help="client connections, comma-separated")
     parser.add_argument("--path", default="/", help="/ for 1 KiB responses, /64k for 64 KiB")
     parser.add_argument("--syscalls", action="store_true", help="add one round under strace")
+    parser.add_argument("--close", action="store_true",
+                        help="a new client connection per request (Connection: close) instead of keep-alive")
     args = parser.parse_args()
+    headers = ["Connection: close"] if args.close else []
     conns = [int(c) for c in args.conns.split(",")]
     if args.rounds < 1 or args.seconds < 1 or any(c < 1 for c in conns) or args.path not in ("/", "/64k"):
         parser.error("--rounds, --seconds and each of --conns must be at least 1; --path is / or /64k")
@@ -111,15 +117,16 @@ def main():
             results[c] = {name: [] for name in subjects}
             for round_, name in lib.alternating(list(subjects), args.rounds):
                 url, pids = subjects[name]
-                m = measure(url, pids, c, args.seconds)
+                m = measure(url, pids, c, args.seconds, headers)
                 results[c][name].append(m)
                 lib.log(f"{c} connections, round {round_ + 1}, {name}: {m['rps']:,.0f} requests/s, "
                         f"user {m['user_us']:.1f} µs, system {m['system_us']:.1f} µs per request")
             if args.syscalls:
-                syscalls[c] = {name: syscalls_per_request(ctx, f"{name}-{c}", url, pids, c, args.seconds)
+                syscalls[c] = {name: syscalls_per_request(ctx, f"{name}-{c}", url, pids, c, args.seconds, headers)
                                for name, (url, pids) in subjects.items()}
 
-    size = "1 KiB" if args.path == "/" else "64 KiB"
+    size = ("1 KiB" if args.path == "/" else "64 KiB") + " responses" + (
+        ", a new connection per request" if args.close else "")
     print(f"| conns | proxy | requests/s median (range) | Sluice ÷ this | user µs / req | system µs / req "
           "| CPU 0 busy | CPU 1 busy | TCP segments / req | p99 µs median (range) |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -134,7 +141,7 @@ def main():
                   f"{statistics.median(m['busy'].get('cpu1', 0) for m in runs):.0f}% | "
                   f"{statistics.median(m['segments'] for m in runs):.2f} | "
                   f"{lib.spread([m['p99_us'] for m in runs], lambda v: f'{v:,.0f}')} |")
-    print(f"\n{args.rounds} rounds of {args.seconds} s per proxy and connection count, {size} responses; "
+    print(f"\n{args.rounds} rounds of {args.seconds} s per proxy and connection count, {size}; "
           "CPU busy and TCP segments are the machine's, medians over the rounds.")
     for c, by_name in syscalls.items():
         print(f"\nSyscalls per request under strace, {c} connections:")
