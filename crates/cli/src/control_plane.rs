@@ -42,7 +42,7 @@ pub fn parse_vip_range(text: &str) -> Result<Cidr, String> {
 }
 
 pub fn main(args: ControlPlaneArgs) -> ExitCode {
-    crate::run::serve_until_done(serve(args))
+    crate::run::serve_until_done(None, serve(args))
 }
 
 async fn serve(args: ControlPlaneArgs) -> anyhow::Result<()> {

@@ -39,7 +39,7 @@ pub struct ProxyArgs {
 }
 
 pub fn main(args: ProxyArgs) -> ExitCode {
-    crate::run::serve_until_done(serve(args))
+    crate::run::serve_until_done(args.proxy.workers, serve(args))
 }
 
 async fn serve(args: ProxyArgs) -> anyhow::Result<()> {

@@ -49,6 +49,10 @@ pub struct RunArgs {
 /// How the proxy serves apps: the same for `sluice run` and `sluice proxy`.
 #[derive(Args)]
 pub struct ProxyFlags {
+    /// Threads serving connections; by default one for each CPU the process may run on (its
+    /// CPU affinity and cgroup quota). With one, everything runs on a single thread.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub workers: Option<u16>,
     /// Admin endpoint (/ready, /metrics, /config_dump); `off` disables it.
     #[arg(long, default_value = "127.0.0.1:9901")]
     admin: String,
@@ -195,7 +199,7 @@ fn init_logging() {
 }
 
 pub fn main(args: RunArgs) -> ExitCode {
-    serve_until_done(run(args))
+    serve_until_done(args.proxy.workers, run(args))
 }
 
 /// Every connection holds descriptors (two for a relay's sockets, four more for its pipes), and
@@ -220,29 +224,46 @@ fn raise_open_file_limit() {
     }
 }
 
-/// Logs to stderr, runs a long-lived command on a multi-threaded runtime, and turns its error
-/// into one line and a failing exit code.
+/// Logs to stderr, runs a long-lived command on `workers` threads (by default the CPUs the
+/// process may use), and turns its error into one line and a failing exit code.
 pub fn serve_until_done(
+    workers: Option<u16>,
     command: impl std::future::Future<Output = anyhow::Result<()>>,
 ) -> ExitCode {
     init_logging();
     raise_open_file_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let workers = workers.map_or_else(available_cpus, usize::from);
+    let runtime = match runtime_builder(workers).enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("sluice: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
+    tracing::info!(workers, single_threaded = workers <= 1, "runtime started");
     match runtime.block_on(command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sluice: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The CPUs this process may run on (its CPU affinity and cgroup quota).
+fn available_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// One worker runs on tokio's single-threaded scheduler, which skips the multi-threaded one's
+/// bookkeeping (work stealing, waking idle workers, timing each batch of tasks).
+fn runtime_builder(workers: usize) -> tokio::runtime::Builder {
+    if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(workers);
+        builder
     }
 }
 

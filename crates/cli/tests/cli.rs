@@ -171,6 +171,39 @@ async fn local_example_runs_against_a_local_origin() {
     assert_eq!(dump["listeners"][0]["address"], format!("127.0.0.1:{port}"));
 }
 
+/// `--workers 1` serves everything from one thread; `--workers 0` is refused, naming the flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_serves_from_a_single_thread() {
+    let origin = start_plain_origin("one").await;
+    let port = free_port();
+    let yaml = std::fs::read_to_string(examples().join("local/httpbin-local.yaml"))
+        .unwrap()
+        .replace("port: 18080", &format!("port: {}", origin.port()))
+        .replace("port: 10080", &format!("port: {port}"));
+    let one = Sluice::start_with_args(&yaml, &["--workers", "1"]).await;
+    let mut app = H1Client::connect(([127, 0, 0, 1], port).into())
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let r = app.get("/get").await.unwrap();
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.text(), "origin:one");
+    }
+    let said = one.stderr();
+    assert!(
+        said.contains("runtime started workers=1 single_threaded=true"),
+        "{said}"
+    );
+
+    let refused = sluice(&["run", "-f", "-", "--workers", "0"], Some(""));
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("--workers"),
+        "{}",
+        text(&refused.stderr)
+    );
+}
+
 /// A client that trickles its request head is cut off at the header read timeout, and an
 /// oversized head is refused; neither holds the proxy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
