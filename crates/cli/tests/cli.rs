@@ -145,14 +145,19 @@ async fn run_refuses_an_invalid_config_and_a_busy_port() {
     );
 }
 
+/// examples/local/httpbin-local.yaml with its origin and outbound ports replaced.
+fn local_example(origin_port: u16, outbound_port: u16) -> String {
+    std::fs::read_to_string(examples().join("local/httpbin-local.yaml"))
+        .unwrap()
+        .replace("port: 18080", &format!("port: {origin_port}"))
+        .replace("port: 10080", &format!("port: {outbound_port}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_example_runs_against_a_local_origin() {
     let origin = start_plain_origin("local").await;
     let port = free_port();
-    let yaml = std::fs::read_to_string(examples().join("local/httpbin-local.yaml"))
-        .unwrap()
-        .replace("port: 18080", &format!("port: {}", origin.port()))
-        .replace("port: 10080", &format!("port: {port}"));
+    let yaml = local_example(origin.port(), port);
     let sluice = Sluice::start(&yaml).await;
     let mut app = H1Client::connect(([127, 0, 0, 1], port).into())
         .await
@@ -176,10 +181,7 @@ async fn local_example_runs_against_a_local_origin() {
 async fn one_worker_serves_from_a_single_thread() {
     let origin = start_plain_origin("one").await;
     let port = free_port();
-    let yaml = std::fs::read_to_string(examples().join("local/httpbin-local.yaml"))
-        .unwrap()
-        .replace("port: 18080", &format!("port: {}", origin.port()))
-        .replace("port: 10080", &format!("port: {port}"));
+    let yaml = local_example(origin.port(), port);
     let one = Sluice::start_with_args(&yaml, &["--workers", "1"]).await;
     let mut app = H1Client::connect(([127, 0, 0, 1], port).into())
         .await
@@ -210,10 +212,7 @@ async fn one_worker_serves_from_a_single_thread() {
 async fn slow_and_oversized_request_heads_are_bounded() {
     let origin = start_plain_origin("o").await;
     let port = free_port();
-    let yaml = std::fs::read_to_string(examples().join("local/httpbin-local.yaml"))
-        .unwrap()
-        .replace("port: 18080", &format!("port: {}", origin.port()))
-        .replace("port: 10080", &format!("port: {port}"));
+    let yaml = local_example(origin.port(), port);
     let _sluice = Sluice::start_with_args(&yaml, &["--header-read-timeout", "300ms"]).await;
 
     let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", port))
