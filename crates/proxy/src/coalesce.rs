@@ -20,7 +20,8 @@
 //! peer holds back the codec exactly as the socket would.
 //!
 //! HTTP/1.1 connections answer one response at a time and keep the socket as is: [`opening`]
-//! tells an app connection that opens with the HTTP/2 preface from one that does not.
+//! tells an app connection that opens with the HTTP/2 preface from one that does not, and hands
+//! on what it read to tell as a [`First`].
 
 use std::future::Future;
 use std::io::{self, IoSlice};
@@ -30,7 +31,6 @@ use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 /// The first bytes of every HTTP/2 connection with prior knowledge (RFC 9113, section 3.4).
 const H2_PREFACE_START: &[u8] = b"PRI ";
@@ -64,13 +64,96 @@ fn decided(first: &[u8]) -> Option<Opening> {
     }
 }
 
-/// Whether a server connection opens with the HTTP/2 preface, found by looking at its first
-/// bytes without taking them, within `deadline`.
-pub async fn opening(stream: &TcpStream, deadline: Duration) -> Opening {
-    let mut buf = [0u8; H2_PREFACE_START.len()];
-    match crate::peek::until(stream, &mut buf, deadline, decided).await {
-        Ok(Some(opening)) => opening,
-        Ok(None) | Err(_) => Opening::Gone,
+/// How much of an app connection is read at once to see how it opens: as much as hyper's HTTP/1.1
+/// server reads at first, so that a request head that came with the opening is read whole.
+const FIRST_READ: usize = 8 * 1024;
+
+/// How an app connection opens, read within `deadline`, and the connection with what was read
+/// to tell, to be read again first. Reading instead of peeking takes the request head in the
+/// system call that sees the opening.
+pub async fn opening<T: AsyncRead + Unpin>(mut io: T, deadline: Duration) -> (Opening, First<T>) {
+    let mut first = Vec::with_capacity(FIRST_READ);
+    let look = async {
+        loop {
+            match tokio::io::AsyncReadExt::read_buf(&mut io, &mut first).await {
+                Ok(0) | Err(_) => return Opening::Gone,
+                Ok(_) => {}
+            }
+            if let Some(opening) = decided(&first) {
+                return opening;
+            }
+        }
+    };
+    let seen = tokio::time::timeout(deadline, look)
+        .await
+        .unwrap_or(Opening::Gone);
+    (
+        seen,
+        First {
+            bytes: first,
+            at: 0,
+            io,
+        },
+    )
+}
+
+/// A connection whose first bytes were already read: they are read again first, then the rest.
+pub struct First<T> {
+    bytes: Vec<u8>,
+    /// How much of `bytes` was read again.
+    at: usize,
+    io: T,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for First<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.at < this.bytes.len() {
+            let n = (this.bytes.len() - this.at).min(buf.remaining());
+            buf.put_slice(&this.bytes[this.at..this.at + n]);
+            this.at += n;
+            if this.at == this.bytes.len() {
+                // Read again whole: the buffer goes.
+                this.bytes = Vec::new();
+                this.at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for First<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -346,6 +429,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
 
     #[test]
     fn the_first_bytes_decide_whether_the_client_speaks_http2() {
@@ -369,10 +453,10 @@ mod tests {
         }
     }
 
-    /// The preface is looked at, not taken, and a client that sends it a byte at a time is
-    /// waited for.
+    /// A client that sends the preface a byte at a time is waited for, and what was read to tell
+    /// is read again first, then the rest, whatever the reader's buffer.
     #[tokio::test]
-    async fn the_opening_is_peeked_and_waits_for_a_slow_preface() {
+    async fn the_opening_waits_for_a_slow_preface_and_is_read_again() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let client = tokio::spawn(async move {
@@ -381,32 +465,64 @@ mod tests {
                 c.write_all(&[*b]).await.unwrap();
                 tokio::task::yield_now().await;
             }
+            c.write_all(b"\r\n\r\nSM\r\n\r\n").await.unwrap();
             c
         });
         let (server, _) = listener.accept().await.unwrap();
-        let seen = opening(&server, Duration::from_secs(10)).await;
+        let (seen, mut first) = opening(server, Duration::from_secs(10)).await;
         assert_eq!(seen, Opening::H2);
-        let _client = client.await.unwrap();
-        let mut first = [0u8; 4];
-        server.peek(&mut first).await.unwrap();
-        assert_eq!(&first, b"PRI ");
+        let mut client = client.await.unwrap();
+        client.write_all(b"after").await.unwrap();
+        drop(client);
+        let mut all = Vec::new();
+        let mut small = [0u8; 3];
+        loop {
+            let n = first.read(&mut small).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&small[..n]);
+        }
+        assert_eq!(all, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nafter");
+    }
+
+    /// An HTTP/1.1 request head is read whole with the opening, and writes go to the socket.
+    #[tokio::test]
+    async fn a_request_head_comes_with_the_opening() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        client.write_all(head).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let (seen, mut first) = opening(server, Duration::from_secs(10)).await;
+        assert_eq!(seen, Opening::Other);
+        let mut got = vec![0u8; head.len()];
+        first.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, head);
+        first
+            .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = [0u8; 25];
+        client.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 204 No Content\r\n");
     }
 
     #[tokio::test]
     async fn a_silent_or_closed_client_is_gone() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let silent = TcpStream::connect(addr).await.unwrap();
+        let _silent = TcpStream::connect(addr).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        assert_eq!(
-            opening(&server, Duration::from_millis(50)).await,
-            Opening::Gone
-        );
-        drop(silent);
-        assert_eq!(
-            opening(&server, Duration::from_secs(10)).await,
-            Opening::Gone
-        );
+        let (seen, _) = opening(server, Duration::from_millis(50)).await;
+        assert_eq!(seen, Opening::Gone);
+
+        let closed = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        drop(closed);
+        let (seen, _) = opening(server, Duration::from_secs(10)).await;
+        assert_eq!(seen, Opening::Gone);
     }
 
     /// A waker of a task of its own, told apart from another by `will_wake`.

@@ -792,9 +792,9 @@ async fn serve_connection(
             tokio::pin!(stopped, killed);
             // The opening decides the protocol: an HTTP/2 client gets its writes batched; an
             // HTTP/1.1 one, answered one response at a time, the socket as is.
-            let opening = tokio::select! {
+            let (opening, stream) = tokio::select! {
                 biased;
-                o = coalesce::opening(&stream, shared.settings.header_read_timeout) => o,
+                o = coalesce::opening(stream, shared.settings.header_read_timeout) => o,
                 // Nothing asked yet: nothing to finish.
                 _ = stopped.as_mut() => return,
                 _ = killed.as_mut() => return,
@@ -826,7 +826,7 @@ async fn serve_connection(
 
 /// An app connection that opened with the HTTP/2 preface, served with its writes batched.
 async fn serve_h2<S>(
-    stream: TcpStream,
+    stream: coalesce::First<TcpStream>,
     service: S,
     stopped: Pin<&mut WaitForCancellationFuture<'_>>,
     killed: Pin<&mut WaitForCancellationFuture<'_>>,
