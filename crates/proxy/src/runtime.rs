@@ -120,11 +120,24 @@ struct ListenerHandle {
 
 /// How a listener ends: it stops accepting, its connections get until the drain deadline to
 /// finish, and whatever is still open then is closed.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct Lifecycle {
     stop: CancellationToken,
     tracker: TaskTracker,
     kill: CancellationToken,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        // `stop` is `kill`'s child, so killing stops too: a connection that waits to be stopped
+        // needs no second wait to be killed until it is stopping.
+        let kill = CancellationToken::new();
+        Self {
+            stop: kill.child_token(),
+            tracker: TaskTracker::new(),
+            kill,
+        }
+    }
 }
 
 impl Lifecycle {
@@ -619,9 +632,9 @@ impl Proxy {
                         .max_buf_size(64 * 1024)
                         .serve_connection(TokioIo::new(stream), service)
                         .with_upgrades();
-                    let (stopped, killed) = (stop.cancelled(), kill.cancelled());
-                    tokio::pin!(conn, stopped, killed);
-                    let closed = until_closed(conn, |c| c.graceful_shutdown(), stopped, killed);
+                    let stopped = stop.cancelled();
+                    tokio::pin!(conn, stopped);
+                    let closed = until_closed(conn, |c| c.graceful_shutdown(), stopped, &kill);
                     let Some(result) = closed.await else { return };
                     if let Err(e) = result {
                         tracing::debug!(%peer, error = %e, "forward proxy connection ended with an error");
@@ -787,9 +800,9 @@ async fn serve_connection(
                 hosts: checked.hosts,
             });
             // Waited on for the whole connection: each new wait on a token takes its lock twice.
+            // Killing stops too.
             let stopped = stop.cancelled();
-            let killed = kill.cancelled();
-            tokio::pin!(stopped, killed);
+            tokio::pin!(stopped);
             // The opening decides the protocol: an HTTP/2 client gets its writes batched; an
             // HTTP/1.1 one, answered one response at a time, the socket as is.
             let (opening, stream) = tokio::select! {
@@ -797,7 +810,6 @@ async fn serve_connection(
                 o = coalesce::opening(stream, shared.settings.header_read_timeout) => o,
                 // Nothing asked yet: nothing to finish.
                 _ = stopped.as_mut() => return,
-                _ = killed.as_mut() => return,
             };
             let service = service_fn(move |req| crate::http::handle(req, ctx.clone()));
             let result = match opening {
@@ -805,7 +817,7 @@ async fn serve_connection(
                 // Boxed: a connection's future is copied several times on its way into its task
                 // and out of it, and HTTP/2's server state would make every connection's future
                 // as large as its own.
-                coalesce::Opening::H2 => Box::pin(serve_h2(stream, service, stopped, killed)).await,
+                coalesce::Opening::H2 => Box::pin(serve_h2(stream, service, stopped, &kill)).await,
                 coalesce::Opening::Other => {
                     let conn = hyper::server::conn::http1::Builder::new()
                         .timer(TokioTimer::new())
@@ -813,7 +825,7 @@ async fn serve_connection(
                         .max_buf_size(64 * 1024)
                         .serve_connection(TokioIo::new(stream), service);
                     tokio::pin!(conn);
-                    until_closed(conn, |c| c.graceful_shutdown(), stopped, killed).await
+                    until_closed(conn, |c| c.graceful_shutdown(), stopped, &kill).await
                 }
             };
             let Some(result) = result else { return };
@@ -829,7 +841,7 @@ async fn serve_h2<S>(
     stream: coalesce::First<TcpStream>,
     service: S,
     stopped: Pin<&mut WaitForCancellationFuture<'_>>,
-    killed: Pin<&mut WaitForCancellationFuture<'_>>,
+    kill: &CancellationToken,
 ) -> Option<Result<(), hyper::Error>>
 where
     S: hyper::service::HttpService<hyper::body::Incoming> + Send + 'static,
@@ -846,36 +858,33 @@ where
         .serve_connection(TokioIo::new(io), service);
     let conn = driver.drive(conn);
     tokio::pin!(conn);
-    until_closed(conn, |c| c.conn().graceful_shutdown(), stopped, killed).await
+    until_closed(conn, |c| c.conn().graceful_shutdown(), stopped, kill).await
 }
 
 /// Runs a client connection to its end; once `stopped` lets the requests in flight finish
-/// first. `None` when `killed` cut it short.
+/// first. `None` when `kill` cut it short (a kill stops as well).
 async fn until_closed<C, E>(
     mut conn: Pin<&mut C>,
     graceful_shutdown: impl FnOnce(Pin<&mut C>),
     stopped: Pin<&mut WaitForCancellationFuture<'_>>,
-    mut killed: Pin<&mut WaitForCancellationFuture<'_>>,
+    kill: &CancellationToken,
 ) -> Option<Result<(), E>>
 where
     C: Future<Output = Result<(), E>>,
 {
-    let finished = tokio::select! {
+    tokio::select! {
+        biased;
+        r = conn.as_mut() => return Some(r),
+        _ = stopped => {}
+    }
+    if kill.is_cancelled() {
+        return None;
+    }
+    graceful_shutdown(conn.as_mut());
+    tokio::select! {
         biased;
         r = conn.as_mut() => Some(r),
-        _ = stopped => None,
-        _ = killed.as_mut() => return None,
-    };
-    match finished {
-        Some(r) => Some(r),
-        None => {
-            graceful_shutdown(conn.as_mut());
-            tokio::select! {
-                biased;
-                r = conn.as_mut() => Some(r),
-                _ = killed => None,
-            }
-        }
+        _ = kill.cancelled() => None,
     }
 }
 
