@@ -340,37 +340,32 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
         return;
     }
     if found & HOP_CONNECTION != 0 {
-        // Read in place: `entry` would first make room for an insert, growing a full map.
-        let mut values = headers.get_all(header::CONNECTION).iter();
-        // Nearly always one value, `close` or `keep-alive`, naming no other header.
-        let plain = matches!((values.next(), values.next()),
-            (Some(only), None) if names_no_header(only.as_bytes()));
-        let values: Vec<HeaderValue> = if plain {
-            Vec::new()
-        } else {
-            headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .cloned()
-                .collect()
-        };
-        headers.remove(header::CONNECTION);
-        for token in values
+        // Read in place, as bytes (`entry` would first make room for an insert, growing a full
+        // map), and only the tokens that name a header kept: the usual `close` or `keep-alive`
+        // costs nothing to hold.
+        let mut named = Vec::new();
+        for token in headers
+            .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
         {
-            // `close` and `keep-alive` are the usual tokens and name no header to drop
-            // beyond those handled below; `te` is handled below.
+            // `close` and `keep-alive` name no header to drop beyond those handled below; `te`
+            // is handled below.
             if token.is_empty()
-                || token.eq_ignore_ascii_case("close")
-                || token.eq_ignore_ascii_case("keep-alive")
-                || token.eq_ignore_ascii_case("te")
+                || token.eq_ignore_ascii_case(b"close")
+                || token.eq_ignore_ascii_case(b"keep-alive")
+                || token.eq_ignore_ascii_case(b"te")
             {
                 continue;
             }
-            headers.remove(token);
+            if let Ok(name) = HeaderName::from_bytes(token) {
+                named.push(name);
+            }
+        }
+        headers.remove(header::CONNECTION);
+        for name in named {
+            headers.remove(name);
         }
     }
     for (bit, name) in [
@@ -396,12 +391,6 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
         }
     }
-}
-
-/// A `Connection` value of one token that names no header to remove with it.
-fn names_no_header(value: &[u8]) -> bool {
-    let token = value.trim_ascii();
-    token.eq_ignore_ascii_case(b"close") || token.eq_ignore_ascii_case(b"keep-alive")
 }
 
 const HOP_CONNECTION: u8 = 1;
@@ -789,8 +778,8 @@ mod tests {
         assert_eq!(only_keep_alive.len(), 1);
         assert!(only_keep_alive.contains_key(header::SERVER));
 
-        // One value: a lone `close` or `keep-alive` names nothing; anything else is read token
-        // by token. The `Keep-Alive` header goes whatever the value says.
+        // A lone `close` or `keep-alive` names nothing; any other token names a header. The
+        // `Keep-Alive` header goes whatever the value says.
         for (value, x_hop_kept) in [
             ("close", true),
             (" Close ", true),
