@@ -514,13 +514,11 @@ impl Proxy {
                 let (stop, kill) = (stop.clone(), kill.clone());
                 let vips = vips.borrow().clone();
                 let forward = forward.borrow().clone();
-                // Boxed: the task would otherwise copy the connection's whole state on the way
-                // in and out, several times.
-                tracker.spawn(Box::pin(async move {
+                spawn_connection(&tracker, async move {
                     let _permit = permit;
                     serve_redirected(stream, peer, bound, &vips, &forward, shared, stop, kill)
                         .await;
-                }));
+                });
             })
             .await;
         });
@@ -612,8 +610,7 @@ impl Proxy {
                 let shared = shared.clone();
                 let header_timeout = limits.settings.header_read_timeout;
                 let (stop, kill) = (stop.clone(), kill.clone());
-                // Boxed, as the other listeners' connections.
-                tracker.spawn(Box::pin(async move {
+                spawn_connection(&tracker, async move {
                     let slot: forward::Slot = Arc::new(permit);
                     match forward::first_head(&stream, header_timeout).await {
                         forward::FirstHead::Fine => {}
@@ -639,7 +636,7 @@ impl Proxy {
                     if let Err(e) = result {
                         tracing::debug!(%peer, error = %e, "forward proxy connection ended with an error");
                     }
-                }));
+                });
             })
             .await;
         });
@@ -693,6 +690,12 @@ async fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     Ok(listener)
 }
 
+/// Runs one app connection in a task of its own, boxed: tokio copies a task's future into the
+/// task and over it as it ends, several times in all, and a connection's is kilobytes.
+fn spawn_connection(tracker: &TaskTracker, connection: impl Future<Output = ()> + Send + 'static) {
+    tracker.spawn(Box::pin(connection));
+}
+
 /// Accepts until `stop`, each connection within `--max-connections` handed to `each` (beyond
 /// it, closed at once); accept errors back off instead of spinning.
 async fn accept_each(
@@ -743,12 +746,10 @@ async fn accept_loop(
         let route = route.borrow().clone();
         let shared = shared.clone();
         let (stop, kill) = (stop.clone(), kill.clone());
-        // Boxed: the task would otherwise copy the connection's whole state on the way in and
-        // out, several times.
-        tracker.spawn(Box::pin(async move {
+        spawn_connection(&tracker, async move {
             let _permit = permit;
             serve_connection(stream, peer, route, shared, stop, kill, Checked::default()).await;
-        }));
+        });
     })
     .await;
 }
