@@ -240,7 +240,8 @@ pub fn serve_until_done(
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(workers, single_threaded = workers <= 1, "runtime started");
+    let flavor = runtime.handle().runtime_flavor();
+    tracing::info!(workers, ?flavor, "runtime started");
     match runtime.block_on(command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -193,7 +193,7 @@ async fn one_worker_serves_from_a_single_thread() {
     }
     let said = one.stderr();
     assert!(
-        said.contains("runtime started workers=1 single_threaded=true"),
+        said.contains("runtime started workers=1 flavor=CurrentThread"),
         "{said}"
     );
 
