@@ -152,22 +152,16 @@ def run(ctx, origin):
 
 
 def markdown(result):
-    keep, close = result["per_request"], result.get("per_request_close", {})
+    keep, close = result["per_request"], result["per_request_close"]
     out = ["| proxy | instructions per request, kept alive | ÷ Sluice | on a new connection each | ÷ Sluice |",
            "| --- | ---: | ---: | ---: | ---: |"]
     for k, v in keep.items():
-        c = close.get(k)
-        out.append(f"| {k} | {v:,.0f} | {v / keep['sluice']:.2f}× | "
-                   + (f"{c:,.0f} | {c / close['sluice']:.2f}× |" if c else " | |"))
+        out.append(f"| {k} | {v:,.0f} | {v / keep['sluice']:.2f}× | {close[k]:,.0f} | {close[k] / close['sluice']:.2f}× |")
     out += ["", f"Counted over {result['requests']} keep-alive requests (1 KiB, one connection) after a warm-up, "
-            f"then {result.get('close_requests', 0)} requests each on a new connection (`Connection: close`, one "
+            f"then {result['close_requests']} requests each on a new connection (`Connection: close`, one "
             "at a time); user space only, every thread of the proxy's process. Sluice's own top functions "
             "(instructions of their own per request, all threads):"]
-    top = result["top"].get("sluice", {})
-    if isinstance(top, list):  # results written before the new-connection count
-        top = {"keep_alive": [(c / result["requests"], f) for c, f in top]}
     for kind, title in (("keep_alive", "kept alive"), ("close", "on a new connection each")):
-        if top.get(kind):
-            out += ["", f"| instructions per request, {title} | function |", "| ---: | --- |"]
-            out += [f"| {count:,.0f} | `{name}` |" for count, name in top[kind]]
+        out += ["", f"| instructions per request, {title} | function |", "| ---: | --- |"]
+        out += [f"| {count:,.0f} | `{name}` |" for count, name in result["top"]["sluice"][kind]]
     return "\n".join(out)

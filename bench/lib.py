@@ -526,12 +526,12 @@ def start_subjects(ctx, origin_port, path="/", baseline=None):
     """Sluice (a MeshExternalService to the origin and a Dataplane outbound), nginx and HAProxy
     in the proxy's seat: name -> (URL of `path` through it, its process). With `baseline`, the
     path of another Sluice binary, that one too, as "baseline"."""
+    builds = {"sluice": None, **({"baseline": baseline} if baseline else {})}
     subjects = {}
-    for name, binary in (("sluice", None), ("baseline", baseline)):
-        if name == "sluice" or binary:
-            port = free_port()
-            yaml = mes_yaml(ctx, "origin", origin_port) + "---\n" + dataplane_yaml([(port, "origin")])
-            subjects[name] = (f"http://127.0.0.1:{port}{path}", Sluice(ctx, name, yaml, binary=binary).proc)
+    for name, binary in builds.items():
+        port = free_port()
+        yaml = mes_yaml(ctx, "origin", origin_port) + "---\n" + dataplane_yaml([(port, "origin")])
+        subjects[name] = (f"http://127.0.0.1:{port}{path}", Sluice(ctx, name, yaml, binary=binary).proc)
     for peer in ("nginx", "haproxy"):
         proc, peer_port = start_peer(ctx, peer, origin_port)
         subjects[peer] = (f"http://127.0.0.1:{peer_port}{path}", proc)
