@@ -1,5 +1,6 @@
 #!/usr/bin/python3
-"""Latency under a steady load, repeated: Sluice, nginx and HAProxy at fixed request rates,
+"""Latency under a steady load, repeated: Sluice (with and without its access log), nginx and
+HAProxy at fixed request rates,
 in alternating rounds, so that a difference in p99 can be told from the host's run-to-run spread.
 
     bench/fixed-rate.py                          # 6 rounds of 8 s at 5,000 and 20,000 requests/s
@@ -34,7 +35,7 @@ def main():
         parser.error(f"--rounds and --seconds must be at least 1, and each rate at least {CONNECTIONS}")
     results = {}
     with lib.side_by_side(args, ["nginx", "haproxy", "h2load", "openssl", "taskset"], "fixed-rate") as (ctx, subjects):
-        urls = {name: url for name, (url, _) in subjects.items()}
+        urls = {name: url for name, (url, _, _) in subjects.items()}
         for url in urls.values():
             # Warm: upstream connections open, code and caches touched.
             warm = ["taskset", "-c", lib.LOAD_CPU, "h2load", "--h1", f"-c{CONNECTIONS}", "-n5000", url]

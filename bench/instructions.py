@@ -19,6 +19,9 @@ import subprocess
 import lib
 
 
+NO_LOG = lib.NO_LOG
+
+
 def h2load_n(url, n):
     cmd = ["taskset", "-c", lib.LOAD_CPU, "h2load", "--h1", "-c1", f"-n{n}", url]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -119,13 +122,16 @@ def run(ctx, origin):
     valgrind = ["valgrind", "--tool=callgrind", "--dump-instr=no", "--compress-strings=no"]
     results, profiles = {}, {}
 
-    port = lib.free_port()
-    yaml = lib.mes_yaml(ctx, "origin", origin["h1"]) + "---\n" + lib.dataplane_yaml([(port, "origin")])
-    out = ctx.path("sluice-cg.callgrind")
-    sluice = lib.Sluice(ctx, "sluice-cg", yaml, wrapper=[*valgrind, f"--callgrind-out-file={out}"])
-    results["sluice"], profiles["sluice"] = both(ctx, "sluice-cg", sluice.proc, f"http://127.0.0.1:{port}/", n,
-                                                 n_close)
-    sluice.stop()
+    # As it ships (the access log on), and like the peers' configurations (no access log).
+    for name, access_log in (("sluice", True), (NO_LOG, False)):
+        port = lib.free_port()
+        yaml = lib.mes_yaml(ctx, "origin", origin["h1"]) + "---\n" + lib.dataplane_yaml([(port, "origin")])
+        out = ctx.path(f"{name}-cg.callgrind")
+        sluice = lib.Sluice(ctx, f"{name}-cg", yaml, wrapper=[*valgrind, f"--callgrind-out-file={out}"],
+                            access_log=access_log)
+        results[name], profiles[name] = both(ctx, f"{name}-cg", sluice.proc, f"http://127.0.0.1:{port}/", n,
+                                             n_close)
+        sluice.stop()
 
     for peer in ("nginx", "haproxy"):
         listen = lib.free_port()

@@ -455,10 +455,14 @@ def dataplane_yaml(outbounds):
     return y
 
 
+# Sluice with `--access-log off`, beside Sluice as it ships: the peers' configurations log nothing.
+NO_LOG = "sluice-nolog"
+
+
 class Sluice:
     """A running `sluice run` pinned to the proxy CPU, with its admin endpoint."""
 
-    def __init__(self, ctx, name, yaml_text, args=(), cpus=PROXY_CPU, wrapper=(), binary=None):
+    def __init__(self, ctx, name, yaml_text, args=(), cpus=PROXY_CPU, wrapper=(), binary=None, access_log=True):
         self.ctx = ctx
         config = ctx.path(f"{name}.yaml")
         with open(config, "w") as f:
@@ -466,7 +470,8 @@ class Sluice:
         self.admin_port = free_port()
         self.admin = f"http://127.0.0.1:{self.admin_port}"
         cmd = [*wrapper, binary or sluice_binary(), "run", "-f", config, "--listen", "off", "--data-dir", ctx.path(f"{name}-data"),
-               "--admin", f"127.0.0.1:{self.admin_port}", "--access-log", ctx.path(f"{name}-access.log"),
+               "--admin", f"127.0.0.1:{self.admin_port}",
+               "--access-log", ctx.path(f"{name}-access.log") if access_log else "off",
                "--drain-timeout", "2s", *args]
         if "--http-proxy" not in args:
             # Never the default port: another proxy on this machine must not fail the run.
@@ -523,18 +528,21 @@ def start_peer(ctx, name, origin_port):
 
 
 def start_subjects(ctx, origin_port, path="/", baseline=None):
-    """Sluice (a MeshExternalService to the origin and a Dataplane outbound), nginx and HAProxy
-    in the proxy's seat: name -> (URL of `path` through it, its process). With `baseline`, the
-    path of another Sluice binary, that one too, as "baseline"."""
-    builds = {"sluice": None, **({"baseline": baseline} if baseline else {})}
+    """Sluice (a MeshExternalService to the origin and a Dataplane outbound) as it ships and
+    without its access log, nginx and HAProxy in the proxy's seat: name -> (URL of `path` through
+    it, its process, the Sluice or None for a peer). With `baseline`, the path of another Sluice
+    binary, that one too (access log on), as "baseline"."""
+    builds = {"sluice": (None, True), NO_LOG: (None, False),
+              **({"baseline": (baseline, True)} if baseline else {})}
     subjects = {}
-    for name, binary in builds.items():
+    for name, (binary, access_log) in builds.items():
         port = free_port()
         yaml = mes_yaml(ctx, "origin", origin_port) + "---\n" + dataplane_yaml([(port, "origin")])
-        subjects[name] = (f"http://127.0.0.1:{port}{path}", Sluice(ctx, name, yaml, binary=binary).proc)
+        sluice = Sluice(ctx, name, yaml, binary=binary, access_log=access_log)
+        subjects[name] = (f"http://127.0.0.1:{port}{path}", sluice.proc, sluice)
     for peer in ("nginx", "haproxy"):
         proc, peer_port = start_peer(ctx, peer, origin_port)
-        subjects[peer] = (f"http://127.0.0.1:{peer_port}{path}", proc)
+        subjects[peer] = (f"http://127.0.0.1:{peer_port}{path}", proc, None)
     return subjects
 
 

@@ -11,27 +11,31 @@ import subprocess
 
 import lib
 
-SUBJECTS = ("direct", "sluice", "nginx", "haproxy")
+SUBJECTS = ("direct", "sluice", lib.NO_LOG, "nginx", "haproxy")
 PATHS = {"1k": ("/", 1024), "64k": ("/64k", 65536)}
 
 
 class Subjects:
-    """The four ways to reach the origin, each with the processes whose CPU and memory count."""
+    """The ways to reach the origin, each with the processes whose CPU and memory count: Sluice
+    as it ships (its access log written to a file) and without the access log, as the peers'
+    configurations run."""
 
     def __init__(self, ctx, origin_port):
         self.ctx = ctx
-        port = lib.free_port()
-        yaml = lib.mes_yaml(ctx, "origin", origin_port) + "---\n" + lib.dataplane_yaml([(port, "origin")])
-        self.sluice = lib.Sluice(ctx, "sluice", yaml)
+        port, quiet_port = lib.free_port(), lib.free_port()
+        yaml = lambda p: lib.mes_yaml(ctx, "origin", origin_port) + "---\n" + lib.dataplane_yaml([(p, "origin")])
+        self.sluice = lib.Sluice(ctx, "sluice", yaml(port))
+        self.quiet = lib.Sluice(ctx, lib.NO_LOG, yaml(quiet_port), access_log=False)
         nginx, nginx_port = lib.start_peer(ctx, "nginx", origin_port)
         haproxy, haproxy_port = lib.start_peer(ctx, "haproxy", origin_port)
         self.urls = {
             "direct": f"https://127.0.0.1:{origin_port}",
             "sluice": f"http://127.0.0.1:{port}",
+            lib.NO_LOG: f"http://127.0.0.1:{quiet_port}",
             "nginx": f"http://127.0.0.1:{nginx_port}",
             "haproxy": f"http://127.0.0.1:{haproxy_port}",
         }
-        self.procs = {"sluice": self.sluice.proc, "nginx": nginx, "haproxy": haproxy}
+        self.procs = {"sluice": self.sluice.proc, lib.NO_LOG: self.quiet.proc, "nginx": nginx, "haproxy": haproxy}
         self.idle_rss = {s: lib.memory_kib(self.pids(s)) for s in self.procs}
         for subject in SUBJECTS:
             for path, size in PATHS.values():
@@ -67,6 +71,7 @@ class Subjects:
 
     def stop(self):
         self.sluice.stop()
+        self.quiet.stop()
         for s in ("nginx", "haproxy"):
             self.ctx.procs.stop(self.procs[s])
 
@@ -155,23 +160,32 @@ def markdown(result):
     by = {(r["scenario"], r["connections"], r["subject"]): r for r in rows}
     out = []
     scenarios = list(dict.fromkeys((r["scenario"], r["connections"]) for r in rows))
-    out.append("| scenario | conns | subject | requests/s | p50 | p90 | p99 | p99.9 | CPU s / 10k req | peak RSS | Sluice ÷ this, req/s | this ÷ Sluice, p99 |")
-    out.append("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    out.append("| scenario | conns | subject | requests/s | p50 | p90 | p99 | p99.9 | CPU s / 10k req | peak RSS "
+               "| Sluice ÷ this, req/s | this ÷ Sluice, p99 | Sluice without access log ÷ this, req/s "
+               "| this ÷ Sluice without access log, p99 |")
+    out.append("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+
+    def against(s, r):
+        """Sluice's requests/s over this subject's, and this subject's p99 over Sluice's."""
+        if not s or s is r or not r["rps"]:
+            return "", ""
+        return f"{s['rps'] / r['rps']:.2f}×", (f"{r['p99_us'] / s['p99_us']:.2f}×" if s["p99_us"] else "")
+
     for scenario, conns in scenarios:
         s = by.get((scenario, conns, "sluice"))
+        quiet = by.get((scenario, conns, lib.NO_LOG))
         for subject in SUBJECTS:
             r = by.get((scenario, conns, subject))
             if not r:
                 continue
-            ratio = p99 = ""
-            if s and subject != "sluice" and r["rps"]:
-                ratio = f"{s['rps'] / r['rps']:.2f}×"
-                p99 = f"{r['p99_us'] / s['p99_us']:.2f}×" if s["p99_us"] else ""
+            ratio, p99 = against(s, r) if subject != lib.NO_LOG else ("", "")
+            quiet_ratio, quiet_p99 = against(quiet, r) if subject != "sluice" else ("", "")
             cpu = f"{r['cpu_s_per_10k']:.3f}" if r.get("cpu_s_per_10k") is not None else ""
             rss = f"{r['peak_rss_kib'] / 1024:.1f} MiB" if r.get("peak_rss_kib") else ""
             errors = f" ({r['errors']} errors)" if r.get("errors") else ""
             out.append(f"| {scenario} | {conns} | {subject} | {r['rps']:.0f}{errors} | {fmt_us(r['p50_us'])} | "
-                       f"{fmt_us(r['p90_us'])} | {fmt_us(r['p99_us'])} | {fmt_us(r['p999_us'])} | {cpu} | {rss} | {ratio} | {p99} |")
+                       f"{fmt_us(r['p90_us'])} | {fmt_us(r['p99_us'])} | {fmt_us(r['p999_us'])} | {cpu} | {rss} | {ratio} | {p99} "
+                       f"| {quiet_ratio} | {quiet_p99} |")
     idle = ", ".join(f"{k} {v / 1024:.1f} MiB" for k, v in result["idle_rss_kib"].items())
     out.append("")
     out.append(f"- idle RSS after start (all processes of each proxy): {idle}")

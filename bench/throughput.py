@@ -1,5 +1,6 @@
 #!/usr/bin/python3
-"""Requests/s at saturation, repeated: Sluice, nginx and HAProxy in alternating rounds of the
+"""Requests/s at saturation, repeated: Sluice (as it ships, and as sluice-nolog with
+`--access-log off`, like the peers' configurations), nginx and HAProxy in alternating rounds of the
 TLS-origination scenario (keep-alive, or a new connection per request), with where each
 proxy's CPU goes.
 
@@ -46,10 +47,17 @@ def tcp_segments_sent():
     return int(dict(zip(rows[0][1:], rows[1][1:]))["OutSegs"])
 
 
-def measure(url, pids, conns, seconds, headers):
+UPSTREAM_CONNECTIONS = "sluice_upstream_connections_total"
+
+
+def measure(url, pids, sluice, conns, seconds, headers):
+    """One wrk run; `sluice`, when the subject is one, also says how many upstream connections
+    it opened meanwhile (each a TLS handshake)."""
+    opened0 = sluice.metric(UPSTREAM_CONNECTIONS) if sluice else 0
     cpu0, cpus0, segs0 = lib.cpu_split(pids), cpu_times(), tcp_segments_sent()
     r = lib.wrk(url, conns, seconds, headers=headers)
     cpu1, cpus1, segs1 = lib.cpu_split(pids), cpu_times(), tcp_segments_sent()
+    opened = sluice.metric(UPSTREAM_CONNECTIONS) - opened0 if sluice else None
     n = r["requests"]
     if not n or r["errors"]:
         raise lib.BenchError(f"wrk {url}: {n} requests, {r['errors']} errors")
@@ -64,6 +72,7 @@ def measure(url, pids, conns, seconds, headers):
         "busy": busy,
         "segments": (segs1 - segs0) / n,
         "p99_us": r["p99_us"],
+        "upstream_opened": opened,
     }
 
 
@@ -108,34 +117,37 @@ def main():
     results, syscalls = {}, {}
     with lib.side_by_side(args, tools, "throughput", args.path) as (ctx, started):
         subjects = {}
-        for name, (url, proc) in started.items():
+        for name, (url, proc, sluice) in started.items():
             # Warm: upstream connections open (as many as the most connections measured); the
             # peers' workers are forked by now.
             lib.wrk(url, max(conns), 2)
-            subjects[name] = (url, lib.pids_of(proc))
+            subjects[name] = (url, lib.pids_of(proc), sluice)
         for c in conns:
             results[c] = {name: [] for name in subjects}
             for round_, name in lib.alternating(list(subjects), args.rounds):
-                url, pids = subjects[name]
-                m = measure(url, pids, c, args.seconds, headers)
+                url, pids, sluice = subjects[name]
+                m = measure(url, pids, sluice, c, args.seconds, headers)
                 results[c][name].append(m)
+                opened = "" if m["upstream_opened"] is None else f", {m['upstream_opened']:.0f} upstream connections opened"
                 lib.log(f"{c} connections, round {round_ + 1}, {name}: {m['rps']:,.0f} requests/s, "
-                        f"user {m['user_us']:.1f} µs, system {m['system_us']:.1f} µs per request")
+                        f"user {m['user_us']:.1f} µs, system {m['system_us']:.1f} µs per request{opened}")
             if args.syscalls:
                 syscalls[c] = {name: syscalls_per_request(ctx, f"{name}-{c}", url, pids, c, args.seconds, headers)
-                               for name, (url, pids) in subjects.items()}
+                               for name, (url, pids, _) in subjects.items()}
 
     size = ("1 KiB" if args.path == "/" else "64 KiB") + " responses" + (
         ", a new connection per request" if args.close else "")
-    print(f"| conns | proxy | requests/s median (range) | Sluice ÷ this | user µs / req | system µs / req "
-          "| CPU 0 busy | CPU 1 busy | TCP segments / req | p99 µs median (range) |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| conns | proxy | requests/s median (range) | Sluice ÷ this | {lib.NO_LOG} ÷ this | user µs / req "
+          "| system µs / req | CPU 0 busy | CPU 1 busy | TCP segments / req | p99 µs median (range) |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for c, by_name in results.items():
         sluice_rps = statistics.median(m["rps"] for m in by_name["sluice"])
+        quiet_rps = statistics.median(m["rps"] for m in by_name[lib.NO_LOG])
         for name, runs in by_name.items():
             rps = statistics.median(m["rps"] for m in runs)
             print(f"| {c} | {name} | {lib.spread([m['rps'] for m in runs], lambda v: f'{v:,.0f}')} | "
-                  f"{sluice_rps / rps:.2f}× | {lib.spread([m['user_us'] for m in runs], lambda v: f'{v:.1f}')} | "
+                  f"{sluice_rps / rps:.2f}× | {quiet_rps / rps:.2f}× | "
+                  f"{lib.spread([m['user_us'] for m in runs], lambda v: f'{v:.1f}')} | "
                   f"{lib.spread([m['system_us'] for m in runs], lambda v: f'{v:.1f}')} | "
                   f"{statistics.median(m['busy'].get('cpu0', 0) for m in runs):.0f}% | "
                   f"{statistics.median(m['busy'].get('cpu1', 0) for m in runs):.0f}% | "

@@ -56,7 +56,8 @@ pub struct ProxyFlags {
     /// Admin endpoint (/ready, /metrics, /config_dump); `off` disables it.
     #[arg(long, default_value = "127.0.0.1:9901")]
     admin: String,
-    /// Where the JSON access log goes: a file, or `-` for standard output.
+    /// Where the JSON access log goes: a file, `-` for standard output, or `off` for none
+    /// (`./off` is a file of that name).
     #[arg(long, default_value = "-")]
     access_log: String,
     /// How long removed listeners may keep serving open connections, e.g. `30s`, `500ms`.
@@ -276,6 +277,7 @@ pub async fn start_proxy(
 ) -> anyhow::Result<Arc<Proxy>> {
     let access_log = match flags.access_log.as_str() {
         "-" => AccessLog::start(Target::Stdout),
+        "off" => AccessLog::start(Target::Off),
         path => AccessLog::start(Target::File(path.into())),
     }
     .with_context(|| format!("access log {}: cannot open", flags.access_log))?;

@@ -176,21 +176,28 @@ async fn local_example_runs_against_a_local_origin() {
     assert_eq!(dump["listeners"][0]["address"], format!("127.0.0.1:{port}"));
 }
 
-/// `--workers 1` serves everything from one thread; `--workers 0` is refused, naming the flag.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_worker_serves_from_a_single_thread() {
-    let origin = start_plain_origin("one").await;
+/// The local example with `args`, in front of an origin answering `origin:NAME`, after three
+/// GET /get on one connection, each answered by the origin.
+async fn local_example_serves_three_gets(name: &str, args: &[&str]) -> (Origin, Sluice) {
+    let origin = start_plain_origin(name).await;
     let port = free_port();
     let yaml = local_example(origin.port(), port);
-    let one = Sluice::start_with_args(&yaml, &["--workers", "1"]).await;
+    let sluice = Sluice::start_with_args(&yaml, args).await;
     let mut app = H1Client::connect(([127, 0, 0, 1], port).into())
         .await
         .unwrap();
     for _ in 0..3 {
         let r = app.get("/get").await.unwrap();
         assert_eq!(r.status, StatusCode::OK);
-        assert_eq!(r.text(), "origin:one");
+        assert_eq!(r.text(), format!("origin:{name}"));
     }
+    (origin, sluice)
+}
+
+/// `--workers 1` serves everything from one thread; `--workers 0` is refused, naming the flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_serves_from_a_single_thread() {
+    let (_origin, one) = local_example_serves_three_gets("one", &["--workers", "1"]).await;
     let said = one.stderr();
     assert!(
         said.contains("runtime started workers=1 flavor=CurrentThread"),
@@ -204,6 +211,22 @@ async fn one_worker_serves_from_a_single_thread() {
         "{}",
         text(&refused.stderr)
     );
+}
+
+/// `--access-log off` writes no line anywhere (no file named `off`, nothing on stdout) while
+/// requests are still served and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_off_writes_no_lines_and_still_counts_requests() {
+    let (origin, quiet) = local_example_serves_three_gets("quiet", &["--access-log", "off"]).await;
+    assert_eq!(origin.last_request().unwrap().path, "/get");
+    let metrics = quiet.admin_get("/metrics").await.unwrap().text();
+    assert!(
+        metrics.contains("sluice_http_requests_total{service=\"httpbin-local\",code=\"200\"} 3\n"),
+        "{metrics}"
+    );
+    assert!(!quiet.work_dir().join("off").exists());
+    assert!(!quiet.access_log_path().exists());
+    assert!(!quiet.stdout().contains("\"kind\""), "{}", quiet.stdout());
 }
 
 /// A client that trickles its request head is cut off at the header read timeout, and an

@@ -97,9 +97,10 @@ fn serialize_method<S: serde::Serializer>(
     }
 }
 
+/// Where lines go; cloned into every listener. Off, it holds nothing and logs nothing.
 #[derive(Clone)]
 pub struct AccessLog {
-    tx: mpsc::Sender<Message>,
+    tx: Option<mpsc::Sender<Message>>,
     dropped: Arc<AtomicU64>,
 }
 
@@ -114,14 +115,16 @@ enum Message {
 pub enum Target {
     Stdout,
     File(PathBuf),
+    /// No access log: no writer thread, and requests skip building their lines.
+    Off,
 }
 
 impl AccessLog {
     /// Opens the target and starts the writer thread.
     pub fn start(target: Target) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::channel(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
         let out: Box<dyn Write + Send> = match target {
+            Target::Off => return Ok(Self { tx: None, dropped }),
             Target::Stdout => Box::new(std::io::stdout()),
             Target::File(path) => Box::new(
                 std::fs::OpenOptions::new()
@@ -130,17 +133,29 @@ impl AccessLog {
                     .open(&path)?,
             ),
         };
+        let (tx, rx) = mpsc::channel(QUEUE);
         std::thread::Builder::new()
             .name("access-log".into())
             .spawn({
                 let dropped = dropped.clone();
                 move || write_lines(rx, out, &dropped)
             })?;
-        Ok(Self { tx, dropped })
+        Ok(Self {
+            tx: Some(tx),
+            dropped,
+        })
+    }
+
+    /// Whether lines are written: off, callers may leave out what only the line would carry.
+    pub fn is_on(&self) -> bool {
+        self.tx.is_some()
     }
 
     pub fn log(&self, entry: Entry) {
-        if self.tx.try_send(Message::Line(entry)).is_err() {
+        let Some(tx) = &self.tx else {
+            return;
+        };
+        if tx.try_send(Message::Line(entry)).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -148,9 +163,12 @@ impl AccessLog {
     /// Waits (a second at most) until every line logged so far is written: before the process
     /// exits.
     pub async fn flush(&self) {
+        let Some(tx) = &self.tx else {
+            return;
+        };
         let (done, written) = tokio::sync::oneshot::channel();
         let flushed = async {
-            if self.tx.send(Message::Flush(done)).await.is_ok() {
+            if tx.send(Message::Flush(done)).await.is_ok() {
                 let _ = written.await;
             }
         };

@@ -208,12 +208,14 @@ pub async fn handle(
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let bytes_in = Arc::new(AtomicU64::new(0));
+    // Only the access-log line carries these copies.
+    let logged = ctx.access_log.is_on();
     // Logged however the exchange ends, including when the app goes away before any response.
     let mut log = LogOnDrop(Some(Pending {
         entry: Entry {
             method: Some(method),
-            authority: authority.clone(),
-            path: Some(path.as_str().to_string()),
+            authority: authority.as_ref().filter(|_| logged).cloned(),
+            path: logged.then(|| path.as_str().to_string()),
             protocol: Some(protocol),
             ..Entry::new(
                 "http",

@@ -137,6 +137,7 @@ impl SluiceBuilder {
         // Each process gets its own forward-proxy port unless the test chose one.
         let http_proxy: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let own_proxy_arg = !self.args.iter().any(|a| a == "--http-proxy");
+        let own_access_log_arg = !self.args.iter().any(|a| a == "--access-log");
         let access_log = dir.join("access.log");
         let stderr_path = dir.join("stderr.log");
         let stdout_path = dir.join("stdout.log");
@@ -170,8 +171,11 @@ impl SluiceBuilder {
         };
         cmd.arg("--admin")
             .arg(admin.to_string())
-            .arg("--access-log")
-            .arg(&access_log)
+            .args(if own_access_log_arg {
+                vec!["--access-log".into(), access_log.clone().into_os_string()]
+            } else {
+                Vec::new()
+            })
             .args(if own_proxy_arg {
                 vec!["--http-proxy".to_string(), http_proxy.to_string()]
             } else {
@@ -179,6 +183,7 @@ impl SluiceBuilder {
             })
             .args(&self.args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
+            .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr);
@@ -408,6 +413,15 @@ impl Sluice {
     /// Everything the process wrote to stderr so far.
     pub fn stderr(&self) -> String {
         read_lossy(&self.stderr_path)
+    }
+
+    pub fn stdout(&self) -> String {
+        read_lossy(&self.stdout_path)
+    }
+
+    /// The process's working directory, a temporary one of its own.
+    pub fn work_dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// The exit status if the process has exited.
