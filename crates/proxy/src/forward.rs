@@ -443,7 +443,7 @@ async fn connect(
                 }
             }
         }
-        entry.duration_ms = started.elapsed().as_micros() as f64 / 1000.0;
+        entry.duration = started.elapsed();
         shared.access_log.log(entry);
     });
     let mut ok = Response::new(full(Bytes::new()));
@@ -678,7 +678,7 @@ async fn absolute(
                         ),
                     )),
                 };
-            entry.duration_ms = started.elapsed().as_micros() as f64 / 1000.0;
+            entry.duration = started.elapsed();
             // One access-log line either way: this one, with the service and upstream.
             match result {
                 Ok(mut response) => {

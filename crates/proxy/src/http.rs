@@ -494,7 +494,7 @@ impl Pending {
             lease.release();
         }
         self.entry.bytes_in = self.bytes_in.load(Ordering::Relaxed);
-        self.entry.duration_ms = elapsed.as_micros() as f64 / 1000.0;
+        self.entry.duration = elapsed;
         if self.entry.error.is_none() {
             self.entry.error = error;
         }

@@ -119,7 +119,7 @@ pub async fn serve(
     }
     upstream.bytes_up.inc_by(entry.bytes_in);
     upstream.bytes_down.inc_by(entry.bytes_out);
-    entry.duration_ms = started.elapsed().as_micros() as f64 / 1000.0;
+    entry.duration = started.elapsed();
     access_log.log(entry);
 }
 

@@ -157,7 +157,7 @@ impl Context<'_> {
             Ok(Err(e)) => entry.error = Some(format!("{addr}: {e}")),
             Err(_) => entry.error = Some(format!("{addr}: connect timed out")),
         }
-        entry.duration_ms = started.elapsed().as_micros() as f64 / 1000.0;
+        entry.duration = started.elapsed();
         self.access_log.log(entry);
     }
 
