@@ -275,10 +275,12 @@ pub async fn start_proxy(
     flags: &ProxyFlags,
     admin_token: Option<String>,
 ) -> anyhow::Result<Arc<Proxy>> {
+    let metrics = Arc::new(Metrics::default());
+    let dropped = metrics.access_log_lines_dropped.clone();
     let access_log = match flags.access_log.as_str() {
-        "-" => AccessLog::start(Target::Stdout),
-        "off" => AccessLog::start(Target::Off),
-        path => AccessLog::start(Target::File(path.into())),
+        "-" => AccessLog::start(Target::Stdout, dropped),
+        "off" => AccessLog::start(Target::Off, dropped),
+        path => AccessLog::start(Target::File(path.into()), dropped),
     }
     .with_context(|| format!("access log {}: cannot open", flags.access_log))?;
     let settings = Settings {
@@ -298,7 +300,6 @@ pub async fn start_proxy(
         dns_server: flags.dns_server,
         tls_file_dir: flags.tls_file_dir.clone(),
     };
-    let metrics = Arc::new(Metrics::default());
     let proxy = Arc::new(Proxy::new(settings, metrics, access_log).map_err(anyhow::Error::msg)?);
 
     if flags.admin != "off" {

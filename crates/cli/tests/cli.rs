@@ -224,6 +224,10 @@ async fn access_log_off_writes_no_lines_and_still_counts_requests() {
         metrics.contains("sluice_http_requests_total{service=\"httpbin-local\",code=\"200\"} 3\n"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("sluice_access_log_lines_dropped_total 0\n"),
+        "{metrics}"
+    );
     assert!(!quiet.work_dir().join("off").exists());
     assert!(!quiet.access_log_path().exists());
     assert!(!quiet.stdout().contains("\"kind\""), "{}", quiet.stdout());

@@ -10,10 +10,11 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
@@ -128,7 +129,8 @@ struct Queue {
     lines: Mutex<Vec<Entry>>,
     /// Answered once everything logged before them is written.
     flushes: Mutex<Vec<oneshot::Sender<()>>>,
-    dropped: AtomicU64,
+    /// Lines the queue had no room for: `sluice_access_log_lines_dropped_total`.
+    dropped: Counter,
     closed: AtomicBool,
 }
 
@@ -140,8 +142,9 @@ pub enum Target {
 }
 
 impl AccessLog {
-    /// Opens the target and starts the writer thread.
-    pub fn start(target: Target) -> std::io::Result<Self> {
+    /// Opens the target and starts the writer thread; lines it has no room for count in
+    /// `dropped`.
+    pub fn start(target: Target, dropped: Counter) -> std::io::Result<Self> {
         let out: Box<dyn Write + Send> = match target {
             Target::Off => return Ok(Self { queue: None }),
             Target::Stdout => Box::new(std::io::stdout()),
@@ -155,7 +158,7 @@ impl AccessLog {
         let queue = Arc::new(Queue {
             lines: Mutex::new(Vec::new()),
             flushes: Mutex::new(Vec::new()),
-            dropped: AtomicU64::new(0),
+            dropped,
             closed: AtomicBool::new(false),
         });
         std::thread::Builder::new()
@@ -182,7 +185,7 @@ impl AccessLog {
         match queue.lines.lock() {
             Ok(mut lines) if lines.len() < QUEUE => lines.push(entry),
             _ => {
-                queue.dropped.fetch_add(1, Ordering::Relaxed);
+                queue.dropped.inc();
             }
         }
     }
@@ -205,6 +208,7 @@ fn write_lines(queue: &Queue, mut out: Box<dyn Write + Send>) {
     let mut batch = Vec::new();
     let mut buf = Vec::with_capacity(BATCH_BYTES + 4096);
     let mut clock = Seconds::default();
+    let mut reported = 0;
     let mut write = |buf: &mut Vec<u8>| {
         if let Err(e) = out.write_all(buf).and_then(|_| out.flush()) {
             tracing::error!(error = %e, "access log write failed");
@@ -241,9 +245,13 @@ fn write_lines(queue: &Queue, mut out: Box<dyn Write + Send>) {
         if closed {
             return;
         }
-        let lost = queue.dropped.swap(0, Ordering::Relaxed);
-        if lost > 0 {
-            tracing::warn!(lines = lost, "access log could not keep up: lines dropped");
+        let dropped = queue.dropped.get();
+        if dropped > reported {
+            tracing::warn!(
+                lines = dropped - reported,
+                "access log could not keep up: lines dropped"
+            );
+            reported = dropped;
         }
         std::thread::sleep(FLUSH_INTERVAL);
     }
@@ -547,6 +555,39 @@ mod tests {
         for (s, want) in cases {
             assert_eq!(needs_no_escape(s.as_bytes()), want, "{s:?}");
         }
+    }
+
+    #[test]
+    fn lines_beyond_the_bound_are_dropped_and_counted() {
+        // No writer: the queue only fills.
+        let dropped = Counter::default();
+        let queue = Arc::new(Queue {
+            lines: Mutex::new(Vec::new()),
+            flushes: Mutex::new(Vec::new()),
+            dropped: dropped.clone(),
+            closed: AtomicBool::new(false),
+        });
+        let log = AccessLog {
+            queue: Some(Arc::new(Open(queue.clone()))),
+        };
+        let entry = || {
+            Entry::new(
+                "http",
+                Arc::from("l"),
+                "127.0.0.1:1".parse().unwrap(),
+                Arc::from("s"),
+            )
+        };
+        for _ in 0..QUEUE + 5 {
+            log.log(entry());
+        }
+        assert_eq!(queue.lines.lock().unwrap().len(), QUEUE);
+        assert_eq!(dropped.get(), 5);
+        drop(log);
+        assert!(
+            queue.closed.load(Ordering::Acquire),
+            "the last handle closes the queue"
+        );
     }
 
     #[test]

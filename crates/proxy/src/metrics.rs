@@ -105,6 +105,8 @@ pub struct Metrics {
     pub dns_upstream_failures: Family<DnsFailureLabels, Counter>,
     pub dns_vip_records_removed: Counter,
     pub dns_query_duration: Family<DnsSourceLabels, Histogram>,
+    /// Handed to the access log, which counts here the lines it had no room for.
+    pub access_log_lines_dropped: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -235,7 +237,14 @@ impl Default for Metrics {
             "Time from DNS query received to answer ready, answered locally or by an upstream",
             dns_query_duration.clone(),
         );
+        let access_log_lines_dropped = Counter::default();
+        registry.register(
+            "access_log_lines_dropped",
+            "Access-log lines dropped because the writer fell 64k lines behind",
+            access_log_lines_dropped.clone(),
+        );
         Self {
+            access_log_lines_dropped,
             dns_queries,
             dns_answers,
             dns_upstream_failures,
