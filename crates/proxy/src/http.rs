@@ -211,7 +211,7 @@ pub async fn handle(
     // Only the access-log line carries these copies.
     let logged = ctx.access_log.is_on();
     // Logged however the exchange ends, including when the app goes away before any response.
-    let mut log = LogOnDrop(Some(Pending {
+    let mut log = LogOnDrop(Some(Box::new(Pending {
         entry: Entry {
             method: Some(method),
             authority: authority.as_ref().filter(|_| logged).cloned(),
@@ -229,7 +229,7 @@ pub async fn handle(
         metrics: up.metrics.clone(),
         access_log: ctx.access_log.clone(),
         lease: None,
-    }));
+    })));
 
     if let Some(hosts) = &ctx.hosts {
         let host = authority
@@ -464,7 +464,11 @@ struct Pending {
 }
 
 impl Pending {
-    fn respond_error(mut self, status: StatusCode, message: String) -> Response<ProxyBody> {
+    fn respond_error(
+        mut self: Box<Self>,
+        status: StatusCode,
+        message: String,
+    ) -> Response<ProxyBody> {
         tracing::debug!(service = %self.metrics.label, %status, %message, "request failed");
         self.entry.status = Some(status.as_u16());
         self.entry.error = Some(message.clone());
@@ -505,7 +509,9 @@ impl Pending {
     }
 }
 
-struct LogOnDrop(Option<Pending>);
+/// Boxed: the line's state is a few hundred bytes, moved several times on its way from the
+/// request to the response body.
+struct LogOnDrop(Option<Box<Pending>>);
 
 impl LogOnDrop {
     fn respond_error(&mut self, status: StatusCode, message: String) -> Response<ProxyBody> {
@@ -547,7 +553,7 @@ pin_project_lite::pin_project! {
 }
 
 impl<B: Body> LogBody<B> {
-    fn new(inner: B, pending: Pending) -> Self {
+    fn new(inner: B, pending: Box<Pending>) -> Self {
         // An empty body (204, HEAD) may never be polled at all.
         let log = if inner.is_end_stream() {
             pending.finish(None);
