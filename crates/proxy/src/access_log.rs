@@ -207,7 +207,7 @@ impl AccessLog {
 fn write_lines(queue: &Queue, mut out: Box<dyn Write + Send>) {
     let mut batch = Vec::new();
     let mut buf = Vec::with_capacity(BATCH_BYTES + 4096);
-    let mut clock = Seconds::default();
+    let mut cache = LineCache::default();
     let mut reported = 0;
     let mut write = |buf: &mut Vec<u8>| {
         if let Err(e) = out.write_all(buf).and_then(|_| out.flush()) {
@@ -230,7 +230,7 @@ fn write_lines(queue: &Queue, mut out: Box<dyn Write + Send>) {
         // time slice, and the writer fell behind until the queue overflowed (a tenth of the
         // lines lost at saturation). The scheduler already shares the CPU fairly.
         for entry in batch.drain(..) {
-            push_line(&mut buf, &entry, &mut clock);
+            push_line(&mut buf, &entry, &mut cache);
             if buf.len() >= BATCH_BYTES {
                 write(&mut buf);
             }
@@ -259,17 +259,15 @@ fn write_lines(queue: &Queue, mut out: Box<dyn Write + Send>) {
 
 /// One entry as a JSON line, the same as serde_json writes it, field by field: strings that
 /// need no escaping (nearly all) are copied as they are, which halves the writer's work.
-fn push_line(buf: &mut Vec<u8>, e: &Entry, clock: &mut Seconds) {
+fn push_line(buf: &mut Vec<u8>, e: &Entry, cache: &mut LineCache) {
     buf.extend_from_slice(b"{\"time\":\"");
-    clock.push(buf, e.time);
-    buf.extend_from_slice(b"\",\"kind\":");
-    push_str(buf, e.kind);
-    buf.extend_from_slice(b",\"listener\":");
-    push_str(buf, &e.listener);
+    cache.seconds.push(buf, e.time);
+    buf.extend_from_slice(b"\",");
+    cache.push_kind_and_listener(buf, e.kind, &e.listener);
     buf.extend_from_slice(b",\"source\":");
     push_source(buf, e.source);
     buf.extend_from_slice(b",\"service\":");
-    push_str(buf, &e.service);
+    cache.push_service(buf, &e.service);
     let optional: [(&[u8], _); 4] = [
         (b",\"method\":", e.method.as_ref().map(http::Method::as_str)),
         (b",\"authority\":", e.authority.as_deref()),
@@ -299,6 +297,54 @@ fn push_line(buf: &mut Vec<u8>, e: &Entry, clock: &mut Seconds) {
     buf.extend_from_slice(b",\"error\":");
     push_opt(buf, e.error.as_deref());
     buf.extend_from_slice(b"}\n");
+}
+
+/// What the lines in a row mostly share, rendered once and kept while the next line has the same
+/// (the same `Arc`, the same static string): a listener's lines name its kind, itself and
+/// mostly one service.
+#[derive(Default)]
+struct LineCache {
+    seconds: Seconds,
+    /// `"kind":K,"listener":L` of these two.
+    kind_and_listener: Option<(&'static str, Arc<str>, Vec<u8>)>,
+    /// The service, quoted.
+    service: Option<(Arc<str>, Vec<u8>)>,
+}
+
+impl LineCache {
+    fn push_kind_and_listener(
+        &mut self,
+        buf: &mut Vec<u8>,
+        kind: &'static str,
+        listener: &Arc<str>,
+    ) {
+        let cached = match &self.kind_and_listener {
+            Some((k, l, text)) if std::ptr::eq(*k, kind) && Arc::ptr_eq(l, listener) => text,
+            _ => {
+                let mut text = b"\"kind\":".to_vec();
+                push_str(&mut text, kind);
+                text.extend_from_slice(b",\"listener\":");
+                push_str(&mut text, listener);
+                &self
+                    .kind_and_listener
+                    .insert((kind, listener.clone(), text))
+                    .2
+            }
+        };
+        buf.extend_from_slice(cached);
+    }
+
+    fn push_service(&mut self, buf: &mut Vec<u8>, service: &Arc<str>) {
+        let cached = match &self.service {
+            Some((s, text)) if Arc::ptr_eq(s, service) => text,
+            _ => {
+                let mut text = Vec::new();
+                push_str(&mut text, service);
+                &self.service.insert((service.clone(), text)).1
+            }
+        };
+        buf.extend_from_slice(cached);
+    }
 }
 
 /// `d` in milliseconds with its microseconds as the fraction, as serde_json writes that f64
@@ -517,7 +563,7 @@ mod tests {
         v4.bytes_in = 0;
         for e in [full, bare, v4] {
             let mut line = Vec::new();
-            push_line(&mut line, &e, &mut Seconds::default());
+            push_line(&mut line, &e, &mut LineCache::default());
             let want = serde_json::to_string(&e).unwrap() + "\n";
             assert_eq!(String::from_utf8(line).unwrap(), want);
         }
@@ -554,6 +600,38 @@ mod tests {
         ];
         for (s, want) in cases {
             assert_eq!(needs_no_escape(s.as_bytes()), want, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn one_cache_writes_every_line_as_serde_json_would() {
+        let (a, b) = (
+            Arc::<str>::from("app/outbound/80"),
+            Arc::<str>::from("quote\"d"),
+        );
+        let (x, y) = (Arc::<str>::from("api"), Arc::<str>::from("db"));
+        // Every change of kind, listener and service from line to line, and none.
+        let lines = [
+            ("http", &a, &x),
+            ("http", &a, &x),
+            ("tcp", &a, &x),
+            ("tcp", &b, &x),
+            ("tcp", &b, &y),
+            ("http", &a, &y),
+            ("http", &a, &x),
+        ];
+        let mut cache = LineCache::default();
+        for (kind, listener, service) in lines {
+            let e = Entry::new(
+                kind,
+                listener.clone(),
+                "127.0.0.1:9".parse().unwrap(),
+                service.clone(),
+            );
+            let mut line = Vec::new();
+            push_line(&mut line, &e, &mut cache);
+            let want = serde_json::to_string(&e).unwrap() + "\n";
+            assert_eq!(String::from_utf8(line).unwrap(), want);
         }
     }
 
