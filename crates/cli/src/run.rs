@@ -276,13 +276,13 @@ pub async fn start_proxy(
     admin_token: Option<String>,
 ) -> anyhow::Result<Arc<Proxy>> {
     let metrics = Arc::new(Metrics::default());
-    let dropped = metrics.access_log_lines_dropped.clone();
-    let access_log = match flags.access_log.as_str() {
-        "-" => AccessLog::start(Target::Stdout, dropped),
-        "off" => AccessLog::start(Target::Off, dropped),
-        path => AccessLog::start(Target::File(path.into()), dropped),
-    }
-    .with_context(|| format!("access log {}: cannot open", flags.access_log))?;
+    let target = match flags.access_log.as_str() {
+        "-" => Target::Stdout,
+        "off" => Target::Off,
+        path => Target::File(path.into()),
+    };
+    let access_log = AccessLog::start(target, metrics.access_log_lines_dropped.clone())
+        .with_context(|| format!("access log {}: cannot open", flags.access_log))?;
     let settings = Settings {
         drain_timeout: flags.drain_timeout,
         upstream: sluice_proxy::upstream::Timeouts {

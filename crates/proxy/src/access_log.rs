@@ -36,6 +36,7 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_millis(10);
 pub struct Entry {
     #[serde(serialize_with = "serialize_time")]
     pub time: SystemTime,
+    /// `http`, `forward`, `tunnel` or `tcp`: written as it is, unescaped.
     pub kind: &'static str,
     pub listener: Arc<str>,
     pub source: SocketAddr,
@@ -262,12 +263,15 @@ fn write_lines(queue: &Queue, mut out: Box<dyn Write + Send>) {
 fn push_line(buf: &mut Vec<u8>, e: &Entry, cache: &mut LineCache) {
     buf.extend_from_slice(b"{\"time\":\"");
     cache.seconds.push(buf, e.time);
-    buf.extend_from_slice(b"\",");
-    cache.push_kind_and_listener(buf, e.kind, &e.listener);
+    // The kind is one of the proxy's own names, which need no escaping.
+    buf.extend_from_slice(b"\",\"kind\":\"");
+    buf.extend_from_slice(e.kind.as_bytes());
+    buf.extend_from_slice(b"\",\"listener\":");
+    cache.listener.push(buf, &e.listener);
     buf.extend_from_slice(b",\"source\":");
     push_source(buf, e.source);
     buf.extend_from_slice(b",\"service\":");
-    cache.push_service(buf, &e.service);
+    cache.service.push(buf, &e.service);
     let optional: [(&[u8], _); 4] = [
         (b",\"method\":", e.method.as_ref().map(http::Method::as_str)),
         (b",\"authority\":", e.authority.as_deref()),
@@ -299,51 +303,33 @@ fn push_line(buf: &mut Vec<u8>, e: &Entry, cache: &mut LineCache) {
     buf.extend_from_slice(b"}\n");
 }
 
-/// What the lines in a row mostly share, rendered once and kept while the next line has the same
-/// (the same `Arc`, the same static string): a listener's lines name its kind, itself and
+/// What the lines in a row mostly share, rendered once: a listener's lines name itself and
 /// mostly one service.
 #[derive(Default)]
 struct LineCache {
     seconds: Seconds,
-    /// `"kind":K,"listener":L` of these two.
-    kind_and_listener: Option<(&'static str, Arc<str>, Vec<u8>)>,
-    /// The service, quoted.
-    service: Option<(Arc<str>, Vec<u8>)>,
+    listener: Quoted,
+    service: Quoted,
 }
 
-impl LineCache {
-    fn push_kind_and_listener(
-        &mut self,
-        buf: &mut Vec<u8>,
-        kind: &'static str,
-        listener: &Arc<str>,
-    ) {
-        let cached = match &self.kind_and_listener {
-            Some((k, l, text)) if std::ptr::eq(*k, kind) && Arc::ptr_eq(l, listener) => text,
-            _ => {
-                let mut text = b"\"kind\":".to_vec();
-                push_str(&mut text, kind);
-                text.extend_from_slice(b",\"listener\":");
-                push_str(&mut text, listener);
-                &self
-                    .kind_and_listener
-                    .insert((kind, listener.clone(), text))
-                    .2
-            }
-        };
-        buf.extend_from_slice(cached);
-    }
+/// A name as the line writes it, kept while the next line names the same `Arc`. The `Arc` is
+/// held, so its address cannot be reused by another name meanwhile.
+#[derive(Default)]
+struct Quoted {
+    last: Option<(Arc<str>, Vec<u8>)>,
+}
 
-    fn push_service(&mut self, buf: &mut Vec<u8>, service: &Arc<str>) {
-        let cached = match &self.service {
-            Some((s, text)) if Arc::ptr_eq(s, service) => text,
+impl Quoted {
+    fn push(&mut self, buf: &mut Vec<u8>, name: &Arc<str>) {
+        let text = match &self.last {
+            Some((last, text)) if Arc::ptr_eq(last, name) => text,
             _ => {
                 let mut text = Vec::new();
-                push_str(&mut text, service);
-                &self.service.insert((service.clone(), text)).1
+                push_str(&mut text, name);
+                &self.last.insert((name.clone(), text)).1
             }
         };
-        buf.extend_from_slice(cached);
+        buf.extend_from_slice(text);
     }
 }
 
@@ -610,7 +596,8 @@ mod tests {
             Arc::<str>::from("quote\"d"),
         );
         let (x, y) = (Arc::<str>::from("api"), Arc::<str>::from("db"));
-        // Every change of kind, listener and service from line to line, and none.
+        // Every change of kind, listener and service from line to line, and none; a listener
+        // whose name needs escaping.
         let lines = [
             ("http", &a, &x),
             ("http", &a, &x),

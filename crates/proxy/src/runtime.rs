@@ -1040,11 +1040,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unchanged_service_keeps_one_model_across_applies() {
-        let log = AccessLog::start(
-            crate::access_log::Target::File("/dev/null".into()),
-            Default::default(),
-        )
-        .unwrap();
+        let log = AccessLog::start(crate::access_log::Target::Off, Default::default()).unwrap();
         let proxy = Proxy::new(Settings::default(), Arc::new(Metrics::default()), log).unwrap();
         let (a, b) = (service("a", 443), service("b", 443));
         proxy.apply(config(&[a.clone(), b.clone()])).await.unwrap();
