@@ -647,8 +647,10 @@ async fn absolute(
             let started = Instant::now();
             let mut entry = Entry::new("forward", shared.listener.clone(), peer, service);
             entry.method = Some(req.method().clone());
-            entry.authority = Some(format!("{host}:{port}"));
-            entry.path = req.uri().path_and_query().map(|p| p.to_string());
+            if shared.access_log.is_on() {
+                entry.authority = Some(format!("{host}:{port}"));
+                entry.path = req.uri().path_and_query().map(|p| p.to_string());
+            }
             entry.upstream = Some(address);
             // Origin-form to the server, as a direct client would send.
             let path = req
