@@ -19,9 +19,6 @@ import subprocess
 import lib
 
 
-NO_LOG = lib.NO_LOG
-
-
 def h2load_n(url, n):
     cmd = ["taskset", "-c", lib.LOAD_CPU, "h2load", "--h1", "-c1", f"-n{n}", url]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -123,7 +120,7 @@ def run(ctx, origin):
     results, profiles = {}, {}
 
     # As it ships (the access log on), and like the peers' configurations (no access log).
-    for name, access_log in (("sluice", True), (NO_LOG, False)):
+    for name, access_log in (("sluice", True), (lib.NO_LOG, False)):
         port = lib.free_port()
         yaml = lib.mes_yaml(ctx, "origin", origin["h1"]) + "---\n" + lib.dataplane_yaml([(port, "origin")])
         out = ctx.path(f"{name}-cg.callgrind")

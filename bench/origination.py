@@ -22,20 +22,11 @@ class Subjects:
 
     def __init__(self, ctx, origin_port):
         self.ctx = ctx
-        port, quiet_port = lib.free_port(), lib.free_port()
-        yaml = lambda p: lib.mes_yaml(ctx, "origin", origin_port) + "---\n" + lib.dataplane_yaml([(p, "origin")])
-        self.sluice = lib.Sluice(ctx, "sluice", yaml(port))
-        self.quiet = lib.Sluice(ctx, lib.NO_LOG, yaml(quiet_port), access_log=False)
-        nginx, nginx_port = lib.start_peer(ctx, "nginx", origin_port)
-        haproxy, haproxy_port = lib.start_peer(ctx, "haproxy", origin_port)
-        self.urls = {
-            "direct": f"https://127.0.0.1:{origin_port}",
-            "sluice": f"http://127.0.0.1:{port}",
-            lib.NO_LOG: f"http://127.0.0.1:{quiet_port}",
-            "nginx": f"http://127.0.0.1:{nginx_port}",
-            "haproxy": f"http://127.0.0.1:{haproxy_port}",
-        }
-        self.procs = {"sluice": self.sluice.proc, lib.NO_LOG: self.quiet.proc, "nginx": nginx, "haproxy": haproxy}
+        started = lib.start_subjects(ctx, origin_port, path="")
+        self.sluice = started["sluice"][2]
+        self.urls = {"direct": f"https://127.0.0.1:{origin_port}",
+                     **{name: url for name, (url, _, _) in started.items()}}
+        self.procs = {name: proc for name, (_, proc, _) in started.items()}
         self.idle_rss = {s: lib.memory_kib(self.pids(s)) for s in self.procs}
         for subject in SUBJECTS:
             for path, size in PATHS.values():
@@ -70,10 +61,8 @@ class Subjects:
         return r
 
     def stop(self):
-        self.sluice.stop()
-        self.quiet.stop()
-        for s in ("nginx", "haproxy"):
-            self.ctx.procs.stop(self.procs[s])
+        for proc in self.procs.values():
+            self.ctx.procs.stop(proc)
 
 
 def h2load_rate(url, clients, rate_per_client, seconds, log_file):
