@@ -13,6 +13,7 @@ Sluice runs on PROXY_CPU; origins and clients share LOAD_CPU.
 
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -161,9 +162,7 @@ HAPROXY_TCP = """global
 
 defaults
     mode tcp
-    option splice-request
-    option splice-response
-    timeout connect 5s
+{splice}    timeout connect 5s
     timeout client  30s
     timeout server  30s
 
@@ -183,18 +182,22 @@ backend be_plain
 """
 
 
-def start_haproxy_tcp(ctx, tls_origin, plain_origin):
+HAPROXIES = ("haproxy", "haproxy-copy")
+
+
+def start_haproxy_tcp(ctx, name, tls_origin, plain_origin, splice):
     """HAProxy as a plain TCP relay (one thread, the proxy CPU) in front of both origin ports:
-    the same bytes as a CONNECT tunnel, without the CONNECT. Returns the process and its two
-    ports (TLS, plain)."""
-    d = ctx.path("haproxy-tcp")
+    the same bytes as a CONNECT tunnel, without the CONNECT; splicing both ways, or copying
+    through its buffers (its default). Returns the process and its two ports (TLS, plain)."""
+    d = ctx.path(name)
     os.makedirs(d, exist_ok=True)
     tls_listen, plain_listen = lib.free_port(), lib.free_port()
     conf = os.path.join(d, "haproxy.cfg")
     with open(conf, "w") as f:
         f.write(HAPROXY_TCP.format(dir=d, tls_listen=tls_listen, plain_listen=plain_listen,
-                                   tls_origin=tls_origin, plain_origin=plain_origin))
-    proc = ctx.procs.start("haproxy-tcp", [lib.which("haproxy"), "-W", "-db", "-f", conf], cpus=lib.PROXY_CPU)
+                                   tls_origin=tls_origin, plain_origin=plain_origin,
+                                   splice="    option splice-request\n    option splice-response\n" if splice else ""))
+    proc = ctx.procs.start(name, [lib.which("haproxy"), "-W", "-db", "-f", conf], cpus=lib.PROXY_CPU)
     lib.poll("haproxy (tcp) listening", lambda: lib.listening(tls_listen) and lib.listening(plain_listen),
              proc=proc, procs=ctx.procs)
     return proc, tls_listen, plain_listen
@@ -238,7 +241,7 @@ def connect_tunnel(ctx):
         sendfile on;
         root {www};
     }}""", LOAD_CPU)
-    sluice = haproxy = None
+    sluice, haproxies = None, []
     try:
         lib.poll("the tunnel origin listening", lambda: lib.listening(port) and lib.listening(plain_port),
                  proc=nginx, procs=ctx.procs)
@@ -260,13 +263,17 @@ spec:
         sluice = lib.Sluice(ctx, "sluice-tunnel", mes, args=[
             "--http-proxy", f"127.0.0.1:{proxy_port}", "--outbound-traffic-policy", "restricted"])
         lib.poll("the forward proxy listening", lambda: lib.listening(proxy_port), proc=sluice.proc, procs=ctx.procs)
-        haproxy, haproxy_port, haproxy_plain_port = start_haproxy_tcp(ctx, port, plain_port)
+        # HAProxy both ways: which is faster depends on whether the ends spend their CPU on TLS.
+        haproxies = [start_haproxy_tcp(ctx, name, port, plain_port, splice)
+                     for name, splice in zip(HAPROXIES, (True, False))]
         curl = ["taskset", "-c", LOAD_CPU, "curl", "-fsS", "--cacert", pki["ca"], "--noproxy", ""]
         # HAProxy relays TCP without CONNECT: curl sends the same bytes to its port instead
         # (--connect-to keeps the URL, so the SNI and the certificate check are the same).
         via = {"direct": [], "sluice": ["--proxy", f"http://127.0.0.1:{proxy_port}"],
-               "haproxy": ["--connect-to", f"localhost:{port}:127.0.0.1:{haproxy_port}"]}
-        pids = {"direct": None, "sluice": sluice.pids, "haproxy": lib.pids_of(haproxy)}
+               **{name: ["--connect-to", f"localhost:{port}:127.0.0.1:{tls_listen}"]
+                  for name, (_, tls_listen, _) in zip(HAPROXIES, haproxies)}}
+        pids = {"direct": None, "sluice": sluice.pids,
+                **{name: lib.pids_of(proc) for name, (proc, _, _) in zip(HAPROXIES, haproxies)}}
         base = f"https://localhost:{port}"
         for subject, args in via.items():  # one request each way before measuring
             run_cmd(f"curl {base}/small ({subject})", [*curl, *args, "-o", "/dev/null", f"{base}/small"], 10)
@@ -276,14 +283,19 @@ spec:
         def transfers(scenario, url, ways):
             """The best of `runs` downloads of `url` per subject, the subjects taking turns so
             that the host's drift falls on all of them; returns the CPU seconds and wall time of
-            Sluice's transfers."""
-            best, cpu, wall, rss = {}, {}, {}, {}
+            each proxy's transfers, and curl's CPU seconds (user, system) per subject."""
+            best, cpu, wall, rss, client = {}, {}, {}, {}, {}
             for _ in range(runs):
                 for subject, args in ways.items():
                     t0 = time.monotonic()
+                    before = resource.getrusage(resource.RUSAGE_CHILDREN)
                     with Measured(pids[subject]) as m:
                         speed = float(run_cmd(f"curl {url} ({subject})", [
                             *curl, *args, "-o", "/dev/null", "-w", "%{speed_download}", url], 120))
+                    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    user, system = client.get(subject, (0.0, 0.0))
+                    client[subject] = (user + after.ru_utime - before.ru_utime,
+                                       system + after.ru_stime - before.ru_stime)
                     best[subject] = max(best.get(subject, 0.0), speed)
                     cpu[subject] = cpu.get(subject, 0.0) + (m.cpu or 0.0)
                     wall[subject] = wall.get(subject, 0.0) + time.monotonic() - t0
@@ -291,25 +303,34 @@ spec:
             for subject in ways:
                 rows.append(row(f"{scenario}: one {big_mib} MiB transfer (best of {runs})", subject,
                                 mb_per_s=best[subject] / 1e6, rss=rss[subject]))
-            return cpu, wall
+            return cpu, wall, client
+
+        def client_note(what, client, gib):
+            """curl's CPU per GiB it received: what the relay's way of passing bytes on costs the
+            app that reads them."""
+            return f"{what}: curl's CPU per GiB received (user + system), " + ", ".join(
+                f"{s} {u / gib:.2f} + {k / gib:.2f} s" for s, (u, k) in client.items()) + "."
 
         def cpu_note(cpu, wall):
             return "; ".join(f"{s} {cpu[s]:.2f} CPU s in {wall[s]:.2f} s ({cpu[s] / wall[s]:.0%} of its CPU)"
-                             for s in ("sluice", "haproxy"))
+                             for s in ("sluice", *HAPROXIES))
 
-        log(f"tunnel: one {big_mib} MiB transfer, best of {runs}: direct, through the tunnel, through haproxy")
-        cpu, wall = transfers("CONNECT", f"{base}/big", via)
+        log(f"tunnel: one {big_mib} MiB transfer, best of {runs}: direct, through the tunnel, through each haproxy")
+        gib = runs * big_mib / 1024
+        cpu, wall, client = transfers("CONNECT", f"{base}/big", via)
         notes.append(f"During the {big_mib} MiB transfers the proxies used: {cpu_note(cpu, wall)}.")
+        notes.append(client_note(f"{big_mib} MiB with TLS end to end", client, gib))
 
         # Plain bytes in the tunnel (a `tcp` service takes them): neither end spends its CPU on
         # TLS, so the relay's own cost shows rather than the shared CPU's.
-        log(f"tunnel: one {big_mib} MiB plain transfer, best of {runs}: direct, through the tunnel, through haproxy")
-        gib = runs * big_mib / 1024
-        cpu, _ = transfers("CONNECT, plain bytes", f"http://127.0.0.1:{plain_port}/big",
+        log(f"tunnel: one {big_mib} MiB plain transfer, best of {runs}: direct, through the tunnel, through each haproxy")
+        cpu, _, client = transfers("CONNECT, plain bytes", f"http://127.0.0.1:{plain_port}/big",
                            {"direct": [], "sluice": ["--proxytunnel", *via["sluice"]],
-                            "haproxy": ["--connect-to", f"127.0.0.1:{plain_port}:127.0.0.1:{haproxy_plain_port}"]})
+                            **{name: ["--connect-to", f"127.0.0.1:{plain_port}:127.0.0.1:{plain_listen}"]
+                               for name, (_, _, plain_listen) in zip(HAPROXIES, haproxies)}})
         notes.append(f"Plain transfers: Sluice used {cpu['sluice'] / gib:.2f} CPU s per GiB carried, "
-                     f"HAProxy {cpu['haproxy'] / gib:.2f}.")
+                     f"HAProxy {cpu['haproxy'] / gib:.2f} splicing and {cpu['haproxy-copy'] / gib:.2f} copying.")
+        notes.append(client_note(f"{big_mib} MiB of plain bytes", client, gib))
 
         log(f"tunnel: {small} small requests on one connection, direct then through one tunnel")
         urls = [a for _ in range(small + 1) for a in ("-o", "/dev/null", f"{base}/small")]
@@ -333,8 +354,8 @@ spec:
     finally:
         if sluice:
             sluice.stop()
-        if haproxy:
-            ctx.procs.stop(haproxy)
+        for proc, _, _ in haproxies:
+            ctx.procs.stop(proc)
         ctx.procs.stop(nginx)
 
 
@@ -431,7 +452,10 @@ def run(ctx, origin):
         "`localhost:PORT` and its SNI `localhost` is checked. TLS is end to end (curl to nginx).",
         "HAProxy: `mode tcp`, one thread, on CPU 0, with a frontend for each origin port; curl "
         "`--connect-to` sends it the same bytes it would send through the tunnel (same URL, SNI and "
-        "certificate check), without the CONNECT. It splices both ways (`option splice-request`, `option splice-response`), as Sluice does. "
+        "certificate check), without the CONNECT. "
+        "It runs twice: `haproxy` splices both ways (`option splice-request`, `option splice-response`), "
+        "`haproxy-copy` copies through its buffers (its default). Sluice copies through buffers it borrows from a pool while bytes move "
+        "(BENCHMARKS.md says why). "
         "The subjects take turns, run by run, so that the host's drift falls on all of them.",
         "CONNECT, plain bytes: the same file over plain HTTP from a second nginx server (sendfile on, as in "
         "nginx's packaged configuration), registered as another `protocol: tcp` service, which takes bytes "

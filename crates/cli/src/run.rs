@@ -203,7 +203,7 @@ pub fn main(args: RunArgs) -> ExitCode {
     serve_until_done(args.proxy.workers, run(args))
 }
 
-/// Every connection holds descriptors (two for a relay's sockets, four more for its pipes), and
+/// Every connection holds descriptors (a relay two, its app's socket and the upstream's), and
 /// the soft limit many systems start processes with (1024) would refuse connections long before
 /// `--max-connections`: the soft limit is raised to the hard one, which only an administrator sets.
 fn raise_open_file_limit() {

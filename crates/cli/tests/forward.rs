@@ -177,13 +177,13 @@ async fn connect_tunnels_only_what_was_checked() {
 
     // Each tunnel counted once: refused ones by why, the two that carried traffic as allowed.
     let text = w.sluice.admin_get("/metrics").await.unwrap().text();
-    // The two tunnels that carried traffic joined two plain sockets: spliced, once closed.
-    let spliced = wait_until_async(DEFAULT_TIMEOUT, || async {
+    // The two tunnels that carried traffic joined two plain sockets (pooled buffers), once closed.
+    let pooled = wait_until_async(DEFAULT_TIMEOUT, || async {
         let text = w.sluice.admin_get("/metrics").await.unwrap().text();
-        text.contains("sluice_relays_total{mode=\"splice\"} 2\n")
+        text.contains("sluice_relays_total{mode=\"pooled\"} 2\n")
     })
     .await;
-    assert!(spliced, "both tunnels must be counted as spliced");
+    assert!(pooled, "both tunnels must be counted as pooled");
     for line in [
         "sluice_forward_proxy_decisions_total{decision=\"denied\",reason=\"sni_mismatch\"} 2",
         "sluice_forward_proxy_decisions_total{decision=\"denied\",reason=\"not_tls\"} 1",

@@ -296,14 +296,14 @@ async fn tcp_with_tls_origination_echoes_and_respects_half_close() {
     assert_eq!(log[0]["bytes_in"], 300_000);
     assert_eq!(log[0]["bytes_out"], 300_000);
     assert_eq!(log[0]["tls_version"], "TLSv1.3");
-    // TLS on one side: the bytes go through the proxy's buffers.
+    // TLS on one side: the relay held its buffers for its life.
     let metrics = sluice.admin_get("/metrics").await.unwrap().text();
     assert!(
-        metrics.contains("sluice_relays_total{mode=\"copy\"} 1\n"),
+        metrics.contains("sluice_relays_total{mode=\"held\"} 1\n"),
         "{metrics}"
     );
     assert!(
-        metrics.contains("sluice_relays_total{mode=\"splice\"} 0\n"),
+        metrics.contains("sluice_relays_total{mode=\"pooled\"} 0\n"),
         "{metrics}"
     );
 }
@@ -1025,10 +1025,11 @@ async fn an_idle_tcp_connection_is_closed_and_a_busy_one_is_not() {
     let sent = busy_line["bytes_in"].as_u64().unwrap();
     assert!(sent > "still open".len() as u64, "{busy_line}");
     assert_eq!(busy_line["bytes_out"].as_u64(), Some(sent));
-    // Plain sockets both sides: both relays were spliced, and the idle timeout still held.
+    // Plain sockets both sides: both relays borrowed buffers only while bytes moved, and the idle
+    // timeout still held.
     let metrics = sluice.admin_get("/metrics").await.unwrap().text();
     assert!(
-        metrics.contains("sluice_relays_total{mode=\"splice\"} 2\n"),
+        metrics.contains("sluice_relays_total{mode=\"pooled\"} 2\n"),
         "{metrics}"
     );
 }

@@ -426,7 +426,7 @@ async fn connect(
                                 &shared.kill,
                             )
                             .await;
-                            shared.metrics.count_relay(relayed.spliced);
+                            shared.metrics.count_relay(relayed.pooled);
                             entry.bytes_in = relayed.up + first.len() as u64;
                             entry.bytes_out = relayed.down;
                             entry.error = relayed.ended;

@@ -17,7 +17,7 @@ mod pins;
 pub mod policy;
 mod pool;
 pub mod runtime;
-mod splice;
+mod socket_relay;
 pub mod subscribe;
 mod tcp;
 mod tls;

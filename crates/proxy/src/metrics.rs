@@ -40,7 +40,8 @@ pub struct DecisionLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RelayLabels {
-    /// `splice` (the bytes stayed in the kernel) or `copy` (through the proxy's buffers).
+    /// `pooled` (two plain sockets: a buffer from the thread's pool only while bytes move) or
+    /// `held` (TLS or a unix socket at an end: buffers for the relay's life).
     pub mode: &'static str,
 }
 
@@ -154,7 +155,7 @@ impl Default for Metrics {
         let relays = Family::<RelayLabels, Counter>::default();
         registry.register(
             "relays",
-            "Byte relays ended (tcp outbounds, CONNECT tunnels, transparent TCP), by how the bytes moved: splice between two plain sockets, copy otherwise",
+            "Byte relays ended (tcp outbounds, CONNECT tunnels, transparent TCP), by their buffers: pooled (two plain sockets, a buffer only while bytes move) or held (TLS or a unix socket at an end, buffers for the relay's life)",
             relays.clone(),
         );
         let upstream_connections = Family::<ServiceLabels, Counter>::default();
@@ -271,8 +272,8 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn count_relay(&self, spliced: bool) {
-        let mode = if spliced { "splice" } else { "copy" };
+    pub fn count_relay(&self, pooled: bool) {
+        let mode = if pooled { "pooled" } else { "held" };
         self.relays.get_or_create(&RelayLabels { mode }).inc();
     }
 

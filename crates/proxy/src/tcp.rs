@@ -16,7 +16,7 @@ use crate::access_log::{AccessLog, Entry};
 use prometheus_client::metrics::counter::Counter;
 
 use crate::metrics::{BytesLabels, Metrics, RelayLabels};
-use crate::splice;
+use crate::socket_relay;
 use crate::upstream::{plain_socket, Connector, Io};
 
 /// A tcp outbound's service: how to reach it, and its metrics resolved once rather than per
@@ -26,8 +26,8 @@ pub struct TcpUpstream {
     connections: Counter,
     bytes_up: Counter,
     bytes_down: Counter,
-    relays_spliced: Counter,
-    relays_copied: Counter,
+    relays_pooled: Counter,
+    relays_held: Counter,
 }
 
 impl TcpUpstream {
@@ -49,8 +49,8 @@ impl TcpUpstream {
                 .clone(),
             bytes_up: bytes("upstream"),
             bytes_down: bytes("downstream"),
-            relays_spliced: relays("splice"),
-            relays_copied: relays("copy"),
+            relays_pooled: relays("pooled"),
+            relays_held: relays("held"),
             connector,
         }
     }
@@ -104,10 +104,10 @@ pub async fn serve(
                 Ok(()) => {
                     let relayed =
                         relay(&mut client, &mut *connection.io, idle_timeout, &kill).await;
-                    if relayed.spliced {
-                        upstream.relays_spliced.inc();
+                    if relayed.pooled {
+                        upstream.relays_pooled.inc();
                     } else {
-                        upstream.relays_copied.inc();
+                        upstream.relays_held.inc();
                     }
                     entry.bytes_in = relayed.up + first.len() as u64;
                     entry.bytes_out = relayed.down;
@@ -123,7 +123,8 @@ pub async fn serve(
     access_log.log(entry);
 }
 
-/// Per direction: large enough that a bulk transfer moves in few system calls.
+/// Per direction, for the relay's life, where an end is not a plain socket: large enough that a
+/// bulk transfer moves in few system calls.
 const RELAY_BUFFER: usize = 64 * 1024;
 
 const DRAINED: &str = "closed at the end of the drain deadline";
@@ -135,13 +136,13 @@ pub struct Relayed {
     pub down: u64,
     /// Why it stopped before both sides were done, if it did.
     pub ended: Option<String>,
-    /// Whether the bytes stayed in the kernel.
-    pub spliced: bool,
+    /// Whether both ends were plain sockets, so that buffers were held only while bytes moved.
+    pub pooled: bool,
 }
 
 /// Bytes both ways until both sides are done, nothing moves for `idle_timeout`, or `kill`
-/// fires. Between two plain TCP sockets the bytes stay in the kernel (splice); otherwise, or
-/// when no pipe can be had, they are copied through buffers.
+/// fires. Between two plain TCP sockets a direction holds a buffer only while bytes move;
+/// otherwise (TLS or a unix socket at an end) each holds one for the relay's life.
 pub async fn relay(
     a: &mut dyn Io,
     b: &mut dyn Io,
@@ -150,21 +151,11 @@ pub async fn relay(
 ) -> Relayed {
     let activity = Activity::new();
     let (to_a, to_b) = (AtomicU64::new(0), AtomicU64::new(0));
-    let pipes = match (plain_socket(a), plain_socket(b)) {
-        (Some(_), Some(_)) => match splice::Pipes::new() {
-            Ok(pipes) => Some(pipes),
-            Err(e) => {
-                tracing::debug!(error = %e, "no pipes for a spliced relay; copying instead");
-                None
-            }
-        },
-        _ => None,
-    };
-    let spliced = pipes.is_some();
+    let pooled = plain_socket(a).is_some() && plain_socket(b).is_some();
     let carried = async {
-        if let (Some(pipes), Some(sa), Some(sb)) = (pipes, plain_socket(a), plain_socket(b)) {
+        if let (Some(sa), Some(sb)) = (plain_socket(a), plain_socket(b)) {
             let moved = || activity.touch();
-            return splice::relay(sa, sb, pipes, &moved, &to_a, &to_b).await;
+            return socket_relay::relay(sa, sb, &moved, &to_a, &to_b).await;
         }
         let mut a = Tracked {
             inner: a,
@@ -189,7 +180,7 @@ pub async fn relay(
         up: to_b.load(Ordering::Relaxed),
         down: to_a.load(Ordering::Relaxed),
         ended,
-        spliced,
+        pooled,
     }
 }
 

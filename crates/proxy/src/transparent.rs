@@ -149,7 +149,7 @@ impl Context<'_> {
                 entry.upstream = Some(Arc::from(addr.to_string()));
                 let relayed =
                     crate::tcp::relay(&mut app, &mut upstream, self.idle_timeout, kill).await;
-                self.metrics.count_relay(relayed.spliced);
+                self.metrics.count_relay(relayed.pooled);
                 entry.bytes_in = relayed.up;
                 entry.bytes_out = relayed.down;
                 entry.error = relayed.ended;

@@ -30,7 +30,7 @@ pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + Any {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + Any> Io for T {}
 
 /// The TCP socket a stream is, when it is a plain one (no TLS, not a unix socket): what a
-/// relay can splice.
+/// relay can wait on without holding a buffer.
 pub fn plain_socket(io: &dyn Io) -> Option<&TcpStream> {
     let io: &dyn Any = io;
     if let Some(socket) = io.downcast_ref::<TcpStream>() {
@@ -964,7 +964,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn only_plain_tcp_is_a_socket_to_splice_however_it_is_wrapped() {
+    async fn only_plain_tcp_is_a_socket_to_relay_bufferless_however_it_is_wrapped() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         // Each TCP row's own stream, named by its local port, so a row finds the socket it wraps.
