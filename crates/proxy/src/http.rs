@@ -190,11 +190,11 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let up = &ctx.upstream;
-    let authority = req.uri().authority().map(|a| a.to_string()).or_else(|| {
+    // Borrowed from the request: only the log line and a refusal keep a copy.
+    let app_authority = req.uri().authority().map(Authority::as_str).or_else(|| {
         req.headers()
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
-            .map(str::to_string)
     });
     let method = req.method().clone();
     let protocol = match req.version() {
@@ -214,7 +214,7 @@ pub async fn handle(
     let mut log = LogOnDrop(Some(Box::new(Pending {
         entry: Entry {
             method: Some(method),
-            authority: authority.as_ref().filter(|_| logged).cloned(),
+            authority: app_authority.filter(|_| logged).map(str::to_string),
             path: logged.then(|| path.as_str().to_string()),
             protocol: Some(protocol),
             ..Entry::new(
@@ -232,21 +232,30 @@ pub async fn handle(
     })));
 
     if let Some(hosts) = &ctx.hosts {
-        let host = authority
-            .as_deref()
+        let host = app_authority
             .map(host_of)
             .unwrap_or_default()
             .to_ascii_lowercase();
         if !hosts.contains(&host) {
             let msg = format!(
                 "Host {:?} is not a name of the address this request was sent to ({}); call the service by one of those names",
-                authority.as_deref().unwrap_or(""),
+                app_authority.unwrap_or(""),
                 hosts.join(", ")
             );
             return Ok(log.respond_error(StatusCode::MISDIRECTED_REQUEST, msg));
         }
     }
-    let outbound = match rewrite_request(req, up, authority.as_deref(), path, bytes_in) {
+    let authority = match &up.authority {
+        Some(a) => a.clone(),
+        None => match app_authority.and_then(|a| a.parse::<Authority>().ok()) {
+            Some(a) => a,
+            None => {
+                let msg = "request has no Host header".to_string();
+                return Ok(log.respond_error(StatusCode::BAD_REQUEST, msg));
+            }
+        },
+    };
+    let outbound = match rewrite_request(req, up, authority, path, bytes_in) {
         Ok(r) => r,
         Err(msg) => return Ok(log.respond_error(StatusCode::BAD_REQUEST, msg)),
     };
@@ -298,17 +307,11 @@ fn host_of(authority: &str) -> &str {
 fn rewrite_request(
     req: Request<Incoming>,
     up: &HttpUpstream,
-    app_authority: Option<&str>,
+    authority: Authority,
     path: PathAndQuery,
     bytes_in: Arc<AtomicU64>,
 ) -> Result<Request<CountedBody>, String> {
     let (mut parts, body) = req.into_parts();
-    let authority = match &up.authority {
-        Some(a) => a.clone(),
-        None => app_authority
-            .and_then(|a| a.parse::<Authority>().ok())
-            .ok_or_else(|| "request has no Host header".to_string())?,
-    };
     let mut target = http::uri::Parts::default();
     target.scheme = Some(up.scheme.clone());
     target.authority = Some(authority);
