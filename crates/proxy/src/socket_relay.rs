@@ -6,7 +6,7 @@
 use std::cell::RefCell;
 use std::io;
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use socket2::SockRef;
 use tokio::net::TcpStream;
@@ -16,26 +16,78 @@ use tokio::net::TcpStream;
 /// byte it reads, more than the copy costs the proxy (BENCHMARKS.md, CONNECT).
 const BUFFER: usize = 256 * 1024;
 
+/// How many full-size buffers the process lends at once (64 MiB): a direction holds its buffer
+/// until the other side has taken the bytes, so slow readers could otherwise pin
+/// `--max-connections` times two of them.
+const LENT_AT_MOST: usize = 256;
+
+/// What a direction borrows when the full-size buffers are all lent: still moves bytes, in
+/// more system calls.
+const SMALL_BUFFER: usize = 16 * 1024;
+
 /// Buffers a thread keeps for its next bursts; any beyond are freed.
 const KEPT: usize = 4;
+
+/// Counts the full-size buffers out, so that no more than `at_most` are.
+struct Lender {
+    lent: AtomicUsize,
+    at_most: usize,
+}
+
+impl Lender {
+    /// Whether one more full-size buffer may be lent; if so, it is counted until `give_back`.
+    fn lend(&self) -> bool {
+        if self.lent.fetch_add(1, Ordering::Relaxed) < self.at_most {
+            return true;
+        }
+        self.lent.fetch_sub(1, Ordering::Relaxed);
+        false
+    }
+
+    fn give_back(&self) {
+        self.lent.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+static LENDER: Lender = Lender {
+    lent: AtomicUsize::new(0),
+    at_most: LENT_AT_MOST,
+};
 
 thread_local! {
     static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// A buffer taken from the pool, returned to it on drop (however the relay ends).
-struct Borrowed(Vec<u8>);
+/// A buffer taken from the pool (or, with every full-size one lent, a small one of its own),
+/// given back on drop however the relay ends.
+struct Borrowed {
+    buf: Vec<u8>,
+    full_size: bool,
+}
 
 impl Borrowed {
     fn take() -> Self {
+        if !LENDER.lend() {
+            return Self {
+                buf: Vec::with_capacity(SMALL_BUFFER),
+                full_size: false,
+            };
+        }
         let pooled = POOL.try_with(|p| p.borrow_mut().pop()).ok().flatten();
-        Self(pooled.unwrap_or_else(|| Vec::with_capacity(BUFFER)))
+        Self {
+            buf: pooled.unwrap_or_else(|| Vec::with_capacity(BUFFER)),
+            full_size: true,
+        }
     }
 }
 
 impl Drop for Borrowed {
     fn drop(&mut self) {
-        let buf = std::mem::take(&mut self.0);
+        if !self.full_size {
+            return;
+        }
+        LENDER.give_back();
+        let buf = std::mem::take(&mut self.buf);
         // At thread exit the pool may be gone already; the buffer is then just freed.
         let _ = POOL.try_with(|p| {
             let mut p = p.borrow_mut();
@@ -70,8 +122,8 @@ async fn one_way(
         from.readable().await?;
         let mut buf = Borrowed::take();
         loop {
-            buf.0.clear();
-            let n = match from.try_read_buf(&mut buf.0) {
+            buf.buf.clear();
+            let n = match from.try_read_buf(&mut buf.buf) {
                 Ok(n) => n,
                 // Drained: the buffer goes back until the next bytes arrive.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -84,7 +136,7 @@ async fn one_way(
             let mut at = 0;
             while at < n {
                 to.writable().await?;
-                match to.try_write(&buf.0[at..n]) {
+                match to.try_write(&buf.buf[at..n]) {
                     Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                     Ok(w) => {
                         at += w;
@@ -164,6 +216,21 @@ mod tests {
         assert_eq!(to_b.load(Ordering::Relaxed), up.len() as u64);
         assert_eq!(to_a.load(Ordering::Relaxed), down.len() as u64);
         assert!(moves.load(Ordering::Relaxed) >= 2);
+    }
+
+    #[test]
+    fn no_more_full_size_buffers_are_lent_than_the_bound_and_each_given_back_can_be_lent_again() {
+        let lender = Lender {
+            lent: AtomicUsize::new(0),
+            at_most: 3,
+        };
+        assert!((0..3).all(|_| lender.lend()));
+        assert!(!lender.lend(), "a fourth is refused");
+        assert!(!lender.lend(), "a refusal does not count as lent");
+        lender.give_back();
+        assert!(lender.lend());
+        assert!(!lender.lend());
+        assert_eq!(lender.lent.load(Ordering::Relaxed), 3);
     }
 
     fn pooled() -> usize {
