@@ -245,15 +245,13 @@ pub async fn handle(
             return Ok(log.respond_error(StatusCode::MISDIRECTED_REQUEST, msg));
         }
     }
-    let authority = match &up.authority {
-        Some(a) => a.clone(),
-        None => match app_authority.and_then(|a| a.parse::<Authority>().ok()) {
-            Some(a) => a,
-            None => {
-                let msg = "request has no Host header".to_string();
-                return Ok(log.respond_error(StatusCode::BAD_REQUEST, msg));
-            }
-        },
+    let target = up
+        .authority
+        .clone()
+        .or_else(|| app_authority.and_then(|a| a.parse().ok()));
+    let Some(authority) = target else {
+        let msg = "request has no Host header".to_string();
+        return Ok(log.respond_error(StatusCode::BAD_REQUEST, msg));
     };
     let outbound = match rewrite_request(req, up, authority, path, bytes_in) {
         Ok(r) => r,
