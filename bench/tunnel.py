@@ -182,9 +182,6 @@ backend be_plain
 """
 
 
-HAPROXIES = ("haproxy", "haproxy-copy")
-
-
 def start_haproxy_tcp(ctx, name, tls_origin, plain_origin, splice):
     """HAProxy as a plain TCP relay (one thread, the proxy CPU) in front of both origin ports:
     the same bytes as a CONNECT tunnel, without the CONNECT; splicing both ways, or copying
@@ -241,7 +238,7 @@ def connect_tunnel(ctx):
         sendfile on;
         root {www};
     }}""", LOAD_CPU)
-    sluice, haproxies = None, []
+    sluice, haproxies = None, {}
     try:
         lib.poll("the tunnel origin listening", lambda: lib.listening(port) and lib.listening(plain_port),
                  proc=nginx, procs=ctx.procs)
@@ -264,16 +261,16 @@ spec:
             "--http-proxy", f"127.0.0.1:{proxy_port}", "--outbound-traffic-policy", "restricted"])
         lib.poll("the forward proxy listening", lambda: lib.listening(proxy_port), proc=sluice.proc, procs=ctx.procs)
         # HAProxy both ways: which is faster depends on whether the ends spend their CPU on TLS.
-        haproxies = [start_haproxy_tcp(ctx, name, port, plain_port, splice)
-                     for name, splice in zip(HAPROXIES, (True, False))]
+        haproxies = {name: start_haproxy_tcp(ctx, name, port, plain_port, splice)
+                     for name, splice in (("haproxy", True), ("haproxy-copy", False))}
         curl = ["taskset", "-c", LOAD_CPU, "curl", "-fsS", "--cacert", pki["ca"], "--noproxy", ""]
         # HAProxy relays TCP without CONNECT: curl sends the same bytes to its port instead
         # (--connect-to keeps the URL, so the SNI and the certificate check are the same).
         via = {"direct": [], "sluice": ["--proxy", f"http://127.0.0.1:{proxy_port}"],
                **{name: ["--connect-to", f"localhost:{port}:127.0.0.1:{tls_listen}"]
-                  for name, (_, tls_listen, _) in zip(HAPROXIES, haproxies)}}
+                  for name, (_, tls_listen, _) in haproxies.items()}}
         pids = {"direct": None, "sluice": sluice.pids,
-                **{name: lib.pids_of(proc) for name, (proc, _, _) in zip(HAPROXIES, haproxies)}}
+                **{name: lib.pids_of(proc) for name, (proc, _, _) in haproxies.items()}}
         base = f"https://localhost:{port}"
         for subject, args in via.items():  # one request each way before measuring
             run_cmd(f"curl {base}/small ({subject})", [*curl, *args, "-o", "/dev/null", f"{base}/small"], 10)
@@ -313,7 +310,7 @@ spec:
 
         def cpu_note(cpu, wall):
             return "; ".join(f"{s} {cpu[s]:.2f} CPU s in {wall[s]:.2f} s ({cpu[s] / wall[s]:.0%} of its CPU)"
-                             for s in ("sluice", *HAPROXIES))
+                             for s in ("sluice", *haproxies))
 
         log(f"tunnel: one {big_mib} MiB transfer, best of {runs}: direct, through the tunnel, through each haproxy")
         gib = runs * big_mib / 1024
@@ -325,9 +322,9 @@ spec:
         # TLS, so the relay's own cost shows rather than the shared CPU's.
         log(f"tunnel: one {big_mib} MiB plain transfer, best of {runs}: direct, through the tunnel, through each haproxy")
         cpu, _, client = transfers("CONNECT, plain bytes", f"http://127.0.0.1:{plain_port}/big",
-                           {"direct": [], "sluice": ["--proxytunnel", *via["sluice"]],
-                            **{name: ["--connect-to", f"127.0.0.1:{plain_port}:127.0.0.1:{plain_listen}"]
-                               for name, (_, _, plain_listen) in zip(HAPROXIES, haproxies)}})
+                                   {"direct": [], "sluice": ["--proxytunnel", *via["sluice"]],
+                                    **{name: ["--connect-to", f"127.0.0.1:{plain_port}:127.0.0.1:{plain_listen}"]
+                                       for name, (_, _, plain_listen) in haproxies.items()}})
         notes.append(f"Plain transfers: Sluice used {cpu['sluice'] / gib:.2f} CPU s per GiB carried, "
                      f"HAProxy {cpu['haproxy'] / gib:.2f} splicing and {cpu['haproxy-copy'] / gib:.2f} copying.")
         notes.append(client_note(f"{big_mib} MiB of plain bytes", client, gib))
@@ -354,7 +351,7 @@ spec:
     finally:
         if sluice:
             sluice.stop()
-        for proc, _, _ in haproxies:
+        for proc, _, _ in haproxies.values():
             ctx.procs.stop(proc)
         ctx.procs.stop(nginx)
 
