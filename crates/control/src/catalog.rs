@@ -85,6 +85,11 @@ struct Vips {
     stale: Vec<String>,
 }
 
+/// A write in progress: no sync publishes until it is committed or dropped.
+pub struct Held<'a> {
+    _sync: tokio::sync::MutexGuard<'a, ()>,
+}
+
 pub struct Catalog {
     /// Held while syncing, so that changes are read and published in order.
     sync: Mutex<()>,
@@ -139,18 +144,33 @@ impl Catalog {
         self.sync_locked(store).await
     }
 
+    /// Holds off every other sync and commit until the write about to be made is committed:
+    /// otherwise the store's notice of the write can start a full sync first, which reads and
+    /// resolves the whole registry again while the writer still holds what it checked (at
+    /// 10,000 services, about 50 MiB more at once).
+    pub async fn hold(&self) -> Held<'_> {
+        Held {
+            _sync: self.sync.lock().await,
+        }
+    }
+
+    /// [`Catalog::sync`], for the holder of [`Catalog::hold`].
+    pub async fn sync_held(&self, _held: Held<'_>, store: &Store) -> Result<Arc<View>, StoreError> {
+        self.sync_locked(store).await
+    }
+
     /// Publishes a write just made on top of `before` (its changes, and the revisions they
     /// were written at), with the registry its check resolved, so that the whole registry is not
     /// resolved a second time. Falls back to a full sync when anything else changed the store.
     pub async fn commit(
         &self,
+        _held: Held<'_>,
         store: &Store,
         before: &View,
         written: &[(Key, Option<&str>)],
         revisions: &[i64],
         registry: Registry,
     ) -> Result<Arc<View>, StoreError> {
-        let _guard = self.sync.lock().await;
         let current = self.view();
         if current.revision == before.revision && !revisions.is_empty() {
             let events = store.events_since(current.revision).await?;

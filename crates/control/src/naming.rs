@@ -20,9 +20,11 @@ pub struct Owner {
     /// The pool's key: `KIND/MESH/NAME` for a MeshExternalService, `name/MESH/HOST` otherwise.
     pub key: String,
     pub names: Vec<String>,
-    pub ports: BTreeMap<u16, ResourceKey>,
-    /// The resources whose status shows this VIP.
-    pub origins: BTreeSet<Origin>,
+    /// In port order. Vectors rather than a map and a set: most owners have one port and one
+    /// resource, and a B-tree's smallest node is ten times the size of one entry.
+    pub ports: Vec<(u16, ResourceKey)>,
+    /// The resources whose status shows this VIP, in order, each once.
+    pub origins: Vec<Origin>,
 }
 
 /// What every generator made of every MeshExternalService, and who gets a VIP.
@@ -109,8 +111,8 @@ pub fn plan(naming: &Naming, created: &dyn Fn(&Origin) -> i64) -> Plan {
                 subject.origin.kind, subject.origin.key.mesh, subject.origin.key.name
             ),
             names: names.clone(),
-            ports: [(subject.port, subject.origin.key.clone())].into(),
-            origins: [subject.origin.clone()].into(),
+            ports: vec![(subject.port, subject.origin.key.clone())],
+            origins: vec![subject.origin.clone()],
         });
     }
     let mut fixed: Vec<_> = naming.fixed.iter().collect();
@@ -126,13 +128,15 @@ pub fn plan(naming: &Naming, created: &dyn Fn(&Origin) -> i64) -> Plan {
             .or_insert_with(|| Owner {
                 key: format!("name/{mesh}/{}", f.name),
                 names: vec![f.name.clone()],
-                ports: BTreeMap::new(),
-                origins: BTreeSet::new(),
+                ports: Vec::new(),
+                origins: Vec::new(),
             });
         // The older resource keeps a name's port.
-        if let std::collections::btree_map::Entry::Vacant(v) = owner.ports.entry(f.port) {
-            v.insert(f.service.clone());
-            owner.origins.insert(f.origin.clone());
+        if let Err(at) = owner.ports.binary_search_by_key(&f.port, |(p, _)| *p) {
+            owner.ports.insert(at, (f.port, f.service.clone()));
+            if let Err(at) = owner.origins.binary_search(&f.origin) {
+                owner.origins.insert(at, f.origin.clone());
+            }
         }
     }
     plan.owners.extend(by_name.into_values());

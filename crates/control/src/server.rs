@@ -115,7 +115,9 @@ impl Api {
                 expected_version: None,
             }))
             .collect();
-        self.check_and_write(&parsed, &changes).await
+        // The documents as parsed from YAML are several times the size of what is kept of them.
+        drop(docs);
+        self.check_and_write(parsed, &changes).await
     }
 
     /// Checks `new` (the documents of `changes`) against the store as the catalog holds it,
@@ -123,19 +125,22 @@ impl Api {
     /// When another write came first, the check is made again against what it wrote.
     async fn check_and_write(
         &self,
-        new: &[Parsed],
+        new: Vec<Parsed>,
         changes: &[Change],
     ) -> Result<Vec<Written>, Refused> {
         let replaced: HashSet<&Key> = changes.iter().map(|c| &c.key).collect();
         for _ in 0..WRITE_ATTEMPTS {
-            let checked = check_all(self, &replaced, new).await?;
+            let checked = check_all(self, &replaced, &new).await?;
+            let held = self.catalog.hold().await;
             match self
                 .store
                 .write(changes, Some(checked.before.revision))
                 .await
             {
                 Ok(written) => {
-                    self.publish(checked, changes, &written).await;
+                    // Checked and written: the catalog parses the stored bodies for itself.
+                    drop(new);
+                    self.publish(held, checked, changes, &written).await;
                     return Ok(written);
                 }
                 Err(StoreError::Stale { .. }) => continue,
@@ -146,7 +151,13 @@ impl Api {
     }
 
     /// Publishes a checked write at once, with the registry its check resolved.
-    async fn publish(&self, checked: Checked, changes: &[Change], written: &[Written]) {
+    async fn publish(
+        &self,
+        held: crate::catalog::Held<'_>,
+        checked: Checked,
+        changes: &[Change],
+        written: &[Written],
+    ) {
         let mut revisions = Vec::new();
         let mut bodies = Vec::new();
         for (change, written) in changes.iter().zip(written) {
@@ -158,10 +169,17 @@ impl Api {
         let published = match checked.registry {
             Some(registry) => {
                 self.catalog
-                    .commit(&self.store, &checked.before, &bodies, &revisions, registry)
+                    .commit(
+                        held,
+                        &self.store,
+                        &checked.before,
+                        &bodies,
+                        &revisions,
+                        registry,
+                    )
                     .await
             }
-            None => self.catalog.sync(&self.store).await,
+            None => self.catalog.sync_held(held, &self.store).await,
         };
         if let Err(e) = published {
             tracing::warn!(error = %e, "cannot read the change back from the store");
@@ -467,7 +485,7 @@ async fn write(
         body: Some(body.to_string()),
         expected_version: expected,
     };
-    match api.check_and_write(&[parsed], &[change]).await {
+    match api.check_and_write(vec![parsed], &[change]).await {
         Ok(written) => match written.as_slice() {
             [Written::Put(outcome, stored)] => json(
                 if *outcome == Outcome::Created {
@@ -504,7 +522,7 @@ async fn remove(
         body: None,
         expected_version: None,
     };
-    match api.check_and_write(&[], &[change]).await {
+    match api.check_and_write(Vec::new(), &[change]).await {
         Ok(written) if matches!(written.as_slice(), [Written::Deleted { .. }]) => {
             text(StatusCode::OK, "deleted\n")
         }
