@@ -17,7 +17,7 @@ pub fn read_documents(paths: &[PathBuf]) -> (Vec<Document>, Vec<String>) {
 }
 
 /// The documents of every source; sources that are not YAML add a problem each.
-pub fn parse_sources(sources: &[(String, String)], problems: &mut Vec<String>) -> Vec<Document> {
+fn parse_sources(sources: &[(String, String)], problems: &mut Vec<String>) -> Vec<Document> {
     let mut documents = Vec::new();
     for (name, text) in sources {
         match parse_documents(name, text) {

@@ -16,7 +16,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use std::collections::BTreeSet;
 
-use sluice_control::server::{Api, Refused};
+use sluice_control::server::{Api, Prepared, Refused};
 use sluice_control::ProxyConfig;
 use sluice_store::Key;
 
@@ -376,7 +376,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let stdin = read_stdin_once(&args.files)?;
     let first = read_sources(&args.files, stdin.clone()).await;
     let mut last = fingerprint(&first);
-    if let Err(lines) = write_files(&api, &first, &mut unrecorded, &owned_path).await {
+    if let Err(lines) = write_files(&api, first, &mut unrecorded, &owned_path).await {
         for l in &lines {
             eprintln!("{l}");
         }
@@ -385,7 +385,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             lines.len()
         );
     }
-    drop(first);
     let config = api.catalog.view().config.clone();
     match proxy.apply((*config).clone()).await {
         Ok(bind_errors) if bind_errors.is_empty() => {}
@@ -420,7 +419,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         if !forced && seen == last {
             continue;
         }
-        if let Err(lines) = write_files(&api, &current, &mut unrecorded, &owned_path).await {
+        if let Err(lines) = write_files(&api, current, &mut unrecorded, &owned_path).await {
             for l in &lines {
                 tracing::error!("{l}");
             }
@@ -511,13 +510,20 @@ fn read_owned(path: &std::path::Path) -> BTreeSet<Key> {
 /// before is read from `owned_path`, or is `unrecorded` if it could not be written there.
 async fn write_files(
     api: &Api,
-    sources: &Sources,
+    sources: Sources,
     unrecorded: &mut Option<BTreeSet<Key>>,
     owned_path: &std::path::Path,
 ) -> Result<(), Vec<String>> {
-    let (texts, read_problems) = sources;
-    let mut problems = read_problems.clone();
-    let documents = load::parse_sources(texts, &mut problems);
+    let (texts, mut problems) = sources;
+    // A file at a time, its text and its documents let go once prepared: as JSON trees a large
+    // registry's documents take several times what is kept of them.
+    let mut documents = Vec::new();
+    for (name, text) in texts {
+        match sluice_api::parse_documents(&name, &text) {
+            Ok(docs) => documents.extend(docs.iter().map(Prepared::new)),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -525,15 +531,11 @@ async fn write_files(
     let owned = unrecorded.take().unwrap_or_else(|| read_owned(owned_path));
     let declared: BTreeSet<Key> = documents
         .iter()
-        .filter_map(sluice_api::identify)
-        .map(|(kind, key)| Key {
-            kind: kind.to_string(),
-            mesh: key.mesh,
-            name: key.name,
-        })
+        .filter_map(Prepared::key)
+        .cloned()
         .collect();
     let removed: Vec<Key> = owned.difference(&declared).cloned().collect();
-    let written = api.write_documents(documents, &removed).await;
+    let written = api.write_prepared(documents, &removed).await;
     if let Err(refused) = written {
         if from_memory {
             *unrecorded = Some(owned);

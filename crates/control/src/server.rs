@@ -31,6 +31,30 @@ fn store_key(kind: &str, key: &sluice_api::model::ResourceKey) -> Key {
     }
 }
 
+/// One document made ready to write: its parsed form, which the check reads, and the body the
+/// store keeps (none when the document does not say what it is; the check reports why).
+pub struct Prepared {
+    parsed: Parsed,
+    change: Option<Change>,
+}
+
+impl Prepared {
+    pub fn new(doc: &sluice_api::Document) -> Self {
+        let parsed = sluice_api::parse(doc);
+        let change = parsed.identity().map(|(kind, key)| Change {
+            key: store_key(kind, key),
+            body: Some(doc.value.to_string()),
+            expected_version: None,
+        });
+        Self { parsed, change }
+    }
+
+    /// Where the resource it declares is stored.
+    pub fn key(&self) -> Option<&Key> {
+        self.change.as_ref().map(|c| &c.key)
+    }
+}
+
 /// Why a write was not done.
 #[derive(Debug, thiserror::Error)]
 pub enum Refused {
@@ -96,27 +120,31 @@ impl Api {
         docs: Vec<sluice_api::Document>,
         remove: &[Key],
     ) -> Result<Vec<Written>, Refused> {
-        let parsed: Vec<Parsed> = docs.iter().map(sluice_api::parse).collect();
-        // Unreadable documents get their errors from the check.
-        let changes: Vec<Change> = docs
-            .iter()
-            .zip(&parsed)
-            .filter_map(|(doc, p)| {
-                let (kind, key) = p.identity()?;
-                Some(Change {
-                    key: store_key(kind, key),
-                    body: Some(doc.value.to_string()),
-                    expected_version: None,
-                })
-            })
+        let prepared = docs.iter().map(Prepared::new).collect();
+        // The documents as parsed from YAML are several times the size of what is kept of them.
+        drop(docs);
+        self.write_prepared(prepared, remove).await
+    }
+
+    /// [`Api::write_documents`] for documents already prepared, which lets a large set be read
+    /// one file at a time.
+    pub async fn write_prepared(
+        &self,
+        docs: Vec<Prepared>,
+        remove: &[Key],
+    ) -> Result<Vec<Written>, Refused> {
+        let (parsed, changes): (Vec<Parsed>, Vec<Option<Change>>) =
+            docs.into_iter().map(|d| (d.parsed, d.change)).unzip();
+        // Unreadable documents have no change; they get their errors from the check.
+        let changes: Vec<Change> = changes
+            .into_iter()
+            .flatten()
             .chain(remove.iter().map(|key| Change {
                 key: key.clone(),
                 body: None,
                 expected_version: None,
             }))
             .collect();
-        // The documents as parsed from YAML are several times the size of what is kept of them.
-        drop(docs);
         self.check_and_write(parsed, &changes).await
     }
 
