@@ -345,6 +345,26 @@ async fn plain_tcp_and_unix_socket_endpoints() {
         unix.last_request().unwrap().host.as_deref(),
         Some(&*format!("127.0.0.1:{unix_port}"))
     );
+
+    // Nor a Host to keep: refused here, and nothing reaches the origin.
+    let mut app = tokio::net::TcpStream::connect(local(unix_port))
+        .await
+        .unwrap();
+    app.write_all(b"GET /no-host HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        app.read_to_end(&mut answer),
+    )
+    .await
+    .expect("the proxy answers and closes")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.0 400 "), "{answer}");
+    assert!(answer.contains("request has no Host header"), "{answer}");
+    assert_eq!(unix.requests().len(), 1, "{:?}", unix.requests());
 }
 
 /// One row per verification case: origin certificate, mode, serverName, extra verification
