@@ -173,12 +173,14 @@ impl Catalog {
     ) -> Result<Arc<View>, StoreError> {
         let current = self.view();
         if current.revision == before.revision && !revisions.is_empty() {
-            let events = store.events_since(current.revision).await?;
-            if events
+            // Read and let go: at 10,000 services the events are megabytes.
+            let only_this_write = store
+                .events_since(current.revision)
+                .await?
                 .iter()
                 .map(|e| e.revision)
-                .eq(revisions.iter().copied())
-            {
+                .eq(revisions.iter().copied());
+            if only_this_write {
                 let mut docs = current.docs.clone();
                 for ((key, body), revision) in written.iter().zip(revisions) {
                     let created = docs.get(key).map_or(*revision, |e| e.created);
@@ -263,7 +265,6 @@ impl Catalog {
             })
             .map_or(i64::MAX, |e| e.created)
         };
-        let plan = naming::plan(&registry.naming, &created);
         let mut vips = self.vips.lock().await;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -278,7 +279,9 @@ impl Catalog {
                 }
             }
             let mut pool = vips.pool.clone();
-            addressed = naming::address(&plan, &mut pool, now);
+            // The plan is made again for another try rather than kept while the VIPs are
+            // stored: at 10,000 services it is 10 MiB.
+            addressed = naming::address(naming::plan(&registry.naming, &created), &mut pool, now);
             let mut changed = changes(&vips.pool, &pool);
             changed.extend(vips.stale.iter().map(|ip| VipRow {
                 ip: ip.clone(),

@@ -3,7 +3,7 @@
 //! it), the names services carry themselves, one VIP per MeshExternalService and per other
 //! name, and the status each resource shows for it. Pure: the pool is stored by the caller.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 
 use serde_json::{json, Value};
@@ -153,60 +153,65 @@ pub struct Addressed {
 }
 
 /// Gives every owner in `plan` its address from `pool` (keeping the ones they have) and
-/// releases the addresses of owners gone since.
-pub fn address(plan: &Plan, pool: &mut Pool, now: u64) -> Addressed {
-    let wanted: BTreeSet<&str> = plan.owners.iter().map(|o| o.key.as_str()).collect();
+/// releases the addresses of owners gone since. The plan's names and generator outcomes move
+/// into what is returned rather than being copied: both at once were 18 MiB at 10,000 services.
+pub fn address(plan: Plan, pool: &mut Pool, now: u64) -> Addressed {
+    let Plan {
+        owners,
+        mut generated,
+    } = plan;
+    let wanted: BTreeSet<&str> = owners.iter().map(|o| o.key.as_str()).collect();
     let gone: Vec<String> = pool
         .owners()
         .filter(|(o, _)| !wanted.contains(o))
         .map(|(o, _)| o.to_string())
         .collect();
+    drop(wanted);
     for owner in gone {
         pool.release(&owner, now);
     }
     let mut out = Addressed::default();
-    let mut ips: HashMap<&str, IpAddr> = HashMap::new();
-    for owner in &plan.owners {
-        match pool.assign(&owner.key, now) {
-            Ok(ip) => {
-                ips.insert(owner.key.as_str(), ip);
-                if !owner.names.is_empty() {
-                    out.virtual_ips.push(VirtualIp {
-                        ip,
-                        names: owner.names.clone(),
-                        ports: owner
-                            .ports
-                            .iter()
-                            .map(|(p, s)| (*p, service_label(s)))
-                            .collect(),
-                    });
-                }
+    let mut others: BTreeMap<Origin, Vec<(String, IpAddr)>> = BTreeMap::new();
+    for owner in owners {
+        let ip = match pool.assign(&owner.key, now) {
+            Ok(ip) => Some(ip),
+            Err(e) => {
+                out.errors.push(format!("{}: no VIP: {e}", owner.key));
+                None
             }
-            Err(e) => out.errors.push(format!("{}: no VIP: {e}", owner.key)),
+        };
+        for origin in owner.origins {
+            if origin.kind == "MeshExternalService" {
+                let generated = match generated.remove(&origin) {
+                    Some(g) => g,
+                    // Named by an owner before: the same outcomes, this owner's VIP.
+                    None => match out.status.get(&origin) {
+                        Some(Status::MeshExternalService { generated, .. }) => generated.clone(),
+                        _ => Vec::new(),
+                    },
+                };
+                let status = Status::MeshExternalService { vip: ip, generated };
+                out.status.insert(origin, status);
+            } else if let Some(ip) = ip {
+                let names = owner.names.iter().map(|n| (n.clone(), ip));
+                others.entry(origin).or_default().extend(names);
+            }
+        }
+        if let Some(ip) = ip.filter(|_| !owner.names.is_empty()) {
+            out.virtual_ips.push(VirtualIp {
+                ip,
+                names: owner.names,
+                ports: owner
+                    .ports
+                    .iter()
+                    .map(|(p, s)| (*p, service_label(s)))
+                    .collect(),
+            });
         }
     }
     out.virtual_ips.sort_by_key(|v| v.ip);
-    let mut others: BTreeMap<&Origin, Vec<(String, IpAddr)>> = BTreeMap::new();
-    for owner in &plan.owners {
-        let ip = ips.get(owner.key.as_str());
-        for origin in &owner.origins {
-            if origin.kind == "MeshExternalService" {
-                let generated = plan.generated.get(origin).cloned().unwrap_or_default();
-                let status = Status::MeshExternalService {
-                    vip: ip.copied(),
-                    generated,
-                };
-                out.status.insert(origin.clone(), status);
-            } else if let Some(ip) = ip {
-                for name in &owner.names {
-                    others.entry(origin).or_default().push((name.clone(), *ip));
-                }
-            }
-        }
-    }
     for (origin, addresses) in others {
-        out.status
-            .insert(origin.clone(), Status::Addresses(addresses));
+        out.status.insert(origin, Status::Addresses(addresses));
     }
     out
 }
@@ -355,7 +360,7 @@ networking: {address: "api.example.com:443", tls: {enabled: true}}
                 "local-mesh-external-service: httpbin.extsvc.mesh.local"
             ]
         );
-        let addressed = address(&plan, &mut pool(), 0);
+        let addressed = address(plan, &mut pool(), 0);
         let httpbin = addressed.status[&Origin {
             kind: "MeshExternalService",
             key: ResourceKey {
@@ -380,7 +385,7 @@ networking: {address: "api.example.com:443", tls: {enabled: true}}
     fn legacy_names_and_real_names_get_vips_with_their_ports() {
         let naming = naming(TWO);
         let plan = plan(&naming, &|_| 0);
-        let addressed = address(&plan, &mut pool(), 0);
+        let addressed = address(plan, &mut pool(), 0);
         let table: Vec<String> = addressed
             .virtual_ips
             .iter()
@@ -421,12 +426,12 @@ networking: {address: "api.example.com:443", tls: {enabled: true}}
     fn a_deleted_service_frees_its_vip_only_after_the_hold() {
         let mut pool = pool();
         let full = plan(&naming(TWO), &|_| 0);
-        address(&full, &mut pool, 0);
+        address(full.clone(), &mut pool, 0);
         let fewer = Plan {
             owners: full.owners[1..].to_vec(),
             generated: BTreeMap::new(),
         };
-        address(&fewer, &mut pool, 10);
+        address(fewer, &mut pool, 10);
         let state = pool.state();
         let first: IpAddr = "242.0.0.1".parse().unwrap();
         assert_eq!(
@@ -434,7 +439,7 @@ networking: {address: "api.example.com:443", tls: {enabled: true}}
             Some(&(None, Some(10 + crate::vip::HOLD_SECONDS)))
         );
         // Back again: a new address, not the held one.
-        let again = address(&full, &mut pool, 20);
+        let again = address(full, &mut pool, 20);
         assert!(again.virtual_ips.iter().all(|v| v.ip != first));
     }
 
@@ -455,7 +460,7 @@ spec:
   template: '{{ label "team" }}.example'
 "#,
         );
-        let addressed = address(&plan(&naming, &|_| 0), &mut pool(), 0);
+        let addressed = address(plan(&naming, &|_| 0), &mut pool(), 0);
         let a = addressed.status.values().next().unwrap().to_json();
         let conditions: Vec<&Value> = a["hostnameGenerators"]
             .as_array()
