@@ -183,7 +183,7 @@ pub fn address(plan: Plan, pool: &mut Pool, now: u64) -> Addressed {
         for origin in owner.origins {
             if origin.kind == "MeshExternalService" {
                 let generated = match generated.remove(&origin) {
-                    Some(g) => g,
+                    Some(g) => compact(g),
                     // Named by an owner before: the same outcomes, this owner's VIP.
                     None => match out.status.get(&origin) {
                         Some(Status::MeshExternalService { generated, .. }) => generated.clone(),
@@ -214,6 +214,20 @@ pub fn address(plan: Plan, pool: &mut Pool, now: u64) -> Addressed {
         out.status.insert(origin, Status::Addresses(addresses));
     }
     out
+}
+
+/// A service's generator outcomes as its status keeps them. Built by pushing, the vector and
+/// the names have room to spare, which copying them used to drop: 3 MiB at 10,000 services.
+fn compact(mut generated: Vec<(String, Generated)>) -> Vec<(String, Generated)> {
+    generated.shrink_to_fit();
+    for (generator, result) in &mut generated {
+        generator.shrink_to_fit();
+        match result {
+            Generated::Name(text) | Generated::TemplateError(text) => text.shrink_to_fit(),
+            Generated::Collision { hostname, .. } => hostname.shrink_to_fit(),
+        }
+    }
+    generated
 }
 
 /// What a resource's `status` shows, kept as the facts it is made of and written as JSON only
