@@ -96,12 +96,34 @@ pub struct Change {
 /// What one [`Change`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Written {
-    Put(Outcome, Stored),
+    Put(Outcome, Placed),
     Deleted {
         revision: i64,
     },
     /// A delete of something that was not there.
     Absent,
+}
+
+/// Where a put left its resource: what [`Stored`] says but the body, which is the change's
+/// (a write of 10,000 resources would otherwise hand back a copy of every body).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    pub key: Key,
+    pub version: i64,
+    pub revision: i64,
+    pub created: i64,
+}
+
+impl Placed {
+    fn stored(self, body: String) -> Stored {
+        Stored {
+            key: self.key,
+            body,
+            version: self.version,
+            revision: self.revision,
+            created: self.created,
+        }
+    }
 }
 
 impl Written {
@@ -186,7 +208,7 @@ impl Store {
             expected_version,
         };
         match self.write(&[change], None).await?.pop() {
-            Some(Written::Put(outcome, stored)) => Ok((outcome, stored)),
+            Some(Written::Put(outcome, placed)) => Ok((outcome, placed.stored(body.to_string()))),
             _ => unreachable!("a put writes a put"),
         }
     }
@@ -208,8 +230,9 @@ impl Store {
             .write(&changes, None)
             .await?
             .into_iter()
-            .filter_map(|w| match w {
-                Written::Put(outcome, stored) => Some((outcome, stored)),
+            .zip(items)
+            .filter_map(|(w, (_, body))| match w {
+                Written::Put(outcome, placed) => Some((outcome, placed.stored(body.clone()))),
                 _ => None,
             })
             .collect())
@@ -468,7 +491,17 @@ where
             (None, 0)
         }
         Some(body) => match plan(key, body, change.expected_version, current.clone())? {
-            Plan::Keep(stored) => return Ok(Written::Put(Outcome::Unchanged, stored)),
+            Plan::Keep(stored) => {
+                return Ok(Written::Put(
+                    Outcome::Unchanged,
+                    Placed {
+                        key: stored.key,
+                        version: stored.version,
+                        revision: stored.revision,
+                        created: stored.created,
+                    },
+                ))
+            }
             Plan::Write { outcome, version } => (Some(outcome), version),
         },
     };
@@ -494,7 +527,12 @@ where
         .await?;
     Ok(Written::Put(
         outcome,
-        stored(key, (body.clone(), version, revision, created)),
+        Placed {
+            key: key.clone(),
+            version,
+            revision,
+            created,
+        },
     ))
 }
 
