@@ -12,20 +12,26 @@ use sluice_api::{parse_documents, Document};
 pub fn read_documents(paths: &[PathBuf]) -> (Vec<Document>, Vec<String>) {
     let mut problems = Vec::new();
     let sources = read_sources(paths, None, &mut problems);
-    let documents = parse_sources(&sources, &mut problems);
+    let documents = parse_sources(sources, &mut problems, |doc| doc);
     (documents, problems)
 }
 
-/// The documents of every source; sources that are not YAML add a problem each.
-fn parse_sources(sources: &[(String, String)], problems: &mut Vec<String>) -> Vec<Document> {
-    let mut documents = Vec::new();
+/// Every source's documents, each made into what the caller keeps of it by `keep` as its file
+/// is parsed, so that a file's text and YAML trees go before the next file is read; sources that
+/// are not YAML add a problem each.
+pub fn parse_sources<T>(
+    sources: Vec<(String, String)>,
+    problems: &mut Vec<String>,
+    mut keep: impl FnMut(Document) -> T,
+) -> Vec<T> {
+    let mut kept = Vec::new();
     for (name, text) in sources {
-        match parse_documents(name, text) {
-            Ok(docs) => documents.extend(docs),
+        match parse_documents(&name, &text) {
+            Ok(docs) => kept.extend(docs.into_iter().map(&mut keep)),
             Err(e) => problems.push(e.to_string()),
         }
     }
-    documents
+    kept
 }
 
 /// The files behind `paths`, with their contents, in a stable order. `-` is `stdin` when given

@@ -515,15 +515,9 @@ async fn write_files(
     owned_path: &std::path::Path,
 ) -> Result<(), Vec<String>> {
     let (texts, mut problems) = sources;
-    // A file at a time, its text and its documents let go once prepared: as JSON trees a large
-    // registry's documents take several times what is kept of them.
-    let mut documents = Vec::new();
-    for (name, text) in texts {
-        match sluice_api::parse_documents(&name, &text) {
-            Ok(docs) => documents.extend(docs.iter().map(Prepared::new)),
-            Err(e) => problems.push(e.to_string()),
-        }
-    }
+    // Prepared a file at a time: as JSON trees a large registry's documents take several times
+    // what is kept of them.
+    let documents = load::parse_sources(texts, &mut problems, |doc| Prepared::new(&doc));
     if !problems.is_empty() {
         return Err(problems);
     }

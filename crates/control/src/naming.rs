@@ -166,7 +166,6 @@ pub fn address(plan: Plan, pool: &mut Pool, now: u64) -> Addressed {
         .filter(|(o, _)| !wanted.contains(o))
         .map(|(o, _)| o.to_string())
         .collect();
-    drop(wanted);
     for owner in gone {
         pool.release(&owner, now);
     }

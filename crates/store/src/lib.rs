@@ -491,17 +491,7 @@ where
             (None, 0)
         }
         Some(body) => match plan(key, body, change.expected_version, current.clone())? {
-            Plan::Keep(stored) => {
-                return Ok(Written::Put(
-                    Outcome::Unchanged,
-                    Placed {
-                        key: stored.key,
-                        version: stored.version,
-                        revision: stored.revision,
-                        created: stored.created,
-                    },
-                ))
-            }
+            Plan::Keep(placed) => return Ok(Written::Put(Outcome::Unchanged, placed)),
             Plan::Write { outcome, version } => (Some(outcome), version),
         },
     };
@@ -547,7 +537,7 @@ fn stale(expected: Option<i64>, current: i64) -> Result<(), StoreError> {
 /// What a write of `body` should do, given the stored `(body, version, revision)` if any: the
 /// rules both backends share.
 pub(crate) enum Plan {
-    Keep(Stored),
+    Keep(Placed),
     Write { outcome: Outcome, version: i64 },
 }
 
@@ -566,9 +556,8 @@ pub(crate) fn plan(
         });
     }
     Ok(match current {
-        Some((stored, version, revision, created)) if stored == body => Plan::Keep(Stored {
+        Some((stored, version, revision, created)) if stored == body => Plan::Keep(Placed {
             key: key.clone(),
-            body: stored,
             version,
             revision,
             created,
