@@ -25,14 +25,16 @@ pub struct Owner {
     pub ports: Vec<(u16, ResourceKey)>,
     /// The resources whose status shows this VIP, in order, each once.
     pub origins: Vec<Origin>,
+    /// For a MeshExternalService's own VIP: each selecting generator and its name or why none.
+    /// Kept with its owner, not in a map by resource: the map's keys and nodes were 2 MiB at
+    /// 10,000 services.
+    pub generated: Vec<(String, Generated)>,
 }
 
 /// What every generator made of every MeshExternalService, and who gets a VIP.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
     pub owners: Vec<Owner>,
-    /// Per MeshExternalService: each selecting generator and its name or why none.
-    pub generated: BTreeMap<Origin, Vec<(String, Generated)>>,
 }
 
 /// What one generator made of one MeshExternalService (Kuma's condition `Generated`).
@@ -75,9 +77,20 @@ pub fn plan(naming: &Naming, created: &dyn Fn(&Origin) -> i64) -> Plan {
             template: &g.template,
         })
         .collect();
-    let mut plan = Plan::default();
-    let mut by_subject: Vec<Vec<String>> = vec![Vec::new(); subjects.len()];
-    for outcome in hostname::generate(&generators, &services) {
+    let outcomes = hostname::generate(&generators, &services);
+    drop(services);
+    // Sized before they are filled: grown by pushing, most services' one outcome and one name
+    // took room for four, 4 MiB at 10,000 services.
+    let mut sizes = vec![(0, 0); subjects.len()];
+    for outcome in &outcomes {
+        sizes[outcome.service].0 += 1;
+        sizes[outcome.service].1 += usize::from(outcome.result.is_ok());
+    }
+    let (mut generated, mut by_subject): (Vec<Vec<_>>, Vec<Vec<String>>) = sizes
+        .into_iter()
+        .map(|(outcomes, names)| (Vec::with_capacity(outcomes), Vec::with_capacity(names)))
+        .unzip();
+    for outcome in outcomes {
         let subject = subjects[outcome.service];
         let result = match outcome.result {
             Ok(name) => {
@@ -94,29 +107,35 @@ pub fn plan(naming: &Naming, created: &dyn Fn(&Origin) -> i64) -> Plan {
                     .map_or_else(|| subject.origin.clone(), |h| h.origin.clone()),
             },
         };
-        plan.generated
-            .entry(subject.origin.clone())
-            .or_default()
-            .push((outcome.generator, result));
+        generated[outcome.service].push((outcome.generator, result));
     }
-    // A generated name belongs to its service; the same name carried by another is left to it.
-    let mut taken: HashSet<(&str, &str)> = HashSet::new();
-    for (subject, names) in subjects.iter().zip(&by_subject) {
-        for n in names {
-            taken.insert((&subject.origin.key.mesh, n));
-        }
+    let mut fixed: Vec<_> = naming.fixed.iter().collect();
+    let mut plan = Plan {
+        owners: Vec::with_capacity(subjects.len() + fixed.len()),
+    };
+    for ((subject, names), generated) in subjects.iter().zip(by_subject).zip(generated) {
         plan.owners.push(Owner {
             key: format!(
                 "{}/{}/{}",
                 subject.origin.kind, subject.origin.key.mesh, subject.origin.key.name
             ),
-            names: names.clone(),
+            names,
             ports: vec![(subject.port, subject.origin.key.clone())],
             origins: vec![subject.origin.clone()],
+            generated,
         });
     }
-    let mut fixed: Vec<_> = naming.fixed.iter().collect();
     fixed.sort_by_key(|f| (created(&f.origin), &f.origin, &f.name, f.port));
+    // A generated name belongs to its service; the same name carried by another is left to it.
+    let taken: HashSet<(&str, &str)> = plan
+        .owners
+        .iter()
+        .zip(&subjects)
+        .flat_map(|(owner, subject)| {
+            let mesh = subject.origin.key.mesh.as_str();
+            owner.names.iter().map(move |n| (mesh, n.as_str()))
+        })
+        .collect();
     let mut by_name: BTreeMap<(&str, &str), Owner> = BTreeMap::new();
     for f in fixed {
         let mesh = f.origin.key.mesh.as_str();
@@ -130,6 +149,7 @@ pub fn plan(naming: &Naming, created: &dyn Fn(&Origin) -> i64) -> Plan {
                 names: vec![f.name.clone()],
                 ports: Vec::new(),
                 origins: Vec::new(),
+                generated: Vec::new(),
             });
         // The older resource keeps a name's port.
         if let Err(at) = owner.ports.binary_search_by_key(&f.port, |(p, _)| *p) {
@@ -156,10 +176,7 @@ pub struct Addressed {
 /// releases the addresses of owners gone since. The plan's names and generator outcomes move
 /// into what is returned rather than being copied: both at once were 18 MiB at 10,000 services.
 pub fn address(plan: Plan, pool: &mut Pool, now: u64) -> Addressed {
-    let Plan {
-        owners,
-        mut generated,
-    } = plan;
+    let Plan { owners } = plan;
     let wanted: BTreeSet<&str> = owners.iter().map(|o| o.key.as_str()).collect();
     let gone: Vec<String> = pool
         .owners()
@@ -171,7 +188,7 @@ pub fn address(plan: Plan, pool: &mut Pool, now: u64) -> Addressed {
     }
     let mut out = Addressed::default();
     let mut others: BTreeMap<Origin, Vec<(String, IpAddr)>> = BTreeMap::new();
-    for owner in owners {
+    for mut owner in owners {
         let ip = match pool.assign(&owner.key, now) {
             Ok(ip) => Some(ip),
             Err(e) => {
@@ -181,13 +198,10 @@ pub fn address(plan: Plan, pool: &mut Pool, now: u64) -> Addressed {
         };
         for origin in owner.origins {
             if origin.kind == "MeshExternalService" {
-                let generated = match generated.remove(&origin) {
-                    Some(g) => compact(g),
+                let generated = match out.status.get(&origin) {
                     // Named by an owner before: the same outcomes, this owner's VIP.
-                    None => match out.status.get(&origin) {
-                        Some(Status::MeshExternalService { generated, .. }) => generated.clone(),
-                        _ => Vec::new(),
-                    },
+                    Some(Status::MeshExternalService { generated, .. }) => generated.clone(),
+                    _ => compact(std::mem::take(&mut owner.generated)),
                 };
                 let status = Status::MeshExternalService { vip: ip, generated };
                 out.status.insert(origin, status);
@@ -215,10 +229,9 @@ pub fn address(plan: Plan, pool: &mut Pool, now: u64) -> Addressed {
     out
 }
 
-/// A service's generator outcomes as its status keeps them. Built by pushing, the vector and
-/// the names have room to spare, which copying them used to drop: 3 MiB at 10,000 services.
+/// A service's generator outcomes as its status keeps them. Names built piece by piece have
+/// room to spare, which copying them used to drop.
 fn compact(mut generated: Vec<(String, Generated)>) -> Vec<(String, Generated)> {
-    generated.shrink_to_fit();
     for (generator, result) in &mut generated {
         generator.shrink_to_fit();
         match result {
@@ -344,13 +357,10 @@ networking: {address: "api.example.com:443", tls: {enabled: true}}
         let created = |o: &Origin| if o.key.name == "other" { 1 } else { 2 };
         let plan = plan(&naming, &created);
         let show = |name: &str| -> Vec<String> {
-            plan.generated[&Origin {
-                kind: "MeshExternalService",
-                key: ResourceKey {
-                    mesh: "default".into(),
-                    name: name.into(),
-                },
-            }]
+            let key = format!("MeshExternalService/default/{name}");
+            let owner = plan.owners.iter().find(|o| o.key == key).unwrap();
+            owner
+                .generated
                 .iter()
                 .map(|(g, r)| match r {
                     Generated::Name(n) => format!("{g}: {n}"),
@@ -442,7 +452,6 @@ networking: {address: "api.example.com:443", tls: {enabled: true}}
         address(full.clone(), &mut pool, 0);
         let fewer = Plan {
             owners: full.owners[1..].to_vec(),
-            generated: BTreeMap::new(),
         };
         address(fewer, &mut pool, 10);
         let state = pool.state();
