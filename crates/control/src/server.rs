@@ -145,7 +145,7 @@ impl Api {
                 expected_version: None,
             }))
             .collect();
-        self.check_and_write(parsed, &changes).await
+        self.check_and_write(parsed, changes).await
     }
 
     /// Checks `new` (the documents of `changes`) against the store as the catalog holds it,
@@ -154,7 +154,7 @@ impl Api {
     async fn check_and_write(
         &self,
         new: Vec<Parsed>,
-        changes: &[Change],
+        changes: Vec<Change>,
     ) -> Result<Vec<Written>, Refused> {
         let replaced: HashSet<&Key> = changes.iter().map(|c| &c.key).collect();
         for _ in 0..WRITE_ATTEMPTS {
@@ -162,7 +162,7 @@ impl Api {
             let held = self.catalog.hold().await;
             match self
                 .store
-                .write(changes, Some(checked.before.revision))
+                .write(&changes, Some(checked.before.revision))
                 .await
             {
                 Ok(written) => {
@@ -178,20 +178,21 @@ impl Api {
         Err(Refused::Busy)
     }
 
-    /// Publishes a checked write at once, with the registry its check resolved.
+    /// Publishes a checked write at once, with the registry its check resolved. Takes the
+    /// changes so that their bodies go as soon as the catalog has read them.
     async fn publish(
         &self,
         held: crate::catalog::Held<'_>,
         checked: Checked,
-        changes: &[Change],
+        changes: Vec<Change>,
         written: &[Written],
     ) {
-        let mut revisions = Vec::new();
-        let mut bodies = Vec::new();
-        for (change, written) in changes.iter().zip(written) {
+        let mut revisions = Vec::with_capacity(written.len());
+        let mut bodies = Vec::with_capacity(written.len());
+        for (change, written) in changes.into_iter().zip(written) {
             if let Some(revision) = written.revision() {
                 revisions.push(revision);
-                bodies.push((change.key.clone(), change.body.as_deref()));
+                bodies.push((change.key, change.body));
             }
         }
         let published = match checked.registry {
@@ -201,7 +202,7 @@ impl Api {
                         held,
                         &self.store,
                         &checked.before,
-                        &bodies,
+                        bodies,
                         &revisions,
                         registry,
                     )
@@ -513,7 +514,7 @@ async fn write(
         body: Some(body.to_string()),
         expected_version: expected,
     };
-    match api.check_and_write(vec![parsed], &[change]).await {
+    match api.check_and_write(vec![parsed], vec![change]).await {
         Ok(written) => match written.as_slice() {
             [Written::Put(outcome, stored)] => json(
                 if *outcome == Outcome::Created {
@@ -550,7 +551,7 @@ async fn remove(
         body: None,
         expected_version: None,
     };
-    match api.check_and_write(Vec::new(), &[change]).await {
+    match api.check_and_write(Vec::new(), vec![change]).await {
         Ok(written) if matches!(written.as_slice(), [Written::Deleted { .. }]) => {
             text(StatusCode::OK, "deleted\n")
         }
