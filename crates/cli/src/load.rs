@@ -42,9 +42,21 @@ pub fn read_sources(
     problems: &mut Vec<String>,
 ) -> Vec<(String, String)> {
     let mut out = Vec::new();
+    visit_sources(paths, stdin, problems, |name, text| out.push((name, text)));
+    out
+}
+
+/// [`read_sources`] one source at a time: each is handed to `each` before the next is read, so
+/// that a caller looking at many files need not hold them all.
+pub fn visit_sources(
+    paths: &[PathBuf],
+    stdin: Option<&str>,
+    problems: &mut Vec<String>,
+    mut each: impl FnMut(String, String),
+) {
     for path in paths {
         if let (true, Some(text)) = (path.as_os_str() == "-", stdin) {
-            out.push(("-".to_string(), text.to_string()));
+            each("-".to_string(), text.to_string());
             continue;
         }
         if path.as_os_str() == "-" {
@@ -53,7 +65,7 @@ pub fn read_sources(
                 .take(MAX_SOURCE_BYTES as u64 + 1)
                 .read_to_string(&mut text)
             {
-                Ok(_) => out.push(("-".to_string(), text)),
+                Ok(_) => each("-".to_string(), text),
                 Err(e) => problems.push(format!("-: cannot read standard input: {e}")),
             }
             continue;
@@ -62,12 +74,11 @@ pub fn read_sources(
         collect(path, &mut files, problems, 0);
         for file in files {
             match read_file(&file) {
-                Ok(text) => out.push((file.display().to_string(), text)),
+                Ok(text) => each(file.display().to_string(), text),
                 Err(e) => problems.push(format!("{}: cannot read: {e}", file.display())),
             }
         }
     }
-    out
 }
 
 fn collect(path: &Path, files: &mut Vec<PathBuf>, problems: &mut Vec<String>, depth: usize) {
