@@ -1,6 +1,8 @@
 //! Reading resource files: files, directories (their `.yaml`/`.yml` files, recursively, in name
 //! order) and `-` for standard input.
 
+use std::ffi::OsString;
+use std::fs::{DirEntry, Metadata};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -71,7 +73,7 @@ pub fn visit_sources(
             continue;
         }
         let mut files = Vec::new();
-        collect(path, &mut files, problems, 0);
+        collect(path, problems, 0, &mut |file, _| files.push(file));
         for file in files {
             match read_file(&file) {
                 Ok(text) => each(file.display().to_string(), text),
@@ -81,7 +83,34 @@ pub fn visit_sources(
     }
 }
 
-fn collect(path: &Path, files: &mut Vec<PathBuf>, problems: &mut Vec<String>, depth: usize) {
+/// The files [`read_sources`] would read, in its order, each with its metadata (links followed)
+/// instead of its text; `-` is left out.
+pub fn stat_files(
+    paths: &[PathBuf],
+    problems: &mut Vec<String>,
+    mut each: impl FnMut(PathBuf, std::io::Result<Metadata>),
+) {
+    for path in paths.iter().filter(|p| p.as_os_str() != "-") {
+        collect(path, problems, 0, &mut |file, entry| {
+            // Asked of the directory when the listing says the entry is not a link, which
+            // spares the kernel a walk of the whole path.
+            let metadata = match entry {
+                Some(e) if e.file_type().is_ok_and(|t| !t.is_symlink()) => e.metadata(),
+                _ => std::fs::metadata(&file),
+            };
+            each(file, metadata);
+        });
+    }
+}
+
+/// Hands `found` every resource file behind `path`, in name order, with its directory entry
+/// when it was found by listing one.
+fn collect(
+    path: &Path,
+    problems: &mut Vec<String>,
+    depth: usize,
+    found: &mut dyn FnMut(PathBuf, Option<&DirEntry>),
+) {
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) => {
@@ -90,7 +119,7 @@ fn collect(path: &Path, files: &mut Vec<PathBuf>, problems: &mut Vec<String>, de
         }
     };
     if !meta.is_dir() {
-        files.push(path.to_path_buf());
+        found(path.to_path_buf(), None);
         return;
     }
     if depth > 16 {
@@ -104,17 +133,30 @@ fn collect(path: &Path, files: &mut Vec<PathBuf>, problems: &mut Vec<String>, de
             return;
         }
     };
-    let mut children: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-    children.sort();
-    for child in children {
-        let name = child.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if name.starts_with('.') {
-            continue;
-        }
-        if child.is_dir() {
-            collect(&child, files, problems, depth + 1);
-        } else if name.ends_with(".yaml") || name.ends_with(".yml") {
-            files.push(child);
+    // The watch lists every directory each second: the entry's type comes with the listing
+    // (only a symbolic link needs a stat to say where it leads), and siblings are ordered by
+    // their names rather than by their paths, component by component.
+    let mut children: Vec<(OsString, DirEntry, bool)> = entries
+        .filter_map(Result::ok)
+        .map(|e| (e.file_name(), e))
+        .filter(|(name, _)| !name.as_encoded_bytes().starts_with(b"."))
+        .map(|(name, e)| {
+            let dir = match e.file_type() {
+                Ok(t) if !t.is_symlink() => t.is_dir(),
+                _ => e.path().is_dir(),
+            };
+            (name, e, dir)
+        })
+        .collect();
+    children.sort_unstable_by(|(a, ..), (b, ..)| a.cmp(b));
+    for (name, entry, dir) in children {
+        if dir {
+            collect(&entry.path(), problems, depth + 1, found);
+        } else if [".yaml", ".yml"]
+            .iter()
+            .any(|ext| name.as_encoded_bytes().ends_with(ext.as_bytes()))
+        {
+            found(entry.path(), Some(&entry));
         }
     }
 }
@@ -126,4 +168,82 @@ fn read_file(path: &Path) -> std::io::Result<String> {
     file.take(MAX_SOURCE_BYTES as u64 + 1)
         .read_to_string(&mut text)?;
     Ok(text)
+}
+
+/// An empty directory under the system's temporary one, removed when dropped.
+#[cfg(test)]
+pub(crate) struct TempDir(PathBuf);
+
+#[cfg(test)]
+impl TempDir {
+    pub(crate) fn new(name: &str) -> TempDir {
+        let dir =
+            TempDir(std::env::temp_dir().join(format!("sluice-{name}-{}", std::process::id())));
+        let _ = std::fs::remove_dir_all(dir.path());
+        std::fs::create_dir(dir.path()).unwrap();
+        dir
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn a_mounted_config_map_is_listed_by_name_through_its_links() {
+        // As Kubernetes mounts a ConfigMap: the files are links into a hidden directory that
+        // the `..data` link names, swapped whole on an update.
+        let dir = TempDir::new("list");
+        let at = |name: &str| dir.path().join(name);
+        std::fs::create_dir(at("..2026_12_07")).unwrap();
+        std::fs::write(at("..2026_12_07/a.yaml"), "name: a").unwrap();
+        std::fs::write(at("..2026_12_07/b.yml"), "name: b").unwrap();
+        symlink("..2026_12_07", at("..data")).unwrap();
+        symlink("..data/a.yaml", at("a.yaml")).unwrap();
+        symlink("..data/b.yml", at("b.yml")).unwrap();
+        std::fs::write(at("m.yaml"), "name: m").unwrap();
+        std::fs::create_dir(at("z")).unwrap();
+        std::fs::write(at("z/c.yaml"), "name: c").unwrap();
+        std::fs::write(at("z/notes.txt"), "not a resource").unwrap();
+        std::fs::write(at("z/.hidden.yaml"), "name: hidden").unwrap();
+        std::fs::create_dir(at("links")).unwrap();
+        symlink(at("z"), at("links/to-z")).unwrap();
+
+        let mut problems = Vec::new();
+        let mut files = Vec::new();
+        stat_files(
+            &[dir.path().to_path_buf(), PathBuf::from("-")],
+            &mut problems,
+            |file, metadata| {
+                assert!(metadata.unwrap().is_file(), "{}", file.display());
+                files.push(file);
+            },
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        let names: Vec<_> = files
+            .iter()
+            .map(|f| {
+                f.strip_prefix(dir.path())
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        assert_eq!(
+            names,
+            ["a.yaml", "b.yml", "links/to-z/c.yaml", "m.yaml", "z/c.yaml"]
+        );
+    }
 }
