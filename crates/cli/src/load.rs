@@ -199,6 +199,7 @@ impl Drop for TempDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::symlink;
 
     #[test]
@@ -207,6 +208,7 @@ mod tests {
         // the `..data` link names, swapped whole on an update.
         let dir = TempDir::new("list");
         let at = |name: &str| dir.path().join(name);
+        let at_bytes = |name: &[u8]| dir.path().join(std::ffi::OsStr::from_bytes(name));
         std::fs::create_dir(at("..2026_12_07")).unwrap();
         std::fs::write(at("..2026_12_07/a.yaml"), "name: a").unwrap();
         std::fs::write(at("..2026_12_07/b.yml"), "name: b").unwrap();
@@ -214,6 +216,8 @@ mod tests {
         symlink("..data/a.yaml", at("a.yaml")).unwrap();
         symlink("..data/b.yml", at("b.yml")).unwrap();
         std::fs::write(at("m.yaml"), "name: m").unwrap();
+        // A name that is not UTF-8 is still a resource file.
+        std::fs::write(at_bytes(b"n\xff.yaml"), "name: n").unwrap();
         std::fs::create_dir(at("z")).unwrap();
         std::fs::write(at("z/c.yaml"), "name: c").unwrap();
         std::fs::write(at("z/notes.txt"), "not a resource").unwrap();
@@ -243,7 +247,14 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            ["a.yaml", "b.yml", "links/to-z/c.yaml", "m.yaml", "z/c.yaml"]
+            [
+                "a.yaml",
+                "b.yml",
+                "links/to-z/c.yaml",
+                "m.yaml",
+                "n\u{fffd}.yaml",
+                "z/c.yaml"
+            ]
         );
     }
 }

@@ -798,6 +798,14 @@ mod tests {
     fn a_glance_moves_with_the_files_and_settles_once_they_are_old() {
         let dir = two_files("glance");
         let files = [dir.path().to_path_buf()];
+        let path = |name: &str| dir.path().join(name);
+        // Modified long ago, as far as its modification time says.
+        std::fs::File::options()
+            .write(true)
+            .open(path("a.yaml"))
+            .unwrap()
+            .set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1000))
+            .unwrap();
         let now = std::time::SystemTime::now();
         let later = now + Duration::from_secs(10);
         let fresh = glance(&files, now);
@@ -809,17 +817,41 @@ mod tests {
         assert!(old.settled);
         assert_eq!(fresh.hash, old.hash);
 
-        let path = |name: &str| dir.path().join(name);
         let changes: [(&str, &dyn Fn()); 4] = [
-            ("an edit that keeps the size", &|| {
-                std::fs::write(path("a.yaml"), "name: A").unwrap();
-                let file = std::fs::File::options()
-                    .write(true)
-                    .open(path("a.yaml"))
-                    .unwrap();
-                file.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1000))
-                    .unwrap();
-            }),
+            (
+                "an edit that keeps the size and puts the modification time back",
+                &|| {
+                    use std::os::unix::fs::MetadataExt;
+                    let ctime = |p: &str| {
+                        let m = std::fs::metadata(path(p)).unwrap();
+                        (m.ctime(), m.ctime_nsec())
+                    };
+                    let before = std::fs::metadata(path("a.yaml")).unwrap();
+                    // Timestamps are coarse: wait, a bounded while, until a change would get a
+                    // later one than the file has.
+                    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                    loop {
+                        std::fs::write(path("probe.txt"), "").unwrap();
+                        if ctime("probe.txt") > ctime("a.yaml") {
+                            break;
+                        }
+                        assert!(
+                            std::time::Instant::now() < deadline,
+                            "the clock did not move"
+                        );
+                        std::thread::yield_now();
+                    }
+                    std::fs::write(path("a.yaml"), "name: A").unwrap();
+                    let file = std::fs::File::options()
+                        .write(true)
+                        .open(path("a.yaml"))
+                        .unwrap();
+                    file.set_modified(before.modified().unwrap()).unwrap();
+                    // Only the change time tells: it is new, so the files are not settled though
+                    // the modification time is decades old.
+                    assert!(!glance(&files, std::time::SystemTime::now()).settled);
+                },
+            ),
             ("a new file", &|| {
                 std::fs::write(path("c.yaml"), "name: c").unwrap();
             }),
