@@ -159,38 +159,38 @@ impl Catalog {
         self.sync_locked(store).await
     }
 
-    /// Publishes a write just made on top of `before` (its changes, and the revisions they
-    /// were written at), with the registry its check resolved, so that the whole registry is not
-    /// resolved a second time. Falls back to a full sync when anything else changed the store.
+    /// Publishes a write just made on top of `before` (each change's key, body and the revision
+    /// it was written at), with the registry its check resolved, so that the whole registry is
+    /// not resolved a second time. Falls back to a full sync when anything else changed the store.
     pub async fn commit(
         &self,
         _held: Held<'_>,
         store: &Store,
         before: &View,
-        written: Vec<(Key, Option<String>)>,
-        revisions: &[i64],
+        written: Vec<(Key, Option<String>, i64)>,
         registry: Registry,
     ) -> Result<Arc<View>, StoreError> {
         let current = self.view();
-        if current.revision == before.revision && !revisions.is_empty() {
+        let last = written.last().map(|(.., revision)| *revision);
+        if let Some(last) = last.filter(|_| current.revision == before.revision) {
             // Read and let go: at 10,000 services the events are megabytes.
             let only_this_write = store
                 .events_since(current.revision)
                 .await?
                 .iter()
                 .map(|e| e.revision)
-                .eq(revisions.iter().copied());
+                .eq(written.iter().map(|(.., revision)| *revision));
             if only_this_write {
                 let mut docs = current.docs.clone();
                 // Each body goes once parsed: at 10,000 services they are 2.4 MiB.
-                for ((key, body), revision) in written.into_iter().zip(revisions) {
-                    let created = docs.get(&key).map_or(*revision, |e| e.created);
+                for (key, body, revision) in written {
+                    let created = docs.get(&key).map_or(revision, |e| e.created);
                     change(&mut docs, &key, body.as_deref(), created);
                 }
                 let mut config = compile(&registry);
                 let status = self.address(store, &registry, &docs, &mut config).await;
                 return Ok(self.install(View {
-                    revision: revisions[revisions.len() - 1],
+                    revision: last,
                     config: Arc::new(config),
                     registry: Arc::new(registry),
                     docs,
@@ -280,9 +280,9 @@ impl Catalog {
                 }
             }
             let mut pool = vips.pool.clone();
-            // The plan is made again for another try rather than kept while the VIPs are
-            // stored: at 10,000 services it is 10 MiB.
-            addressed = naming::address(naming::plan(&registry.naming, &created), &mut pool, now);
+            // The owners are worked out again for another try rather than kept while the VIPs
+            // are stored: at 10,000 services they are 10 MiB.
+            addressed = naming::address(naming::owners(&registry.naming, &created), &mut pool, now);
             let mut changed = changes(&vips.pool, &pool);
             changed.extend(vips.stale.iter().map(|ip| VipRow {
                 ip: ip.clone(),

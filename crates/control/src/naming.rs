@@ -31,12 +31,6 @@ pub struct Owner {
     pub generated: Vec<(String, Generated)>,
 }
 
-/// What every generator made of every MeshExternalService, and who gets a VIP.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Plan {
-    pub owners: Vec<Owner>,
-}
-
 /// What one generator made of one MeshExternalService (Kuma's condition `Generated`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Generated {
@@ -49,9 +43,10 @@ pub enum Generated {
     },
 }
 
-/// Names everything in `naming`; `created` orders resources (the store's creation revision),
-/// ties broken by kind and key.
-pub fn plan(naming: &Naming, created: &dyn Fn(&Origin) -> i64) -> Plan {
+/// Who gets a VIP, with what every generator made of every MeshExternalService: names everything
+/// in `naming`; `created` orders resources (the store's creation revision), ties broken by kind
+/// and key.
+pub fn owners(naming: &Naming, created: &dyn Fn(&Origin) -> i64) -> Vec<Owner> {
     let mut subjects: Vec<_> = naming.subjects.iter().collect();
     subjects.sort_by_key(|s| (created(&s.origin), &s.origin));
     let services: Vec<Service<'_>> = subjects
@@ -110,11 +105,9 @@ pub fn plan(naming: &Naming, created: &dyn Fn(&Origin) -> i64) -> Plan {
         generated[outcome.service].push((outcome.generator, result));
     }
     let mut fixed: Vec<_> = naming.fixed.iter().collect();
-    let mut plan = Plan {
-        owners: Vec::with_capacity(subjects.len() + fixed.len()),
-    };
+    let mut owners = Vec::with_capacity(subjects.len() + fixed.len());
     for ((subject, names), generated) in subjects.iter().zip(by_subject).zip(generated) {
-        plan.owners.push(Owner {
+        owners.push(Owner {
             key: format!(
                 "{}/{}/{}",
                 subject.origin.kind, subject.origin.key.mesh, subject.origin.key.name
@@ -127,8 +120,7 @@ pub fn plan(naming: &Naming, created: &dyn Fn(&Origin) -> i64) -> Plan {
     }
     fixed.sort_by_key(|f| (created(&f.origin), &f.origin, &f.name, f.port));
     // A generated name belongs to its service; the same name carried by another is left to it.
-    let taken: HashSet<(&str, &str)> = plan
-        .owners
+    let taken: HashSet<(&str, &str)> = owners
         .iter()
         .zip(&subjects)
         .flat_map(|(owner, subject)| {
@@ -159,11 +151,11 @@ pub fn plan(naming: &Naming, created: &dyn Fn(&Origin) -> i64) -> Plan {
             }
         }
     }
-    plan.owners.extend(by_name.into_values());
-    plan
+    owners.extend(by_name.into_values());
+    owners
 }
 
-/// A plan with addresses: what proxies get, and the status of each resource.
+/// Owners with addresses: what proxies get, and the status of each resource.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Addressed {
     pub virtual_ips: Vec<VirtualIp>,
@@ -172,11 +164,10 @@ pub struct Addressed {
     pub errors: Vec<String>,
 }
 
-/// Gives every owner in `plan` its address from `pool` (keeping the ones they have) and
-/// releases the addresses of owners gone since. The plan's names and generator outcomes move
+/// Gives every one of `owners` its address from `pool` (keeping the ones they have) and
+/// releases the addresses of owners gone since. The owners' names and generator outcomes move
 /// into what is returned rather than being copied: both at once were 18 MiB at 10,000 services.
-pub fn address(plan: Plan, pool: &mut Pool, now: u64) -> Addressed {
-    let Plan { owners } = plan;
+pub fn address(owners: Vec<Owner>, pool: &mut Pool, now: u64) -> Addressed {
     let wanted: BTreeSet<&str> = owners.iter().map(|o| o.key.as_str()).collect();
     let gone: Vec<String> = pool
         .owners()
@@ -355,10 +346,10 @@ networking: {address: "api.example.com:443", tls: {enabled: true}}
         let naming = naming(TWO);
         // `other` created first.
         let created = |o: &Origin| if o.key.name == "other" { 1 } else { 2 };
-        let plan = plan(&naming, &created);
+        let owners = owners(&naming, &created);
         let show = |name: &str| -> Vec<String> {
             let key = format!("MeshExternalService/default/{name}");
-            let owner = plan.owners.iter().find(|o| o.key == key).unwrap();
+            let owner = owners.iter().find(|o| o.key == key).unwrap();
             owner
                 .generated
                 .iter()
@@ -383,7 +374,7 @@ networking: {address: "api.example.com:443", tls: {enabled: true}}
                 "local-mesh-external-service: httpbin.extsvc.mesh.local"
             ]
         );
-        let addressed = address(plan, &mut pool(), 0);
+        let addressed = address(owners, &mut pool(), 0);
         let httpbin = addressed.status[&Origin {
             kind: "MeshExternalService",
             key: ResourceKey {
@@ -407,8 +398,7 @@ networking: {address: "api.example.com:443", tls: {enabled: true}}
     #[test]
     fn legacy_names_and_real_names_get_vips_with_their_ports() {
         let naming = naming(TWO);
-        let plan = plan(&naming, &|_| 0);
-        let addressed = address(plan, &mut pool(), 0);
+        let addressed = address(owners(&naming, &|_| 0), &mut pool(), 0);
         let table: Vec<String> = addressed
             .virtual_ips
             .iter()
@@ -448,12 +438,9 @@ networking: {address: "api.example.com:443", tls: {enabled: true}}
     #[test]
     fn a_deleted_service_frees_its_vip_only_after_the_hold() {
         let mut pool = pool();
-        let full = plan(&naming(TWO), &|_| 0);
+        let full = owners(&naming(TWO), &|_| 0);
         address(full.clone(), &mut pool, 0);
-        let fewer = Plan {
-            owners: full.owners[1..].to_vec(),
-        };
-        address(fewer, &mut pool, 10);
+        address(full[1..].to_vec(), &mut pool, 10);
         let state = pool.state();
         let first: IpAddr = "242.0.0.1".parse().unwrap();
         assert_eq!(
@@ -482,7 +469,7 @@ spec:
   template: '{{ label "team" }}.example'
 "#,
         );
-        let addressed = address(plan(&naming, &|_| 0), &mut pool(), 0);
+        let addressed = address(owners(&naming, &|_| 0), &mut pool(), 0);
         let a = addressed.status.values().next().unwrap().to_json();
         let conditions: Vec<&Value> = a["hostnameGenerators"]
             .as_array()

@@ -187,25 +187,15 @@ impl Api {
         changes: Vec<Change>,
         written: &[Written],
     ) {
-        let mut revisions = Vec::with_capacity(written.len());
-        let mut bodies = Vec::with_capacity(written.len());
-        for (change, written) in changes.into_iter().zip(written) {
-            if let Some(revision) = written.revision() {
-                revisions.push(revision);
-                bodies.push((change.key, change.body));
-            }
-        }
+        let written: Vec<_> = changes
+            .into_iter()
+            .zip(written)
+            .filter_map(|(change, w)| Some((change.key, change.body, w.revision()?)))
+            .collect();
         let published = match checked.registry {
             Some(registry) => {
                 self.catalog
-                    .commit(
-                        held,
-                        &self.store,
-                        &checked.before,
-                        bodies,
-                        &revisions,
-                        registry,
-                    )
+                    .commit(held, &self.store, &checked.before, written, registry)
                     .await
             }
             None => self.catalog.sync_held(held, &self.store).await,
