@@ -581,12 +581,27 @@ type Sources = (Vec<(String, String)>, Vec<String>);
 /// registry) is not kept to compare with: any change to a file's path or text, or to what could
 /// not be read, changes it, but for a chance of one in 2^64. SIGHUP reloads whatever it says.
 fn fingerprint(sources: &Sources) -> u64 {
-    let mut hasher = DefaultHasher::new();
+    let mut fingerprint = Fingerprint::default();
     for (name, text) in &sources.0 {
-        (name, text).hash(&mut hasher);
+        fingerprint.add(name, text);
     }
-    sources.1.hash(&mut hasher);
-    hasher.finish()
+    fingerprint.finish(&sources.1)
+}
+
+/// Made the same way whether the sources are held ([`fingerprint`]) or looked at one at a time
+/// ([`fingerprint_files`]).
+#[derive(Default)]
+struct Fingerprint(DefaultHasher);
+
+impl Fingerprint {
+    fn add(&mut self, name: &str, text: &str) {
+        (name, text).hash(&mut self.0);
+    }
+
+    fn finish(mut self, problems: &[String]) -> u64 {
+        problems.hash(&mut self.0);
+        self.0.finish()
+    }
 }
 
 /// What the watch sees of the files without reading them: their names and metadata, and whether
@@ -626,16 +641,26 @@ fn glance(files: &[PathBuf], now: std::time::SystemTime) -> Glance {
         file.as_os_str().as_encoded_bytes().hash(&mut hasher);
         match metadata {
             Ok(m) => {
-                let changed = [(m.mtime(), m.mtime_nsec()), (m.ctime(), m.ctime_nsec())];
-                (m.dev(), m.ino(), m.len(), changed).hash(&mut hasher);
-                let last = changed.into_iter().max().unwrap_or_default();
-                let at = u64::try_from(last.0).ok().map(|secs| {
-                    std::time::UNIX_EPOCH
-                        + Duration::new(secs, u32::try_from(last.1).unwrap_or_default())
-                });
-                settled &= at
-                    .and_then(|at| now.duration_since(at).ok())
-                    .is_some_and(|age| age >= SETTLE);
+                let (ctime, ctime_nsec) = (m.ctime(), m.ctime_nsec());
+                (
+                    m.dev(),
+                    m.ino(),
+                    m.len(),
+                    m.mtime(),
+                    m.mtime_nsec(),
+                    ctime,
+                    ctime_nsec,
+                )
+                    .hash(&mut hasher);
+                // The change time, which every write moves and nothing sets back (a
+                // modification time can be set to anything).
+                let changed = Duration::new(
+                    u64::try_from(ctime).unwrap_or_default(),
+                    u32::try_from(ctime_nsec).unwrap_or_default(),
+                );
+                settled &= now
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .is_ok_and(|now| now.saturating_sub(changed) >= SETTLE);
             }
             Err(e) => {
                 e.kind().hash(&mut hasher);
@@ -660,13 +685,12 @@ async fn look_at_sources(files: &[PathBuf], stdin: Option<String>) -> u64 {
 }
 
 fn fingerprint_files(files: &[PathBuf], stdin: Option<&str>) -> u64 {
-    let mut hasher = DefaultHasher::new();
+    let mut fingerprint = Fingerprint::default();
     let mut problems = Vec::new();
     load::visit_sources(files, stdin, &mut problems, |name, text| {
-        (&name, &text).hash(&mut hasher);
+        fingerprint.add(&name, &text);
     });
-    problems.hash(&mut hasher);
-    hasher.finish()
+    fingerprint.finish(&problems)
 }
 
 fn read_stdin_once(files: &[PathBuf]) -> anyhow::Result<Option<String>> {
