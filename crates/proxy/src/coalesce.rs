@@ -8,8 +8,10 @@
 //! packet, per frame; over TLS a record per frame as well.
 //!
 //! [`Coalesce`] is the connection's IO: it takes the codec's writes into a buffer. [`Driven`]
-//! polls the connection (a client connection runs in tasks its executor, the [`Driver`],
-//! spawns) and, once the poll is over, writes the buffer out. When a
+//! polls a server connection and, once the poll is over, writes the buffer out. A client
+//! connection is a [`Host`]: one task that polls hyper's dispatch, the connection and every
+//! future the connection hands its executor (the [`Driver`]): a request's wait for its
+//! response, a request body on its way. Then it writes the buffer out. When a
 //! poll leaves bytes in the buffer for the first time the buffer is held back one turn: the
 //! task wakes itself, which tokio answers by putting it at the back of the run queue, so the
 //! stream tasks already ready queue their frames first, and the next poll sends them all in
@@ -30,6 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The first bytes of every HTTP/2 connection with prior knowledge (RFC 9113, section 3.4).
@@ -158,13 +161,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for First<T> {
 }
 
 /// An IO whose HTTP/2 writes are batched; see the module docs. Only the connection polled by
-/// its [`Driven`] may use it.
+/// its [`Driven`] or [`Host`] may use it.
 pub struct Coalesce<T> {
     state: Arc<Mutex<State<T>>>,
 }
 
 pin_project_lite::pin_project! {
-    /// Polls an HTTP/2 connection, or a task of one, and writes out what each poll buffered.
+    /// Polls a server HTTP/2 connection and writes out what each poll buffered.
     pub struct Driven<F, T> {
         #[pin]
         conn: F,
@@ -183,10 +186,6 @@ struct State<T> {
     unflushed: bool,
     /// A write after a poll failed; the connection sees it at its next use of the IO.
     failed: Option<io::Error>,
-    /// The task that last used the IO: the connection's. A client connection's executor also
-    /// spawns tasks that never touch the IO; only the connection's task writes the buffer out,
-    /// so that what waits on the socket wakes the task that will write it.
-    task: Option<Waker>,
 }
 
 /// For a connection that speaks HTTP/2: the IO to hand to the connection, and what drives the
@@ -199,27 +198,34 @@ pub fn h2<T>(io: T) -> (Coalesce<T>, Driver<T>) {
         held: false,
         unflushed: false,
         failed: None,
-        task: None,
     }));
     (
         Coalesce {
             state: state.clone(),
         },
-        Driver { state },
+        Driver {
+            state,
+            handed: Arc::new(Mutex::new(Handed {
+                futures: Vec::new(),
+                host: None,
+            })),
+        },
     )
 }
 
-/// What turns a connection over a [`Coalesce`] into a [`Driven`] one. As the executor of a
-/// client connection, which runs its connection in a task of its own, it drives each task it
-/// spawns.
+/// What turns a connection over a [`Coalesce`] into a [`Driven`] one, or a client connection
+/// into a [`Host`]. It is also the client connection's executor, and hands what it is given to
+/// the host.
 pub struct Driver<T> {
     state: Arc<Mutex<State<T>>>,
+    handed: Arc<Mutex<Handed>>,
 }
 
 impl<T> Clone for Driver<T> {
     fn clone(&self) -> Self {
         Self {
             state: self.state.clone(),
+            handed: self.handed.clone(),
         }
     }
 }
@@ -231,15 +237,108 @@ impl<T> Driver<T> {
             state: self.state.clone(),
         }
     }
+
+    /// Runs a client connection, with what it hands this driver as its executor, in one task.
+    pub fn host<C>(&self, client: C) -> Host<C, T> {
+        Host {
+            client: Some(client),
+            hosted: FuturesUnordered::new(),
+            handed: self.handed.clone(),
+            state: self.state.clone(),
+        }
+    }
 }
 
 impl<F, T> hyper::rt::Executor<F> for Driver<T>
 where
     F: Future<Output = ()> + Send + 'static,
-    T: AsyncWrite + Unpin + Send + 'static,
 {
+    /// Hands the future to the connection's [`Host`], which polls it in the connection's task.
     fn execute(&self, task: F) {
-        tokio::spawn(self.drive(task));
+        let host = match self.handed.lock() {
+            Ok(mut handed) => {
+                handed.futures.push(Box::pin(task));
+                handed.host.take()
+            }
+            Err(_) => return,
+        };
+        if let Some(host) = host {
+            host.wake();
+        }
+    }
+}
+
+/// A future a client connection hands its executor: the connection's IO loop, a request's wait
+/// for its response, a request body on its way.
+type Hosted = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// What the executor was handed and the host has not taken yet.
+struct Handed {
+    futures: Vec<Hosted>,
+    /// The host's task, while it waits; `None` while it is polled, since it takes what it was
+    /// handed before its poll ends.
+    host: Option<Waker>,
+}
+
+pin_project_lite::pin_project! {
+    /// One task for a whole client connection: the client's dispatch loop, the connection and
+    /// every future the connection hands its executor. Spawning each as a task of its own costs
+    /// a task per request and a hop between tasks for each response.
+    pub struct Host<C, T> {
+        #[pin]
+        client: Option<C>,
+        hosted: FuturesUnordered<Hosted>,
+        handed: Arc<Mutex<Handed>>,
+        state: Arc<Mutex<State<T>>>,
+    }
+}
+
+impl<C, E, T> Future for Host<C, T>
+where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+    T: AsyncWrite + Unpin,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        if let Ok(mut handed) = this.handed.lock() {
+            handed.host = None;
+        }
+        if let Some(client) = this.client.as_mut().as_pin_mut() {
+            if let Poll::Ready(result) = client.poll(cx) {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+                }
+                this.client.set(None);
+            }
+        }
+        loop {
+            let Ok(mut handed) = this.handed.lock() else {
+                return Poll::Ready(());
+            };
+            if handed.futures.is_empty() {
+                if !matches!(this.hosted.poll_next_unpin(cx), Poll::Ready(Some(()))) {
+                    // Polled to a standstill: anything handed meanwhile is taken next turn.
+                    if handed.futures.is_empty() {
+                        handed.host = Some(cx.waker().clone());
+                        break;
+                    }
+                }
+                continue;
+            }
+            for future in handed.futures.drain(..) {
+                this.hosted.push(future);
+            }
+        }
+        if this.client.is_none() && this.hosted.is_empty() {
+            return Poll::Ready(());
+        }
+        if let Ok(mut state) = this.state.lock() {
+            state.after_poll(cx);
+        }
+        Poll::Pending
     }
 }
 
@@ -258,26 +357,10 @@ impl<F: Future, T: AsyncWrite + Unpin> Future for Driven<F, T> {
         let polled = this.conn.poll(cx);
         if polled.is_pending() {
             if let Ok(mut state) = this.state.lock() {
-                if state.is_task(cx) {
-                    state.after_poll(cx);
-                }
+                state.after_poll(cx);
             }
         }
         polled
-    }
-}
-
-impl<T> State<T> {
-    fn note_task(&mut self, cx: &Context<'_>) {
-        match &self.task {
-            Some(task) if task.will_wake(cx.waker()) => {}
-            _ => self.task = Some(cx.waker().clone()),
-        }
-    }
-
-    /// Whether `cx` is the task of the connection, or the connection has not used its IO yet.
-    fn is_task(&self, cx: &Context<'_>) -> bool {
-        self.task.as_ref().is_none_or(|t| t.will_wake(cx.waker()))
     }
 }
 
@@ -357,14 +440,13 @@ impl<T: AsyncWrite + Unpin> State<T> {
 }
 
 impl<T> Coalesce<T> {
-    /// The state, for a use of the IO by the task in `cx`; the error of a write after an
-    /// earlier poll, if one failed.
-    fn enter(&self, cx: &Context<'_>) -> io::Result<MutexGuard<'_, State<T>>> {
+    /// The state, for a use of the IO; the error of a write after an earlier poll, if one
+    /// failed.
+    fn enter(&self) -> io::Result<MutexGuard<'_, State<T>>> {
         let mut state = self
             .state
             .lock()
             .map_err(|_| io::Error::other("connection IO poisoned by a panic"))?;
-        state.note_task(cx);
         match state.failed.take() {
             Some(e) => Err(e),
             None => Ok(state),
@@ -378,7 +460,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Coalesce<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let mut state = self.enter(cx)?;
+        let mut state = self.enter()?;
         Pin::new(&mut state.io).poll_read(cx, buf)
     }
 }
@@ -389,7 +471,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let mut state = self.enter(cx)?;
+        let mut state = self.enter()?;
         state.write(cx, &[IoSlice::new(buf)])
     }
 
@@ -398,7 +480,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let mut state = self.enter(cx)?;
+        let mut state = self.enter()?;
         state.write(cx, bufs)
     }
 
@@ -408,7 +490,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut state = self.enter(cx)?;
+        let mut state = self.enter()?;
         if !state.out.is_empty() {
             // Written out when the poll that buffered it is over.
             return Poll::Ready(Ok(()));
@@ -419,7 +501,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut state = self.enter(cx)?;
+        let mut state = self.enter()?;
         ready!(state.drain(cx))?;
         Pin::new(&mut state.io).poll_shutdown(cx)
     }
@@ -579,28 +661,6 @@ mod tests {
         assert_eq!(rest, b"");
     }
 
-    /// A client connection's executor also drives tasks that never use the IO: their polls
-    /// leave the buffer to the connection's task, which the socket wakes.
-    #[tokio::test]
-    async fn only_the_connections_task_writes_the_buffer_out() {
-        let (near, mut far) = tokio::io::duplex(1 << 20);
-        let (io, driver) = h2(near);
-        let conn = driver.drive(frames(io, 2));
-        let other = driver.drive(std::future::pending::<()>());
-        tokio::pin!(conn, other);
-        let conn_waker = task_waker();
-        let mut conn_cx = Context::from_waker(&conn_waker);
-        let other_waker = task_waker();
-        let mut other_cx = Context::from_waker(&other_waker);
-        assert!(conn.as_mut().poll(&mut conn_cx).is_pending());
-        for _ in 0..3 {
-            assert!(other.as_mut().poll(&mut other_cx).is_pending());
-        }
-        assert_eq!(ready_bytes(&mut far), b"");
-        assert!(conn.as_mut().poll(&mut conn_cx).is_pending());
-        assert_eq!(ready_bytes(&mut far), b"frame 0;frame 1;");
-    }
-
     /// The size of the `i`th write of the slow-peer test: mostly frame-sized, now and then
     /// larger than a direct write.
     fn size_of_write(i: usize) -> usize {
@@ -653,5 +713,54 @@ mod tests {
         assert_eq!(got.len(), want.len());
         assert!(got == want, "bytes arrive in order");
         assert!(state.lock().unwrap().out.capacity() <= 2 * LIMIT);
+    }
+
+    /// A host runs what the connection hands its executor, during the host's poll or from
+    /// elsewhere while it waits, writes what they buffer, and ends once the client and
+    /// everything handed have.
+    #[tokio::test]
+    async fn a_host_runs_what_it_is_handed_in_its_task_and_ends_after_them() {
+        use hyper::rt::Executor;
+        let (near, mut far) = tokio::io::duplex(1024);
+        let (mut io, driver) = h2(near);
+        let (ran_tx, mut ran) = tokio::sync::mpsc::unbounded_channel();
+        let (finish_tx, finish) = tokio::sync::oneshot::channel::<()>();
+        let client = {
+            let driver = driver.clone();
+            let ran_tx = ran_tx.clone();
+            async move {
+                // Handed during the host's poll: taken before the poll ends.
+                driver.execute(async move {
+                    tokio::task::yield_now().await;
+                    io.write_all(b"hosted").await.unwrap();
+                    ran_tx.send("during").unwrap();
+                });
+                finish.await.map_err(|e| e.to_string())
+            }
+        };
+        let host = tokio::spawn(driver.host(client));
+        let within = std::time::Duration::from_secs(10);
+        let mut written = [0u8; 6];
+        tokio::time::timeout(within, far.read_exact(&mut written))
+            .await
+            .expect("the host writes what a hosted future buffered")
+            .unwrap();
+        assert_eq!(&written, b"hosted");
+        assert_eq!(ran.recv().await, Some("during"));
+        // Handed while the host waits: it wakes to take it.
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        driver.execute(async move {
+            let _ = released.await;
+            ran_tx.send("later").unwrap();
+        });
+        finish_tx.send(()).unwrap();
+        tokio::task::yield_now().await;
+        assert!(!host.is_finished(), "a hosted future is still pending");
+        release.send(()).unwrap();
+        assert_eq!(ran.recv().await, Some("later"));
+        tokio::time::timeout(within, host)
+            .await
+            .expect("the host ends after the client and what it was handed")
+            .unwrap();
     }
 }

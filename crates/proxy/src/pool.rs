@@ -282,7 +282,7 @@ where
         }
         if self.settings.h2_only || info.h2 {
             let (io, driver) = coalesce::h2(upstream.io);
-            // The connection runs in a task of its own, which the driver spawns and drives.
+            // The connection, its dispatch and what it hands the driver share one task.
             let (sender, conn) = http2::Builder::new(driver.clone())
                 .timer(TokioTimer::new())
                 .adaptive_window(true)
@@ -292,11 +292,7 @@ where
                 .handshake(TokioIo::new(io))
                 .await
                 .map_err(SendError::Http)?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
-                }
-            });
+            tokio::spawn(driver.host(conn));
             if let Ok(mut slot) = self.h2.lock() {
                 *slot = Some(Shared {
                     sender: sender.clone(),
