@@ -18,6 +18,9 @@ import subprocess
 
 import lib
 
+# App connections at once in the HTTP/2-origin count: enough for streams to share writes.
+H2_CONNECTIONS = 16
+
 
 def h2load_n(url, n):
     cmd = ["taskset", "-c", lib.LOAD_CPU, "h2load", "--h1", "-c1", f"-n{n}", url]
@@ -51,14 +54,15 @@ def dump(ctx, name, proc):
                            lambda: set(glob.glob(ctx.path(f"{name}.callgrind*"))) - before, timeout=60))
 
 
-def counted(ctx, name, proc, send, n):
-    """Zeroes callgrind's counters, has `send` send `n` requests and returns the instructions they
-    took."""
-    send(200)
+def counted(ctx, name, proc, send, n, warm=200):
+    """Has `send` warm the proxy up (`send(warm)`), zeroes callgrind's counters, has `send` send
+    `n` requests and returns the instructions they took, the dumps, and how many requests were
+    answered: what `send` returns, or else `n`."""
+    send(warm)
     zeroed = subprocess.run(["callgrind_control", "-z", str(proc.pid)], capture_output=True, text=True, timeout=120)
     if zeroed.returncode != 0:
         raise lib.BenchError(f"callgrind_control -z {name}: {zeroed.stdout[-500:]}{zeroed.stderr[-500:]}")
-    send(n)
+    answered = send(n) or n
     dumps = dump(ctx, name, proc)
     total = 0
     for path in dumps:
@@ -67,7 +71,7 @@ def counted(ctx, name, proc, send, n):
                 if line.startswith(("summary:", "totals:")):
                     total += int(line.split()[1])
                     break
-    return total, dumps
+    return total, dumps, answered
 
 
 def own_instructions(path, objects=None):
@@ -108,8 +112,8 @@ def top_functions(dumps, requests, limit=12):
 def both(ctx, name, proc, url, n, n_close):
     """Instructions per request kept alive and per request on a new connection, with the top
     functions of each."""
-    keep, keep_dumps = counted(ctx, name, proc, lambda k: h2load_n(url, k), n)
-    close, close_dumps = counted(ctx, name, proc, lambda k: close_n(url, k), n_close)
+    keep, keep_dumps, _ = counted(ctx, name, proc, lambda k: h2load_n(url, k), n)
+    close, close_dumps, _ = counted(ctx, name, proc, lambda k: close_n(url, k), n_close)
     return {"keep_alive": keep / n, "close": close / n_close}, {
         "keep_alive": top_functions(keep_dumps, n), "close": top_functions(close_dumps, n_close)}
 
@@ -130,28 +134,60 @@ def run(ctx, origin):
                                              n_close)
         sluice.stop()
 
-    for peer in ("nginx", "haproxy"):
+    def start_peer(peer, name, origin_port, alpn="http/1.1"):
         listen = lib.free_port()
-        conf = lib.peer_config(ctx, peer, listen, origin["h1"])
-        out = ctx.path(f"{peer}-cg.callgrind")
+        conf = lib.peer_config(ctx, peer, listen, origin_port, alpn)
+        out = ctx.path(f"{name}-cg.callgrind")
         if peer == "nginx":
             d = ctx.path(peer)
             cmd = [lib.which("nginx"), "-c", conf, "-p", d + "/", "-g", "master_process off;"]
         else:
             cmd = [lib.which("haproxy"), "-db", "-f", conf]
-        proc = ctx.procs.start(f"{peer}-cg", [*valgrind, f"--callgrind-out-file={out}", *cmd], cpus=lib.PROXY_CPU)
-        lib.poll(f"{peer} under callgrind listening", lambda: lib.listening(listen), timeout=120, proc=proc,
+        proc = ctx.procs.start(f"{name}-cg", [*valgrind, f"--callgrind-out-file={out}", *cmd], cpus=lib.PROXY_CPU)
+        lib.poll(f"{name} under callgrind listening", lambda: lib.listening(listen), timeout=120, proc=proc,
                  procs=ctx.procs)
-        results[peer], profiles[peer] = both(ctx, f"{peer}-cg", proc, f"http://127.0.0.1:{listen}/", n, n_close)
+        return proc, f"http://127.0.0.1:{listen}/"
+
+    for peer in ("nginx", "haproxy"):
+        proc, url = start_peer(peer, peer, origin["h1"])
+        results[peer], profiles[peer] = both(ctx, f"{peer}-cg", proc, url, n, n_close)
         ctx.procs.stop(proc)
 
     for k, v in results.items():
         lib.log(f"{k}: {v['keep_alive']:.0f} instructions per request kept alive, "
                 f"{v['close']:.0f} on a new connection")
+
+    # The origin's HTTP/2 port, H2_CONNECTIONS app connections at once: Sluice and HAProxy carry
+    # their requests over one HTTP/2 connection; nginx, which cannot, over HTTP/1.1 ones. wrk
+    # for a few seconds, not h2load: h2load counts HAProxy's answers as failures (their status
+    # line has no reason phrase, which HTTP/2 does not carry); the few requests in flight when
+    # wrk stops are left out of the count.
+    seconds = 2 if ctx.quick else 5
+    h2_origin, h2_top = {}, None
+    send = lambda url: lambda s: lib.wrk(url, H2_CONNECTIONS, s, timeout_s=30)["requests"]  # noqa: E731
+    port = lib.free_port()
+    yaml = lib.mes_yaml(ctx, "origin", origin["h2"]) + "---\n" + lib.dataplane_yaml([(port, "origin")])
+    out = ctx.path("sluice-h2-cg.callgrind")
+    sluice = lib.Sluice(ctx, "sluice-h2-cg", yaml, wrapper=[*valgrind, f"--callgrind-out-file={out}"],
+                        access_log=False)
+    count, dumps, answered = counted(ctx, "sluice-h2-cg", sluice.proc, send(f"http://127.0.0.1:{port}/"),
+                                     seconds, warm=1)
+    h2_origin[lib.NO_LOG], h2_top = count / answered, top_functions(dumps, answered)
+    sluice.stop()
+    for peer, alpn in (("nginx", "http/1.1"), ("haproxy", lib.H2_ALPN)):
+        proc, url = start_peer(peer, f"{peer}-h2", origin["h2"], alpn)
+        count, _, answered = counted(ctx, f"{peer}-h2-cg", proc, send(url), seconds, warm=1)
+        h2_origin[peer] = count / answered
+        ctx.procs.stop(proc)
+    for k, v in h2_origin.items():
+        lib.log(f"{k}, origin offers HTTP/2: {v:.0f} instructions per request")
+
     per_request = {k: v["keep_alive"] for k, v in results.items()}
     per_connection = {k: v["close"] for k, v in results.items()}
     return {"name": "instructions", "requests": n, "per_request": per_request,
-            "close_requests": n_close, "per_request_close": per_connection, "top": profiles, "notes": []}
+            "close_requests": n_close, "per_request_close": per_connection, "top": profiles,
+            "h2_origin_connections": H2_CONNECTIONS, "per_request_h2_origin": h2_origin, "top_h2_origin": h2_top,
+            "notes": []}
 
 
 def markdown(result):
@@ -167,4 +203,13 @@ def markdown(result):
     for kind, title in (("keep_alive", "kept alive"), ("close", "on a new connection each")):
         out += ["", f"| instructions per request, {title} | function |", "| ---: | --- |"]
         out += [f"| {count:,.0f} | `{name}` |" for count, name in result["top"]["sluice"][kind]]
+    h2 = result.get("per_request_h2_origin")
+    if h2:
+        out += ["", f"With an origin that offers HTTP/2 (keep-alive, 1 KiB, {result['h2_origin_connections']} "
+                "connections at once; Sluice without its access log and HAProxy with `alpn h2,http/1.1` carry "
+                "them over one HTTP/2 connection, nginx over HTTP/1.1 ones):", "",
+                "| proxy | instructions per request | ÷ Sluice |", "| --- | ---: | ---: |"]
+        out += [f"| {k} | {v:,.0f} | {v / h2[lib.NO_LOG]:.2f}× |" for k, v in h2.items()]
+        out += ["", "| instructions per request, origin offers HTTP/2 | function |", "| ---: | --- |"]
+        out += [f"| {count:,.0f} | `{name}` |" for count, name in result["top_h2_origin"]]
     return "\n".join(out)

@@ -458,6 +458,9 @@ def dataplane_yaml(outbounds):
 # Sluice with `--access-log off`, beside Sluice as it ships: the peers' configurations log nothing.
 NO_LOG = "sluice-nolog"
 
+# What HAProxy offers an origin that speaks HTTP/2: the same as Sluice offers every TLS origin.
+H2_ALPN = "h2,http/1.1"
+
 
 class Sluice:
     """A running `sluice run` pinned to the proxy CPU, with its admin endpoint."""
@@ -500,8 +503,9 @@ class Sluice:
         self.ctx.procs.stop(self.proc)
 
 
-def peer_config(ctx, name, listen_port, origin_port):
-    """nginx's or HAProxy's TLS-originating configuration from bench/peers, filled in."""
+def peer_config(ctx, name, listen_port, origin_port, alpn="http/1.1"):
+    """nginx's or HAProxy's TLS-originating configuration from bench/peers, filled in. `alpn` is
+    what HAProxy offers the origin (nginx offers nothing and speaks HTTP/1.1 upstream)."""
     d = ctx.path(name)
     os.makedirs(d, exist_ok=True)
     for sub in ("cb", "pt", "ft", "ut", "st"):
@@ -509,14 +513,14 @@ def peer_config(ctx, name, listen_port, origin_port):
     template = {"nginx": "nginx-tls-origination.conf", "haproxy": "haproxy-tls-origination.cfg"}[name]
     return render(os.path.join(BENCH, "peers", template), os.path.join(d, template), DIR=d,
                   LISTEN=f"127.0.0.1:{listen_port}", ORIGIN=f"127.0.0.1:{origin_port}",
-                  NAME=ctx.pki["name"], CA=ctx.pki["ca"])
+                  NAME=ctx.pki["name"], CA=ctx.pki["ca"], ALPN=alpn)
 
 
-def start_peer(ctx, name, origin_port):
+def start_peer(ctx, name, origin_port, alpn="http/1.1"):
     """nginx or HAProxy in the proxy's seat (one worker, the proxy CPU), in the foreground.
     Returns the process and its listening port."""
     port = free_port()
-    conf = peer_config(ctx, name, port, origin_port)
+    conf = peer_config(ctx, name, port, origin_port, alpn)
     if name == "nginx":
         d = ctx.path(name)
         cmd = [which("nginx"), "-c", conf, "-p", d + "/", "-e", os.path.join(d, "error.log")]
@@ -527,11 +531,12 @@ def start_peer(ctx, name, origin_port):
     return proc, port
 
 
-def start_subjects(ctx, origin_port, path="/", baseline=None):
+def start_subjects(ctx, origin_port, path="/", baseline=None, peer_alpn="http/1.1"):
     """Sluice (a MeshExternalService to the origin and a Dataplane outbound) as it ships and
     without its access log, nginx and HAProxy in the proxy's seat: name -> (URL of `path` through
     it, its process, the Sluice or None for a peer). With `baseline`, the path of another Sluice
-    binary, that one too (access log on), as "baseline"."""
+    binary, that one too (access log on), as "baseline". Sluice offers the origin `h2` and
+    `http/1.1` by ALPN, as it always does; HAProxy offers `peer_alpn`."""
     builds = {"sluice": (None, True), NO_LOG: (None, False),
               **({"baseline": (baseline, True)} if baseline else {})}
     subjects = {}
@@ -541,7 +546,7 @@ def start_subjects(ctx, origin_port, path="/", baseline=None):
         sluice = Sluice(ctx, name, yaml, binary=binary, access_log=access_log)
         subjects[name] = (f"http://127.0.0.1:{port}{path}", sluice.proc, sluice)
     for peer in ("nginx", "haproxy"):
-        proc, peer_port = start_peer(ctx, peer, origin_port)
+        proc, peer_port = start_peer(ctx, peer, origin_port, peer_alpn)
         subjects[peer] = (f"http://127.0.0.1:{peer_port}{path}", proc, None)
     return subjects
 
@@ -557,6 +562,9 @@ def rounds_parser(doc):
     parser.add_argument("--sluice", metavar="PATH", help="measure this binary instead of building target/release/sluice")
     parser.add_argument("--baseline", metavar="PATH",
                         help="also measure this Sluice binary, as `baseline`: before and after in the same rounds")
+    parser.add_argument("--origin-h2", action="store_true",
+                        help="the origin offers HTTP/2 by ALPN (Sluice takes it, HAProxy is told to offer it; "
+                             "nginx speaks HTTP/1.1 upstream whatever the origin offers)")
     return parser
 
 
@@ -574,8 +582,12 @@ def side_by_side(args, tools, name, path="/"):
     ctx = Context(tmp, quick=False)
     try:
         ctx.pki = make_pki(tmp)
-        origin, _ = start_origin(ctx)
-        yield ctx, start_subjects(ctx, origin, path, args.baseline and os.path.abspath(args.baseline))
+        h1_port, h2_port = start_origin(ctx)
+        baseline = args.baseline and os.path.abspath(args.baseline)
+        if args.origin_h2:
+            yield ctx, start_subjects(ctx, h2_port, path, baseline, peer_alpn=H2_ALPN)
+        else:
+            yield ctx, start_subjects(ctx, h1_port, path, baseline)
     finally:
         ctx.procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)

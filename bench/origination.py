@@ -13,16 +13,17 @@ import lib
 
 SUBJECTS = ("direct", "sluice", lib.NO_LOG, "nginx", "haproxy")
 PATHS = {"1k": ("/", 1024), "64k": ("/64k", 65536)}
+H2_SCENARIO = "keep-alive 1k, origin offers HTTP/2"
 
 
 class Subjects:
     """The ways to reach the origin, each with the processes whose CPU and memory count: Sluice
     as it ships (its access log written to a file) and without the access log, as the peers'
-    configurations run."""
+    configurations run. With `peer_alpn`, HAProxy offers the origin that by ALPN."""
 
-    def __init__(self, ctx, origin_port):
+    def __init__(self, ctx, origin_port, peer_alpn="http/1.1"):
         self.ctx = ctx
-        started = lib.start_subjects(ctx, origin_port, path="")
+        started = lib.start_subjects(ctx, origin_port, path="", peer_alpn=peer_alpn)
         self.sluice = started["sluice"][2]
         self.urls = {"direct": f"https://127.0.0.1:{origin_port}",
                      **{name: url for name, (url, _, _) in started.items()}}
@@ -128,14 +129,32 @@ def run(ctx, origin):
         r = subjects.measure(subject, lambda: lib.wrk(url, 16, seconds, headers=["Connection: close"]))
         row("new connection per request, 1k", subject, 16, r)
 
-    result = {
+    subjects.stop()
+
+    # The same keep-alive load against an origin that offers HTTP/2 by ALPN, as most public APIs
+    # do: Sluice takes it and carries every app connection's requests over one upstream
+    # connection; HAProxy is told to offer h2 as well; nginx cannot speak HTTP/2 upstream.
+    h2_subjects = Subjects(ctx, origin["h2"], peer_alpn=lib.H2_ALPN)
+    for subject in SUBJECTS:
+        lib.wrk(h2_subjects.urls[subject] + "/", 128, warm)
+    h2_opened_before = h2_subjects.sluice.metric("sluice_upstream_connections_total")
+    for conns in ([16] if ctx.quick else [1, 16, 128]):
+        for subject in SUBJECTS:
+            if subject == "direct":
+                continue
+            url = h2_subjects.urls[subject] + "/"
+            r = h2_subjects.measure(subject, lambda: lib.wrk(url, conns, seconds))
+            row(H2_SCENARIO, subject, conns, r)
+    h2_opened = h2_subjects.sluice.metric("sluice_upstream_connections_total") - h2_opened_before
+    h2_subjects.stop()
+
+    return {
         "name": "origination", "rows": rows,
         "idle_rss_kib": subjects.idle_rss,
         "sluice_handshakes_after_warmup": handshakes,
+        "sluice_h2_origin_connections_after_warmup": h2_opened,
         "notes": [],
     }
-    subjects.stop()
-    return result
 
 
 def fmt_us(us):
@@ -180,6 +199,13 @@ def markdown(result):
     out.append(f"- idle RSS after start (all processes of each proxy): {idle}")
     out.append(f"- Sluice's upstream TLS handshakes during the keep-alive runs (after warm-up): "
                f"{result['sluice_handshakes_after_warmup']:.0f}")
+    if "sluice_h2_origin_connections_after_warmup" in result:
+        out.append(f"- {H2_SCENARIO}: the origin's other port, which offers `h2` by ALPN. Sluice offers "
+                   "`h2` and `http/1.1` to every TLS origin and carries all requests over one HTTP/2 "
+                   "connection (new upstream connections during these runs, after warm-up: "
+                   f"{result['sluice_h2_origin_connections_after_warmup']:.0f}); HAProxy offers "
+                   f"`{lib.H2_ALPN}` (`alpn` on its `server` line) and takes HTTP/2 too; nginx cannot "
+                   "speak HTTP/2 to an upstream and stays on HTTP/1.1.")
     for n in result.get("notes", []):
         out.append(f"- {n}")
     return "\n".join(out)

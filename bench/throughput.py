@@ -11,6 +11,8 @@ proxy's CPU goes.
     bench/throughput.py --sluice OLD/sluice     # another build
     bench/throughput.py --baseline OLD/sluice   # and the build under test beside it
     bench/throughput.py --close --conns 16      # a new client connection per request
+    bench/throughput.py --origin-h2             # an origin that offers HTTP/2 by ALPN: Sluice and
+                                                # HAProxy speak it upstream, nginx cannot
 
 The setup is bench/run's (the proxies on CPU 0; the origin and wrk on CPU 1; plaintext HTTP/1.1
 in, verified TLS out). One bench/run measures each proxy once per cell, and on a 2-CPU VM one
