@@ -102,6 +102,8 @@ impl HttpUpstream {
             // hyper's default lets a response's read buffer grow to about 400 KiB on every
             // pooled connection; 64 KiB reads keep large bodies as fast.
             read_buffer: UPSTREAM_READ_BUFFER,
+            ping_interval: crate::pool::H2_PING_INTERVAL,
+            ping_timeout: crate::pool::H2_PING_TIMEOUT,
         };
         let authority = rewritten_authority(service, tls);
         let label = connector.label.clone();

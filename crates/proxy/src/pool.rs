@@ -47,6 +47,10 @@ pub struct Settings {
     pub h2_only: bool,
     /// The most an HTTP/1.1 connection buffers of a response before the app reads it.
     pub read_buffer: usize,
+    /// How often an HTTP/2 connection is pinged, and how long an answer may take before the
+    /// connection is closed ([`H2_PING_INTERVAL`] and [`H2_PING_TIMEOUT`]).
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
 }
 
 pub struct Pool<B> {
@@ -286,8 +290,8 @@ where
             let (sender, conn) = http2::Builder::new(driver.clone())
                 .timer(TokioTimer::new())
                 .adaptive_window(true)
-                .keep_alive_interval(H2_PING_INTERVAL)
-                .keep_alive_timeout(H2_PING_TIMEOUT)
+                .keep_alive_interval(self.settings.ping_interval)
+                .keep_alive_timeout(self.settings.ping_timeout)
                 .keep_alive_while_idle(true)
                 .handshake(TokioIo::new(io))
                 .await
@@ -532,7 +536,21 @@ mod tests {
         idle_timeout: Duration,
         handshake: Duration,
     ) -> Arc<Pool<Empty<Bytes>>> {
-        let h2_only = service.protocol.requires_h2();
+        let settings = Settings {
+            idle_timeout,
+            h2_only: service.protocol.requires_h2(),
+            read_buffer: 64 * 1024,
+            ping_interval: H2_PING_INTERVAL,
+            ping_timeout: H2_PING_TIMEOUT,
+        };
+        pool_with(service, handshake, settings)
+    }
+
+    fn pool_with(
+        service: ExternalService,
+        handshake: Duration,
+        settings: Settings,
+    ) -> Arc<Pool<Empty<Bytes>>> {
         let alpn = crate::upstreams::alpn(&service);
         let resolver = TokioResolver::builder_with_config(
             ResolverConfig::from_parts(None, Vec::new(), Vec::new()),
@@ -553,14 +571,7 @@ mod tests {
             None,
         )
         .unwrap();
-        Arc::new(Pool::new(
-            Arc::new(connector),
-            Settings {
-                idle_timeout,
-                h2_only,
-                read_buffer: 64 * 1024,
-            },
-        ))
+        Arc::new(Pool::new(Arc::new(connector), settings))
     }
 
     fn get() -> Request<Empty<Bytes>> {
@@ -837,5 +848,44 @@ mod tests {
         seen_until(&mut seen, |s| s.closed == 1).await;
         assert_eq!(exchange(&pool, true).await, "h2");
         assert_eq!(seen_until(&mut seen, |s| s.requests == 2).await.accepted, 2);
+    }
+
+    /// An HTTP/2 upstream that stops answering without closing (a NAT or firewall dropped the
+    /// flow) is found by the keep-alive ping: the request waiting on it fails once a ping goes
+    /// unanswered, not at the response timeout, and the next request opens a new connection.
+    #[tokio::test]
+    async fn an_http2_upstream_that_stops_answering_is_closed_by_the_ping() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, mut seen) = watch::channel(Seen::default());
+        let origin = tokio::spawn(async move {
+            // Held open, never read and never answered.
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                tx.send_modify(|s| s.accepted += 1);
+                held.push(stream);
+            }
+        });
+        let settings = Settings {
+            idle_timeout: WAIT,
+            h2_only: true,
+            read_buffer: 64 * 1024,
+            ping_interval: Duration::from_millis(100),
+            ping_timeout: Duration::from_millis(200),
+        };
+        let pool = pool_with(service(addr, true, None), WAIT, settings);
+        for attempt in 1..=2 {
+            let sent = tokio::time::timeout(WAIT, pool.send(get()))
+                .await
+                .expect("the unanswered ping ends the wait");
+            assert!(sent.is_err(), "attempt {attempt}: nothing can answer");
+            assert_eq!(
+                seen_until(&mut seen, |s| s.accepted >= attempt)
+                    .await
+                    .accepted,
+                attempt
+            );
+        }
+        origin.abort();
     }
 }
