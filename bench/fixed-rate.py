@@ -6,10 +6,11 @@ in alternating rounds, so that a difference in p99 can be told from the host's r
     bench/fixed-rate.py                          # 6 rounds of 8 s at 5,000 and 20,000 requests/s
     bench/fixed-rate.py --rounds 10 --seconds 10 --rates 5000
     bench/fixed-rate.py --sluice OLD/sluice      # another build
-    bench/fixed-rate.py --origin-h2              # an origin that offers HTTP/2 (HAProxy offers it too)
 
 The setup is bench/run's (the proxies on CPU 0; the origin and h2load on CPU 1; plaintext HTTP/1.1
-in, verified TLS out, 1 KiB responses, 16 connections). One bench/run measures each proxy once
+in, verified TLS out, 1 KiB responses, 16 connections). The origin speaks HTTP/1.1 only: through
+HAProxy, HTTP/2 responses come without a reason phrase, which h2load counts as failures, so an
+origin that offers HTTP/2 is measured at saturation only (bench/throughput.py --origin-h2). One bench/run measures each proxy once
 per rate, and on a 2-CPU VM one p99 moves by more than the proxies differ; this prints each
 proxy's median and range over the rounds. Every round measures every proxy, in an order that
 alternates between rounds.

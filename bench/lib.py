@@ -554,17 +554,19 @@ def start_subjects(ctx, origin_port, path="/", baseline=None, peer_alpn="http/1.
 # --- repeated side-by-side runs (bench/fixed-rate.py, bench/throughput.py) -----------------------
 
 
-def rounds_parser(doc):
-    """The options every repeated side-by-side script takes: --rounds, --seconds, --sluice."""
+def rounds_parser(doc, origin_h2=False):
+    """The options every repeated side-by-side script takes: --rounds, --seconds, --sluice,
+    --baseline; with `origin_h2`, --origin-h2 as well."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=int, default=8, help="length of one measurement")
     parser.add_argument("--sluice", metavar="PATH", help="measure this binary instead of building target/release/sluice")
     parser.add_argument("--baseline", metavar="PATH",
                         help="also measure this Sluice binary, as `baseline`: before and after in the same rounds")
-    parser.add_argument("--origin-h2", action="store_true",
-                        help="the origin offers HTTP/2 by ALPN (Sluice takes it, HAProxy is told to offer it; "
-                             "nginx speaks HTTP/1.1 upstream whatever the origin offers)")
+    if origin_h2:
+        parser.add_argument("--origin-h2", action="store_true",
+                            help="the origin offers HTTP/2 by ALPN (Sluice takes it, HAProxy is told to offer it; "
+                                 "nginx speaks HTTP/1.1 upstream whatever the origin offers)")
     return parser
 
 
@@ -584,7 +586,7 @@ def side_by_side(args, tools, name, path="/"):
         ctx.pki = make_pki(tmp)
         h1_port, h2_port = start_origin(ctx)
         baseline = args.baseline and os.path.abspath(args.baseline)
-        if args.origin_h2:
+        if getattr(args, "origin_h2", False):
             yield ctx, start_subjects(ctx, h2_port, path, baseline, peer_alpn=H2_ALPN)
         else:
             yield ctx, start_subjects(ctx, h1_port, path, baseline)

@@ -104,7 +104,7 @@ def syscalls_per_request(ctx, name, url, pids, conns, seconds, headers):
 
 
 def main():
-    parser = lib.rounds_parser(__doc__)
+    parser = lib.rounds_parser(__doc__, origin_h2=True)
     parser.add_argument("--conns", default="16,128", help="client connections, comma-separated")
     parser.add_argument("--path", default="/", help="/ for 1 KiB responses, /64k for 64 KiB")
     parser.add_argument("--syscalls", action="store_true", help="add one round under strace")
