@@ -178,6 +178,35 @@ async fn concurrent_http2_streams_arrive_whole_over_one_connection_each_side() {
     );
 }
 
+/// A request body and its echo several times larger than the upstream connection's
+/// flow-control windows (1 MiB a stream, 4 MiB the connection): the body goes out as the origin
+/// grants room, and the response keeps coming as the app reads it, over HTTP/2 on both sides
+/// and with an HTTP/1.1 app alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_larger_than_the_http2_windows_cross_whole_both_ways() {
+    let origin = start_tls_origin("tls").await;
+    let (_sluice, port) = serve_one(&[secured("secure", "http", &origin)], "secure", &[]).await;
+    let mut body = big_body(9 * 1024 * 1024 + 7);
+    body[0] = 42;
+    let app = H2Client::connect(local(port)).await.unwrap();
+    let r = app.post("/echo", body.clone()).await.unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.body[..] == body[..], "{} bytes back", r.body.len());
+    let mut app = H1Client::connect(local(port)).await.unwrap();
+    let req = app
+        .request(Method::POST, "/echo")
+        .body(full(body.clone()))
+        .unwrap();
+    let r = app.send(req).await.unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.body[..] == body[..], "{} bytes back", r.body.len());
+    assert_eq!(origin.handshakes(), 1, "one upstream HTTP/2 connection");
+    assert_eq!(
+        origin.last_request().unwrap().version,
+        http::Version::HTTP_2
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_only_origin_gets_http11_and_app_h2c_works() {
     let origin = OriginBuilder::new("h1")

@@ -8,10 +8,7 @@
 //! packet, per frame; over TLS a record per frame as well.
 //!
 //! [`Coalesce`] is the connection's IO: it takes the codec's writes into a buffer. [`Driven`]
-//! polls a server connection and, once the poll is over, writes the buffer out. A client
-//! connection is a [`Host`]: one task that polls hyper's dispatch, the connection and every
-//! future the connection hands its executor (the [`Driver`]): a request's wait for its
-//! response, a request body on its way. Then it writes the buffer out. When a
+//! polls the connection and, once the poll is over, writes the buffer out. When a
 //! poll leaves bytes in the buffer for the first time the buffer is held back one turn: the
 //! task wakes itself, which tokio answers by putting it at the back of the run queue, so the
 //! stream tasks already ready queue their frames first, and the next poll sends them all in
@@ -29,10 +26,9 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{ready, Context, Poll, Waker};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The first bytes of every HTTP/2 connection with prior knowledge (RFC 9113, section 3.4).
@@ -161,13 +157,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for First<T> {
 }
 
 /// An IO whose HTTP/2 writes are batched; see the module docs. Only the connection polled by
-/// its [`Driven`] or [`Host`] may use it.
+/// its [`Driven`] may use it.
 pub struct Coalesce<T> {
     state: Arc<Mutex<State<T>>>,
 }
 
 pin_project_lite::pin_project! {
-    /// Polls a server HTTP/2 connection and writes out what each poll buffered.
+    /// Polls an HTTP/2 connection and writes out what each poll buffered.
     pub struct Driven<F, T> {
         #[pin]
         conn: F,
@@ -203,31 +199,13 @@ pub fn h2<T>(io: T) -> (Coalesce<T>, Driver<T>) {
         Coalesce {
             state: state.clone(),
         },
-        Driver {
-            state,
-            handed: Arc::new(Mutex::new(Handed {
-                futures: Vec::new(),
-                host: None,
-            })),
-        },
+        Driver { state },
     )
 }
 
-/// What turns a connection over a [`Coalesce`] into a [`Driven`] one, or a client connection
-/// into a [`Host`]. It is also the client connection's executor, and hands what it is given to
-/// the host.
+/// What turns a connection over a [`Coalesce`] into a [`Driven`] one.
 pub struct Driver<T> {
     state: Arc<Mutex<State<T>>>,
-    handed: Arc<Mutex<Handed>>,
-}
-
-impl<T> Clone for Driver<T> {
-    fn clone(&self) -> Self {
-        Self {
-            state: self.state.clone(),
-            handed: self.handed.clone(),
-        }
-    }
 }
 
 impl<T> Driver<T> {
@@ -236,109 +214,6 @@ impl<T> Driver<T> {
             conn,
             state: self.state.clone(),
         }
-    }
-
-    /// Runs a client connection, with what it hands this driver as its executor, in one task.
-    pub fn host<C>(&self, client: C) -> Host<C, T> {
-        Host {
-            client: Some(client),
-            hosted: FuturesUnordered::new(),
-            handed: self.handed.clone(),
-            state: self.state.clone(),
-        }
-    }
-}
-
-impl<F, T> hyper::rt::Executor<F> for Driver<T>
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    /// Hands the future to the connection's [`Host`], which polls it in the connection's task.
-    fn execute(&self, task: F) {
-        let host = match self.handed.lock() {
-            Ok(mut handed) => {
-                handed.futures.push(Box::pin(task));
-                handed.host.take()
-            }
-            Err(_) => return,
-        };
-        if let Some(host) = host {
-            host.wake();
-        }
-    }
-}
-
-/// A future a client connection hands its executor: the connection's IO loop, a request's wait
-/// for its response, a request body on its way.
-type Hosted = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// What the executor was handed and the host has not taken yet.
-struct Handed {
-    futures: Vec<Hosted>,
-    /// The host's task, while it waits; `None` while it is polled, since it takes what it was
-    /// handed before its poll ends.
-    host: Option<Waker>,
-}
-
-pin_project_lite::pin_project! {
-    /// One task for a whole client connection: the client's dispatch loop, the connection and
-    /// every future the connection hands its executor. Spawning each as a task of its own costs
-    /// a task per request and a hop between tasks for each response.
-    pub struct Host<C, T> {
-        #[pin]
-        client: Option<C>,
-        hosted: FuturesUnordered<Hosted>,
-        handed: Arc<Mutex<Handed>>,
-        state: Arc<Mutex<State<T>>>,
-    }
-}
-
-impl<C, E, T> Future for Host<C, T>
-where
-    C: Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
-    T: AsyncWrite + Unpin,
-{
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let mut this = self.project();
-        if let Ok(mut handed) = this.handed.lock() {
-            handed.host = None;
-        }
-        if let Some(client) = this.client.as_mut().as_pin_mut() {
-            if let Poll::Ready(result) = client.poll(cx) {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
-                }
-                this.client.set(None);
-            }
-        }
-        loop {
-            let Ok(mut handed) = this.handed.lock() else {
-                return Poll::Ready(());
-            };
-            if handed.futures.is_empty() {
-                if !matches!(this.hosted.poll_next_unpin(cx), Poll::Ready(Some(()))) {
-                    // Polled to a standstill: anything handed meanwhile is taken next turn.
-                    if handed.futures.is_empty() {
-                        handed.host = Some(cx.waker().clone());
-                        break;
-                    }
-                }
-                continue;
-            }
-            for future in handed.futures.drain(..) {
-                this.hosted.push(future);
-            }
-        }
-        if this.client.is_none() && this.hosted.is_empty() {
-            return Poll::Ready(());
-        }
-        if let Ok(mut state) = this.state.lock() {
-            state.after_poll(cx);
-        }
-        Poll::Pending
     }
 }
 
@@ -510,6 +385,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::task::Waker;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
@@ -713,54 +589,5 @@ mod tests {
         assert_eq!(got.len(), want.len());
         assert!(got == want, "bytes arrive in order");
         assert!(state.lock().unwrap().out.capacity() <= 2 * LIMIT);
-    }
-
-    /// A host runs what the connection hands its executor, during the host's poll or from
-    /// elsewhere while it waits, writes what they buffer, and ends once the client and
-    /// everything handed have.
-    #[tokio::test]
-    async fn a_host_runs_what_it_is_handed_in_its_task_and_ends_after_them() {
-        use hyper::rt::Executor;
-        let (near, mut far) = tokio::io::duplex(1024);
-        let (mut io, driver) = h2(near);
-        let (ran_tx, mut ran) = tokio::sync::mpsc::unbounded_channel();
-        let (finish_tx, finish) = tokio::sync::oneshot::channel::<()>();
-        let client = {
-            let driver = driver.clone();
-            let ran_tx = ran_tx.clone();
-            async move {
-                // Handed during the host's poll: taken before the poll ends.
-                driver.execute(async move {
-                    tokio::task::yield_now().await;
-                    io.write_all(b"hosted").await.unwrap();
-                    ran_tx.send("during").unwrap();
-                });
-                finish.await.map_err(|e| e.to_string())
-            }
-        };
-        let host = tokio::spawn(driver.host(client));
-        let within = std::time::Duration::from_secs(10);
-        let mut written = [0u8; 6];
-        tokio::time::timeout(within, far.read_exact(&mut written))
-            .await
-            .expect("the host writes what a hosted future buffered")
-            .unwrap();
-        assert_eq!(&written, b"hosted");
-        assert_eq!(ran.recv().await, Some("during"));
-        // Handed while the host waits: it wakes to take it.
-        let (release, released) = tokio::sync::oneshot::channel::<()>();
-        driver.execute(async move {
-            let _ = released.await;
-            ran_tx.send("later").unwrap();
-        });
-        finish_tx.send(()).unwrap();
-        tokio::task::yield_now().await;
-        assert!(!host.is_finished(), "a hosted future is still pending");
-        release.send(()).unwrap();
-        assert_eq!(ran.recv().await, Some("later"));
-        tokio::time::timeout(within, host)
-            .await
-            .expect("the host ends after the client and what it was handed")
-            .unwrap();
     }
 }

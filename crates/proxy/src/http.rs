@@ -438,9 +438,10 @@ pub fn status_for(kind: FailureKind) -> StatusCode {
 
 /// Maps a client error to the status the app sees and a one-line reason.
 fn classify(e: &SendError) -> (StatusCode, String) {
-    let e = match e {
+    let e: &dyn std::error::Error = match e {
         SendError::Connect(c) => return (status_for(c.kind), c.message.clone()),
         SendError::Http(e) => e,
+        SendError::Http2(e) => e,
     };
     let mut detail = e.to_string();
     let mut source = std::error::Error::source(e);

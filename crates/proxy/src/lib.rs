@@ -9,6 +9,7 @@ mod coalesce;
 pub mod dns;
 mod forward;
 mod guard;
+mod h2_upstream;
 mod hello;
 pub mod http;
 pub mod metrics;

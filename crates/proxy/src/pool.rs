@@ -16,14 +16,17 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::header::{HeaderValue, HOST};
 use http::uri::PathAndQuery;
 use http::{Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 
 use crate::coalesce;
+use crate::h2_upstream::{self, H2Body, KeepOpen};
 use crate::upstream::{ConnInfo, ConnectError, Connector};
 
 /// Idle HTTP/1.1 connections kept per service; beyond this, a returning one is closed.
@@ -57,7 +60,7 @@ pub struct Pool<B> {
     connector: Arc<Connector>,
     settings: Settings,
     idle: Mutex<Vec<Idle<B>>>,
-    h2: Mutex<Option<Shared<B>>>,
+    h2: Mutex<Option<Shared>>,
     /// Held while a connection that may be HTTP/2 is opened; holds why the last such attempt
     /// failed, for the requests that waited on it.
     h2_connecting: tokio::sync::Mutex<Option<ConnectError>>,
@@ -67,10 +70,13 @@ pub struct Pool<B> {
     reaper: std::sync::Once,
 }
 
-struct Shared<B> {
-    sender: http2::SendRequest<B>,
+struct Shared {
+    sender: h2::client::SendRequest<Bytes>,
+    closed: Arc<std::sync::atomic::AtomicBool>,
     info: ConnInfo,
     used: Instant,
+    /// Dropped with the entry: the connection then closes once its streams have ended.
+    _keep_open: KeepOpen,
 }
 
 struct Idle<B> {
@@ -84,6 +90,7 @@ struct Idle<B> {
 pub enum SendError {
     Connect(ConnectError),
     Http(hyper::Error),
+    Http2(h2::Error),
 }
 
 /// An HTTP/1.1 connection carrying one exchange; [`Lease::release`] once its response body has
@@ -98,7 +105,7 @@ impl<B> Lease<B>
 where
     B: http_body::Body + Send + Unpin + 'static,
     B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + std::fmt::Display,
 {
     pub fn release(self) {
         if let Some(pool) = self.pool.upgrade() {
@@ -110,21 +117,66 @@ where
 /// What a request came back with: the response, the connection's facts and, on HTTP/1.1, the
 /// lease that returns the connection.
 pub struct Sent<B> {
-    pub response: Response<Incoming>,
+    pub response: Response<UpstreamBody>,
     pub info: ConnInfo,
     pub lease: Option<Lease<B>>,
 }
 
+/// A response body as the upstream connection delivers it.
+pub enum UpstreamBody {
+    Http1(Incoming),
+    Http2(H2Body),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Http1(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(Into::into))),
+            UpstreamBody::Http2(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(Into::into))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Http1(b) => b.is_end_stream(),
+            UpstreamBody::Http2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Http1(b) => b.size_hint(),
+            UpstreamBody::Http2(b) => b.size_hint(),
+        }
+    }
+}
+
 enum Conn<B> {
     H1(http1::SendRequest<B>, ConnInfo, bool),
-    H2(http2::SendRequest<B>, ConnInfo, bool),
+    H2(H2Conn, ConnInfo, bool),
+}
+
+/// The shared HTTP/2 connection, as a request holds it.
+struct H2Conn {
+    sender: h2::client::SendRequest<Bytes>,
+    closed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl<B> Pool<B>
 where
     B: http_body::Body + Send + Unpin + 'static,
     B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + std::fmt::Display,
 {
     pub fn new(connector: Arc<Connector>, settings: Settings) -> Self {
         // TLS offers `h2` by ALPN to every HTTP service: its first connection may turn out HTTP/2.
@@ -153,19 +205,34 @@ where
     pub async fn send(self: &Arc<Self>, mut req: Request<B>) -> Result<Sent<B>, SendError> {
         loop {
             let (result, reused, undo) = match self.checkout().await? {
-                Conn::H2(mut sender, info, reused) => {
-                    let result = sender.try_send_request(req).await.map(|response| Sent {
-                        response,
+                Conn::H2(H2Conn { sender, closed }, info, reused) => {
+                    let mut sender = match sender.ready().await {
+                        Ok(sender) => sender,
+                        // Gone before the request left: it may go out on another.
+                        Err(_) if reused => {
+                            self.forget_h2(&closed);
+                            continue;
+                        }
+                        Err(e) => return Err(SendError::Http2(e)),
+                    };
+                    let (response, request_body) =
+                        h2_upstream::send(&mut sender, req).map_err(SendError::Http2)?;
+                    let response = response.await.map_err(SendError::Http2)?;
+                    let (parts, recv) = response.into_parts();
+                    return Ok(Sent {
+                        response: Response::from_parts(
+                            parts,
+                            UpstreamBody::Http2(H2Body::new(recv, request_body)),
+                        ),
                         info,
                         lease: None,
                     });
-                    (result, reused, None)
                 }
                 Conn::H1(mut sender, info, reused) => {
                     let undo = origin_form(&mut req);
                     let result = match sender.try_send_request(req).await {
                         Ok(response) => Ok(Sent {
-                            response,
+                            response: response.map(UpstreamBody::Http1),
                             info: info.clone(),
                             lease: Some(Lease {
                                 pool: Arc::downgrade(self),
@@ -239,9 +306,13 @@ where
     fn shared_h2(&self) -> Option<Conn<B>> {
         let mut slot = self.h2.lock().ok()?;
         match slot.as_mut() {
-            Some(shared) if !shared.sender.is_closed() => {
+            Some(shared) if !shared.closed.load(Ordering::Acquire) => {
                 shared.used = Instant::now();
-                Some(Conn::H2(shared.sender.clone(), shared.info.clone(), true))
+                let conn = H2Conn {
+                    sender: shared.sender.clone(),
+                    closed: shared.closed.clone(),
+                };
+                Some(Conn::H2(conn, shared.info.clone(), true))
             }
             Some(_) => {
                 *slot = None;
@@ -286,26 +357,35 @@ where
         }
         if self.settings.h2_only || info.h2 {
             let (io, driver) = coalesce::h2(upstream.io);
-            // The connection, its dispatch and what it hands the driver share one task.
-            let (sender, conn) = http2::Builder::new(driver.clone())
-                .timer(TokioTimer::new())
-                .adaptive_window(true)
-                .keep_alive_interval(self.settings.ping_interval)
-                .keep_alive_timeout(self.settings.ping_timeout)
-                .keep_alive_while_idle(true)
-                .handshake(TokioIo::new(io))
-                .await
-                .map_err(SendError::Http)?;
-            tokio::spawn(driver.host(conn));
+            let settings = h2_upstream::Settings {
+                ping_interval: self.settings.ping_interval,
+                ping_timeout: self.settings.ping_timeout,
+            };
+            let (h2_upstream::Sender { send, closed }, keep_open, conn) =
+                h2_upstream::handshake(io, settings)
+                    .await
+                    .map_err(SendError::Http2)?;
+            let conn = driver.drive(conn);
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+                }
+            });
+            let conn = H2Conn {
+                sender: send.clone(),
+                closed: closed.clone(),
+            };
             if let Ok(mut slot) = self.h2.lock() {
                 *slot = Some(Shared {
-                    sender: sender.clone(),
+                    sender: send,
+                    closed,
                     info: info.clone(),
                     used: Instant::now(),
+                    _keep_open: keep_open,
                 });
             }
             self.reaper.call_once(|| self.start_reaper());
-            return Ok(Conn::H2(sender, info, false));
+            return Ok(Conn::H2(conn, info, false));
         }
         let (sender, conn) = http1::Builder::new()
             .max_buf_size(self.settings.read_buffer)
@@ -366,9 +446,22 @@ where
             idle.retain(|e| !e.sender.is_closed() && now.duration_since(e.since) < timeout);
         }
         if let Ok(mut slot) = self.h2.lock() {
+            if slot.as_ref().is_some_and(|s| {
+                s.closed.load(Ordering::Acquire) || now.duration_since(s.used) >= timeout
+            }) {
+                *slot = None;
+            }
+        }
+    }
+
+    /// Lets go of the shared HTTP/2 connection a request found closed, unless another has
+    /// taken its place.
+    fn forget_h2(&self, closed: &Arc<std::sync::atomic::AtomicBool>) {
+        closed.store(true, Ordering::Release);
+        if let Ok(mut slot) = self.h2.lock() {
             if slot
                 .as_ref()
-                .is_some_and(|s| s.sender.is_closed() || now.duration_since(s.used) >= timeout)
+                .is_some_and(|s| Arc::ptr_eq(&s.closed, closed))
             {
                 *slot = None;
             }
@@ -418,6 +511,7 @@ impl std::fmt::Display for SendError {
         match self {
             SendError::Connect(e) => e.fmt(f),
             SendError::Http(e) => e.fmt(f),
+            SendError::Http2(e) => e.fmt(f),
         }
     }
 }
@@ -427,6 +521,7 @@ impl std::error::Error for SendError {
         match self {
             SendError::Connect(e) => Some(e),
             SendError::Http(e) => Some(e),
+            SendError::Http2(e) => Some(e),
         }
     }
 }
@@ -659,35 +754,66 @@ mod tests {
         assert_eq!(seen_until(&mut seen, |s| s.requests == 2).await.accepted, 2);
     }
 
-    #[tokio::test]
-    async fn http2_requests_share_one_connection() {
+    /// An HTTP/2 origin in clear text answering `h2` to every request; with `close_after_one`,
+    /// it closes each connection (GOAWAY, then the close) once it has answered a request.
+    async fn h2c_origin(close_after_one: bool) -> (SocketAddr, watch::Receiver<Seen>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (tx, mut seen) = watch::channel(Seen::default());
+        let (tx, seen) = watch::channel(Seen::default());
         let tx = Arc::new(tx);
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 tx.send_modify(|s| s.accepted += 1);
-                let tx = tx.clone();
+                let counter = tx.clone();
                 let service = hyper::service::service_fn(move |_req| {
-                    tx.send_modify(|s| s.requests += 1);
+                    counter.send_modify(|s| s.requests += 1);
                     async {
                         Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
                             Bytes::from_static(b"h2"),
                         )))
                     }
                 });
-                tokio::spawn(
-                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service),
-                );
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service);
+                    tokio::pin!(conn);
+                    let mut answered = tx.subscribe();
+                    let before = answered.borrow().requests;
+                    tokio::select! {
+                        _ = conn.as_mut() => return,
+                        _ = answered.wait_for(|s| close_after_one && s.requests > before) => {}
+                    }
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                    tx.send_modify(|s| s.closed += 1);
+                });
             }
         });
+        (addr, seen)
+    }
+
+    #[tokio::test]
+    async fn http2_requests_share_one_connection() {
+        let (addr, mut seen) = h2c_origin(false).await;
         let pool = pool(addr, WAIT, true);
         let bodies = burst(&pool, 8).await;
         assert!(bodies.iter().all(|b| b == "h2"), "{bodies:?}");
         let s = seen_until(&mut seen, |s| s.requests == 8).await;
         assert_eq!(s.accepted, 1, "{s:?}");
+    }
+
+    /// An HTTP/2 origin that closes each connection after answering one request (a deploy
+    /// draining it, say): the next request goes out on a new connection and is answered.
+    #[tokio::test]
+    async fn a_request_after_the_origin_closed_its_http2_connection_goes_out_on_a_new_one() {
+        let (addr, mut seen) = h2c_origin(true).await;
+        let pool = pool(addr, WAIT, true);
+        assert_eq!(exchange(&pool, true).await, "h2");
+        seen_until(&mut seen, |s| s.closed == 1).await;
+        assert_eq!(exchange(&pool, true).await, "h2");
+        let s = seen_until(&mut seen, |s| s.requests == 2).await;
+        assert_eq!(s.accepted, 2, "{s:?}");
     }
 
     /// TLS to `origin.test`, trusting the origin's self-signed certificate.
