@@ -164,7 +164,11 @@ def run(ctx, origin):
     # wrk stops are left out of the count.
     seconds = 2 if ctx.quick else 5
     h2_origin, h2_top = {}, None
-    send = lambda url: lambda s: lib.wrk(url, H2_CONNECTIONS, s, timeout_s=30)["requests"]  # noqa: E731
+
+    def send(url):
+        """wrk at H2_CONNECTIONS for the given seconds; returns the requests answered."""
+        return lambda seconds: lib.wrk(url, H2_CONNECTIONS, seconds, timeout_s=30)["requests"]
+
     port = lib.free_port()
     yaml = lib.mes_yaml(ctx, "origin", origin["h2"]) + "---\n" + lib.dataplane_yaml([(port, "origin")])
     out = ctx.path("sluice-h2-cg.callgrind")

@@ -31,27 +31,47 @@ const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 /// The most a response head may carry, as for the app's own HTTP/2 connections.
 const MAX_HEADER_LIST: u32 = 64 * 1024;
 
-pub struct Settings {
-    pub ping_interval: Duration,
-    pub ping_timeout: Duration,
+/// A connection is pinged every `interval` (idle or not), and closed when a ping goes unanswered
+/// for `timeout`: an upstream gone without a FIN or RST (a NAT or firewall dropped the flow) is
+/// found in seconds, not after the kernel's retransmissions (~15 min).
+#[derive(Debug, Clone, Copy)]
+pub struct Ping {
+    pub interval: Duration,
+    pub timeout: Duration,
 }
 
-/// A connection's sending half, shared by the requests that use it.
+impl Default for Ping {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(20),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A connection's sending half, cloned for each request that uses it.
+#[derive(Clone)]
 pub struct Sender {
     pub send: SendRequest<Bytes>,
     /// Set when the connection has ended.
     pub closed: Arc<AtomicBool>,
 }
 
+impl Sender {
+    /// Whether `other` is a handle on the same connection.
+    pub fn same_connection(&self, other: &Sender) -> bool {
+        Arc::ptr_eq(&self.closed, &other.closed)
+    }
+}
+
 /// Dropped, the connection closes once the streams it carries have ended.
-pub struct KeepOpen(#[allow(dead_code)] oneshot::Sender<()>);
+pub struct KeepOpen {
+    _release: oneshot::Sender<()>,
+}
 
 /// Opens HTTP/2 over `io`: the sending half, what keeps the connection open, and the connection
 /// itself, to be polled until it ends.
-pub async fn handshake<T>(
-    io: T,
-    settings: Settings,
-) -> Result<(Sender, KeepOpen, Connection<T>), h2::Error>
+pub async fn handshake<T>(io: T, ping: Ping) -> Result<(Sender, KeepOpen, Connection<T>), h2::Error>
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
@@ -66,29 +86,30 @@ where
         .enable_push(false)
         .handshake::<T, Bytes>(io)
         .await?;
-    let ping = conn.ping_pong();
+    let pong = conn.ping_pong();
     let closed = Arc::new(AtomicBool::new(false));
-    let (keep, released) = oneshot::channel();
+    let (release, released) = oneshot::channel();
     let connection = Connection {
         conn,
-        ping,
+        pong,
         awaiting_pong: false,
-        timer: Box::pin(tokio::time::sleep(settings.ping_interval)),
-        settings,
+        timer: Box::pin(tokio::time::sleep(ping.interval)),
+        ping,
         released: Some(released),
         closed: closed.clone(),
     };
-    Ok((Sender { send, closed }, KeepOpen(keep), connection))
+    let keep = KeepOpen { _release: release };
+    Ok((Sender { send, closed }, keep, connection))
 }
 
 /// The connection: reads and writes frames, pings the peer every interval and ends when a ping
 /// goes unanswered, and closes once the pool has let it go and its last stream has ended.
 pub struct Connection<T> {
     conn: h2::client::Connection<T, Bytes>,
-    ping: Option<PingPong>,
+    pong: Option<PingPong>,
     awaiting_pong: bool,
     timer: Pin<Box<Sleep>>,
-    settings: Settings,
+    ping: Ping,
     released: Option<oneshot::Receiver<()>>,
     closed: Arc<AtomicBool>,
 }
@@ -127,15 +148,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Future for Connection<T> {
 
 impl<T> Connection<T> {
     fn poll_ping(&mut self, cx: &mut Context<'_>) -> Result<(), ConnectionError> {
-        let Some(ping) = &mut self.ping else {
+        let Some(pong) = &mut self.pong else {
             return Ok(());
         };
         loop {
             if self.awaiting_pong {
-                match ping.poll_pong(cx) {
+                match pong.poll_pong(cx) {
                     Poll::Ready(Ok(_)) => {
                         self.awaiting_pong = false;
-                        let next = Instant::now() + self.settings.ping_interval;
+                        let next = Instant::now() + self.ping.interval;
                         self.timer.as_mut().reset(next);
                     }
                     Poll::Ready(Err(e)) => return Err(e.into()),
@@ -146,11 +167,11 @@ impl<T> Connection<T> {
                 return Ok(());
             }
             if self.awaiting_pong {
-                return Err(ConnectionError::PingTimeout(self.settings.ping_timeout));
+                return Err(ConnectionError::PingTimeout(self.ping.timeout));
             }
-            ping.send_ping(h2::Ping::opaque())?;
+            pong.send_ping(h2::Ping::opaque())?;
             self.awaiting_pong = true;
-            let deadline = Instant::now() + self.settings.ping_timeout;
+            let deadline = Instant::now() + self.ping.timeout;
             self.timer.as_mut().reset(deadline);
         }
     }
@@ -165,7 +186,7 @@ pub fn send<B>(
 where
     B: Body + Send + Unpin + 'static,
     B::Data: Send,
-    B::Error: std::fmt::Display,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let (parts, body) = req.into_parts();
     let end = body.is_end_stream();
@@ -186,7 +207,7 @@ impl Drop for AbortOnDrop {
 async fn send_body<B>(mut body: B, mut stream: SendStream<Bytes>)
 where
     B: Body + Unpin,
-    B::Error: std::fmt::Display,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     loop {
         // The peer may answer and reset the stream before the body is done: stop reading then.
@@ -196,7 +217,7 @@ where
             }
             Pin::new(&mut body)
                 .poll_frame(cx)
-                .map(|f| Ok(f.map(|r| r.map_err(|e| e.to_string()))))
+                .map(|f| Ok(f.map(|r| r.map_err(Into::into))))
         })
         .await;
         let frame = match frame {

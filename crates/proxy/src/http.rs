@@ -102,8 +102,7 @@ impl HttpUpstream {
             // hyper's default lets a response's read buffer grow to about 400 KiB on every
             // pooled connection; 64 KiB reads keep large bodies as fast.
             read_buffer: UPSTREAM_READ_BUFFER,
-            ping_interval: crate::pool::H2_PING_INTERVAL,
-            ping_timeout: crate::pool::H2_PING_TIMEOUT,
+            ping: crate::h2_upstream::Ping::default(),
         };
         let authority = rewritten_authority(service, tls);
         let label = connector.label.clone();

@@ -26,17 +26,11 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
 use crate::coalesce;
-use crate::h2_upstream::{self, H2Body, KeepOpen};
+use crate::h2_upstream::{self, H2Body, KeepOpen, Ping};
 use crate::upstream::{ConnInfo, ConnectError, Connector};
 
 /// Idle HTTP/1.1 connections kept per service; beyond this, a returning one is closed.
 pub const MAX_IDLE: usize = 1024;
-
-/// An HTTP/2 connection is pinged this often (idle or not), and closed when a ping goes
-/// unanswered for [`H2_PING_TIMEOUT`]: an upstream gone without a FIN or RST (a NAT or firewall
-/// dropped the flow) is found in seconds, not after the kernel's retransmissions (~15 min).
-pub const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
-pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the service's connections speak, as far as the pool knows.
 const SPEAKS_H1: u8 = 0;
@@ -50,10 +44,8 @@ pub struct Settings {
     pub h2_only: bool,
     /// The most an HTTP/1.1 connection buffers of a response before the app reads it.
     pub read_buffer: usize,
-    /// How often an HTTP/2 connection is pinged, and how long an answer may take before the
-    /// connection is closed ([`H2_PING_INTERVAL`] and [`H2_PING_TIMEOUT`]).
-    pub ping_interval: Duration,
-    pub ping_timeout: Duration,
+    /// How often an HTTP/2 connection is pinged, and how long an answer may take.
+    pub ping: Ping,
 }
 
 pub struct Pool<B> {
@@ -71,8 +63,7 @@ pub struct Pool<B> {
 }
 
 struct Shared {
-    sender: h2::client::SendRequest<Bytes>,
-    closed: Arc<std::sync::atomic::AtomicBool>,
+    sender: h2_upstream::Sender,
     info: ConnInfo,
     used: Instant,
     /// Dropped with the entry: the connection then closes once its streams have ended.
@@ -105,7 +96,7 @@ impl<B> Lease<B>
 where
     B: http_body::Body + Send + Unpin + 'static,
     B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + std::fmt::Display,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     pub fn release(self) {
         if let Some(pool) = self.pool.upgrade() {
@@ -163,20 +154,14 @@ impl Body for UpstreamBody {
 
 enum Conn<B> {
     H1(http1::SendRequest<B>, ConnInfo, bool),
-    H2(H2Conn, ConnInfo, bool),
-}
-
-/// The shared HTTP/2 connection, as a request holds it.
-struct H2Conn {
-    sender: h2::client::SendRequest<Bytes>,
-    closed: Arc<std::sync::atomic::AtomicBool>,
+    H2(h2_upstream::Sender, ConnInfo, bool),
 }
 
 impl<B> Pool<B>
 where
     B: http_body::Body + Send + Unpin + 'static,
     B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + std::fmt::Display,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     pub fn new(connector: Arc<Connector>, settings: Settings) -> Self {
         // TLS offers `h2` by ALPN to every HTTP service: its first connection may turn out HTTP/2.
@@ -205,18 +190,18 @@ where
     pub async fn send(self: &Arc<Self>, mut req: Request<B>) -> Result<Sent<B>, SendError> {
         loop {
             let (result, reused, undo) = match self.checkout().await? {
-                Conn::H2(H2Conn { sender, closed }, info, reused) => {
-                    let mut sender = match sender.ready().await {
-                        Ok(sender) => sender,
+                Conn::H2(mut conn, info, reused) => {
+                    match std::future::poll_fn(|cx| conn.send.poll_ready(cx)).await {
+                        Ok(()) => {}
                         // Gone before the request left: it may go out on another.
                         Err(_) if reused => {
-                            self.forget_h2(&closed);
+                            self.forget_h2(&conn);
                             continue;
                         }
                         Err(e) => return Err(SendError::Http2(e)),
-                    };
+                    }
                     let (response, request_body) =
-                        h2_upstream::send(&mut sender, req).map_err(SendError::Http2)?;
+                        h2_upstream::send(&mut conn.send, req).map_err(SendError::Http2)?;
                     let response = response.await.map_err(SendError::Http2)?;
                     let (parts, recv) = response.into_parts();
                     return Ok(Sent {
@@ -306,13 +291,9 @@ where
     fn shared_h2(&self) -> Option<Conn<B>> {
         let mut slot = self.h2.lock().ok()?;
         match slot.as_mut() {
-            Some(shared) if !shared.closed.load(Ordering::Acquire) => {
+            Some(shared) if !shared.sender.closed.load(Ordering::Acquire) => {
                 shared.used = Instant::now();
-                let conn = H2Conn {
-                    sender: shared.sender.clone(),
-                    closed: shared.closed.clone(),
-                };
-                Some(Conn::H2(conn, shared.info.clone(), true))
+                Some(Conn::H2(shared.sender.clone(), shared.info.clone(), true))
             }
             Some(_) => {
                 *slot = None;
@@ -357,35 +338,25 @@ where
         }
         if self.settings.h2_only || info.h2 {
             let (io, driver) = coalesce::h2(upstream.io);
-            let settings = h2_upstream::Settings {
-                ping_interval: self.settings.ping_interval,
-                ping_timeout: self.settings.ping_timeout,
-            };
-            let (h2_upstream::Sender { send, closed }, keep_open, conn) =
-                h2_upstream::handshake(io, settings)
-                    .await
-                    .map_err(SendError::Http2)?;
+            let (sender, keep_open, conn) = h2_upstream::handshake(io, self.settings.ping)
+                .await
+                .map_err(SendError::Http2)?;
             let conn = driver.drive(conn);
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
                 }
             });
-            let conn = H2Conn {
-                sender: send.clone(),
-                closed: closed.clone(),
-            };
             if let Ok(mut slot) = self.h2.lock() {
                 *slot = Some(Shared {
-                    sender: send,
-                    closed,
+                    sender: sender.clone(),
                     info: info.clone(),
                     used: Instant::now(),
                     _keep_open: keep_open,
                 });
             }
             self.reaper.call_once(|| self.start_reaper());
-            return Ok(Conn::H2(conn, info, false));
+            return Ok(Conn::H2(sender, info, false));
         }
         let (sender, conn) = http1::Builder::new()
             .max_buf_size(self.settings.read_buffer)
@@ -447,7 +418,7 @@ where
         }
         if let Ok(mut slot) = self.h2.lock() {
             if slot.as_ref().is_some_and(|s| {
-                s.closed.load(Ordering::Acquire) || now.duration_since(s.used) >= timeout
+                s.sender.closed.load(Ordering::Acquire) || now.duration_since(s.used) >= timeout
             }) {
                 *slot = None;
             }
@@ -456,12 +427,12 @@ where
 
     /// Lets go of the shared HTTP/2 connection a request found closed, unless another has
     /// taken its place.
-    fn forget_h2(&self, closed: &Arc<std::sync::atomic::AtomicBool>) {
-        closed.store(true, Ordering::Release);
+    fn forget_h2(&self, conn: &h2_upstream::Sender) {
+        conn.closed.store(true, Ordering::Release);
         if let Ok(mut slot) = self.h2.lock() {
             if slot
                 .as_ref()
-                .is_some_and(|s| Arc::ptr_eq(&s.closed, closed))
+                .is_some_and(|s| s.sender.same_connection(conn))
             {
                 *slot = None;
             }
@@ -635,8 +606,7 @@ mod tests {
             idle_timeout,
             h2_only: service.protocol.requires_h2(),
             read_buffer: 64 * 1024,
-            ping_interval: H2_PING_INTERVAL,
-            ping_timeout: H2_PING_TIMEOUT,
+            ping: Ping::default(),
         };
         pool_with(service, handshake, settings)
     }
@@ -996,8 +966,10 @@ mod tests {
             idle_timeout: WAIT,
             h2_only: true,
             read_buffer: 64 * 1024,
-            ping_interval: Duration::from_millis(100),
-            ping_timeout: Duration::from_millis(200),
+            ping: Ping {
+                interval: Duration::from_millis(100),
+                timeout: Duration::from_millis(200),
+            },
         };
         let pool = pool_with(service(addr, true, None), WAIT, settings);
         for attempt in 1..=2 {
